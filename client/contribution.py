@@ -1,0 +1,175 @@
+"""A client's contribution: its task vector, trimmed and encoded, tensor by tensor.
+
+The same generator feeds the local merge (written to a spool file) and the
+federated upload (streamed over gRPC), so both paths trim identically.
+Global trim reads the model three times (two histogram passes, then the
+trim); memory stays at one tensor.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from client.model_io import ModelReader, TensorInfo
+from client.trim import (
+    GlobalThreshold,
+    TrimSpec,
+    dare_seed,
+    task_vector,
+    trim_dare,
+    trim_none,
+    trim_tensor_exact,
+    trim_threshold,
+)
+from protos.codec import SparseTensor, StreamWriter
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class TrimStats:
+    """What the trim kept: shown to the user so a too-low k is visible."""
+
+    numel: int = 0
+    nnz: int = 0
+    norm_sq_total: float = 0.0
+    norm_sq_kept: float = 0.0
+    threshold: Optional[float] = None
+
+    @property
+    def kept_norm_share(self) -> float:
+        """‖τ̂‖ / ‖τ‖ (1.0 for an all-zero task vector)."""
+        if self.norm_sq_total == 0:
+            return 1.0
+        return math.sqrt(self.norm_sq_kept / self.norm_sq_total)
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.numel if self.numel else 0.0
+
+
+def mergeable(infos: Sequence[TensorInfo], keep_base: Sequence[str] = ()) -> list[TensorInfo]:
+    """The tensors a merge touches: float tensors not pinned to the base by a glob."""
+    return [t for t in infos if t.is_float and not any(fnmatch.fnmatch(t.name, g) for g in keep_base)]
+
+
+def _checked_task_vector(base: ModelReader, ft: ModelReader, name: str, device: str) -> torch.Tensor:
+    tau = task_vector(base.get(name).to(device), ft.get(name).to(device))
+    if not torch.isfinite(tau).all():
+        raise ValueError(f"tensor {name!r} of {ft.path} has non-finite values (NaN or inf)")
+    return tau
+
+
+def global_threshold(
+    base: ModelReader,
+    ft: ModelReader,
+    tensors: Sequence[TensorInfo],
+    fraction: float,
+    device: str = "cpu",
+    progress: Optional[Progress] = None,
+) -> float:
+    """The paper's threshold over every mergeable parameter: two streamed passes."""
+    total = sum(t.numel for t in tensors)
+    select = GlobalThreshold(total, fraction)
+    if select.trivial:
+        return 0.0
+    for add in (select.add_coarse, select.add_fine):
+        for t in tensors:
+            add(_checked_task_vector(base, ft, t.name, device))
+            if progress:
+                progress(t.numel)
+        if add == select.add_coarse:
+            select.close_coarse()
+    return select.value
+
+
+def iter_contribution(
+    base: ModelReader,
+    ft: ModelReader,
+    trim: TrimSpec,
+    *,
+    model_key: str,
+    keep_base: Sequence[str] = (),
+    device: str = "cpu",
+    value_dtype: Optional[torch.dtype] = None,
+    stats: Optional[TrimStats] = None,
+    progress: Optional[Progress] = None,
+) -> Iterator[SparseTensor]:
+    """Trimmed sparse task-vector tensors of `ft` against `base`, in base order.
+
+    Every mergeable tensor yields one record, even an empty one, so the
+    receiver can check that the contribution is complete. Values travel in
+    `value_dtype`, by default the tensor's own dtype.
+    """
+    stats = stats if stats is not None else TrimStats()
+    tensors = mergeable(base.manifest(), keep_base)
+    threshold = None
+    if trim.kind == "topk" and trim.scope == "global":
+        threshold = global_threshold(base, ft, tensors, trim.fraction, device, progress)
+        stats.threshold = threshold
+    for t in tensors:
+        tau = _checked_task_vector(base, ft, t.name, device)
+        if trim.kind == "none" or (trim.kind == "topk" and trim.fraction >= 1.0):
+            idx, val = trim_none(tau)
+        elif trim.kind == "dare":
+            idx, val = trim_dare(tau, trim.fraction, dare_seed(trim.seed, model_key, t.name))
+        elif threshold is not None:
+            idx, val = trim_threshold(tau, threshold)
+        else:
+            idx, val = trim_tensor_exact(tau, trim.fraction)
+        stats.numel += t.numel
+        stats.nnz += idx.numel()
+        stats.norm_sq_total += float(tau.to(torch.float64).square().sum())
+        stats.norm_sq_kept += float(val.to(torch.float64).square().sum()) if trim.kind != "dare" else float(
+            tau[idx.to(tau.device)].to(torch.float64).square().sum()
+        )
+        idx, val = cast_values(idx, val, value_dtype or wire_dtype(t.dtype), t.name)
+        if progress:
+            progress(t.numel)
+        yield SparseTensor(name=t.name, shape=tuple(t.shape), indices=idx.cpu(), values=val.cpu())
+
+
+def contribution_header(base_fingerprint: str, model_key: str, trim: TrimSpec, **extra: object) -> dict:
+    return {
+        "kind": "contribution",
+        "base_fingerprint": base_fingerprint,
+        "model_key": model_key,
+        "trim": {"kind": trim.kind, "fraction": trim.fraction, "scope": trim.scope, "seed": trim.seed},
+        **extra,
+    }
+
+
+def cast_values(idx: torch.Tensor, val: torch.Tensor, dtype: torch.dtype, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values in the wire dtype; entries that round to zero are dropped (they
+    would neither vote nor count), overflow is an error."""
+    if dtype == val.dtype:
+        return idx, val
+    out = val.to(dtype)
+    if not torch.isfinite(out).all():
+        raise ValueError(f"tensor {name!r}: task-vector values overflow {dtype}; use value_dtype float32")
+    nz = out != 0
+    if not bool(nz.all()):
+        idx, out = idx[nz], out[nz]
+    return idx, out
+
+
+def write_contribution(fileobj: BinaryIO, header: dict, tensors: Iterable[SparseTensor]) -> int:
+    """Encode a contribution into a stream; returns the bytes written."""
+    writer = StreamWriter(fileobj, header)
+    for st in tensors:
+        writer.write(st)
+    writer.close()
+    return writer.bytes_written
+
+
+VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def wire_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The default wire dtype: the model's own, float32 for anything wider."""
+    return model_dtype if model_dtype in VALUE_DTYPES.values() else torch.float32

@@ -1,0 +1,134 @@
+"""`tiesfed` command line. click does the parsing; every option maps onto
+MergeOptions, whose validation errors are shown as usage errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+from pydantic import ValidationError
+
+from tiesfed.options import MergeConfig, MergeOptions, ModelEntry, load_config
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tiesfed")
+def main() -> None:
+    """Federated, distributed TIES-Merging."""
+
+
+def _parse_weights(weights: Optional[str], n: int) -> list[float]:
+    if not weights:
+        return [1.0] * n
+    try:
+        values = [float(w) for w in weights.replace(",", " ").split()]
+    except ValueError:
+        raise click.BadParameter(f"weights must be numbers, got {weights!r}", param_hint="--weights") from None
+    if len(values) != n:
+        raise click.BadParameter(f"{len(values)} weights for {n} models", param_hint="--weights")
+    return values
+
+
+@main.command()
+@click.argument("base", required=False)
+@click.argument("models", nargs=-1)
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="mergekit-style YAML")
+@click.option("--method", type=click.Choice(["ties", "task_arithmetic", "average", "dare_ties"]))
+@click.option("--k", type=float, help="percent of each task vector kept (default 20)")
+@click.option("--lambda", "lam", type=float, help="scale of the merged task vector (default 1.0)")
+@click.option("--trim", type=click.Choice(["global", "tensor"]), help="trim scope (default global, the paper's)")
+@click.option("--election", type=click.Choice(["mass", "count"]))
+@click.option("--zero-sign", type=click.Choice(["majority", "positive"]))
+@click.option("--disjoint", type=click.Choice(["mean", "sum", "max"]))
+@click.option("--weights", help="one weight per model, comma separated")
+@click.option("--weight-semantics", type=click.Choice(["mergekit", "peft"]))
+@click.option("--min-support", type=int, help="publish only where at least this many models agree")
+@click.option("--seed", type=int, help="DARE seed")
+@click.option("--value-dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--keep-base", multiple=True, help="glob of tensors left at the base value (repeatable)")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--shard-size", default="5GB", show_default=True, help="output shard size, e.g. 2GB or 500MB")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the report as JSON")
+@click.option("--overwrite", is_flag=True, help="replace the weights of an existing output folder")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+def merge(base, models, out_dir, config_path, weights, device, shard_size, report_path, overwrite, quiet,
+          **opts) -> None:
+    """Merge fine-tuned MODELS of BASE locally (same pipeline as the federated path)."""
+    from tiesfed.engine import merge as run_merge
+
+    given = {k: v for k, v in opts.items() if v is not None and v != ()}
+    try:
+        if config_path:
+            cfg = load_config(config_path)
+            if base or models:
+                raise click.UsageError("give either --config or BASE MODELS..., not both")
+            if given:
+                cfg = cfg.model_copy(update={"options": cfg.options.model_copy(update=given)})
+                MergeOptions.model_validate(cfg.options.model_dump())
+        else:
+            if not base or not models:
+                raise click.UsageError("need BASE and at least one fine-tuned model (or --config)")
+            ws = _parse_weights(weights, len(models))
+            cfg = MergeConfig(
+                base_model=base,
+                models=[ModelEntry(model=m, weight=w) for m, w in zip(models, ws)],
+                options=MergeOptions(**given),
+            )
+    except ValidationError as e:
+        raise click.UsageError(_pretty(e)) from None
+    try:
+        report = run_merge(
+            cfg, out_dir, device=device, shard_bytes=parse_size(shard_size), progress=not quiet,
+            report_path=report_path, overwrite=overwrite,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(report.format())
+
+
+@main.command()
+@click.option("--local", is_flag=True, help="merge in-process instead of a federated round on loopback")
+@click.option("--cache", type=click.Path(file_okay=False), help="where the demo model zoo is kept")
+def demo(local: bool, cache: Optional[str]) -> None:
+    """Build a small model zoo (once), merge it, and print per-task accuracy."""
+    from tiesfed.run_demo import run_demo
+
+    run_demo(cache=Path(cache) if cache else None, federated=not local)
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    try:
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"not a size: {text!r} (e.g. 2GB, 500MB)") from None
+    if value <= 0:
+        raise click.BadParameter("size must be positive")
+    return int(value)
+
+
+def _pretty(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
+
+
+def _register_optional_groups() -> None:
+    """Federated commands live in their own module; keep the core CLI importable alone."""
+    try:
+        from tiesfed.cli_federated import register
+    except ImportError as e:  # pragma: no cover - only while a part is missing
+        if "tiesfed.cli_federated" not in str(e):
+            raise
+        return
+    register(main)
+
+
+_register_optional_groups()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

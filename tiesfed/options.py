@@ -1,0 +1,116 @@
+"""Merge options: one validated object shared by the CLI, the YAML config, the
+local engine and the federated round spec.
+
+pydantic does the validation so that a bad value is rejected with a message
+naming the field, before any tensor is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Method = Literal["ties", "task_arithmetic", "average", "dare_ties"]
+TrimScope = Literal["global", "tensor"]
+Election = Literal["mass", "count"]
+ZeroSign = Literal["majority", "positive"]
+Disjoint = Literal["mean", "sum", "max"]
+WeightSemantics = Literal["mergekit", "peft"]
+ValueDtype = Literal["float32", "float16", "bfloat16"]
+
+
+class MergeOptions(BaseModel):
+    """How to merge. Defaults are the paper's (Yadav et al. 2023)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    method: Method = "ties"
+    k: float = Field(20.0, gt=0, le=100, description="percent of each task vector kept")
+    lam: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
+    trim: TrimScope = "global"
+    election: Election = "mass"
+    zero_sign: ZeroSign = "majority"
+    disjoint: Disjoint = "mean"
+    weight_semantics: WeightSemantics = "mergekit"
+    min_support: int = Field(1, ge=1, description="publish only where at least this many models agree")
+    seed: int = Field(0, description="seed of DARE's random drop")
+    value_dtype: Optional[ValueDtype] = Field(
+        None, description="dtype of uploaded values; default: the model's dtype"
+    )
+    keep_base: tuple[str, ...] = Field(
+        (), description="globs of tensors left at their base value (e.g. resized embeddings)"
+    )
+
+    @field_validator("lam")
+    @classmethod
+    def _finite_lambda(cls, v: float) -> float:
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError("lambda must be finite")
+        return v
+
+
+class ModelEntry(BaseModel):
+    """One fine-tuned model of a merge, with its optional weight and density."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    weight: float = Field(1.0, gt=0)
+    density: Optional[float] = Field(None, gt=0, le=1, description="fraction kept; overrides k")
+
+
+class MergeConfig(BaseModel):
+    """A whole local merge, as written in a mergekit-style YAML file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str
+    models: list[ModelEntry] = Field(min_length=1)
+    options: MergeOptions = MergeOptions()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_mergekit_shape(cls, data: object) -> object:
+        """Accept mergekit's layout: `merge_method`, `parameters`, per-model `parameters`."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        options = dict(data.pop("options", {}) or {})
+        if "merge_method" in data:
+            options["method"] = data.pop("merge_method")
+        options.update(data.pop("parameters", {}) or {})
+        if "density" in options:  # mergekit's global density is a fraction
+            options["k"] = float(options.pop("density")) * 100
+        models = []
+        for m in data.get("models", []):
+            if isinstance(m, str):
+                models.append({"model": m})
+                continue
+            m = dict(m)
+            m.update(m.pop("parameters", {}) or {})
+            models.append(m)
+        data["models"] = models
+        data["options"] = options
+        data.pop("dtype", None)  # output keeps the base's dtypes
+        return data
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read a merge YAML; relative model paths are taken from the YAML's folder."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text())
+    cfg = MergeConfig.model_validate(raw)
+
+    def resolve(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (path.parent / q))
+
+    return cfg.model_copy(
+        update={
+            "base_model": resolve(cfg.base_model),
+            "models": [m.model_copy(update={"model": resolve(m.model)}) for m in cfg.models],
+        }
+    )
