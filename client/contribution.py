@@ -58,9 +58,10 @@ def mergeable(infos: Sequence[TensorInfo], keep_base: Sequence[str] = ()) -> lis
     return [t for t in infos if t.is_float and not any(fnmatch.fnmatch(t.name, g) for g in keep_base)]
 
 
-def _checked_task_vector(base: ModelReader, ft: ModelReader, name: str, device: str) -> torch.Tensor:
+def _task_vector(base: ModelReader, ft: ModelReader, name: str, device: str, check: bool) -> torch.Tensor:
+    """τ of one tensor; `check` (once per tensor, on the first pass) rejects NaN/inf."""
     tau = task_vector(base.get(name).to(device), ft.get(name).to(device))
-    if not torch.isfinite(tau).all():
+    if check and not torch.isfinite(tau).all():
         raise ValueError(f"tensor {name!r} of {ft.path} has non-finite values (NaN or inf)")
     return tau
 
@@ -72,19 +73,21 @@ def global_threshold(
     fraction: float,
     device: str = "cpu",
     progress: Optional[Progress] = None,
-) -> float:
-    """The paper's threshold over every mergeable parameter: two streamed passes."""
-    total = sum(t.numel for t in tensors)
-    select = GlobalThreshold(total, fraction)
+) -> Optional[float]:
+    """The paper's threshold over every mergeable parameter: two streamed passes
+    (the first also rejects NaN/inf). None when k keeps everything."""
+    select = GlobalThreshold(sum(t.numel for t in tensors), fraction)
     if select.trivial:
-        return 0.0
-    for add in (select.add_coarse, select.add_fine):
-        for t in tensors:
-            add(_checked_task_vector(base, ft, t.name, device))
-            if progress:
-                progress(t.numel)
-        if add == select.add_coarse:
-            select.close_coarse()
+        return None
+    for t in tensors:
+        select.add_coarse(_task_vector(base, ft, t.name, device, check=True))
+        if progress:
+            progress(t.numel)
+    select.close_coarse()
+    for t in tensors:
+        select.add_fine(_task_vector(base, ft, t.name, device, check=False))
+        if progress:
+            progress(t.numel)
     return select.value
 
 
@@ -112,22 +115,21 @@ def iter_contribution(
     if trim.kind == "topk" and trim.scope == "global":
         threshold = global_threshold(base, ft, tensors, trim.fraction, device, progress)
         stats.threshold = threshold
+    keep_all = trim.kind == "none" or trim.fraction >= 1.0 or (trim.scope == "global" and threshold is None)
     for t in tensors:
-        tau = _checked_task_vector(base, ft, t.name, device)
-        if trim.kind == "none" or (trim.kind == "topk" and trim.fraction >= 1.0):
-            idx, val = trim_none(tau)
-        elif trim.kind == "dare":
+        tau = _task_vector(base, ft, t.name, device, check=threshold is None)
+        if trim.kind == "dare":
             idx, val = trim_dare(tau, trim.fraction, dare_seed(trim.seed, model_key, t.name))
+        elif keep_all:
+            idx, val = trim_none(tau)
         elif threshold is not None:
             idx, val = trim_threshold(tau, threshold)
         else:
             idx, val = trim_tensor_exact(tau, trim.fraction)
         stats.numel += t.numel
         stats.nnz += idx.numel()
-        stats.norm_sq_total += float(tau.to(torch.float64).square().sum())
-        stats.norm_sq_kept += float(val.to(torch.float64).square().sum()) if trim.kind != "dare" else float(
-            tau[idx.to(tau.device)].to(torch.float64).square().sum()
-        )
+        stats.norm_sq_total += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+        stats.norm_sq_kept += float(torch.linalg.vector_norm(tau[idx], dtype=torch.float64)) ** 2
         idx, val = cast_values(idx, val, value_dtype or wire_dtype(t.dtype), t.name)
         if progress:
             progress(t.numel)

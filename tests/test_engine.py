@@ -220,3 +220,15 @@ def test_cli_rejects_bad_options(family, tmp_path):
     assert res.exit_code != 0 and "k" in res.output
     res = CliRunner().invoke(main, ["merge", str(base_dir), str(paths[0]), "-o", str(tmp_path / "o"), "--weights", "1,2"])
     assert res.exit_code != 0 and "weights" in res.output
+
+
+def test_non_finite_task_vector_is_rejected(family, tmp_path):
+    base, tuned, base_dir, paths = family
+    bad = dict(tuned[0])
+    bad["layers.0.norm.weight"] = bad["layers.0.norm.weight"].clone()
+    bad["layers.0.norm.weight"][3] = float("nan")
+    badp = make_model(tmp_path / "nan", bad)
+    for k in (20, 100):
+        cfg = MergeConfig(base_model=str(base_dir), models=[ModelEntry(model=str(badp))], options=MergeOptions(k=k))
+        with pytest.raises(ValueError, match=r"layers\.0\.norm\.weight.*non-finite"):
+            merge(cfg, tmp_path / f"out{k}", progress=False)
