@@ -91,33 +91,27 @@ def merge(base, models, out_dir, config_path, weights, device, shard_size, repor
 
 @main.command()
 @click.option("--local", is_flag=True, help="merge in-process instead of a federated round on loopback")
+@click.option("--no-ray", is_flag=True, help="federated, but with the in-process aggregator instead of Ray actors")
 @click.option("--cache", type=click.Path(file_okay=False), help="cache root of the demo model zoo")
 @click.option("--seed", default=0, show_default=True, help="seed of the zoo")
-def demo(local: bool, cache: Optional[str], seed: int) -> None:
+def demo(local: bool, no_ray: bool, cache: Optional[str], seed: int) -> None:
     """Build a small model zoo (once), merge it, and print per-task accuracy.
 
-    By default every merge is a real federated round: a coordinator and one
-    client per task on loopback, over gRPC.
+    By default every merge is a real federated round: a coordinator sharded
+    over a local Ray and one client per task, over gRPC on loopback.
     """
     from tiesfed.demo import run_demo
+    from tiesfed.demo_merge import FederatedDemo, local_merge_fn
 
-    merge_fn = local_merge_fn if local else FederatedDemo()
-    run_demo(merge_fn, Path(cache) if cache else None, seed, progress=True)
-    if not local:
-        click.echo(merge_fn.summary())
-
-
-def local_merge_fn(base_dir: Path, model_dirs: list[Path], method: str, lam: float, out_dir: Path) -> Path:
-    """The demo's merge through the local engine."""
-    from tiesfed.engine import merge as run_merge
-
-    cfg = MergeConfig(
-        base_model=str(base_dir),
-        models=[ModelEntry(model=str(p)) for p in model_dirs],
-        options=MergeOptions(method=method, lam=lam),
-    )
-    run_merge(cfg, out_dir, progress=False)
-    return out_dir
+    if local:
+        run_demo(local_merge_fn, Path(cache) if cache else None, seed, progress=True)
+        return
+    fed = FederatedDemo(use_ray=not no_ray)
+    try:
+        run_demo(fed, Path(cache) if cache else None, seed, progress=True)
+    finally:
+        fed.close()
+    click.echo(fed.summary())
 
 
 def parse_size(text: str) -> int:

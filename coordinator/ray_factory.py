@@ -1,0 +1,72 @@
+"""The coordinator's default aggregator: one ShardedAggregator per round, all on
+one Ray session that the coordinator starts (embedded default) or joins
+(`--ray-address`, a cluster started with `ray start`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+from coordinator.accumulators import FinalizeSpec
+from coordinator.ray_shards import ReplayItem, ShardedAggregator
+
+log = logging.getLogger("tiesfed.coordinator")
+
+
+@dataclass
+class RayAggregatorFactory:
+    """Callable `(manifest, spec, replay=None) -> ShardedAggregator`.
+
+    num_shards None: one per GPU (with GPU actors) or per CPU of the cluster,
+    capped so that shards are not tiny. Actors ask for a fraction of a CPU by
+    default so that several rounds can be open at once on a small machine.
+    """
+
+    ray_address: Optional[str] = None
+    num_shards: Optional[int] = None
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 0.5
+    max_restarts: int = 3
+    _owns_ray: bool = field(default=False, init=False)
+
+    def start(self) -> None:
+        """Start a local Ray, or join `ray_address`; idempotent."""
+        import ray
+
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if ray.is_initialized():
+            return
+        if self.ray_address:
+            ray.init(address=self.ray_address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+        self._owns_ray = True
+        log.info("Ray %s: %s", "joined at " + self.ray_address if self.ray_address else "started locally",
+                 ray.cluster_resources())
+
+    def __call__(
+        self,
+        manifest: list[tuple[str, int]],
+        spec: FinalizeSpec,
+        replay: Optional[Callable[[], Iterable[ReplayItem]]] = None,
+    ) -> ShardedAggregator:
+        self.start()
+        return ShardedAggregator(
+            manifest,
+            spec,
+            num_shards=self.num_shards,
+            num_gpus_per_actor=self.num_gpus_per_actor,
+            num_cpus_per_actor=self.num_cpus_per_actor,
+            max_restarts=self.max_restarts,
+            replay=replay,
+        )
+
+    def close(self) -> None:
+        """Shut Ray down if this factory started it."""
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+            self._owns_ray = False
