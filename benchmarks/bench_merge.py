@@ -127,6 +127,7 @@ def main() -> None:
     print(f"family: {params / 1e6:.1f}M params x {args.models} fine-tuned, {args.dtype} "
           f"(ready in {time.perf_counter() - t0:.0f} s)")
     fmt = dict(base=str(base), fts=[str(p) for p in fts], k=args.k, lam=1.0, threads=args.threads)
+    idle = run_measured("import torch, tiesfed.engine\nRESULT = {}")
     naive = run_measured(NAIVE.format(out=str(work / "naive"), **fmt))
     ours = run_measured(TIESFED.format(out=str(work / "tiesfed"), **fmt))
     diff = max_diff(work / "naive", work / "tiesfed")
@@ -138,7 +139,11 @@ def main() -> None:
     print(f"| tiesfed merge | {ours['wall_s']:.1f} | {ours['peak_rss_mib']:.0f} |")
     print(f"| ratio tiesfed / naive | {ours['wall_s'] / naive['wall_s']:.2f} | "
           f"{ours['peak_rss_mib'] / naive['peak_rss_mib']:.2f} |")
-    print(f"\nmax |tiesfed - naive| over all tensors: {diff:.3g}")
+    largest = max(torch.Size(s).numel() for s in shapes.values())
+    per_elem = (ours["peak_rss_mib"] - idle["peak_rss_mib"]) * 2**20 / largest
+    print(f"\ntiesfed peak RSS = {idle['peak_rss_mib']:.0f} MiB after imports + {per_elem:.0f} bytes x "
+          f"largest tensor ({largest / 1e6:.1f}M elements)")
+    print(f"max |tiesfed - naive| over all tensors: {diff:.3g}")
     print(f"tiesfed upload size: {ours['upload_bits_per_param']:.2f} bits/param ({args.dtype} values)")
 
     print("\n## codec and trim (one model)\n")

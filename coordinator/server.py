@@ -1,0 +1,204 @@
+"""Run a coordinator: configuration (YAML, validated by pydantic) and the gRPC server.
+
+    from coordinator.server import CoordinatorConfig, CoordinatorServer
+    with CoordinatorServer(CoordinatorConfig(spool_dir=tmp, listen="127.0.0.1:0")) as srv:
+        print(srv.target)            # "127.0.0.1:<port>"
+        srv.manager.open_round(...)  # or rounds: [...] in the config
+
+A YAML file has the fields of `CoordinatorConfig`; each entry of `rounds`
+those of `coordinator.rounds.RoundConfig` (opened at start unless the spool
+already holds a round of that id, which is then recovered instead).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Optional
+
+import grpc
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from coordinator.rounds import (
+    DEFAULT_SHARD_BYTES,
+    AggregatorFactory,
+    RoundConfig,
+    RoundManager,
+)
+from coordinator.service import CoordinatorService
+from protos.tiesfed.v1 import MAX_CHUNK_BYTES, server_options
+from protos.tiesfed.v1 import tiesfed_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tiesfed.coordinator")
+
+
+class CoordinatorConfig(BaseModel):
+    """How a coordinator runs (flags of `tiesfed coordinator serve` override these)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = Field("127.0.0.1:50051", description="host:port to bind; port 0 picks a free one")
+    spool_dir: Path = Field(Path("tiesfed-spool"), description="durable spool (rounds, contributions, outputs)")
+    base_model: Optional[str] = Field(None, description="the base model: manifest, fingerprint, full merged model")
+    shard_bytes: int = Field(DEFAULT_SHARD_BYTES, gt=0, description="shard size of the merged model folder")
+    admin_token: Optional[str] = Field(None, description="required in metadata of OpenRound/CloseRound when set")
+    max_workers: int = Field(128, ge=4, description="gRPC worker threads (each upload or watch holds one)")
+    max_active_uploads: int = Field(2, ge=1, description="uploads read at once: memory is the accumulators "
+                                    "plus this many records in flight, whatever the number of clients")
+    max_chunk_bytes: int = Field(MAX_CHUNK_BYTES, gt=0, le=MAX_CHUNK_BYTES)
+    abandon_after_s: float = Field(300.0, gt=0, description="an interrupted upload is dropped after this idle time")
+    stall_after_s: float = Field(120.0, gt=0, description="an upload stream holding a slot without progress "
+                                 "for this long is cancelled (the client resumes it)")
+    lease_s: float = Field(30.0, gt=0, description="a reserved upload slot lapses if its stream does not open")
+    malloc_arena_max: Optional[int] = Field(
+        2, ge=1, description="glibc malloc arenas of a `serve` process (default: 8 per core; with a thread "
+        "per client stream their fragmentation grows memory with the number of clients)"
+    )
+    malloc_mmap_threshold: Optional[int] = Field(
+        128 << 10, ge=0, description="glibc: blocks from this size on are mmap'd and go back to the OS when "
+        "freed (the default threshold creeps up to 32 MiB and leaves decode buffers in the heap)"
+    )
+    rounds: list[RoundConfig] = Field(default_factory=list)
+
+
+def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
+    """Read a coordinator YAML; relative paths are taken from the YAML's folder."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    cfg = CoordinatorConfig.model_validate(raw)
+    upd: dict = {}
+    if not cfg.spool_dir.is_absolute():
+        upd["spool_dir"] = path.parent / cfg.spool_dir
+    if cfg.base_model and not Path(cfg.base_model).expanduser().is_absolute():
+        upd["base_model"] = str(path.parent / cfg.base_model)
+    return cfg.model_copy(update=upd)
+
+
+class CoordinatorServer:
+    """A RoundManager behind a gRPC server. `start()` binds and recovers the spool."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        aggregator_factory: Optional[AggregatorFactory] = None,
+    ) -> None:
+        self.config = config
+        self.manager = RoundManager(
+            config.spool_dir,
+            aggregator_factory=aggregator_factory,
+            base_path=config.base_model,
+            shard_bytes=config.shard_bytes,
+            max_active_uploads=config.max_active_uploads,
+            max_chunk_bytes=config.max_chunk_bytes,
+            abandon_after_s=config.abandon_after_s,
+            stall_after_s=config.stall_after_s,
+            lease_s=config.lease_s,
+        )
+        self.server: Optional[grpc.Server] = None
+        self.port: Optional[int] = None
+
+    @property
+    def target(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        if host in ("", "0.0.0.0", "[::]"):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    def start(self) -> "CoordinatorServer":
+        recovered = self.manager.recover()
+        if recovered:
+            log.info("recovered round(s) from the spool: %s", ", ".join(recovered))
+        for rc in self.config.rounds:
+            if rc.round_id not in self.manager.rounds:
+                self.manager.open_round(rc)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.config.max_workers, thread_name_prefix="tiesfed-rpc"),
+            options=server_options(),
+        )
+        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(self.manager, self.config.admin_token), server)
+        port = server.add_insecure_port(self.config.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        server.start()
+        self.server, self.port = server, port
+        self.manager.start()
+        log.info("coordinator listening on %s (spool %s)", self.target, self.config.spool_dir)
+        return self
+
+    def stop(self, grace: Optional[float] = 1.0) -> None:
+        """Stop serving (open streams get `grace` seconds), then stop the rounds' ticker."""
+        if self.server is not None:
+            self.server.stop(grace).wait()
+            self.server = None
+        self.manager.stop()
+
+    def __enter__(self) -> "CoordinatorServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def tune_malloc(arena_max: Optional[int], mmap_threshold: Optional[int]) -> bool:
+    """glibc's mallopt(M_ARENA_MAX) and mallopt(M_MMAP_THRESHOLD) (what MALLOC_ARENA_MAX and
+    MALLOC_MMAP_THRESHOLD_ do) for a coordinator process; a no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = True
+        if arena_max:
+            ok &= bool(libc.mallopt(-8, arena_max))  # M_ARENA_MAX
+        if mmap_threshold is not None:
+            ok &= bool(libc.mallopt(-3, mmap_threshold))  # M_MMAP_THRESHOLD
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
+def serve(
+    config: CoordinatorConfig,
+    *,
+    port_file: Optional[str | Path] = None,
+    exit_when_done: bool = False,
+    linger_s: float = 300.0,
+) -> None:
+    """Run until SIGINT/SIGTERM. With `exit_when_done`, also stop once every round is
+    finished and every participant of a finalized round has downloaded the merge
+    (or `linger_s` seconds after the last round finished)."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    tune_malloc(config.malloc_arena_max, config.malloc_mmap_threshold)
+    srv = CoordinatorServer(config).start()
+    finished_at: Optional[float] = None
+    try:
+        if port_file:
+            tmp = Path(str(port_file) + ".tmp")
+            tmp.write_text(f"{srv.port}\n")
+            tmp.replace(port_file)
+        print(f"tiesfed coordinator listening on {srv.target}, spool {config.spool_dir}", flush=True)
+        while not stop.wait(0.5):
+            if not exit_when_done:
+                continue
+            rounds = list(srv.manager.rounds.values())
+            if not rounds or any(r.state not in ("finalized", "failed") for r in rounds):
+                finished_at = None
+                continue
+            finished_at = finished_at or time.monotonic()
+            fetched = all(r.state == "failed" or set(r.participants) <= r.downloaded for r in rounds)
+            if fetched or time.monotonic() - finished_at > linger_s:
+                break
+    finally:
+        srv.stop(grace=2.0)
+        for s, h in old.items():
+            signal.signal(s, h)

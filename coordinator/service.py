@@ -1,0 +1,311 @@
+"""The gRPC face of the coordinator: tiesfed.v1.Coordinator over a RoundManager.
+
+Each method reads the caller's identity from the metadata, delegates to the
+round, and turns a `RoundError` into a gRPC status with the same message.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Iterator, Optional
+
+import grpc
+from pydantic import ValidationError
+
+from coordinator.rounds import Event, Receipt, Round, RoundConfig, RoundError, RoundManager, TensorEntry
+from protos.tiesfed.v1 import ADMIN_TOKEN_KEY, CLIENT_ID_KEY, MAX_CHUNK_BYTES, UPLOAD_LEASE_KEY
+from protos.tiesfed.v1 import tiesfed_pb2 as pb
+from protos.tiesfed.v1 import tiesfed_pb2_grpc as pb_grpc
+from tiesfed.options import MergeOptions
+
+log = logging.getLogger("tiesfed.coordinator")
+
+LATE = {"reject": pb.LATE_POLICY_REJECT, "accept": pb.LATE_POLICY_ACCEPT}
+REPLACE = {"replace": pb.REPLACE_POLICY_REPLACE, "refuse": pb.REPLACE_POLICY_REFUSE}
+STATE = {
+    "open": pb.ROUND_STATE_OPEN,
+    "finalizing": pb.ROUND_STATE_FINALIZING,
+    "finalized": pb.ROUND_STATE_FINALIZED,
+    "failed": pb.ROUND_STATE_FAILED,
+}
+WATCH_POLL_S = 1.0
+DOWNLOAD_CHUNK = 1 << 20
+
+
+def _metadata(context: grpc.ServicerContext, key: str) -> Optional[str]:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v
+    return None
+
+
+def _pretty(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
+
+
+# ----------------------------------------------------------------------------- conversions
+
+
+def spec_message(r: Round) -> pb.RoundSpec:
+    c = r.config
+    o = c.options
+    return pb.RoundSpec(
+        round_id=r.id,
+        method=o.method,
+        options_json=o.model_dump_json(by_alias=True),
+        k=o.k,
+        **{"lambda": o.lam},
+        base_fingerprint=c.base_fingerprint or "",
+        manifest=[pb.TensorSpec(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in c.manifest],
+        participants=[
+            pb.Participant(client_id=p.client_id, weight=p.weight, density=p.density, model_key=p.model_key or "")
+            for p in c.participants
+        ],
+        quorum=r.quorum,
+        deadline_unix=c.deadline_unix or 0.0,
+        late_policy=LATE[c.late_policy],
+        replace_policy=REPLACE[c.replace_policy],
+        max_chunk_bytes=r.max_chunk_bytes,
+        state=STATE[r.state],
+    )
+
+
+def status_message(r: Round) -> pb.RoundStatus:
+    with r.lock:
+        return pb.RoundStatus(
+            round_id=r.id,
+            state=STATE[r.state],
+            committed_clients=sorted(r.committed),
+            quorum=r.quorum,
+            expected=len(r.participants),
+            deadline_unix=r.deadline or 0.0,
+            merged_sha256=r.merged.sha256 if r.merged else "",
+            merged_bytes=r.merged.bytes if r.merged else 0,
+            message=r.message,
+            majority_sign=r.merged.majority_sign if r.merged else 0,
+        )
+
+
+def event_message(r: Round, e: Event) -> pb.RoundEvent:
+    return pb.RoundEvent(
+        seq=e.seq, time_unix=e.time, kind=pb.EventKind.Value(e.kind), round_id=r.id, client_id=e.client_id,
+        message=e.message, committed=e.committed, expected=e.expected, state=STATE[e.state], sha256=e.sha256,
+        bytes=e.bytes,
+    )
+
+
+def receipt_message(rc: Receipt) -> pb.UploadReceipt:
+    return pb.UploadReceipt(
+        committed=rc.committed, committed_offset=rc.committed_offset, sha256=rc.sha256, bytes=rc.bytes, nnz=rc.nnz,
+        duplicate=rc.duplicate, replaced=rc.replaced, committed_count=rc.committed_count,
+    )
+
+
+def round_config_from_request(req: pb.OpenRoundRequest) -> RoundConfig:
+    options = json.loads(req.options_json) if req.options_json else {}
+    data: dict = {
+        "round_id": req.round_id,
+        "options": MergeOptions.model_validate(options),
+        "participants": [
+            {
+                "client_id": p.client_id,
+                "weight": p.weight or 1.0,
+                "density": p.density if p.HasField("density") else None,
+                "model_key": p.model_key or None,
+            }
+            for p in req.participants
+        ],
+        "quorum": req.quorum or None,
+        "deadline_unix": req.deadline_unix or None,
+        "deadline_s": req.deadline_seconds or None,
+        "base_fingerprint": req.base_fingerprint or None,
+        "manifest": [TensorEntry(name=t.name, shape=tuple(t.shape), dtype=t.dtype or "F32") for t in req.manifest]
+        or None,
+    }
+    if req.late_policy:
+        data["late_policy"] = {v: k for k, v in LATE.items()}[req.late_policy]
+    if req.replace_policy:
+        data["replace_policy"] = {v: k for k, v in REPLACE.items()}[req.replace_policy]
+    return RoundConfig.model_validate(data)
+
+
+# ----------------------------------------------------------------------------- service
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, manager: RoundManager, admin_token: Optional[str] = None) -> None:
+        self.manager = manager
+        self.admin_token = admin_token
+
+    # -- helpers
+    @staticmethod
+    def _abort(context: grpc.ServicerContext, e: RoundError):
+        context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), e.message)
+
+    def _client(self, context: grpc.ServicerContext) -> str:
+        cid = _metadata(context, CLIENT_ID_KEY)
+        if not cid:
+            raise RoundError("UNAUTHENTICATED", f"no client id: send gRPC metadata {CLIENT_ID_KEY!r}")
+        return cid
+
+    def _check_admin(self, context: grpc.ServicerContext) -> None:
+        if self.admin_token is None:
+            return
+        got = _metadata(context, ADMIN_TOKEN_KEY) or ""
+        if not hmac.compare_digest(got.encode(), self.admin_token.encode()):
+            raise RoundError("PERMISSION_DENIED", f"admin call without the right {ADMIN_TOKEN_KEY!r} metadata")
+
+    def _participant_round(self, round_id: str, context: grpc.ServicerContext) -> tuple[Round, str]:
+        cid = self._client(context)
+        r = self.manager.get(round_id)
+        r.check_participant(cid)
+        return r, cid
+
+    # -- admin
+    def OpenRound(self, request, context):
+        try:
+            self._check_admin(context)
+            try:
+                cfg = round_config_from_request(request)
+            except (ValidationError, ValueError) as e:
+                msg = _pretty(e) if isinstance(e, ValidationError) else str(e)
+                raise RoundError("INVALID_ARGUMENT", f"bad round: {msg}") from None
+            return spec_message(self.manager.open_round(cfg))
+        except RoundError as e:
+            self._abort(context, e)
+
+    def CloseRound(self, request, context):
+        try:
+            self._check_admin(context)
+            r = self.manager.get(request.round_id)
+            r.close(abort=request.abort)
+            return status_message(r)
+        except RoundError as e:
+            self._abort(context, e)
+
+    # -- participants
+    def GetRoundSpec(self, request, context):
+        try:
+            r, _ = self._participant_round(request.round_id, context)
+            return spec_message(r)
+        except RoundError as e:
+            self._abort(context, e)
+
+    def GetRoundStatus(self, request, context):
+        try:
+            r, _ = self._participant_round(request.round_id, context)
+            return status_message(r)
+        except RoundError as e:
+            self._abort(context, e)
+
+    def UploadStatus(self, request, context):
+        try:
+            r, cid = self._participant_round(request.round_id, context)
+            offset, prefix, committed = r.upload_status(cid)
+            return pb.UploadStatusReply(
+                committed_offset=offset, prefix_sha256=prefix, committed=committed is not None,
+                committed_sha256=committed.sha256 if committed else "",
+            )
+        except RoundError as e:
+            self._abort(context, e)
+
+    def ReserveUpload(self, request, context):
+        try:
+            r, cid = self._participant_round(request.round_id, context)
+            with r.lock:
+                r._check_accepting(cid, new=False)
+            lease = self.manager.reserve_upload(cid, request.wait_seconds)
+            if lease is None:
+                return pb.ReserveUploadReply(granted=False)
+            return pb.ReserveUploadReply(granted=True, lease=lease, lease_seconds=self.manager.lease_s)
+        except RoundError as e:
+            self._abort(context, e)
+
+    def Upload(self, request_iterator, context):
+        try:
+            cid = self._client(context)
+            self.manager.check_known_client(cid)
+        except RoundError as e:
+            self._abort(context, e)
+        # At most max_active_uploads streams are read at once. The others wait
+        # here before their first message is read, held back by gRPC flow
+        # control, so memory stays flat in the number of clients; a stream that
+        # stalls while it holds a slot is cancelled by the manager's watchdog.
+        lease = _metadata(context, UPLOAD_LEASE_KEY)
+        with self.manager.upload_slot(context.cancel, lease, cid) as touch:
+            try:
+                first = next(request_iterator, None)
+                if first is None:
+                    raise RoundError("INVALID_ARGUMENT", "empty upload stream")
+                r = self.manager.get(first.round_id)
+                s = r.begin_upload(cid, first.offset)
+            except RoundError as e:
+                self._abort(context, e)
+            receipt = None
+            try:
+                chunk = first
+                while True:
+                    if chunk.round_id and chunk.round_id != r.id:
+                        raise RoundError("INVALID_ARGUMENT", "chunks of one upload name different rounds")
+                    receipt = r.feed(s, chunk.offset, chunk.data)
+                    touch()
+                    if receipt is not None:
+                        break
+                    chunk = next(request_iterator, None)
+                    if chunk is None:
+                        break
+            except RoundError as e:
+                r.detach(s)
+                self._abort(context, e)
+            except Exception:  # the stream broke (client gone, cancelled): keep the bytes for a resume
+                r.detach(s)
+                if context.is_active():
+                    raise
+                return pb.UploadReceipt()
+            paused = r.detach(s)
+            return receipt_message(receipt if receipt is not None else paused)
+
+    def Watch(self, request, context) -> Iterator[pb.RoundEvent]:
+        try:
+            r, _ = self._participant_round(request.round_id, context)
+        except RoundError as e:
+            self._abort(context, e)
+        seq = request.from_seq
+        while context.is_active():
+            events = r.events_since(seq, WATCH_POLL_S)
+            for e in events:
+                yield event_message(r, e)
+                seq = e.seq + 1
+                if e.kind in ("ROUND_FINALIZED", "ROUND_FAILED"):
+                    return
+
+    def Download(self, request, context) -> Iterator[pb.DownloadChunk]:
+        try:
+            r, cid = self._participant_round(request.round_id, context)
+            with r.lock:
+                merged = r.merged if r.state == "finalized" else None
+                if merged is None:
+                    raise RoundError(
+                        "FAILED_PRECONDITION", f"round {r.id!r} is {r.state}: nothing to download yet"
+                        + (f" ({r.message})" if r.message else "")
+                    )
+            if request.offset > merged.bytes:
+                raise RoundError("OUT_OF_RANGE", f"offset {request.offset} is past the end ({merged.bytes} bytes)")
+        except RoundError as e:
+            self._abort(context, e)
+        step = min(DOWNLOAD_CHUNK, MAX_CHUNK_BYTES)
+        with open(merged.path, "rb") as f:
+            f.seek(request.offset)
+            pos = request.offset
+            yield pb.DownloadChunk(offset=pos, data=b"", total_bytes=merged.bytes, sha256=merged.sha256)
+            while pos < merged.bytes and context.is_active():
+                data = f.read(min(step, merged.bytes - pos))
+                if not data:
+                    break
+                yield pb.DownloadChunk(offset=pos, data=data, total_bytes=merged.bytes, sha256=merged.sha256)
+                pos += len(data)
+        if pos == merged.bytes:
+            with r.lock:
+                r.downloaded.add(cid)

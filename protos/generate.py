@@ -1,0 +1,58 @@
+"""Regenerate the gRPC stubs of protos/tiesfed/v1/tiesfed.proto.
+
+    python protos/generate.py            # rewrite the committed stubs in place
+    python protos/generate.py --out DIR  # write them under DIR instead (tests)
+
+The stubs are committed (so installing tiesfed needs no grpcio-tools); a test
+regenerates them into a temporary folder and checks they equal the committed
+ones. protoc runs with the repository root as the only import root, so the
+generated imports read `from protos.tiesfed.v1 import ...`: a bare
+`tiesfed.v1` would be shadowed by the top-level `tiesfed` Python package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO = "protos/tiesfed/v1/tiesfed.proto"
+GENERATED = (
+    "protos/tiesfed/v1/tiesfed_pb2.py",
+    "protos/tiesfed/v1/tiesfed_pb2.pyi",
+    "protos/tiesfed/v1/tiesfed_pb2_grpc.py",
+)
+
+
+def generate(out_dir: str | Path = ROOT) -> list[Path]:
+    """Run protoc (from grpcio-tools) and return the generated files' paths."""
+    from grpc_tools import protoc
+
+    out = Path(out_dir).resolve()
+    (out / Path(PROTO).parent).mkdir(parents=True, exist_ok=True)
+    args = [
+        "grpc_tools.protoc",
+        f"-I{ROOT}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        str(ROOT / PROTO),
+    ]
+    rc = protoc.main(args)
+    if rc != 0:
+        raise RuntimeError(f"protoc failed with exit code {rc}: {' '.join(args)}")
+    return [out / g for g in GENERATED]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(ROOT), help="root folder to write protos/tiesfed/v1/* under")
+    a = p.parse_args(argv)
+    for f in generate(a.out):
+        print(f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Versioned gRPC packages of tiesfed (see v1)."""
