@@ -52,6 +52,7 @@ def start_coordinator(work: Path, round_cfg: dict, max_active_uploads: int,
         "spool_dir": str(work / "spool"),
         "max_active_uploads": max_active_uploads,
         "rounds": [round_cfg],
+        "aggregator": "local",  # the accumulators in the measured process (bench_shards.py measures Ray)
     }
     if not malloc_tuning:
         cfg.update(malloc_arena_max=None, malloc_mmap_threshold=None)

@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import grpc
 import yaml
@@ -65,6 +65,15 @@ class CoordinatorConfig(BaseModel):
         128 << 10, ge=0, description="glibc: blocks from this size on are mmap'd and go back to the OS when "
         "freed (the default threshold creeps up to 32 MiB and leaves decode buffers in the heap)"
     )
+    aggregator: Literal["ray", "local"] = Field(
+        "ray", description="ray: accumulators sharded over Ray actors (a local Ray unless ray_address); "
+        "local: in this process"
+    )
+    ray_address: Optional[str] = Field(None, description="join this Ray cluster (started with `ray start`)")
+    num_shards: Optional[int] = Field(None, ge=1, description="shard actors per round (default: from the cluster)")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per shard actor; fractions allowed")
+    num_cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per shard actor; fractions allowed")
+    max_restarts: int = Field(3, ge=0, description="restarts of a lost shard actor (rebuilt from the spool)")
     rounds: list[RoundConfig] = Field(default_factory=list)
 
 
@@ -91,6 +100,17 @@ class CoordinatorServer:
         aggregator_factory: Optional[AggregatorFactory] = None,
     ) -> None:
         self.config = config
+        self.ray_factory = None
+        if aggregator_factory is None and config.aggregator == "ray":
+            from coordinator.ray_factory import RayAggregatorFactory
+
+            self.ray_factory = aggregator_factory = RayAggregatorFactory(
+                ray_address=config.ray_address,
+                num_shards=config.num_shards,
+                num_gpus_per_actor=config.num_gpus_per_actor,
+                num_cpus_per_actor=config.num_cpus_per_actor,
+                max_restarts=config.max_restarts,
+            )
         self.manager = RoundManager(
             config.spool_dir,
             aggregator_factory=aggregator_factory,
@@ -113,6 +133,8 @@ class CoordinatorServer:
         return f"{host}:{self.port}"
 
     def start(self) -> "CoordinatorServer":
+        if self.ray_factory is not None:
+            self.ray_factory.start()  # before recovery, which folds into shard actors
         recovered = self.manager.recover()
         if recovered:
             log.info("recovered round(s) from the spool: %s", ", ".join(recovered))
@@ -139,6 +161,8 @@ class CoordinatorServer:
             self.server.stop(grace).wait()
             self.server = None
         self.manager.stop()
+        if self.ray_factory is not None:
+            self.ray_factory.close()
 
     def __enter__(self) -> "CoordinatorServer":
         return self.start()

@@ -68,7 +68,8 @@ def coordinator(tmp_path, family):
 
     def start(spool: Path | None = None, **kw) -> CoordinatorServer:
         cfg = CoordinatorConfig(
-            listen="127.0.0.1:0", spool_dir=spool or tmp_path / "spool", base_model=str(family[0]), **kw
+            listen="127.0.0.1:0", spool_dir=spool or tmp_path / "spool", base_model=str(family[0]),
+            **{"aggregator": "local", **kw},
         )
         srv = CoordinatorServer(cfg)
         started.append(srv)
@@ -196,7 +197,7 @@ def test_federated_equals_local_merge(family, tmp_path, opts, weights):
     options = MergeOptions(**opts)
     models = [ModelEntry(model=str(p), weight=(weights[i] if weights else 1.0)) for i, p in enumerate(paths[:3])]
     cfg = MergeConfig(base_model=str(base_dir), models=models, options=options)
-    res = federated_merge(cfg, tmp_path / "fed", chunk_bytes=1024)
+    res = federated_merge(cfg, tmp_path / "fed", chunk_bytes=1024, aggregator="local")
     want = local_model(family, tmp_path, [0, 1, 2], options, weights)
     assert_identical(load_folder(tmp_path / "fed"), want)
     assert json.loads((tmp_path / "fed" / "config.json").read_text())["model_type"] == "toy"
@@ -613,7 +614,8 @@ def test_replay_reproduces_the_aggregator(family, tmp_path):
         given["replay"] = replay
         return Aggregator(manifest, spec)
 
-    cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool", base_model=str(family[0]))
+    cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool", base_model=str(family[0]),
+                            aggregator="local")
     with CoordinatorServer(cfg, aggregator_factory=factory) as srv:
         rnd = open_round(srv, weights=[0.5, 2.0, 1.0])
         assert given["replay"] == rnd.replay

@@ -106,13 +106,18 @@ def coordinator() -> None:
 @click.option("--round-config", "round_configs", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="YAML of one round to open (repeatable)")
 @_round_options
+@click.option("--aggregator", type=click.Choice(["ray", "local"]),
+              help="ray (default): accumulators sharded over Ray actors; local: in this process")
+@click.option("--ray-address", help="join this Ray cluster (default: start a local Ray)")
+@click.option("--num-shards", type=int, help="shard actors per round (default: one per CPU, or GPU)")
+@click.option("--num-gpus-per-actor", type=float, help="GPUs per shard actor (fractions allowed)")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="write the bound port here (for scripts)")
 @click.option("--exit-when-done", is_flag=True,
               help="exit once every round is finished and every participant fetched the merge")
 @click.option("-v", "--verbose", is_flag=True, help="log round events")
 def serve(config_path, listen, spool_dir, base_model, shard_size, admin_token, max_active_uploads, abandon_after,
           round_configs, round_id, clients, weights, quorum, deadline, late_policy, replace_policy, options,
-          port_file, exit_when_done, verbose) -> None:
+          aggregator, ray_address, num_shards, num_gpus_per_actor, port_file, exit_when_done, verbose) -> None:
     """Serve federated rounds over gRPC until interrupted."""
     from coordinator.rounds import RoundConfig, RoundError
     from coordinator.server import CoordinatorConfig, load_coordinator_config, serve as run
@@ -123,7 +128,9 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, admin_token, m
         upd: dict = {}
         for key, value in (("listen", listen), ("spool_dir", spool_dir), ("base_model", base_model),
                            ("admin_token", admin_token), ("max_active_uploads", max_active_uploads),
-                           ("abandon_after_s", abandon_after)):
+                           ("abandon_after_s", abandon_after), ("aggregator", aggregator),
+                           ("ray_address", ray_address), ("num_shards", num_shards),
+                           ("num_gpus_per_actor", num_gpus_per_actor)):
             if value is not None:
                 upd[key] = Path(value) if key == "spool_dir" else value
         if shard_size:

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from client.contribution import mergeable
 from client.federated import DEFAULT_CHUNK_BYTES, FetchResult, Retry, SubmitResult, fetch, submit
@@ -74,10 +74,15 @@ def federated_merge(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     work_dir: Optional[str | Path] = None,
     aggregator_factory: Optional[AggregatorFactory] = None,
+    aggregator: Literal["ray", "local"] = "ray",
     round_id: str = "local",
     timeout: Optional[float] = None,
 ) -> FederatedResult:
-    """Merge `config.models` into `config.base_model` through a federated round on loopback."""
+    """Merge `config.models` into `config.base_model` through a federated round on loopback.
+
+    The coordinator shards over Ray actors (a local Ray) unless `aggregator` is
+    "local" or an `aggregator_factory` is given (e.g. one Ray session shared by
+    many rounds, see tiesfed.demo_merge)."""
     started = time.perf_counter()
     opts = config.options
     with ModelReader(config.base_model) as base:
@@ -100,7 +105,9 @@ def federated_merge(
     result = FederatedResult(out_dir=Path(out_dir), round_id=round_id, params=sum(t.numel for t in manifest))
 
     with tempfile.TemporaryDirectory(prefix="tiesfed-federated-", dir=work_dir) as tmp:
-        server_cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=Path(tmp) / "spool", rounds=[round_cfg])
+        server_cfg = CoordinatorConfig(
+            listen="127.0.0.1:0", spool_dir=Path(tmp) / "spool", rounds=[round_cfg], aggregator=aggregator
+        )
         with CoordinatorServer(server_cfg, aggregator_factory=aggregator_factory) as srv:
             target = srv.target
             results: list[Optional[SubmitResult]] = [None] * len(ids)
