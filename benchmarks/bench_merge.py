@@ -63,7 +63,7 @@ from tiesfed.engine import merge
 from tiesfed.options import MergeConfig, MergeOptions, ModelEntry
 cfg = MergeConfig(base_model={base!r}, models=[ModelEntry(model=p) for p in {fts!r}],
                   options=MergeOptions(k={k}, lam={lam}))
-rep = merge(cfg, {out!r}, progress=False)
+rep = merge(cfg, {out!r}, progress=False, overwrite=True)
 RESULT = {{"upload_bits_per_param": rep.upload_bits_per_param}}
 """
 

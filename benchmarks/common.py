@@ -61,9 +61,12 @@ def write_family(root: Path, n_models: int, dtype: torch.dtype, shapes: dict[str
 def run_measured(code: str) -> dict:
     """Run Python `code` in a fresh interpreter; it sets a dict RESULT.
     Returns RESULT plus the child's wall time and its own peak RSS (MiB)."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork/exec, so a child
+    # would report the parent's peak when that is larger.
     epilogue = (
-        "\nimport json as _j, resource as _r\n"
-        "print(_j.dumps({**RESULT, 'peak_rss_mib': _r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+        "\nimport json as _j, re as _re\n"
+        "_hwm = int(_re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "print(_j.dumps({**RESULT, 'peak_rss_mib': _hwm / 1024}))\n"
     )
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code + epilogue], capture_output=True, text=True)
