@@ -17,6 +17,16 @@ from safetensors.torch import save_file
 
 ShapeSpec = Union[Sequence[int], tuple[Sequence[int], torch.dtype]]
 
+#: A tiny transformer-like model: uneven tensor sizes and one non-float buffer.
+TOY_SPEC: dict[str, ShapeSpec] = {
+    "embed.weight": (96, 16),
+    "layers.0.attn.q.weight": (16, 16),
+    "layers.0.mlp.up.weight": (48, 16),
+    "layers.0.norm.weight": (16,),
+    "lm_head.weight": (96, 16),
+    "position_ids": ((1, 32), torch.int64),
+}
+
 
 def make_model(
     folder: str | Path,

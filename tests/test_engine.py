@@ -12,20 +12,12 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from client.model_io import ModelReader
-from tests.helpers import make_model, random_family
+from tests.helpers import TOY_SPEC as SPEC, make_model, random_family
 from tests.reference import reference_merge
 from tiesfed.cli import main
 from tiesfed.engine import merge
 from tiesfed.options import MergeConfig, MergeOptions, ModelEntry
 
-SPEC = {
-    "embed.weight": (96, 16),
-    "layers.0.attn.q.weight": (16, 16),
-    "layers.0.mlp.up.weight": (48, 16),
-    "layers.0.norm.weight": (16,),
-    "lm_head.weight": (96, 16),
-    "position_ids": ((1, 32), torch.int64),
-}
 
 
 def load_folder(path: Path) -> dict[str, torch.Tensor]:

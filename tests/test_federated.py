@@ -27,21 +27,13 @@ from protos.codec import SparseTensor
 from protos.tiesfed.v1 import ADMIN_TOKEN_KEY, CLIENT_ID_KEY, MAX_CHUNK_BYTES, channel_options
 from protos.tiesfed.v1 import tiesfed_pb2 as pb
 from protos.tiesfed.v1 import tiesfed_pb2_grpc as pb_grpc
-from tests.helpers import make_model, random_family
+from tests.helpers import TOY_SPEC as SPEC, make_model, random_family
 from tiesfed.cli import main
 from tiesfed.engine import merge
 from tiesfed.federated_merge import federated_merge
 from tiesfed.methods import get_method
 from tiesfed.options import MergeConfig, MergeOptions, ModelEntry
 
-SPEC = {
-    "embed.weight": (96, 16),
-    "layers.0.attn.q.weight": (16, 16),
-    "layers.0.mlp.up.weight": (48, 16),
-    "layers.0.norm.weight": (16,),
-    "lm_head.weight": (96, 16),
-    "position_ids": ((1, 32), torch.int64),
-}
 CLIENTS = ["org-a", "org-b", "org-c"]
 FAST = Retry(attempts=6, backoff_s=0.05, max_backoff_s=0.5)
 

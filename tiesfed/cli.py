@@ -132,18 +132,9 @@ def _pretty(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
 
 
-def _register_optional_groups() -> None:
-    """Federated commands live in their own module; keep the core CLI importable alone."""
-    try:
-        from tiesfed.cli_federated import register
-    except ImportError as e:  # pragma: no cover - only while a part is missing
-        if "tiesfed.cli_federated" not in str(e):
-            raise
-        return
-    register(main)
+from tiesfed.cli_federated import register  # noqa: E402  (the federated groups join the same CLI)
 
-
-_register_optional_groups()
+register(main)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
