@@ -501,6 +501,10 @@ class Round:
         with self.cond:
             if seq > len(self.events):  # the log restarted (coordinator restart)
                 seq = 0
+            if seq == len(self.events) and self.state in ("finalized", "failed"):
+                # A watcher whose position came from an earlier incarnation of the log can
+                # stand exactly at its end: it still learns how the round ended.
+                return [e for e in self.events if e.kind in ("ROUND_FINALIZED", "ROUND_FAILED")][-1:]
             if seq == len(self.events):
                 self.cond.wait(timeout)
             return self.events[seq:]

@@ -201,9 +201,10 @@ def serve(
     def on_signal(signum, frame):  # noqa: ARG001
         stop.set()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     tune_malloc(config.malloc_arena_max, config.malloc_mmap_threshold)
     srv = CoordinatorServer(config).start()
+    # after start(): ray.init installs its own SIGTERM handler (sys.exit), ours must win
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     finished_at: Optional[float] = None
     try:
         if port_file:

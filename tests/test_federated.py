@@ -520,8 +520,15 @@ def test_restarted_coordinator_recovers_the_round(family, tmp_path, coordinator)
     assert_identical(fetch_model(srv2, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
     srv2.stop(grace=0)
     srv3 = coordinator(spool=spool)  # a finished round comes back finished, downloadable
-    assert srv3.manager.get("r1").state == "finalized"
+    rnd3 = srv3.manager.get("r1")
+    assert rnd3.state == "finalized"
     assert_identical(fetch_model(srv3, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
+    # a watcher whose position (from the old log) is exactly the new log's end still sees the end
+    with grpc.insecure_channel(srv3.target, options=channel_options()) as ch:
+        events = list(pb_grpc.CoordinatorStub(ch).Watch(
+            pb.WatchRequest(round_id="r1", from_seq=len(rnd3.events)), metadata=((CLIENT_ID_KEY, "org-a"),),
+            timeout=10))
+    assert [pb.EventKind.Name(e.kind) for e in events] == ["ROUND_FINALIZED"]
 
 
 def test_cli_submit_and_fetch(family, tmp_path, coordinator):
