@@ -364,6 +364,8 @@ def _send(
                         bar.update(len(data))
                         if pipe.done and bar.total is None:
                             bar.total = pipe.size
+                except GeneratorExit:  # gRPC closed the stream: the call's own status says why
+                    raise
                 except BaseException as e:  # the encoder failed: stop the call, raise it below
                     holder["error"] = e
                     ready.wait()
