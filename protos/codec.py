@@ -1012,6 +1012,18 @@ class StreamWriter:
 _S_PREFIX, _S_HEADER, _S_TAG, _S_REC_PREFIX, _S_BODY, _S_END, _S_DONE = range(7)
 
 
+def _check_stream_prefix(prefix: bytes | memoryview, limits: Limits) -> int:
+    """Validate the fixed stream prefix; returns the header length."""
+    magic, version, hlen = _STREAM_PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise CodecError(f"stream: bad magic {bytes(magic)!r}")
+    if version != FORMAT_VERSION:
+        raise CodecError(f"stream: unsupported format version {version} (this codec reads {FORMAT_VERSION})")
+    if hlen > limits.max_header_bytes:
+        raise CodecError(f"stream: header_len={hlen} exceeds limits.max_header_bytes={limits.max_header_bytes}")
+    return hlen
+
+
 class StreamReader:
     """Incremental stream parser: feed bytes in arbitrary chunks, get events.
 
@@ -1089,13 +1101,7 @@ class StreamReader:
         st = self._state
         lim = self._limits
         if st == _S_PREFIX:
-            magic, version, hlen = _STREAM_PREFIX.unpack(unit)
-            if magic != MAGIC:
-                raise CodecError(f"stream: bad magic {bytes(magic)!r}")
-            if version != FORMAT_VERSION:
-                raise CodecError(f"stream: unsupported format version {version} (this codec reads {FORMAT_VERSION})")
-            if hlen > lim.max_header_bytes:
-                raise CodecError(f"stream: header_len={hlen} exceeds limits.max_header_bytes={lim.max_header_bytes}")
+            hlen = _check_stream_prefix(unit, lim)
             self._sha.update(unit)
             self._state, self._need = _S_HEADER, hlen
             return None
@@ -1210,13 +1216,7 @@ def index_stream(
             sha.update(b)
 
     pre = _read_exact(fileobj, _STREAM_PREFIX.size, "stream prefix")
-    magic, version, hlen = _STREAM_PREFIX.unpack(pre)
-    if magic != MAGIC:
-        raise CodecError(f"stream: bad magic {magic!r}")
-    if version != FORMAT_VERSION:
-        raise CodecError(f"stream: unsupported format version {version}")
-    if hlen > limits.max_header_bytes:
-        raise CodecError(f"stream: header_len={hlen} exceeds limits.max_header_bytes")
+    hlen = _check_stream_prefix(pre, limits)
     hb = _read_exact(fileobj, hlen, "stream header")
     header = _strict_json(hb, "stream header", None)
     if not isinstance(header, dict):

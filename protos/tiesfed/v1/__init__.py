@@ -20,8 +20,8 @@ KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 
 
-def server_options() -> list[tuple[str, int]]:
-    """Options of the coordinator's gRPC server."""
+def _common_options() -> list[tuple[str, int]]:
+    """Both ends: message limits and keepalive, set explicitly."""
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -29,6 +29,12 @@ def server_options() -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options() -> list[tuple[str, int]]:
+    """Options of the coordinator's gRPC server."""
+    return _common_options() + [
         # accept the clients' keepalive pings (the default minimum is 5 minutes)
         ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
         ("grpc.http2.max_ping_strikes", 2),
@@ -38,11 +44,4 @@ def server_options() -> list[tuple[str, int]]:
 
 def channel_options() -> list[tuple[str, int]]:
     """Options of a client's channel to the coordinator."""
-    return [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
+    return _common_options()
