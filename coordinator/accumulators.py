@@ -15,7 +15,7 @@ does not depend on the arrival order and `unfold` is the exact inverse of
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
