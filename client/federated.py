@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Optional
 import grpc
 from tqdm.auto import tqdm
 
-from client.apply import apply_sparse
+from client.materialize import merged_index, write_theta
 from client.contribution import (
     VALUE_DTYPES,
     TrimStats,
@@ -43,7 +43,6 @@ from client.contribution import (
     write_contribution,
 )
 from client.model_io import (
-    ModelError,
     ModelReader,
     ShardedWriter,
     check_compatible,
@@ -51,7 +50,6 @@ from client.model_io import (
     fingerprint,
 )
 from coordinator.spool import sha256_file
-from protos.codec import index_stream, read_record_at
 from protos.tiesfed.v1 import CLIENT_ID_KEY, MAX_CHUNK_BYTES, UPLOAD_LEASE_KEY, channel_options
 from protos.tiesfed.v1 import tiesfed_pb2 as pb
 from protos.tiesfed.v1 import tiesfed_pb2_grpc as pb_grpc
@@ -502,29 +500,11 @@ def apply_merged(
     """θ = θ₀ + λ·τ_m for every tensor of `base`, written as an HF-style folder. Returns the header."""
     out_dir = Path(out_dir)
     with open(merged_path, "rb") as f:
-        header, where = index_stream(f, verify=True)
-        if header.get("kind") != "merged":
-            raise ModelError(f"{merged_path}: not a merged task vector (kind {header.get('kind')!r})")
-        if expected_fingerprint and header.get("base_fingerprint") != expected_fingerprint:
-            raise ModelError(
-                f"{merged_path}: merged onto base {header.get('base_fingerprint')!r}, not {expected_fingerprint!r}"
-            )
-        unknown = [n for n in where if n not in base]
-        if unknown:
-            raise ModelError(f"{merged_path}: tensors not in the base {base.path}: {', '.join(unknown[:5])}")
-        lam = float(header["lambda"])
+        header, where = merged_index(f, base, merged_path, expected_fingerprint)
         plan = [(t.name, tuple(t.shape), t.dtype) for t in base.manifest()]
         with ShardedWriter(out_dir, plan, max_shard_bytes=shard_bytes,
                            metadata={"tiesfed_method": str(header.get("method", ""))}) as writer:
-            for t in base.manifest():
-                theta = base.get(t.name)
-                if t.name in where:
-                    st = read_record_at(f, *where[t.name])
-                    if tuple(st.shape) != tuple(t.shape):
-                        raise ModelError(f"{merged_path}: tensor {t.name!r} has shape {list(st.shape)}, "
-                                         f"base has {list(t.shape)}")
-                    theta = apply_sparse(theta, st.indices, st.values, lam)
-                writer.write(t.name, theta)
+            write_theta(base, f, where, float(header["lambda"]), base.names, writer, merged_path)
     copy_side_files(base.folder, out_dir)
     return header
 

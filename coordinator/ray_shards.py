@@ -47,12 +47,14 @@ Recovery
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
 import uuid
 import warnings
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -245,6 +247,24 @@ class ShardActorLocal:
         and forget the output."""
         out, self._staged = self._staged, None
         return self._generation, (None if out is None else to_wire(out))
+
+    def write_model_part(self, base_path: str, merged_path: str, names: list[str], out_file: str,
+                         metadata: dict[str, str]) -> int:
+        """Write θ₀ + λ·τ_m of `names` as one safetensors file (the base and the
+        merged stream must be readable here: a shared filesystem). Returns bytes."""
+        from client.materialize import merged_index, write_theta
+        from client.model_io import ModelReader, ShardedWriter
+
+        out = Path(out_file)
+        part_dir = out.parent / f".{out.name}.part"
+        with ModelReader(base_path) as base, open(merged_path, "rb") as f:
+            header, where = merged_index(f, base, merged_path)
+            plan = [(n, tuple(base.info(n).shape), base.info(n).dtype) for n in names]
+            with ShardedWriter(part_dir, plan, max_shard_bytes=1 << 62, metadata=metadata, overwrite=True) as w:
+                write_theta(base, f, where, float(header["lambda"]), names, w, merged_path)
+        os.replace(part_dir / "model.safetensors", out)
+        part_dir.rmdir()
+        return out.stat().st_size
 
     # -- introspection
     def state_digest(self) -> str:
@@ -619,6 +639,45 @@ class ShardedAggregator:
     def merged(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Election's all-reduce then the disjoint merge, tensor by tensor."""
         return self.finalize(majority_sign(self.sign_balance()))
+
+    def write_model(self, base_path: str, merged_path: str, out_dir: str | Path, shard_bytes: int,
+                    metadata: dict[str, str]) -> list[Path]:
+        """The full merged model, written by the shard actors in parallel: the base's
+        tensors are packed in order into output shards (at most `shard_bytes`, and at
+        least one per actor when the model is big enough) and each actor writes some.
+        Needs the base and the spool on a filesystem every actor's node can read."""
+        from client.model_io import INDEX_FILE, ModelReader, shard_name
+
+        self._check_open()
+        with ModelReader(base_path) as base:
+            infos = base.manifest()
+        total = sum(t.nbytes for t in infos)
+        target = max(1, min(shard_bytes, -(-total // max(1, len(self._actors)))))
+        groups: list[list] = [[]]
+        size = 0
+        for t in infos:
+            if groups[-1] and size + t.nbytes > target:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += t.nbytes
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files = [out_dir / shard_name(i + 1, len(groups)) for i in range(len(groups))]
+        actors = list(self._actors.values())
+        refs = [
+            actors[i % len(actors)].write_model_part.remote(
+                str(base_path), str(merged_path), [t.name for t in g], str(files[i]), metadata
+            )
+            for i, g in enumerate(groups)
+        ]
+        ray.get(refs, timeout=self._call_timeout)
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {t.name: files[i].name for i, g in enumerate(groups) for t in g},
+        }
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return files
 
     def _assemble(self, majority: int) -> Iterator[tuple[str, torch.Tensor]]:
         order = [s for s in self.plan.nonempty_shards()]

@@ -959,9 +959,21 @@ class Round:
         return Merged(sha, size, majority, final)
 
     def _write_model(self, merged_path: Path) -> None:
+        """The full merged model: by the shard actors in parallel where the aggregator
+        can (a Ray-sharded one, base and spool on a shared filesystem), else here."""
         from client.federated import apply_merged
-        from client.model_io import ModelReader
+        from client.model_io import ModelReader, copy_side_files
 
+        parallel = getattr(self.agg, "write_model", None)
+        if parallel is not None:
+            try:
+                parallel(self.base_path, str(merged_path), self.spool.model_dir, self.shard_bytes,
+                         {"tiesfed_method": self.config.options.method})
+                copy_side_files(Path(self.base_path), self.spool.model_dir)
+                return
+            except Exception as e:  # e.g. the base is not readable on every node
+                log.warning("round %s: parallel model write failed (%r); writing it here", self.id, e)
+                self.spool.clear_outputs(keep_merged=True)
         with ModelReader(self.base_path) as base:
             apply_merged(base, merged_path, self.spool.model_dir, shard_bytes=self.shard_bytes)
 

@@ -207,10 +207,12 @@ class RoundSpool:
             c.path.unlink(missing_ok=True)
         fsync_dir(self.contrib_dir)
 
-    def clear_outputs(self) -> None:
-        """Remove a half-written merge (before finalizing again after a crash)."""
-        for p in self.dir.glob(".merged.tfs.tmp*"):
-            p.unlink(missing_ok=True)
+    def clear_outputs(self, keep_merged: bool = False) -> None:
+        """Remove a half-written merge (before finalizing again after a crash), or
+        with `keep_merged` only a half-written model folder."""
+        if not keep_merged:
+            for p in self.dir.glob(".merged.tfs.tmp*"):
+                p.unlink(missing_ok=True)
         if self.model_dir.exists():
             shutil.rmtree(self.model_dir)
 

@@ -18,6 +18,7 @@ on failure.
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray binds and advertises 127.0.0.1
@@ -330,8 +331,16 @@ def test_coordinator_subprocess_on_multinode_cluster(cluster, family, tmp_path, 
     res = fetch(target, "r1", CLIENTS[1], base_dir, out, timeout=120, retry=FAST)
     want = engine_model(family, tmp_path_factory)
     assert_identical(load_folder(out), want)
-    # the coordinator's own copy of the merged model (it has the base) too
-    assert_identical(load_folder(spool / "rounds" / "r1" / "model"), want)
+    # the coordinator's own copy of the merged model (it has the base) too, written by the
+    # two shard actors in parallel, several safetensors files (the fallback writes one file)
+    model_dir = spool / "rounds" / "r1" / "model"
+    assert_identical(load_folder(model_dir), want)
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) >= 2 and all((model_dir / f).is_file() for f in files), index
+    assert "model-00001-of-" in " ".join(sorted(files))
+    assert (model_dir / "config.json").exists()
+    assert "parallel model write failed" not in coordinators.log_tail(proc, 10**7)
     assert res.header["contributors"] == sorted(CLIENTS)
     wait_dead(theirs)  # released at finalization
     assert coordinators.kill(proc, signal.SIGTERM) in STOPPED, coordinators.log_tail(proc)
