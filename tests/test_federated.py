@@ -60,12 +60,12 @@ def coordinator(tmp_path, family):
     """Start coordinators (on a free loopback port); all are stopped at teardown, pass or fail."""
     started: list[CoordinatorServer] = []
 
-    def start(spool: Path | None = None, **kw) -> CoordinatorServer:
+    def start(spool: Path | None = None, aggregator_factory=None, **kw) -> CoordinatorServer:
         cfg = CoordinatorConfig(
             listen="127.0.0.1:0", spool_dir=spool or tmp_path / "spool", base_model=str(family[0]),
             **{"aggregator": "local", **kw},
         )
-        srv = CoordinatorServer(cfg)
+        srv = CoordinatorServer(cfg, aggregator_factory=aggregator_factory)
         started.append(srv)
         return srv.start()
 
@@ -656,3 +656,27 @@ def test_stalled_stream_is_cancelled_and_resumable(family, tmp_path, coordinator
     for i, c in enumerate(CLIENTS[1:], 1):
         send(srv, "r1", c, family, i)
     assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
+
+
+def test_model_written_by_the_coordinator_when_the_parallel_write_fails(family, tmp_path, coordinator):
+    """A sharded aggregator writes the model in its actors; where that fails (say the base
+    is not on a shared filesystem) the coordinator writes it itself, same bits."""
+    from coordinator.aggregator import Aggregator
+
+    calls = []
+
+    class NoSharedFilesystem(Aggregator):
+        def write_model(self, base_path, merged_path, out_dir, shard_bytes, metadata):
+            calls.append(out_dir)
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / "half-written.safetensors").write_bytes(b"junk")
+            raise FileNotFoundError(base_path)
+
+    srv = coordinator(aggregator_factory=lambda manifest, spec: NoSharedFilesystem(manifest, spec))
+    rnd = open_round(srv)
+    for i, c in enumerate(CLIENTS):
+        send(srv, "r1", c, family, i)
+    assert rnd.wait_closed(60) and rnd.state == "finalized"
+    assert calls == [rnd.spool.model_dir]
+    assert not (rnd.spool.model_dir / "half-written.safetensors").exists()
+    assert_identical(load_folder(rnd.spool.model_dir), local_model(family, tmp_path, [0, 1, 2]))
