@@ -27,7 +27,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -98,6 +98,23 @@ def _numel(shape: Sequence[int]) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+T = TypeVar("T")
+
+
+def pack_shards(items: Sequence[T], max_bytes: int) -> list[list[T]]:
+    """Greedy packing in order into groups of at most `max_bytes` (by `.nbytes`);
+    an item bigger than that gets a group of its own."""
+    groups: list[list[T]] = [[]]
+    size = 0
+    for item in items:
+        if groups[-1] and size + item.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item.nbytes
+    return groups
 
 
 def shard_name(i: int, n: int) -> str:
@@ -529,15 +546,7 @@ class ShardedWriter:
             self._slots.append(s)
             self._by_name[name] = s
 
-        # greedy packing in plan order
-        shards: list[list[_Slot]] = [[]]
-        size = 0
-        for s in self._slots:
-            if shards[-1] and size + s.nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(s)
-            size += s.nbytes
+        shards = pack_shards(self._slots, max_shard_bytes)
         n = len(shards)
         self.shard_names = [SINGLE_FILE] if n == 1 else [shard_name(i + 1, n) for i in range(n)]
 

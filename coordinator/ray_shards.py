@@ -646,21 +646,13 @@ class ShardedAggregator:
         tensors are packed in order into output shards (at most `shard_bytes`, and at
         least one per actor when the model is big enough) and each actor writes some.
         Needs the base and the spool on a filesystem every actor's node can read."""
-        from client.model_io import INDEX_FILE, ModelReader, shard_name
+        from client.model_io import INDEX_FILE, ModelReader, pack_shards, shard_name
 
         self._check_open()
         with ModelReader(base_path) as base:
             infos = base.manifest()
         total = sum(t.nbytes for t in infos)
-        target = max(1, min(shard_bytes, -(-total // max(1, len(self._actors)))))
-        groups: list[list] = [[]]
-        size = 0
-        for t in infos:
-            if groups[-1] and size + t.nbytes > target:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += t.nbytes
+        groups = pack_shards(infos, max(1, min(shard_bytes, -(-total // max(1, len(self._actors))))))
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         files = [out_dir / shard_name(i + 1, len(groups)) for i in range(len(groups))]
