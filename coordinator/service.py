@@ -18,7 +18,7 @@ from coordinator.rounds import Event, Receipt, Round, RoundConfig, RoundError, R
 from protos.tiesfed.v1 import ADMIN_TOKEN_KEY, CLIENT_ID_KEY, MAX_CHUNK_BYTES, UPLOAD_LEASE_KEY
 from protos.tiesfed.v1 import tiesfed_pb2 as pb
 from protos.tiesfed.v1 import tiesfed_pb2_grpc as pb_grpc
-from tiesfed.options import MergeOptions
+from tiesfed.options import MergeOptions, validation_message
 
 log = logging.getLogger("tiesfed.coordinator")
 
@@ -39,10 +39,6 @@ def _metadata(context: grpc.ServicerContext, key: str) -> Optional[str]:
         if k == key:
             return v
     return None
-
-
-def _pretty(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -170,7 +166,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             try:
                 cfg = round_config_from_request(request)
             except (ValidationError, ValueError) as e:
-                msg = _pretty(e) if isinstance(e, ValidationError) else str(e)
+                msg = validation_message(e) if isinstance(e, ValidationError) else str(e)
                 raise RoundError("INVALID_ARGUMENT", f"bad round: {msg}") from None
             return spec_message(self.manager.open_round(cfg))
         except RoundError as e:

@@ -10,25 +10,14 @@ from typing import Optional
 import click
 from pydantic import ValidationError
 
-from tiesfed.options import MergeConfig, MergeOptions, ModelEntry, load_config
+from tiesfed.cli_common import parse_size, parse_weights
+from tiesfed.options import MergeConfig, MergeOptions, ModelEntry, load_config, validation_message
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tiesfed")
 def main() -> None:
     """Federated, distributed TIES-Merging."""
-
-
-def _parse_weights(weights: Optional[str], n: int) -> list[float]:
-    if not weights:
-        return [1.0] * n
-    try:
-        values = [float(w) for w in weights.replace(",", " ").split()]
-    except ValueError:
-        raise click.BadParameter(f"weights must be numbers, got {weights!r}", param_hint="--weights") from None
-    if len(values) != n:
-        raise click.BadParameter(f"{len(values)} weights for {n} models", param_hint="--weights")
-    return values
 
 
 @main.command()
@@ -71,14 +60,14 @@ def merge(base, models, out_dir, config_path, weights, device, shard_size, repor
         else:
             if not base or not models:
                 raise click.UsageError("need BASE and at least one fine-tuned model (or --config)")
-            ws = _parse_weights(weights, len(models))
+            ws = parse_weights(weights, len(models))
             cfg = MergeConfig(
                 base_model=base,
                 models=[ModelEntry(model=m, weight=w) for m, w in zip(models, ws)],
                 options=MergeOptions(**given),
             )
     except ValidationError as e:
-        raise click.UsageError(_pretty(e)) from None
+        raise click.UsageError(validation_message(e)) from None
     try:
         report = run_merge(
             cfg, out_dir, device=device, shard_bytes=parse_size(shard_size), progress=not quiet,
@@ -112,24 +101,6 @@ def demo(local: bool, no_ray: bool, cache: Optional[str], seed: int) -> None:
     finally:
         fed.close()
     click.echo(fed.summary())
-
-
-def parse_size(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    t = text.strip().upper()
-    num = t.rstrip("KMGIB")
-    unit = t[len(num):]
-    try:
-        value = float(num) * units[unit]
-    except (ValueError, KeyError):
-        raise click.BadParameter(f"not a size: {text!r} (e.g. 2GB, 500MB)") from None
-    if value <= 0:
-        raise click.BadParameter("size must be positive")
-    return int(value)
-
-
-def _pretty(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
 
 
 from tiesfed.cli_federated import register  # noqa: E402  (the federated groups join the same CLI)

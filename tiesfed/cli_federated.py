@@ -18,6 +18,9 @@ import click
 import yaml
 from pydantic import ValidationError
 
+from tiesfed.cli_common import parse_size, parse_weights
+from tiesfed.options import validation_message
+
 TARGET = click.option(
     "--target", envvar="TIESFED_COORDINATOR", required=True, help="coordinator host:port (env TIESFED_COORDINATOR)"
 )
@@ -29,26 +32,12 @@ ADMIN_TOKEN = click.option("--admin-token", envvar="TIESFED_ADMIN_TOKEN", help="
 QUIET = click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 
 
-def _pretty(e: ValidationError) -> str:
-    from tiesfed.cli import _pretty as pretty
-
-    return pretty(e)
-
-
-def _size(text: str) -> int:
-    from tiesfed.cli import parse_size
-
-    return parse_size(text)
-
-
 def _inline_round(round_id, clients, weights, quorum, deadline, late, replace, options) -> dict:
     """A round from command-line flags (the YAML form has every field)."""
-    from tiesfed.cli import _parse_weights
-
     ids = [c for c in clients.replace(",", " ").split() if c]
     if not ids:
         raise click.BadParameter("give at least one client id", param_hint="--clients")
-    ws = _parse_weights(weights, len(ids))
+    ws = parse_weights(weights, len(ids))
     opts: dict = {}
     for item in options:
         key, sep, value = item.partition("=")
@@ -134,7 +123,7 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, admin_token, m
             if value is not None:
                 upd[key] = Path(value) if key == "spool_dir" else value
         if shard_size:
-            upd["shard_bytes"] = _size(shard_size)
+            upd["shard_bytes"] = parse_size(shard_size)
         rounds = list(cfg.rounds)
         for path in round_configs:
             rounds.append(RoundConfig.model_validate(yaml.safe_load(Path(path).read_text())))
@@ -147,7 +136,7 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, admin_token, m
         upd["rounds"] = rounds
         cfg = CoordinatorConfig.model_validate({**cfg.model_dump(), **upd})
     except ValidationError as e:
-        raise click.UsageError(_pretty(e)) from None
+        raise click.UsageError(validation_message(e)) from None
     try:
         run(cfg, port_file=port_file, exit_when_done=exit_when_done)
     except (RoundError, ValueError, OSError) as e:
@@ -203,7 +192,7 @@ def open_round(target, admin_token, round_config, round_id, clients, weights, qu
         else:
             raise click.UsageError("give --round-config, or --round and --clients")
     except ValidationError as e:
-        raise click.UsageError(_pretty(e)) from None
+        raise click.UsageError(validation_message(e)) from None
     req = pb.OpenRoundRequest(
         round_id=rc.round_id,
         options_json=rc.options.model_dump_json(by_alias=True),
@@ -272,7 +261,7 @@ def submit_cmd(base, model, target, round_id, client_id, device, chunk_size, ret
     from client.model_io import ModelError
 
     try:
-        res = submit(target, round_id, client_id, base, model, device=device, chunk_bytes=_size(chunk_size),
+        res = submit(target, round_id, client_id, base, model, device=device, chunk_bytes=parse_size(chunk_size),
                      retry=Retry(attempts=retries), progress=not quiet)
     except (FederatedError, ModelError, ValueError) as e:
         raise click.ClickException(str(e)) from None
@@ -309,7 +298,7 @@ def fetch_cmd(base, out_dir, target, round_id, client_id, timeout, shard_size, r
     from client.model_io import ModelError
 
     try:
-        res = fetch(target, round_id, client_id, base, out_dir, timeout=timeout, shard_bytes=_size(shard_size),
+        res = fetch(target, round_id, client_id, base, out_dir, timeout=timeout, shard_bytes=parse_size(shard_size),
                     retry=Retry(attempts=retries), progress=not quiet, keep_merged=keep_merged)
     except (FederatedError, ModelError, ValueError, TimeoutError) as e:
         raise click.ClickException(str(e)) from None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Method = Literal["ties", "task_arithmetic", "average", "dare_ties"]
 TrimScope = Literal["global", "tensor"]
@@ -20,6 +20,11 @@ ZeroSign = Literal["majority", "positive"]
 Disjoint = Literal["mean", "sum", "max"]
 WeightSemantics = Literal["mergekit", "peft"]
 ValueDtype = Literal["float32", "float16", "bfloat16"]
+
+
+def validation_message(e: ValidationError) -> str:
+    """One line per bad field, naming it: what the CLI and the coordinator show."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
 
 
 class MergeOptions(BaseModel):
