@@ -116,3 +116,20 @@ def random_family(
             tau = 0.01 * (0.5 * shared + sign * opposite + 0.5 * own)
             m[name] = (b + tau).to(dt)
     return base, tuned
+
+
+def write_family(
+    root: str | Path,
+    n_models: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    base_shards: int = 3,
+    spec: Mapping[str, ShapeSpec] = TOY_SPEC,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], Path, list[Path]]:
+    """`random_family` written to disk: a sharded base (with config and tokenizer
+    files) and fine-tuned folders of 1 or 2 shards. Returns (base, tuned, base_dir, paths)."""
+    root = Path(root)
+    base, tuned = random_family(spec, n_models, seed=seed, dtype=dtype)
+    base_dir = make_model(root / "base", base, shards=base_shards, config={"model_type": "toy", "hidden_size": 16})
+    paths = [make_model(root / f"ft{i}", t, shards=1 + i % 2) for i, t in enumerate(tuned)]
+    return base, tuned, base_dir, paths

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from client.model_io import ModelReader
-from tests.helpers import TOY_SPEC as SPEC, make_model, random_family
+from tests.helpers import make_model, random_family, write_family
 from tests.reference import reference_merge
 from tiesfed.cli import main
 from tiesfed.engine import merge
@@ -25,16 +25,9 @@ def load_folder(path: Path) -> dict[str, torch.Tensor]:
         return {n: r.get(n).clone() for n in r.names}
 
 
-def write_family(root: Path, n_models: int = 3, dtype=torch.float32, seed: int = 0):
-    base, tuned = random_family(SPEC, n_models, seed=seed, dtype=dtype)
-    make_model(root / "base", base, shards=3, config={"model_type": "toy", "hidden_size": 16})
-    paths = [make_model(root / f"ft{i}", t, shards=1 + i % 2) for i, t in enumerate(tuned)]
-    return base, tuned, root / "base", paths
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    return write_family(tmp_path_factory.mktemp("family"))
+    return write_family(tmp_path_factory.mktemp("family"), 3)
 
 
 def assert_close_to_reference(got: dict, want: dict, rel: float = 1e-6):
@@ -109,7 +102,7 @@ def test_per_model_density(family, tmp_path):
 
 
 def test_bf16_family(tmp_path):
-    base, tuned, base_dir, paths = write_family(tmp_path, dtype=torch.bfloat16, seed=1)
+    base, tuned, base_dir, paths = write_family(tmp_path, 3, seed=1, dtype=torch.bfloat16)
     cfg = MergeConfig(base_model=str(base_dir), models=[ModelEntry(model=str(p)) for p in paths])
     merge(cfg, tmp_path / "out", progress=False)
     got = load_folder(tmp_path / "out")

@@ -29,7 +29,7 @@ from protos.codec import SparseTensor
 from protos.tiesfed.v1 import ADMIN_TOKEN_KEY, CLIENT_ID_KEY, MAX_CHUNK_BYTES, channel_options
 from protos.tiesfed.v1 import tiesfed_pb2 as pb
 from protos.tiesfed.v1 import tiesfed_pb2_grpc as pb_grpc
-from tests.helpers import TOY_SPEC as SPEC, make_model, random_family
+from tests.helpers import TOY_SPEC as SPEC, make_model, random_family, write_family
 from tiesfed.cli import main
 from tiesfed.engine import merge
 from tiesfed.federated_merge import federated_merge
@@ -46,10 +46,7 @@ FAST = Retry(attempts=6, backoff_s=0.05, max_backoff_s=0.5)
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """A sharded base and four fine-tuned models (the fourth is a stand-in for replacements)."""
-    root = tmp_path_factory.mktemp("fedfamily")
-    base, tuned = random_family(SPEC, 4, seed=7)
-    base_dir = make_model(root / "base", base, shards=3, config={"model_type": "toy", "hidden_size": 16})
-    paths = [make_model(root / f"ft{i}", t, shards=1 + i % 2) for i, t in enumerate(tuned)]
+    _, _, base_dir, paths = write_family(tmp_path_factory.mktemp("fedfamily"), 4, seed=7)
     with ModelReader(base_dir) as r:
         fp = fingerprint(r)
     return base_dir, paths, fp

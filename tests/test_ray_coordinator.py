@@ -49,7 +49,7 @@ from coordinator.server import CoordinatorConfig, CoordinatorServer  # noqa: E40
 from protos.tiesfed.v1 import CLIENT_ID_KEY, channel_options  # noqa: E402
 from protos.tiesfed.v1 import tiesfed_pb2 as pb  # noqa: E402
 from protos.tiesfed.v1 import tiesfed_pb2_grpc as pb_grpc  # noqa: E402
-from tests.helpers import make_model, random_family  # noqa: E402
+from tests.helpers import write_family  # noqa: E402
 from tiesfed.engine import merge  # noqa: E402
 from tiesfed.federated_merge import federated_merge  # noqa: E402
 from tiesfed.options import MergeConfig, MergeOptions, ModelEntry  # noqa: E402
@@ -100,10 +100,8 @@ def cluster():
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """A sharded base and three fine-tuned models with conflicting task vectors."""
-    root = tmp_path_factory.mktemp("rayfamily")
-    base, tuned = random_family(SPEC, 3, seed=11)
-    base_dir = make_model(root / "base", base, shards=2, config={"model_type": "toy", "hidden_size": 32})
-    paths = [make_model(root / f"ft{i}", t, shards=1 + i % 2) for i, t in enumerate(tuned)]
+    _, _, base_dir, paths = write_family(tmp_path_factory.mktemp("rayfamily"), 3, seed=11, base_shards=2,
+                                         spec=SPEC)
     return base_dir, paths
 
 
