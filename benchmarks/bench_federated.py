@@ -33,11 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import llama_shapes, write_family  # noqa: E402
-from client.contribution import mergeable  # noqa: E402
-from client.federated import fetch, submit  # noqa: E402
-from client.model_io import DTYPE_TO_ST, ModelReader, fingerprint  # noqa: E402
+from tiesfed.client.federated import fetch, submit  # noqa: E402
+from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry  # noqa: E402
 from tiesfed.engine import merge  # noqa: E402
-from tiesfed.options import MergeConfig, MergeOptions, ModelEntry  # noqa: E402
+from tiesfed.io.model_io import (  # noqa: E402
+    DTYPE_TO_ST,
+    ModelReader,
+    fingerprint,
+    mergeable,  # noqa: E402
+)
 
 
 def identical(a: Path, b: Path) -> bool:

@@ -59,7 +59,7 @@ TIESFED = r"""
 import torch
 torch.set_num_threads({threads})
 from tiesfed.engine import merge
-from tiesfed.options import MergeConfig, MergeOptions, ModelEntry
+from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
 cfg = MergeConfig(base_model={base!r}, models=[ModelEntry(model=p) for p in {fts!r}],
                   options=MergeOptions(k={k}, lam={lam}))
 rep = merge(cfg, {out!r}, progress=False, overwrite=True)
@@ -68,7 +68,7 @@ RESULT = {{"upload_bits_per_param": rep.upload_bits_per_param}}
 
 
 def max_diff(a: Path, b: Path) -> float:
-    from client.model_io import ModelReader
+    from tiesfed.io.model_io import ModelReader
 
     worst = 0.0
     with ModelReader(a) as ra, ModelReader(b) as rb:
@@ -78,10 +78,10 @@ def max_diff(a: Path, b: Path) -> float:
 
 
 def codec_table(base: Path, ft: Path) -> list[tuple]:
-    from client.contribution import iter_contribution
-    from client.model_io import ModelReader
-    from client.trim import TrimSpec
-    from protos.codec import StreamWriter
+    from tiesfed.client.contribution import iter_contribution
+    from tiesfed.core.trim import TrimSpec
+    from tiesfed.io.model_io import ModelReader
+    from tiesfed.protos.codec import StreamWriter
 
     rows = []
     with ModelReader(base) as rb, ModelReader(ft) as rf:

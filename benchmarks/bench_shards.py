@@ -33,9 +33,9 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from coordinator.accumulators import FinalizeSpec  # noqa: E402
-from coordinator.aggregator import Aggregator  # noqa: E402
-from coordinator.ray_shards import ShardedAggregator, to_wire  # noqa: E402
+from tiesfed.coordinator.aggregator import Aggregator  # noqa: E402
+from tiesfed.coordinator.ray_shards import ShardedAggregator, to_wire  # noqa: E402
+from tiesfed.core.accumulators import FinalizeSpec  # noqa: E402
 
 
 def make_manifest(params: int, layers: int) -> list[tuple[str, int]]:

@@ -31,7 +31,7 @@ def llama_shapes(vocab: int, hidden: int, inter: int, layers: int) -> dict[str, 
 def write_family(root: Path, n_models: int, dtype: torch.dtype, shapes: dict[str, tuple[int, ...]],
                  shard_bytes: int = 200 * 2**20, seed: int = 0) -> tuple[Path, list[Path]]:
     """Base + fine-tuned models written tensor by tensor (never a whole model in memory)."""
-    from client.model_io import ShardedWriter
+    from tiesfed.io.model_io import ShardedWriter
 
     marker = root / "family.json"
     want = {"n": n_models, "dtype": str(dtype), "shapes": {k: list(v) for k, v in shapes.items()}, "seed": seed}

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from client.trim import dare_seed
+from tiesfed.core.trim import dare_seed
 
 FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coordinator.accumulators import (
+from tiesfed.core.accumulators import (
     FinalizeSpec,
     combine,
     elect,

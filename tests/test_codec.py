@@ -1,4 +1,4 @@
-"""Tests for protos.codec: round trips, size target, streams, malformed inputs."""
+"""Tests for tiesfed.protos.codec: round trips, size target, streams, malformed inputs."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protos import codec
-from protos.codec import (
+from tiesfed.protos import codec
+from tiesfed.protos.codec import (
     DEFAULT_LIMITS,
     CodecError,
     End,

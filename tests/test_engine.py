@@ -11,13 +11,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from client.model_io import ModelReader
 from tests.helpers import make_model, random_family, write_family
 from tests.reference import reference_merge
 from tiesfed.cli import main
+from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
 from tiesfed.engine import merge
-from tiesfed.options import MergeConfig, MergeOptions, ModelEntry
-
+from tiesfed.io.model_io import ModelReader
 
 
 def load_folder(path: Path) -> dict[str, torch.Tensor]:

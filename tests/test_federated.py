@@ -9,7 +9,6 @@ still produces the local engine's model bit for bit.
 from __future__ import annotations
 
 import ast
-
 import io
 import json
 import time
@@ -20,21 +19,42 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from client.contribution import contribution_header, iter_contribution, write_contribution
-from client.federated import Connection, FederatedError, Retry, download, fetch, submit
-from client.model_io import ModelReader, fingerprint
-from coordinator.rounds import ParticipantConfig, RoundConfig, nnz_budget
-from coordinator.server import CoordinatorConfig, CoordinatorServer, load_coordinator_config
-from protos.codec import SparseTensor
-from protos.tiesfed.v1 import ADMIN_TOKEN_KEY, CLIENT_ID_KEY, MAX_CHUNK_BYTES, channel_options
-from protos.tiesfed.v1 import tiesfed_pb2 as pb
-from protos.tiesfed.v1 import tiesfed_pb2_grpc as pb_grpc
-from tests.helpers import TOY_SPEC as SPEC, make_model, random_family, write_family
+from tests.helpers import TOY_SPEC as SPEC
+from tests.helpers import make_model, random_family, write_family
 from tiesfed.cli import main
+from tiesfed.client.contribution import (
+    contribution_header,
+    iter_contribution,
+    write_contribution,
+)
+from tiesfed.client.federated import (
+    Connection,
+    FederatedError,
+    Retry,
+    download,
+    fetch,
+    submit,
+)
+from tiesfed.coordinator.rounds import ParticipantConfig, RoundConfig, nnz_budget
+from tiesfed.coordinator.server import (
+    CoordinatorConfig,
+    CoordinatorServer,
+    load_coordinator_config,
+)
+from tiesfed.core.methods import get_method
+from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
 from tiesfed.engine import merge
 from tiesfed.federated_merge import federated_merge
-from tiesfed.methods import get_method
-from tiesfed.options import MergeConfig, MergeOptions, ModelEntry
+from tiesfed.io.model_io import ModelReader, fingerprint
+from tiesfed.protos.codec import SparseTensor
+from tiesfed.protos.v1 import (
+    ADMIN_TOKEN_KEY,
+    CLIENT_ID_KEY,
+    MAX_CHUNK_BYTES,
+    channel_options,
+)
+from tiesfed.protos.v1 import tiesfed_pb2 as pb
+from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
 
 CLIENTS = ["org-a", "org-b", "org-c"]
 FAST = Retry(attempts=6, backoff_s=0.05, max_backoff_s=0.5)
@@ -577,7 +597,7 @@ def test_committed_stubs_are_current(tmp_path):
     from importlib.metadata import version
 
     pytest.importorskip("grpc_tools")
-    from protos.generate import GENERATED, ROOT, generate
+    from tiesfed.protos.generate import GENERATED, ROOT, generate
 
     fresh = generate(tmp_path)
     committed = [ROOT / g for g in GENERATED]
@@ -591,19 +611,19 @@ def test_committed_stubs_are_current(tmp_path):
         fd = descriptor_pb2.FileDescriptorProto.FromString(blob)
         return fd.SerializeToString(deterministic=True)
 
-    assert descriptor(fresh[0]) == descriptor(committed[0]), "stubs are stale: run python protos/generate.py"
+    assert descriptor(fresh[0]) == descriptor(committed[0]), "stubs are stale: run python -m tiesfed.protos.generate"
     made_by = committed[2].read_text().split("GRPC_GENERATED_VERSION = '")[1].split("'")[0]
     if version("grpcio-tools") != made_by:
         pytest.skip(f"byte comparison needs grpcio-tools {made_by} (installed: {version('grpcio-tools')})")
     for f, c in zip(fresh, committed):
-        assert f.read_bytes() == c.read_bytes(), f"{c.name} is stale: run python protos/generate.py"
+        assert f.read_bytes() == c.read_bytes(), f"{c.name} is stale: run python -m tiesfed.protos.generate"
 
 
 def test_replay_reproduces_the_aggregator(family, tmp_path):
     """What a sharded aggregator re-folds after losing a shard: `Round.replay()`
     (committed contributions and the folded part of live uploads) rebuilds the
     accumulators bit for bit."""
-    from coordinator.aggregator import Aggregator
+    from tiesfed.coordinator.aggregator import Aggregator
 
     given = {}
 
@@ -658,7 +678,7 @@ def test_stalled_stream_is_cancelled_and_resumable(family, tmp_path, coordinator
 def test_model_written_by_the_coordinator_when_the_parallel_write_fails(family, tmp_path, coordinator):
     """A sharded aggregator writes the model in its actors; where that fails (say the base
     is not on a shared filesystem) the coordinator writes it itself, same bits."""
-    from coordinator.aggregator import Aggregator
+    from tiesfed.coordinator.aggregator import Aggregator
 
     calls = []
 

@@ -1,4 +1,4 @@
-"""client.model_io: readers, compatibility, fingerprints, the streaming writer."""
+"""tiesfed.io.model_io: readers, compatibility, fingerprints, the streaming writer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from client.model_io import (
+from tests.helpers import make_model, random_family
+from tiesfed.io.model_io import (
     INDEX_FILE,
     ModelError,
     ModelReader,
@@ -19,8 +20,6 @@ from client.model_io import (
     copy_side_files,
     fingerprint,
 )
-
-from tests.helpers import make_model, random_family
 
 
 def toy_tensors() -> dict[str, torch.Tensor]:

@@ -39,20 +39,20 @@ ray = pytest.importorskip("ray")
 import ray._private.state as ray_state  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from client.federated import Retry, fetch, submit  # noqa: E402
-from client.model_io import ModelReader  # noqa: E402
-from coordinator import ray_factory  # noqa: E402
-from coordinator.ray_factory import RayAggregatorFactory  # noqa: E402
-from coordinator.ray_shards import ShardActorLocal, ShardedAggregator  # noqa: E402
-from coordinator.rounds import ParticipantConfig, RoundConfig  # noqa: E402
-from coordinator.server import CoordinatorConfig, CoordinatorServer  # noqa: E402
-from protos.tiesfed.v1 import CLIENT_ID_KEY, channel_options  # noqa: E402
-from protos.tiesfed.v1 import tiesfed_pb2 as pb  # noqa: E402
-from protos.tiesfed.v1 import tiesfed_pb2_grpc as pb_grpc  # noqa: E402
 from tests.helpers import write_family  # noqa: E402
+from tiesfed.client.federated import Retry, fetch, submit  # noqa: E402
+from tiesfed.coordinator import ray_factory  # noqa: E402
+from tiesfed.coordinator.ray_factory import RayAggregatorFactory  # noqa: E402
+from tiesfed.coordinator.ray_shards import ShardActorLocal, ShardedAggregator  # noqa: E402
+from tiesfed.coordinator.rounds import ParticipantConfig, RoundConfig  # noqa: E402
+from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer  # noqa: E402
+from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry  # noqa: E402
 from tiesfed.engine import merge  # noqa: E402
 from tiesfed.federated_merge import federated_merge  # noqa: E402
-from tiesfed.options import MergeConfig, MergeOptions, ModelEntry  # noqa: E402
+from tiesfed.io.model_io import ModelReader  # noqa: E402
+from tiesfed.protos.v1 import CLIENT_ID_KEY, channel_options  # noqa: E402
+from tiesfed.protos.v1 import tiesfed_pb2 as pb  # noqa: E402
+from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = {
@@ -157,7 +157,7 @@ def wait_dead(actor_ids, timeout: float = 30.0) -> None:
 
 
 class Coordinators:
-    """`tiesfed coordinator serve` subprocesses, each in its own process group."""
+    """`coordinator serve` subprocesses, each in its own process group."""
 
     def __init__(self, tmp_path: Path):
         self.tmp_path = tmp_path

@@ -11,10 +11,14 @@ import torch
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from coordinator.accumulators import FinalizeSpec  # noqa: E402
-from coordinator.aggregator import Aggregator  # noqa: E402
-from coordinator.ray_shards import ShardActorLocal, ShardedAggregator, ShardLostError  # noqa: E402
-from coordinator.shard_plan import plan_shards  # noqa: E402
+from tiesfed.coordinator.aggregator import Aggregator  # noqa: E402
+from tiesfed.coordinator.ray_shards import (  # noqa: E402
+    ShardActorLocal,
+    ShardedAggregator,
+    ShardLostError,
+)
+from tiesfed.coordinator.shard_plan import plan_shards  # noqa: E402
+from tiesfed.core.accumulators import FinalizeSpec  # noqa: E402
 
 # awkward on purpose: tiny tensors, an empty one, one bigger than the rest together
 MANIFEST = [("emb", 3000), ("ln.w", 17), ("empty", 0), ("attn.q", 640), ("bias", 1), ("head", 5000)]

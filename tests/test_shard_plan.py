@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from coordinator.shard_plan import Piece, ShardPlan, num_shards_for, plan_shards
+from tiesfed.coordinator.shard_plan import Piece, ShardPlan, num_shards_for, plan_shards
 
 
 def check_invariants(manifest, plan: ShardPlan) -> None:

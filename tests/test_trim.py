@@ -5,7 +5,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.trim import GlobalThreshold, keep_count, trim_dare, trim_tensor_exact, trim_threshold
+from tiesfed.core.trim import (
+    GlobalThreshold,
+    keep_count,
+    trim_dare,
+    trim_tensor_exact,
+    trim_threshold,
+)
 
 
 def _pieces(seed: int, sizes: list[int], ties: bool) -> list[torch.Tensor]:

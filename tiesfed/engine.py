@@ -24,17 +24,14 @@ from typing import BinaryIO, Optional
 import torch
 from tqdm.auto import tqdm
 
-from client.apply import apply_sparse, dense_to_sparse
-from client.contribution import (
+from tiesfed.client.contribution import (
     VALUE_DTYPES,
     TrimStats,
     contribution_header,
     iter_contribution,
-    mergeable,
     write_contribution,
 )
-from client.model_io import ModelReader, ShardedWriter, check_compatible, copy_side_files
-from coordinator.accumulators import (
+from tiesfed.core.accumulators import (
     FinalizeSpec,
     conflict_counts,
     elect,
@@ -45,12 +42,19 @@ from coordinator.accumulators import (
     sign_balance,
     tie_mask,
 )
-from protos.codec import index_stream, read_record_at
-from tiesfed.methods import get_method
-from tiesfed.options import MergeConfig
+from tiesfed.core.apply import apply_sparse, dense_to_sparse
+from tiesfed.core.methods import get_method
+from tiesfed.core.options import MergeConfig
+from tiesfed.io.model_io import (
+    DEFAULT_SHARD_BYTES,
+    ModelReader,
+    ShardedWriter,
+    check_compatible,
+    copy_side_files,
+    mergeable,
+)
+from tiesfed.protos.codec import index_stream, read_record_at
 from tiesfed.report import MergeReport, ModelReport
-
-DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 `federated_merge(config, out_dir)` starts a coordinator on 127.0.0.1 (a free
 port) with its spool in a temporary folder, runs one client per fine-tuned
-model in its own thread (`client.federated.submit`), fetches the merged model
-into `out_dir` (`client.federated.fetch`), and stops everything. The result is
+model in its own thread (`tiesfed.client.federated.submit`), fetches the merged model
+into `out_dir` (`tiesfed.client.federated.fetch`), and stops everything. The result is
 the same model `tiesfed.engine.merge` writes for the same config, bit for bit.
 The demo and the tests use it; a real deployment runs the same pieces as
 `tiesfed coordinator serve` and `tiesfed client submit|fetch` on separate machines.
@@ -18,14 +18,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from client.contribution import mergeable
-from client.federated import DEFAULT_CHUNK_BYTES, FetchResult, Retry, SubmitResult, fetch, submit
-from client.model_io import DTYPE_TO_ST, ModelReader, fingerprint
-from coordinator.rounds import AggregatorFactory, ParticipantConfig, RoundConfig, TensorEntry
-from coordinator.server import CoordinatorConfig, CoordinatorServer
-from tiesfed.options import MergeConfig
-
-DEFAULT_SHARD_BYTES = 5 * 2**30
+from tiesfed.client.federated import (
+    DEFAULT_CHUNK_BYTES,
+    FetchResult,
+    Retry,
+    SubmitResult,
+    fetch,
+    submit,
+)
+from tiesfed.coordinator.rounds import (
+    AggregatorFactory,
+    ParticipantConfig,
+    RoundConfig,
+    TensorEntry,
+)
+from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
+from tiesfed.core.options import MergeConfig
+from tiesfed.io.model_io import (
+    DEFAULT_SHARD_BYTES,
+    DTYPE_TO_ST,
+    ModelReader,
+    fingerprint,
+    mergeable,
+)
 
 
 @dataclass
@@ -82,7 +97,7 @@ def federated_merge(
 
     The coordinator shards over Ray actors (a local Ray) unless `aggregator` is
     "local" or an `aggregator_factory` is given (e.g. one Ray session shared by
-    many rounds, see tiesfed.demo_merge)."""
+    many rounds, see tiesfed.demo.merge)."""
     started = time.perf_counter()
     opts = config.options
     with ModelReader(config.base_model) as base:

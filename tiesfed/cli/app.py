@@ -10,8 +10,9 @@ from typing import Optional
 import click
 from pydantic import ValidationError
 
-from tiesfed.cli_common import parse_size, parse_weights
-from tiesfed.options import MergeConfig, MergeOptions, ModelEntry, load_config, validation_message
+from tiesfed.cli.common import parse_size, parse_weights
+from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry, validation_message
+from tiesfed.io.merge_config import load_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,8 +90,8 @@ def demo(local: bool, no_ray: bool, cache: Optional[str], seed: int) -> None:
     By default every merge is a real federated round: a coordinator sharded
     over a local Ray and one client per task, over gRPC on loopback.
     """
-    from tiesfed.demo import run_demo
-    from tiesfed.demo_merge import FederatedDemo, local_merge_fn
+    from tiesfed.demo.zoo import run_demo
+    from tiesfed.demo.merge import FederatedDemo, local_merge_fn
 
     if local:
         run_demo(local_merge_fn, Path(cache) if cache else None, seed, progress=True)
@@ -103,7 +104,7 @@ def demo(local: bool, no_ray: bool, cache: Optional[str], seed: int) -> None:
     click.echo(fed.summary())
 
 
-from tiesfed.cli_federated import register  # noqa: E402  (the federated groups join the same CLI)
+from tiesfed.cli.federated import register  # noqa: E402  (the federated groups join the same CLI)
 
 register(main)
 

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Protocol
 
 import torch
 
-from coordinator.accumulators import (
+from tiesfed.core.accumulators import (
     Accumulator,
     FinalizeSpec,
     elect,

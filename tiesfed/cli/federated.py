@@ -18,8 +18,8 @@ import click
 import yaml
 from pydantic import ValidationError
 
-from tiesfed.cli_common import parse_size, parse_weights
-from tiesfed.options import validation_message
+from tiesfed.cli.common import parse_size, parse_weights
+from tiesfed.core.options import validation_message
 
 TARGET = click.option(
     "--target", envvar="TIESFED_COORDINATOR", required=True, help="coordinator host:port (env TIESFED_COORDINATOR)"
@@ -108,8 +108,9 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, admin_token, m
           round_configs, round_id, clients, weights, quorum, deadline, late_policy, replace_policy, options,
           aggregator, ray_address, num_shards, num_gpus_per_actor, port_file, exit_when_done, verbose) -> None:
     """Serve federated rounds over gRPC until interrupted."""
-    from coordinator.rounds import RoundConfig, RoundError
-    from coordinator.server import CoordinatorConfig, load_coordinator_config, serve as run
+    from tiesfed.coordinator.rounds import RoundConfig, RoundError
+    from tiesfed.coordinator.server import CoordinatorConfig, load_coordinator_config
+    from tiesfed.coordinator.server import serve as run
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
     try:
@@ -146,8 +147,8 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, admin_token, m
 def _admin_connection(target: str, admin_token: Optional[str]):
     import grpc
 
-    from protos.tiesfed.v1 import ADMIN_TOKEN_KEY, channel_options
-    from protos.tiesfed.v1 import tiesfed_pb2_grpc as pb_grpc
+    from tiesfed.protos.v1 import ADMIN_TOKEN_KEY, channel_options
+    from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
 
     channel = grpc.insecure_channel(target, options=channel_options())
     md = ((ADMIN_TOKEN_KEY, admin_token),) if admin_token else ()
@@ -155,7 +156,7 @@ def _admin_connection(target: str, admin_token: Optional[str]):
 
 
 def _status_text(st) -> str:
-    from protos.tiesfed.v1 import tiesfed_pb2 as pb
+    from tiesfed.protos.v1 import tiesfed_pb2 as pb
 
     state = pb.RoundState.Name(st.state).removeprefix("ROUND_STATE_").lower()
     lines = [f"round {st.round_id}: {state}, {len(st.committed_clients)}/{st.expected} committed "
@@ -178,9 +179,9 @@ def open_round(target, admin_token, round_config, round_id, clients, weights, qu
     """Open a round on a running coordinator (its base gives manifest and fingerprint)."""
     import grpc
 
-    from coordinator.rounds import RoundConfig
-    from protos.tiesfed.v1 import tiesfed_pb2 as pb
-    from coordinator.service import LATE, REPLACE
+    from tiesfed.coordinator.rounds import RoundConfig
+    from tiesfed.coordinator.service import LATE, REPLACE
+    from tiesfed.protos.v1 import tiesfed_pb2 as pb
 
     try:
         if round_config:
@@ -225,7 +226,7 @@ def close_round(target, round_id, admin_token, abort) -> None:
     """Finalize a round now (its quorum must be met), or abort it."""
     import grpc
 
-    from protos.tiesfed.v1 import tiesfed_pb2 as pb
+    from tiesfed.protos.v1 import tiesfed_pb2 as pb
 
     channel, stub, md = _admin_connection(target, admin_token)
     with channel:
@@ -257,8 +258,8 @@ def client() -> None:
 @QUIET
 def submit_cmd(base, model, target, round_id, client_id, device, chunk_size, retries, as_json, quiet) -> None:
     """Trim MODEL's task vector against BASE and upload it to the round."""
-    from client.federated import FederatedError, Retry, submit
-    from client.model_io import ModelError
+    from tiesfed.client.federated import FederatedError, Retry, submit
+    from tiesfed.io.model_io import ModelError
 
     try:
         res = submit(target, round_id, client_id, base, model, device=device, chunk_bytes=parse_size(chunk_size),
@@ -294,8 +295,8 @@ def submit_cmd(base, model, target, round_id, client_id, device, chunk_size, ret
 @QUIET
 def fetch_cmd(base, out_dir, target, round_id, client_id, timeout, shard_size, retries, keep_merged, quiet) -> None:
     """Wait for the round, download the merged task vector and apply it to BASE."""
-    from client.federated import FederatedError, Retry, fetch
-    from client.model_io import ModelError
+    from tiesfed.client.federated import FederatedError, Retry, fetch
+    from tiesfed.io.model_io import ModelError
 
     try:
         res = fetch(target, round_id, client_id, base, out_dir, timeout=timeout, shard_bytes=parse_size(shard_size),

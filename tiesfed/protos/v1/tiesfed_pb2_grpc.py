@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.tiesfed.v1 import tiesfed_pb2 as protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2
+from tiesfed.protos.v1 import tiesfed_pb2 as tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/tiesfed/v1/tiesfed_pb2_grpc.py depends on'
+        + ' but the generated code in tiesfed/protos/v1/tiesfed_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,48 +36,48 @@ class CoordinatorStub:
         """
         self.OpenRound = channel.unary_unary(
                 '/tiesfed.v1.Coordinator/OpenRound',
-                request_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.OpenRoundRequest.SerializeToString,
-                response_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundSpec.FromString,
+                request_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.OpenRoundRequest.SerializeToString,
+                response_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundSpec.FromString,
                 _registered_method=True)
         self.CloseRound = channel.unary_unary(
                 '/tiesfed.v1.Coordinator/CloseRound',
-                request_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.CloseRoundRequest.SerializeToString,
-                response_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundStatus.FromString,
+                request_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.CloseRoundRequest.SerializeToString,
+                response_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundStatus.FromString,
                 _registered_method=True)
         self.GetRoundSpec = channel.unary_unary(
                 '/tiesfed.v1.Coordinator/GetRoundSpec',
-                request_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.GetRoundSpecRequest.SerializeToString,
-                response_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundSpec.FromString,
+                request_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.GetRoundSpecRequest.SerializeToString,
+                response_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundSpec.FromString,
                 _registered_method=True)
         self.GetRoundStatus = channel.unary_unary(
                 '/tiesfed.v1.Coordinator/GetRoundStatus',
-                request_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.GetRoundStatusRequest.SerializeToString,
-                response_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundStatus.FromString,
+                request_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.GetRoundStatusRequest.SerializeToString,
+                response_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundStatus.FromString,
                 _registered_method=True)
         self.Upload = channel.stream_unary(
                 '/tiesfed.v1.Coordinator/Upload',
-                request_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.UploadChunk.SerializeToString,
-                response_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.UploadReceipt.FromString,
+                request_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.UploadChunk.SerializeToString,
+                response_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.UploadReceipt.FromString,
                 _registered_method=True)
         self.UploadStatus = channel.unary_unary(
                 '/tiesfed.v1.Coordinator/UploadStatus',
-                request_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.UploadStatusRequest.SerializeToString,
-                response_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.UploadStatusReply.FromString,
+                request_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.UploadStatusRequest.SerializeToString,
+                response_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.UploadStatusReply.FromString,
                 _registered_method=True)
         self.ReserveUpload = channel.unary_unary(
                 '/tiesfed.v1.Coordinator/ReserveUpload',
-                request_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.ReserveUploadRequest.SerializeToString,
-                response_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.ReserveUploadReply.FromString,
+                request_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.ReserveUploadRequest.SerializeToString,
+                response_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.ReserveUploadReply.FromString,
                 _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/tiesfed.v1.Coordinator/Watch',
-                request_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.WatchRequest.SerializeToString,
-                response_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundEvent.FromString,
+                request_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.WatchRequest.SerializeToString,
+                response_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundEvent.FromString,
                 _registered_method=True)
         self.Download = channel.unary_stream(
                 '/tiesfed.v1.Coordinator/Download',
-                request_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.DownloadRequest.SerializeToString,
-                response_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.DownloadChunk.FromString,
+                request_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.DownloadRequest.SerializeToString,
+                response_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.DownloadChunk.FromString,
                 _registered_method=True)
 
 
@@ -162,48 +162,48 @@ def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'OpenRound': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenRound,
-                    request_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.OpenRoundRequest.FromString,
-                    response_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundSpec.SerializeToString,
+                    request_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.OpenRoundRequest.FromString,
+                    response_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundSpec.SerializeToString,
             ),
             'CloseRound': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseRound,
-                    request_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.CloseRoundRequest.FromString,
-                    response_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundStatus.SerializeToString,
+                    request_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.CloseRoundRequest.FromString,
+                    response_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundStatus.SerializeToString,
             ),
             'GetRoundSpec': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRoundSpec,
-                    request_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.GetRoundSpecRequest.FromString,
-                    response_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundSpec.SerializeToString,
+                    request_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.GetRoundSpecRequest.FromString,
+                    response_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundSpec.SerializeToString,
             ),
             'GetRoundStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRoundStatus,
-                    request_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.GetRoundStatusRequest.FromString,
-                    response_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundStatus.SerializeToString,
+                    request_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.GetRoundStatusRequest.FromString,
+                    response_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundStatus.SerializeToString,
             ),
             'Upload': grpc.stream_unary_rpc_method_handler(
                     servicer.Upload,
-                    request_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.UploadChunk.FromString,
-                    response_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.UploadReceipt.SerializeToString,
+                    request_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.UploadChunk.FromString,
+                    response_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.UploadReceipt.SerializeToString,
             ),
             'UploadStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.UploadStatus,
-                    request_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.UploadStatusRequest.FromString,
-                    response_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.UploadStatusReply.SerializeToString,
+                    request_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.UploadStatusRequest.FromString,
+                    response_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.UploadStatusReply.SerializeToString,
             ),
             'ReserveUpload': grpc.unary_unary_rpc_method_handler(
                     servicer.ReserveUpload,
-                    request_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.ReserveUploadRequest.FromString,
-                    response_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.ReserveUploadReply.SerializeToString,
+                    request_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.ReserveUploadRequest.FromString,
+                    response_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.ReserveUploadReply.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
-                    request_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.WatchRequest.FromString,
-                    response_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundEvent.SerializeToString,
+                    request_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.WatchRequest.FromString,
+                    response_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundEvent.SerializeToString,
             ),
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
-                    request_deserializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.DownloadRequest.FromString,
-                    response_serializer=protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.DownloadChunk.SerializeToString,
+                    request_deserializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.DownloadRequest.FromString,
+                    response_serializer=tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.DownloadChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,8 +231,8 @@ class Coordinator:
             request,
             target,
             '/tiesfed.v1.Coordinator/OpenRound',
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.OpenRoundRequest.SerializeToString,
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundSpec.FromString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.OpenRoundRequest.SerializeToString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundSpec.FromString,
             options,
             channel_credentials,
             insecure,
@@ -258,8 +258,8 @@ class Coordinator:
             request,
             target,
             '/tiesfed.v1.Coordinator/CloseRound',
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.CloseRoundRequest.SerializeToString,
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundStatus.FromString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.CloseRoundRequest.SerializeToString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -285,8 +285,8 @@ class Coordinator:
             request,
             target,
             '/tiesfed.v1.Coordinator/GetRoundSpec',
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.GetRoundSpecRequest.SerializeToString,
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundSpec.FromString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.GetRoundSpecRequest.SerializeToString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundSpec.FromString,
             options,
             channel_credentials,
             insecure,
@@ -312,8 +312,8 @@ class Coordinator:
             request,
             target,
             '/tiesfed.v1.Coordinator/GetRoundStatus',
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.GetRoundStatusRequest.SerializeToString,
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundStatus.FromString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.GetRoundStatusRequest.SerializeToString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -339,8 +339,8 @@ class Coordinator:
             request_iterator,
             target,
             '/tiesfed.v1.Coordinator/Upload',
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.UploadChunk.SerializeToString,
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.UploadReceipt.FromString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.UploadChunk.SerializeToString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.UploadReceipt.FromString,
             options,
             channel_credentials,
             insecure,
@@ -366,8 +366,8 @@ class Coordinator:
             request,
             target,
             '/tiesfed.v1.Coordinator/UploadStatus',
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.UploadStatusRequest.SerializeToString,
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.UploadStatusReply.FromString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.UploadStatusRequest.SerializeToString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.UploadStatusReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -393,8 +393,8 @@ class Coordinator:
             request,
             target,
             '/tiesfed.v1.Coordinator/ReserveUpload',
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.ReserveUploadRequest.SerializeToString,
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.ReserveUploadReply.FromString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.ReserveUploadRequest.SerializeToString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.ReserveUploadReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -420,8 +420,8 @@ class Coordinator:
             request,
             target,
             '/tiesfed.v1.Coordinator/Watch',
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.WatchRequest.SerializeToString,
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.RoundEvent.FromString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.WatchRequest.SerializeToString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.RoundEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -447,8 +447,8 @@ class Coordinator:
             request,
             target,
             '/tiesfed.v1.Coordinator/Download',
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.DownloadRequest.SerializeToString,
-            protos_dot_tiesfed_dot_v1_dot_tiesfed__pb2.DownloadChunk.FromString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.DownloadRequest.SerializeToString,
+            tiesfed_dot_protos_dot_v1_dot_tiesfed__pb2.DownloadChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,12 +1,12 @@
 """Run a coordinator: configuration (YAML, validated by pydantic) and the gRPC server.
 
-    from coordinator.server import CoordinatorConfig, CoordinatorServer
+    from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
     with CoordinatorServer(CoordinatorConfig(spool_dir=tmp, listen="127.0.0.1:0")) as srv:
         print(srv.target)            # "127.0.0.1:<port>"
         srv.manager.open_round(...)  # or rounds: [...] in the config
 
 A YAML file has the fields of `CoordinatorConfig`; each entry of `rounds`
-those of `coordinator.rounds.RoundConfig` (opened at start unless the spool
+those of `tiesfed.coordinator.rounds.RoundConfig` (opened at start unless the spool
 already holds a round of that id, which is then recovered instead).
 """
 
@@ -26,15 +26,15 @@ import grpc
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator.rounds import (
-    DEFAULT_SHARD_BYTES,
+from tiesfed.coordinator.rounds import (
     AggregatorFactory,
     RoundConfig,
     RoundManager,
 )
-from coordinator.service import CoordinatorService
-from protos.tiesfed.v1 import MAX_CHUNK_BYTES, server_options
-from protos.tiesfed.v1 import tiesfed_pb2_grpc as pb_grpc
+from tiesfed.coordinator.service import CoordinatorService
+from tiesfed.io.model_io import DEFAULT_SHARD_BYTES
+from tiesfed.protos.v1 import MAX_CHUNK_BYTES, server_options
+from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tiesfed.coordinator")
 
@@ -102,7 +102,7 @@ class CoordinatorServer:
         self.config = config
         self.ray_factory = None
         if aggregator_factory is None and config.aggregator == "ray":
-            from coordinator.ray_factory import RayAggregatorFactory
+            from tiesfed.coordinator.ray_factory import RayAggregatorFactory
 
             self.ray_factory = aggregator_factory = RayAggregatorFactory(
                 ray_address=config.ray_address,

@@ -2,7 +2,7 @@
 
 A `Round` owns one merge: its configuration (options, participants and
 weights, quorum, deadline, policies), its durable spool, its aggregator, its
-upload sessions and its event log. The gRPC service (`coordinator.service`)
+upload sessions and its event log. The gRPC service (`tiesfed.coordinator.service`)
 only translates calls and errors; everything that must survive a restart or
 be tested without a network lives here.
 
@@ -15,7 +15,7 @@ round folds on arrival, folded into the aggregator at once. Memory per
 session is one record; the number of sessions receiving at once is bounded by
 the manager's upload slots, so coordinator memory is flat in the number of
 clients. At the codec's end marker the contribution is complete: fsync,
-checksum, atomic rename, pointer (see `coordinator.spool`).
+checksum, atomic rename, pointer (see `tiesfed.coordinator.spool`).
 
 A rejected upload (or one abandoned and expired) is withdrawn: its folded
 records are read back from the partial file and un-folded. `unfold` is exact
@@ -48,11 +48,15 @@ from typing import Callable, Iterator, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from client.trim import TrimSpec
-from coordinator.accumulators import FinalizeSpec, majority_sign
-from coordinator.aggregator import Aggregator, AggregatorLike
-from coordinator.spool import Committed, RoundSpool, check_id, fsync_dir, iter_round_dirs, sha256_file
-from protos.codec import (
+from tiesfed.coordinator.aggregator import Aggregator, AggregatorLike
+from tiesfed.coordinator.spool import Committed, RoundSpool, check_id, iter_round_dirs
+from tiesfed.core.accumulators import FinalizeSpec, majority_sign
+from tiesfed.core.methods import get_method
+from tiesfed.core.options import MergeOptions
+from tiesfed.core.trim import TrimSpec
+from tiesfed.io.files import fsync_dir, sha256_file
+from tiesfed.io.model_io import DEFAULT_SHARD_BYTES, mergeable
+from tiesfed.protos.codec import (
     CodecError,
     End,
     Header,
@@ -64,9 +68,7 @@ from protos.codec import (
     read_record_at,
     read_stream,
 )
-from protos.tiesfed.v1 import MAX_CHUNK_BYTES
-from tiesfed.methods import get_method
-from tiesfed.options import MergeOptions
+from tiesfed.protos.v1 import MAX_CHUNK_BYTES
 
 log = logging.getLogger("tiesfed.coordinator")
 
@@ -80,7 +82,6 @@ State = Literal["open", "finalizing", "finalized", "failed"]
 #: products make the sums inexact: the fold order must not depend on arrival order).
 FoldMode = Literal["arrival", "commit", "final"]
 
-DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
 def default_aggregator_factory(manifest: list[tuple[str, int]], spec: FinalizeSpec) -> AggregatorLike:
@@ -928,7 +929,7 @@ class Round:
 
     def _write_merged(self, agg: AggregatorLike, contributors: list[str]) -> Merged:
         """sign_balance all-reduce -> finalize -> the merged task vector as a codec stream."""
-        from client.apply import dense_to_sparse
+        from tiesfed.core.apply import dense_to_sparse
 
         opts = self.config.options
         majority = majority_sign(agg.sign_balance()) if self.spec.combine == "disjoint" else 0
@@ -961,8 +962,8 @@ class Round:
     def _write_model(self, merged_path: Path) -> None:
         """The full merged model: by the shard actors in parallel where the aggregator
         can (a Ray-sharded one, base and spool on a shared filesystem), else here."""
-        from client.federated import apply_merged
-        from client.model_io import ModelReader, copy_side_files
+        from tiesfed.io.materialize import apply_merged
+        from tiesfed.io.model_io import ModelReader, copy_side_files
 
         parallel = getattr(self.agg, "write_model", None)
         if parallel is not None:
@@ -1036,8 +1037,7 @@ class RoundManager:
     def _base_info(self, keep_base) -> tuple[Optional[str], Optional[list[TensorEntry]]]:
         if not self.base_path:
             return None, None
-        from client.contribution import mergeable
-        from client.model_io import DTYPE_TO_ST, ModelReader, fingerprint
+        from tiesfed.io.model_io import DTYPE_TO_ST, ModelReader, fingerprint
 
         with ModelReader(self.base_path) as base:
             if self._base_fp is None:

@@ -1,6 +1,6 @@
 """The federated client: submit a contribution to a round, fetch the merged model.
 
-    from client.federated import submit, fetch
+    from tiesfed.client.federated import submit, fetch
     submit("127.0.0.1:50051", "r1", "org-a", base="base/", model="ft-a/")
     fetch("127.0.0.1:50051", "r1", "org-a", base="base/", out_dir="merged/")
 
@@ -15,7 +15,7 @@ from there out of the local spool.
 
 `fetch` watches the round until it is finalized, downloads the merged task
 vector with resume, checks its sha256, and applies θ₀ + λ·τ_m to its own base
-with `client.apply.apply_sparse` into a Hugging Face style folder.
+with `tiesfed.core.apply.apply_sparse` into a Hugging Face style folder.
 """
 
 from __future__ import annotations
@@ -33,33 +33,36 @@ from typing import Callable, Iterator, Optional
 import grpc
 from tqdm.auto import tqdm
 
-from client.materialize import merged_index, write_theta
-from client.contribution import (
+from tiesfed.client.contribution import (
     VALUE_DTYPES,
     TrimStats,
     contribution_header,
     iter_contribution,
-    mergeable,
     write_contribution,
 )
-from client.model_io import (
+from tiesfed.core.methods import get_method
+from tiesfed.core.options import MergeOptions
+from tiesfed.io.files import sha256_file
+from tiesfed.io.materialize import apply_merged
+from tiesfed.io.model_io import (
+    DEFAULT_SHARD_BYTES,
     ModelReader,
-    ShardedWriter,
     check_compatible,
-    copy_side_files,
     fingerprint,
+    mergeable,
 )
-from coordinator.spool import sha256_file
-from protos.tiesfed.v1 import CLIENT_ID_KEY, MAX_CHUNK_BYTES, UPLOAD_LEASE_KEY, channel_options
-from protos.tiesfed.v1 import tiesfed_pb2 as pb
-from protos.tiesfed.v1 import tiesfed_pb2_grpc as pb_grpc
-from tiesfed.methods import get_method
-from tiesfed.options import MergeOptions
+from tiesfed.protos.v1 import (
+    CLIENT_ID_KEY,
+    MAX_CHUNK_BYTES,
+    UPLOAD_LEASE_KEY,
+    channel_options,
+)
+from tiesfed.protos.v1 import tiesfed_pb2 as pb
+from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tiesfed.client")
 
 DEFAULT_CHUNK_BYTES = 1 << 20
-DEFAULT_SHARD_BYTES = 5 * 2**30
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
 
 #: Test hook of `submit`: called as fault(attempt, chunk_index) before each chunk is
@@ -487,26 +490,6 @@ def download(conn: Connection, round_id: str, path: Path, sha256: str, total: in
             return got, whole + 1 + failures
         path.unlink()
     raise FederatedError(f"download of round {round_id!r}: sha256 mismatch after a fresh download", "DATA_LOSS")
-
-
-def apply_merged(
-    base: ModelReader,
-    merged_path: str | Path,
-    out_dir: str | Path,
-    *,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    expected_fingerprint: Optional[str] = None,
-) -> dict:
-    """θ = θ₀ + λ·τ_m for every tensor of `base`, written as an HF-style folder. Returns the header."""
-    out_dir = Path(out_dir)
-    with open(merged_path, "rb") as f:
-        header, where = merged_index(f, base, merged_path, expected_fingerprint)
-        plan = [(t.name, tuple(t.shape), t.dtype) for t in base.manifest()]
-        with ShardedWriter(out_dir, plan, max_shard_bytes=shard_bytes,
-                           metadata={"tiesfed_method": str(header.get("method", ""))}) as writer:
-            write_theta(base, f, where, float(header["lambda"]), base.names, writer, merged_path)
-    copy_side_files(base.folder, out_dir)
-    return header
 
 
 def fetch(

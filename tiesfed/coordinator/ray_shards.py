@@ -1,9 +1,9 @@
 """The parameter space sharded over Ray actors: `ShardedAggregator`.
 
-Same four methods as `coordinator.aggregator.Aggregator` (fold, sign_balance,
+Same four methods as `tiesfed.coordinator.aggregator.Aggregator` (fold, sign_balance,
 finalize, merged), with each shard's accumulators living in one `ShardActor`
 (on a GPU when the actor was given one). Every actor runs the very same pure
-functions of `coordinator.accumulators` on its flat range, element by element,
+functions of `tiesfed.core.accumulators` on its flat range, element by element,
 so the result is bit-identical to the single-process aggregator.
 
 Data path
@@ -62,17 +62,29 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from coordinator.accumulators import (
+from tiesfed.coordinator.shard_plan import (
+    DEFAULT_MIN_ELEMS_PER_SHARD,
+    Piece,
+    ShardPlan,
+    num_shards_for,
+    plan_shards,
+)
+from tiesfed.core.accumulators import (
     Accumulator,
     FinalizeSpec,
     elect,
-    finalize as finalize_range,
-    fold as fold_range,
     majority_sign,
     new_accumulator,
+)
+from tiesfed.core.accumulators import (
+    finalize as finalize_range,
+)
+from tiesfed.core.accumulators import (
+    fold as fold_range,
+)
+from tiesfed.core.accumulators import (
     sign_balance as sign_balance_range,
 )
-from coordinator.shard_plan import DEFAULT_MIN_ELEMS_PER_SHARD, Piece, ShardPlan, num_shards_for, plan_shards
 
 __all__ = ["ShardActor", "ShardActorLocal", "ShardedAggregator", "ShardLostError", "to_wire", "from_wire"]
 
@@ -252,8 +264,8 @@ class ShardActorLocal:
                          metadata: dict[str, str]) -> int:
         """Write θ₀ + λ·τ_m of `names` as one safetensors file (the base and the
         merged stream must be readable here: a shared filesystem). Returns bytes."""
-        from client.materialize import merged_index, write_theta
-        from client.model_io import ModelReader, ShardedWriter
+        from tiesfed.io.materialize import merged_index, write_theta
+        from tiesfed.io.model_io import ModelReader, ShardedWriter
 
         out = Path(out_file)
         part_dir = out.parent / f".{out.name}.part"
@@ -646,7 +658,7 @@ class ShardedAggregator:
         tensors are packed in order into output shards (at most `shard_bytes`, and at
         least one per actor when the model is big enough) and each actor writes some.
         Needs the base and the spool on a filesystem every actor's node can read."""
-        from client.model_io import INDEX_FILE, ModelReader, pack_shards, shard_name
+        from tiesfed.io.model_io import INDEX_FILE, ModelReader, pack_shards, shard_name
 
         self._check_open()
         with ModelReader(base_path) as base:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Optional
 
-from client.trim import TrimSpec
-from coordinator.accumulators import FinalizeSpec
-from tiesfed.options import MergeOptions
+from tiesfed.core.accumulators import FinalizeSpec
+from tiesfed.core.options import MergeOptions
+from tiesfed.core.trim import TrimSpec
 
 
 class MergeMethod:

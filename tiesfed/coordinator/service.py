@@ -14,11 +14,24 @@ from typing import Iterator, Optional
 import grpc
 from pydantic import ValidationError
 
-from coordinator.rounds import Event, Receipt, Round, RoundConfig, RoundError, RoundManager, TensorEntry
-from protos.tiesfed.v1 import ADMIN_TOKEN_KEY, CLIENT_ID_KEY, MAX_CHUNK_BYTES, UPLOAD_LEASE_KEY
-from protos.tiesfed.v1 import tiesfed_pb2 as pb
-from protos.tiesfed.v1 import tiesfed_pb2_grpc as pb_grpc
-from tiesfed.options import MergeOptions, validation_message
+from tiesfed.coordinator.rounds import (
+    Event,
+    Receipt,
+    Round,
+    RoundConfig,
+    RoundError,
+    RoundManager,
+    TensorEntry,
+)
+from tiesfed.core.options import MergeOptions, validation_message
+from tiesfed.protos.v1 import (
+    ADMIN_TOKEN_KEY,
+    CLIENT_ID_KEY,
+    MAX_CHUNK_BYTES,
+    UPLOAD_LEASE_KEY,
+)
+from tiesfed.protos.v1 import tiesfed_pb2 as pb
+from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tiesfed.coordinator")
 

@@ -47,6 +47,8 @@ __all__ = [
     "DTYPE_TO_ST",
     "ST_TO_DTYPE",
     "FLOAT_DTYPES",
+    "mergeable",
+    "DEFAULT_SHARD_BYTES",
 ]
 
 
@@ -58,6 +60,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors reference limit
 _IO_CHUNK = 64 << 20
+#: Largest output shard, as Hugging Face writes them.
+DEFAULT_SHARD_BYTES = 5 * 2**30
 
 ST_TO_DTYPE: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -772,3 +776,8 @@ def copy_side_files(src_folder: str | Path, out_dir: str | Path) -> list[str]:
         shutil.copyfile(p, dst / p.name)
         copied.append(p.name)
     return copied
+
+
+def mergeable(infos: Sequence[TensorInfo], keep_base: Sequence[str] = ()) -> list[TensorInfo]:
+    """The tensors a merge touches: float tensors not pinned to the base by a glob."""
+    return [t for t in infos if t.is_float and not any(fnmatch.fnmatch(t.name, g) for g in keep_base)]

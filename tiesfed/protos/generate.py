@@ -1,13 +1,13 @@
-"""Regenerate the gRPC stubs of protos/tiesfed/v1/tiesfed.proto.
+"""Regenerate the gRPC stubs of tiesfed/protos/v1/tiesfed.proto.
 
-    python protos/generate.py            # rewrite the committed stubs in place
-    python protos/generate.py --out DIR  # write them under DIR instead (tests)
+    python -m tiesfed.protos.generate            # rewrite the committed stubs in place
+    python -m tiesfed.protos.generate --out DIR  # write them under DIR instead (tests)
 
 The stubs are committed (so installing tiesfed needs no grpcio-tools); a test
 regenerates them into a temporary folder and checks they equal the committed
-ones. protoc runs with the repository root as the only import root, so the
-generated imports read `from protos.tiesfed.v1 import ...`: a bare
-`tiesfed.v1` would be shadowed by the top-level `tiesfed` Python package.
+ones. protoc runs with the repository root as its only import root, so the
+proto's path is its Python module path and the generated imports read
+`from tiesfed.protos.v1 import ...`, inside the namespace, with no rewriting.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PROTO = "protos/tiesfed/v1/tiesfed.proto"
+ROOT = Path(__file__).resolve().parents[2]
+PROTO = "tiesfed/protos/v1/tiesfed.proto"
 GENERATED = (
-    "protos/tiesfed/v1/tiesfed_pb2.py",
-    "protos/tiesfed/v1/tiesfed_pb2.pyi",
-    "protos/tiesfed/v1/tiesfed_pb2_grpc.py",
+    "tiesfed/protos/v1/tiesfed_pb2.py",
+    "tiesfed/protos/v1/tiesfed_pb2.pyi",
+    "tiesfed/protos/v1/tiesfed_pb2_grpc.py",
 )
 
 
@@ -47,7 +47,7 @@ def generate(out_dir: str | Path = ROOT) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(ROOT), help="root folder to write protos/tiesfed/v1/* under")
+    p.add_argument("--out", default=str(ROOT), help="root folder to write tiesfed/protos/v1/* under")
     a = p.parse_args(argv)
     for f in generate(a.out):
         print(f)

@@ -8,15 +8,13 @@ trim); memory stays at one tensor.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from client.model_io import ModelReader, TensorInfo
-from client.trim import (
+from tiesfed.core.trim import (
     GlobalThreshold,
     TrimSpec,
     dare_seed,
@@ -26,7 +24,8 @@ from client.trim import (
     trim_tensor_exact,
     trim_threshold,
 )
-from protos.codec import SparseTensor, StreamWriter
+from tiesfed.io.model_io import ModelReader, TensorInfo, mergeable
+from tiesfed.protos.codec import SparseTensor, StreamWriter
 
 Progress = Callable[[int], None]
 
@@ -51,11 +50,6 @@ class TrimStats:
     @property
     def density(self) -> float:
         return self.nnz / self.numel if self.numel else 0.0
-
-
-def mergeable(infos: Sequence[TensorInfo], keep_base: Sequence[str] = ()) -> list[TensorInfo]:
-    """The tensors a merge touches: float tensors not pinned to the base by a glob."""
-    return [t for t in infos if t.is_float and not any(fnmatch.fnmatch(t.name, g) for g in keep_base)]
 
 
 def _task_vector(base: ModelReader, ft: ModelReader, name: str, device: str, check: bool) -> torch.Tensor:

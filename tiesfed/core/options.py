@@ -7,11 +7,16 @@ naming the field, before any tensor is read.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Method = Literal["ties", "task_arithmetic", "average", "dare_ties"]
 TrimScope = Literal["global", "tensor"]
@@ -101,21 +106,3 @@ class MergeConfig(BaseModel):
         data["options"] = options
         data.pop("dtype", None)  # output keeps the base's dtypes
         return data
-
-
-def load_config(path: str | Path) -> MergeConfig:
-    """Read a merge YAML; relative model paths are taken from the YAML's folder."""
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text())
-    cfg = MergeConfig.model_validate(raw)
-
-    def resolve(p: str) -> str:
-        q = Path(p).expanduser()
-        return str(q if q.is_absolute() else (path.parent / q))
-
-    return cfg.model_copy(
-        update={
-            "base_model": resolve(cfg.base_model),
-            "models": [m.model_copy(update={"model": resolve(m.model)}) for m in cfg.models],
-        }
-    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tiesfed.options import MergeConfig, MergeOptions, ModelEntry
+from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
 
 
 def _config(base_dir: Path, model_dirs: list[Path], method: str, lam: float) -> MergeConfig:
@@ -44,7 +44,7 @@ class FederatedDemo:
         from tiesfed.federated_merge import federated_merge
 
         if self.use_ray and self._factory is None:
-            from coordinator.ray_factory import RayAggregatorFactory
+            from tiesfed.coordinator.ray_factory import RayAggregatorFactory
 
             self._factory = RayAggregatorFactory()
         res = federated_merge(

@@ -10,9 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO, Iterable, Optional
 
-from client.apply import apply_sparse
-from client.model_io import ModelError, ModelReader, ShardedWriter
-from protos.codec import index_stream, read_record_at
+from tiesfed.core.apply import apply_sparse
+from tiesfed.io.model_io import (
+    DEFAULT_SHARD_BYTES,
+    ModelError,
+    ModelReader,
+    ShardedWriter,
+    copy_side_files,
+)
+from tiesfed.protos.codec import index_stream, read_record_at
 
 
 def merged_index(
@@ -52,3 +58,23 @@ def write_theta(
                                  f"base has {list(theta.shape)}")
             theta = apply_sparse(theta, st.indices, st.values, lam)
         writer.write(name, theta)
+
+
+def apply_merged(
+    base: ModelReader,
+    merged_path: str | Path,
+    out_dir: str | Path,
+    *,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    expected_fingerprint: Optional[str] = None,
+) -> dict:
+    """θ = θ₀ + λ·τ_m for every tensor of `base`, written as an HF-style folder. Returns the header."""
+    out_dir = Path(out_dir)
+    with open(merged_path, "rb") as f:
+        header, where = merged_index(f, base, merged_path, expected_fingerprint)
+        plan = [(t.name, tuple(t.shape), t.dtype) for t in base.manifest()]
+        with ShardedWriter(out_dir, plan, max_shard_bytes=shard_bytes,
+                           metadata={"tiesfed_method": str(header.get("method", ""))}) as writer:
+            write_theta(base, f, where, float(header["lambda"]), base.names, writer, merged_path)
+    copy_side_files(base.folder, out_dir)
+    return header

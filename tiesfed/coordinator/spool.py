@@ -19,14 +19,15 @@ contribution whose checksum is verified before it is folded again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
+
+from tiesfed.io.files import fsync_dir, write_json_atomic
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _ID_RE = re.compile(ID_PATTERN)
@@ -40,42 +41,6 @@ def check_id(kind: str, value: str) -> str:
             f"{kind} {value!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return value
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Write JSON to a temporary sibling, fsync it, rename it over `path`, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def sha256_file(path: Path, start: int = 0, end: Optional[int] = None) -> str:
-    """Hex sha256 of bytes [start, end) of a file, read in bounded chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(start)
-        left = (end - start) if end is not None else None
-        while left is None or left > 0:
-            b = f.read(_IO_CHUNK if left is None else min(_IO_CHUNK, left))
-            if not b:
-                break
-            h.update(b)
-            if left is not None:
-                left -= len(b)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -179,7 +144,7 @@ class RoundSpool:
         return self.contrib_dir / f"{client_id}.json"
 
     def committed(self) -> dict[str, Committed]:
-        """Every client's committed contribution, by client id (sorted)."""
+        """Every client's committed contribution, by tiesfed.client id (sorted)."""
         out: dict[str, Committed] = {}
         for p in sorted(self.contrib_dir.glob("*.json")):
             d = json.loads(p.read_text())

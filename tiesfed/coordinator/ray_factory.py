@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
-from coordinator.accumulators import FinalizeSpec
-from coordinator.ray_shards import ReplayItem, ShardedAggregator
+from tiesfed.coordinator.ray_shards import ReplayItem, ShardedAggregator
+from tiesfed.core.accumulators import FinalizeSpec
 
 log = logging.getLogger("tiesfed.coordinator")
 

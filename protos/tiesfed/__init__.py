@@ -1,1 +1,0 @@
-"""Versioned gRPC packages of tiesfed (see v1)."""

@@ -1,0 +1,5 @@
+import sys
+
+from tiesfed.cli import main
+
+sys.exit(main())
