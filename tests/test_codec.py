@@ -192,11 +192,11 @@ def test_codec_selection_covers_all():
 
 def test_chunked_paths(monkeypatch):
     """Exercise multi-chunk bitmap encode/decode and chunked inflate with small chunk sizes."""
-    monkeypatch.setattr(codec, "_BITMAP_CHUNK_BITS", 1 << 10)
-    monkeypatch.setattr(codec, "_CHUNK_OUT", 97)
-    monkeypatch.setattr(codec, "_CHUNK_IN", 61)
-    monkeypatch.setattr(codec, "_PARALLEL_MIN_NNZ", 1 << 8)
-    monkeypatch.setattr(codec, "_VARINT_CHUNK", 37)
+    monkeypatch.setattr(codec.indices, "_BITMAP_CHUNK_BITS", 1 << 10)
+    monkeypatch.setattr(codec.deflate, "_CHUNK_OUT", 97)
+    monkeypatch.setattr(codec.deflate, "_CHUNK_IN", 61)
+    monkeypatch.setattr(codec.records, "_PARALLEL_MIN_NNZ", 1 << 8)
+    monkeypatch.setattr(codec.indices, "_VARINT_CHUNK", 37)
     for n, d, dt in [(10_001, 0.5, torch.float16), (10_001, 0.1, torch.float32),
                      (10_001, 0.9, torch.bfloat16), (300_007, 0.002, torch.float32), (2_000_003, 2e-5, torch.float16)]:
         t = random_sparse("c", (n,), d, dt, seed=3)
@@ -216,9 +216,9 @@ def test_huge_sparse_index_range():
 
 def test_parallel_and_serial_identical(monkeypatch):
     t = random_sparse("p", (50_000,), 0.2, torch.float16, seed=1)
-    monkeypatch.setattr(codec, "_PARALLEL_MIN_NNZ", 1)
+    monkeypatch.setattr(codec.records, "_PARALLEL_MIN_NNZ", 1)
     a = encode_tensor(t)
-    monkeypatch.setattr(codec, "_PARALLEL_MIN_NNZ", 1 << 62)
+    monkeypatch.setattr(codec.records, "_PARALLEL_MIN_NNZ", 1 << 62)
     assert encode_tensor(t) == a
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiesfed.demo.zoo import (
+from tiesfed.demo import (
     ZooSpec,
     build_zoo,
     default_zoo_dir,

@@ -197,7 +197,9 @@ def test_check_compatible_caps_list(tmp_path):
 
 def test_fingerprint(tmp_path):
     t = toy_tensors()
-    fp = lambda p: fingerprint(ModelReader(p), chunk_bytes=37)  # odd chunk size exercises chunking
+    def fp(p):  # an odd chunk size exercises chunking
+        return fingerprint(ModelReader(p), chunk_bytes=37)
+
     f1 = fp(make_model(tmp_path / "one", t))
     assert f1.startswith("sha256:") and len(f1) == 7 + 64
     assert fp(make_model(tmp_path / "one_again", t, metadata={"x": "y"})) == f1  # stable, metadata-blind

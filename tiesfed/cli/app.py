@@ -90,7 +90,7 @@ def demo(local: bool, no_ray: bool, cache: Optional[str], seed: int) -> None:
     By default every merge is a real federated round: a coordinator sharded
     over a local Ray and one client per task, over gRPC on loopback.
     """
-    from tiesfed.demo.zoo import run_demo
+    from tiesfed.demo import run_demo
     from tiesfed.demo.merge import FederatedDemo, local_merge_fn
 
     if local:

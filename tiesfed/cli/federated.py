@@ -30,6 +30,10 @@ CLIENT_ID = click.option(
 )
 ADMIN_TOKEN = click.option("--admin-token", envvar="TIESFED_ADMIN_TOKEN", help="admin token (env TIESFED_ADMIN_TOKEN)")
 QUIET = click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+WAIT = click.option(
+    "--wait-for-coordinator", "wait_s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+    help="seconds to wait for a coordinator that is not listening yet (0: fail at once)",
+)
 
 
 def _inline_round(round_id, clients, weights, quorum, deadline, late, replace, options) -> dict:
@@ -255,15 +259,16 @@ def client() -> None:
 @click.option("--chunk-size", default="1MiB", show_default=True, help="upload chunk size (at most 4MiB)")
 @click.option("--retries", type=int, default=8, show_default=True, help="attempts after a broken connection")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@WAIT
 @QUIET
-def submit_cmd(base, model, target, round_id, client_id, device, chunk_size, retries, as_json, quiet) -> None:
+def submit_cmd(base, model, target, round_id, client_id, device, chunk_size, retries, as_json, wait_s, quiet) -> None:
     """Trim MODEL's task vector against BASE and upload it to the round."""
     from tiesfed.client.federated import FederatedError, Retry, submit
     from tiesfed.io.model_io import ModelError
 
     try:
         res = submit(target, round_id, client_id, base, model, device=device, chunk_bytes=parse_size(chunk_size),
-                     retry=Retry(attempts=retries), progress=not quiet)
+                     retry=Retry(attempts=retries), progress=not quiet, wait_for_coordinator=wait_s)
     except (FederatedError, ModelError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
@@ -292,15 +297,18 @@ def submit_cmd(base, model, target, round_id, client_id, device, chunk_size, ret
 @click.option("--shard-size", default="5GB", show_default=True, help="output shard size")
 @click.option("--retries", type=int, default=8, show_default=True, help="attempts after a broken connection")
 @click.option("--keep-merged", is_flag=True, help="keep the merged task vector as OUT/merged_task_vector.tfs")
+@WAIT
 @QUIET
-def fetch_cmd(base, out_dir, target, round_id, client_id, timeout, shard_size, retries, keep_merged, quiet) -> None:
+def fetch_cmd(base, out_dir, target, round_id, client_id, timeout, shard_size, retries, keep_merged, wait_s,
+              quiet) -> None:
     """Wait for the round, download the merged task vector and apply it to BASE."""
     from tiesfed.client.federated import FederatedError, Retry, fetch
     from tiesfed.io.model_io import ModelError
 
     try:
         res = fetch(target, round_id, client_id, base, out_dir, timeout=timeout, shard_bytes=parse_size(shard_size),
-                    retry=Retry(attempts=retries), progress=not quiet, keep_merged=keep_merged)
+                    retry=Retry(attempts=retries), progress=not quiet, keep_merged=keep_merged,
+                    wait_for_coordinator=wait_s)
     except (FederatedError, ModelError, ValueError, TimeoutError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"merged model of round {round_id} -> {res.out_dir} ({res.total_bytes:,} bytes downloaded, "

@@ -53,9 +53,11 @@ from tiesfed.io.model_io import (
 )
 from tiesfed.protos.v1 import (
     CLIENT_ID_KEY,
+    KEEPALIVE_TIME_MS,
     MAX_CHUNK_BYTES,
     UPLOAD_LEASE_KEY,
     channel_options,
+    check_target,
 )
 from tiesfed.protos.v1 import tiesfed_pb2 as pb
 from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
@@ -102,15 +104,41 @@ class Retry:
 
 
 class Connection:
-    """A channel to the coordinator with this client's identity in the metadata."""
+    """A channel to the coordinator with this client's identity in the metadata.
 
-    def __init__(self, target: str, client_id: str, retry: Retry = Retry()) -> None:
-        self.target = target
+    `wait_s` > 0: the first call waits up to that long for a coordinator that
+    is not listening yet (started after its clients), redialling with gRPC's
+    bounded backoff and logging each wait, instead of failing at once.
+    """
+
+    def __init__(
+        self, target: str, client_id: str, retry: Retry = Retry(), *, wait_s: float = 0.0,
+        keepalive_ms: int = KEEPALIVE_TIME_MS,
+    ) -> None:
+        self.target = check_target(target)
         self.client_id = client_id
         self.retry = retry
-        self.channel = grpc.insecure_channel(target, options=channel_options())
+        self.channel = grpc.insecure_channel(target, options=channel_options(keepalive_ms))
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.metadata = ((CLIENT_ID_KEY, client_id),)
+        if wait_s > 0:
+            self.wait_ready(wait_s)
+
+    def wait_ready(self, wait_s: float, report_every_s: float = 5.0) -> None:
+        """Block until the channel connects, at most `wait_s` seconds."""
+        started = time.monotonic()
+        while True:
+            left = wait_s - (time.monotonic() - started)
+            try:
+                grpc.channel_ready_future(self.channel).result(timeout=max(0.0, min(left, report_every_s)))
+                return
+            except grpc.FutureTimeoutError:
+                waited = time.monotonic() - started
+                if waited >= wait_s:
+                    raise FederatedError(
+                        f"no coordinator answered at {self.target} within {wait_s:g} s "
+                        "(is it running? --wait-for-coordinator waits longer)", "UNAVAILABLE") from None
+                log.warning("waiting for the coordinator at %s: %.0f of %g s", self.target, waited, wait_s)
 
     def call(self, name: str, request, timeout: float = 60.0):
         """A unary call, retried on transient errors."""
@@ -267,13 +295,14 @@ def submit(
     retry: Retry = Retry(),
     work_dir: Optional[str | Path] = None,
     progress: bool = False,
+    wait_for_coordinator: float = 0.0,
     fault: Optional[Fault] = None,
 ) -> SubmitResult:
     """Compute, trim, encode and upload this client's contribution to `round_id`."""
     started = time.perf_counter()
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
-    with Connection(target, client_id, retry) as conn, tempfile.TemporaryDirectory(
+    with Connection(target, client_id, retry, wait_s=wait_for_coordinator) as conn, tempfile.TemporaryDirectory(
         prefix="tiesfed-submit-", dir=work_dir
     ) as tmp:
         spec = conn.round_spec(round_id)
@@ -504,11 +533,12 @@ def fetch(
     retry: Retry = Retry(),
     progress: bool = False,
     keep_merged: bool = False,
+    wait_for_coordinator: float = 0.0,
 ) -> FetchResult:
     """Wait for the round, download the merged task vector, apply it to `base` into `out_dir`."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    with Connection(target, client_id, retry) as conn, ModelReader(base) as b:
+    with Connection(target, client_id, retry, wait_s=wait_for_coordinator) as conn, ModelReader(base) as b:
         spec = conn.round_spec(round_id)
         fp = check_base(spec, b, spec_options(spec))
         sha, total = wait_finalized(conn, round_id, timeout)

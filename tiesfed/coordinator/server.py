@@ -33,7 +33,7 @@ from tiesfed.coordinator.rounds import (
 )
 from tiesfed.coordinator.service import CoordinatorService
 from tiesfed.io.model_io import DEFAULT_SHARD_BYTES
-from tiesfed.protos.v1 import MAX_CHUNK_BYTES, server_options
+from tiesfed.protos.v1 import KEEPALIVE_TIME_MS, MAX_CHUNK_BYTES, server_options
 from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tiesfed.coordinator")
@@ -57,6 +57,8 @@ class CoordinatorConfig(BaseModel):
     stall_after_s: float = Field(120.0, gt=0, description="an upload stream holding a slot without progress "
                                  "for this long is cancelled (the client resumes it)")
     lease_s: float = Field(30.0, gt=0, description="a reserved upload slot lapses if its stream does not open")
+    keepalive_ms: int = Field(KEEPALIVE_TIME_MS, ge=100, description="clients ping this often on quiet streams; "
+                              "the server accepts pings twice as often (tests compress it)")
     malloc_arena_max: Optional[int] = Field(
         2, ge=1, description="glibc malloc arenas of a `serve` process (default: 8 per core; with a thread "
         "per client stream their fragmentation grows memory with the number of clients)"
@@ -143,7 +145,7 @@ class CoordinatorServer:
                 self.manager.open_round(rc)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.max_workers, thread_name_prefix="tiesfed-rpc"),
-            options=server_options(),
+            options=server_options(self.config.keepalive_ms),
         )
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(self.manager, self.config.admin_token), server)
         port = server.add_insecure_port(self.config.listen)

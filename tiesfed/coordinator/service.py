@@ -1,15 +1,17 @@
 """The gRPC face of the coordinator: tiesfed.v1.Coordinator over a RoundManager.
 
-Each method reads the caller's identity from the metadata, delegates to the
-round, and turns a `RoundError` into a gRPC status with the same message.
+Each method reads the caller's identity from the metadata and delegates to
+the round. Domain code raises `RoundError(code, message)`; the `rpc` and
+`rpc_stream` decorators are the one place that turns it into a gRPC status.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import grpc
 from pydantic import ValidationError
@@ -52,6 +54,41 @@ def _metadata(context: grpc.ServicerContext, key: str) -> Optional[str]:
         if k == key:
             return v
     return None
+
+
+Handler = TypeVar("Handler", bound=Callable)
+
+
+def status_code(e: RoundError) -> grpc.StatusCode:
+    """The gRPC status of a domain error (its code names a grpc.StatusCode)."""
+    return getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN)
+
+
+def rpc(handler: Handler) -> Handler:
+    """A unary-response handler whose RoundError becomes the call's status."""
+
+    @functools.wraps(handler)
+    def wrapped(self, request, context):
+        try:
+            return handler(self, request, context)
+        except RoundError as e:
+            context.abort(status_code(e), e.message)
+
+    return wrapped  # type: ignore[return-value]
+
+
+def rpc_stream(handler: Handler) -> Handler:
+    """A streaming-response handler whose RoundError (before or between
+    messages) becomes the call's status."""
+
+    @functools.wraps(handler)
+    def wrapped(self, request, context):
+        try:
+            yield from handler(self, request, context)
+        except RoundError as e:
+            context.abort(status_code(e), e.message)
+
+    return wrapped  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -149,10 +186,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.admin_token = admin_token
 
     # -- helpers
-    @staticmethod
-    def _abort(context: grpc.ServicerContext, e: RoundError):
-        context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), e.message)
-
     def _client(self, context: grpc.ServicerContext) -> str:
         cid = _metadata(context, CLIENT_ID_KEY)
         if not cid:
@@ -173,85 +206,68 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return r, cid
 
     # -- admin
+    @rpc
     def OpenRound(self, request, context):
+        self._check_admin(context)
         try:
-            self._check_admin(context)
-            try:
-                cfg = round_config_from_request(request)
-            except (ValidationError, ValueError) as e:
-                msg = validation_message(e) if isinstance(e, ValidationError) else str(e)
-                raise RoundError("INVALID_ARGUMENT", f"bad round: {msg}") from None
-            return spec_message(self.manager.open_round(cfg))
-        except RoundError as e:
-            self._abort(context, e)
+            cfg = round_config_from_request(request)
+        except (ValidationError, ValueError) as e:
+            msg = validation_message(e) if isinstance(e, ValidationError) else str(e)
+            raise RoundError("INVALID_ARGUMENT", f"bad round: {msg}") from None
+        return spec_message(self.manager.open_round(cfg))
 
+    @rpc
     def CloseRound(self, request, context):
-        try:
-            self._check_admin(context)
-            r = self.manager.get(request.round_id)
-            r.close(abort=request.abort)
-            return status_message(r)
-        except RoundError as e:
-            self._abort(context, e)
+        self._check_admin(context)
+        r = self.manager.get(request.round_id)
+        r.close(abort=request.abort)
+        return status_message(r)
 
     # -- participants
+    @rpc
     def GetRoundSpec(self, request, context):
-        try:
-            r, _ = self._participant_round(request.round_id, context)
-            return spec_message(r)
-        except RoundError as e:
-            self._abort(context, e)
+        r, _ = self._participant_round(request.round_id, context)
+        return spec_message(r)
 
+    @rpc
     def GetRoundStatus(self, request, context):
-        try:
-            r, _ = self._participant_round(request.round_id, context)
-            return status_message(r)
-        except RoundError as e:
-            self._abort(context, e)
+        r, _ = self._participant_round(request.round_id, context)
+        return status_message(r)
 
+    @rpc
     def UploadStatus(self, request, context):
-        try:
-            r, cid = self._participant_round(request.round_id, context)
-            offset, prefix, committed = r.upload_status(cid)
-            return pb.UploadStatusReply(
-                committed_offset=offset, prefix_sha256=prefix, committed=committed is not None,
-                committed_sha256=committed.sha256 if committed else "",
-            )
-        except RoundError as e:
-            self._abort(context, e)
+        r, cid = self._participant_round(request.round_id, context)
+        offset, prefix, committed = r.upload_status(cid)
+        return pb.UploadStatusReply(
+            committed_offset=offset, prefix_sha256=prefix, committed=committed is not None,
+            committed_sha256=committed.sha256 if committed else "",
+        )
 
+    @rpc
     def ReserveUpload(self, request, context):
-        try:
-            r, cid = self._participant_round(request.round_id, context)
-            with r.lock:
-                r._check_accepting(cid, new=False)
-            lease = self.manager.reserve_upload(cid, request.wait_seconds)
-            if lease is None:
-                return pb.ReserveUploadReply(granted=False)
-            return pb.ReserveUploadReply(granted=True, lease=lease, lease_seconds=self.manager.lease_s)
-        except RoundError as e:
-            self._abort(context, e)
+        r, cid = self._participant_round(request.round_id, context)
+        with r.lock:
+            r._check_accepting(cid, new=False)
+        lease = self.manager.reserve_upload(cid, request.wait_seconds)
+        if lease is None:
+            return pb.ReserveUploadReply(granted=False)
+        return pb.ReserveUploadReply(granted=True, lease=lease, lease_seconds=self.manager.lease_s)
 
+    @rpc
     def Upload(self, request_iterator, context):
-        try:
-            cid = self._client(context)
-            self.manager.check_known_client(cid)
-        except RoundError as e:
-            self._abort(context, e)
+        cid = self._client(context)
+        self.manager.check_known_client(cid)
         # At most max_active_uploads streams are read at once. The others wait
         # here before their first message is read, held back by gRPC flow
         # control, so memory stays flat in the number of clients; a stream that
         # stalls while it holds a slot is cancelled by the manager's watchdog.
         lease = _metadata(context, UPLOAD_LEASE_KEY)
         with self.manager.upload_slot(context.cancel, lease, cid) as touch:
-            try:
-                first = next(request_iterator, None)
-                if first is None:
-                    raise RoundError("INVALID_ARGUMENT", "empty upload stream")
-                r = self.manager.get(first.round_id)
-                s = r.begin_upload(cid, first.offset)
-            except RoundError as e:
-                self._abort(context, e)
+            first = next(request_iterator, None)
+            if first is None:
+                raise RoundError("INVALID_ARGUMENT", "empty upload stream")
+            r = self.manager.get(first.round_id)
+            s = r.begin_upload(cid, first.offset)
             receipt = None
             try:
                 chunk = first
@@ -265,9 +281,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     chunk = next(request_iterator, None)
                     if chunk is None:
                         break
-            except RoundError as e:
+            except RoundError:
                 r.detach(s)
-                self._abort(context, e)
+                raise
             except Exception:  # the stream broke (client gone, cancelled): keep the bytes for a resume
                 r.detach(s)
                 if context.is_active():
@@ -276,11 +292,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             paused = r.detach(s)
             return receipt_message(receipt if receipt is not None else paused)
 
+    @rpc_stream
     def Watch(self, request, context) -> Iterator[pb.RoundEvent]:
-        try:
-            r, _ = self._participant_round(request.round_id, context)
-        except RoundError as e:
-            self._abort(context, e)
+        r, _ = self._participant_round(request.round_id, context)
         seq = request.from_seq
         while context.is_active():
             events = r.events_since(seq, WATCH_POLL_S)
@@ -290,20 +304,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 if e.kind in ("ROUND_FINALIZED", "ROUND_FAILED"):
                     return
 
+    @rpc_stream
     def Download(self, request, context) -> Iterator[pb.DownloadChunk]:
-        try:
-            r, cid = self._participant_round(request.round_id, context)
-            with r.lock:
-                merged = r.merged if r.state == "finalized" else None
-                if merged is None:
-                    raise RoundError(
-                        "FAILED_PRECONDITION", f"round {r.id!r} is {r.state}: nothing to download yet"
-                        + (f" ({r.message})" if r.message else "")
-                    )
-            if request.offset > merged.bytes:
-                raise RoundError("OUT_OF_RANGE", f"offset {request.offset} is past the end ({merged.bytes} bytes)")
-        except RoundError as e:
-            self._abort(context, e)
+        r, cid = self._participant_round(request.round_id, context)
+        with r.lock:
+            merged = r.merged if r.state == "finalized" else None
+            if merged is None:
+                raise RoundError(
+                    "FAILED_PRECONDITION", f"round {r.id!r} is {r.state}: nothing to download yet"
+                    + (f" ({r.message})" if r.message else "")
+                )
+        if request.offset > merged.bytes:
+            raise RoundError("OUT_OF_RANGE", f"offset {request.offset} is past the end ({merged.bytes} bytes)")
         step = min(DOWNLOAD_CHUNK, MAX_CHUNK_BYTES)
         with open(merged.path, "rb") as f:
             f.seek(request.offset)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 _IO_CHUNK = 4 << 20
 
@@ -23,16 +24,30 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Write JSON to a temporary sibling, fsync it, rename it over `path`, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` into a fresh temporary sibling, fsync it, rename it over
+    `path`, fsync the folder: a reader sees the old file or the whole new one,
+    also after a crash, and a failed write leaves no temporary behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    """`write_atomic` of `obj` as indented, key-sorted JSON."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def sha256_file(path: Path, start: int = 0, end: Optional[int] = None) -> str:

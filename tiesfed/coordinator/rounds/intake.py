@@ -1,0 +1,150 @@
+"""How an upload enters a round: attach a stream, take its chunks, commit or withdraw it.
+
+Chunks are written and validated without the round's lock (a session is its
+stream's own); folding a record on arrival and committing take the lock, and
+re-check that the upload is still wanted. Anything wrong withdraws the whole
+upload (un-folding what it folded), so the round is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from tiesfed.coordinator.rounds.aggregation import fold_file
+from tiesfed.coordinator.rounds.events import Receipt, RoundError
+from tiesfed.coordinator.rounds.finalize import fail, maybe_finalize
+from tiesfed.coordinator.rounds.state import RoundState
+from tiesfed.coordinator.rounds.uploads import UploadSession
+from tiesfed.protos.codec import End, Header, Record
+
+log = logging.getLogger("tiesfed.coordinator")
+
+
+def begin(r: RoundState, client_id: str, offset: int) -> UploadSession:
+    """Attach an upload stream: offset 0 starts over, anything else resumes."""
+    with r.lock:
+        r.check_participant(client_id)
+        r._check_accepting(client_id, new=offset == 0)
+        old = r.committed.get(client_id)
+        return r.uploads.attach(
+            client_id, offset, discard=r._discard, clock=r.clock,
+            live=r.fold_mode == "arrival" and old is None,
+            compare=old if (old is not None and r.config.replace_policy == "refuse") else None,
+        )
+
+
+def detach(r: RoundState, s: UploadSession) -> Receipt:
+    """The stream feeding `s` ended or broke: keep what arrived for a resume."""
+    with r.lock:
+        s.attached = False
+        s.last_active = r.clock()
+        if s.cleanup_pending:
+            s.remove_partial()
+        return Receipt(committed=False, committed_offset=0 if s.closed else s.offset,
+                       committed_count=len(r.committed))
+
+
+def feed(r: RoundState, s: UploadSession, offset: int, data: bytes) -> Optional[Receipt]:
+    """Take one chunk. Returns the receipt once the contribution is committed.
+
+    Raises RoundError (after withdrawing the whole upload) when anything is wrong.
+    """
+    if s.closed:
+        raise RoundError("FAILED_PRECONDITION", s.reason or "this upload is closed")
+    try:
+        s.check_chunk(offset, data, r.max_chunk_bytes)
+        if not data:
+            return None
+        if s.compare is not None:
+            r.rules.check_unchanged(s, data)
+        receipt = None
+        for ev in s.append(data):
+            if isinstance(ev, Record):
+                take_record(r, s, ev)
+            elif isinstance(ev, Header):
+                r.rules.check_header(s, ev.meta)
+            elif isinstance(ev, End):
+                receipt = commit(r, s)
+        s.last_active = r.clock()
+        return receipt
+    except RoundError as e:
+        reject(r, s, e.message)
+        raise
+    except Exception as e:  # an I/O error or a bug: withdraw, and say so
+        log.exception("round %s: upload of %s failed", r.id, s.client_id)
+        reject(r, s, f"internal error: {e!r}")
+        raise RoundError("INTERNAL", f"coordinator error while receiving the upload: {e!r}") from e
+
+
+def take_record(r: RoundState, s: UploadSession, ev: Record) -> None:
+    """Validate one record; fold it at once if the upload folds on arrival."""
+    t = ev.tensor
+    r.rules.check_record(s, t)
+    if s.live:
+        with r.lock:
+            if s.closed:
+                raise RoundError("FAILED_PRECONDITION", s.reason)
+            r._check_accepting(s.client_id, new=False)
+            r.agg.fold(t.name, t.indices, t.values, r.participants[s.client_id].weight)
+            s.folded.append((t.name, ev.offset, ev.length))
+
+
+def commit(r: RoundState, s: UploadSession) -> Receipt:
+    """The end marker arrived: make the upload the client's contribution (or a no-op
+    if identical to it), folding it as the round's fold mode says."""
+    r.rules.check_complete(s)
+    sha = s.seal()
+    cid = s.client_id
+    weight = r.participants[cid].weight
+    with r.lock:
+        if s.closed:
+            raise RoundError("FAILED_PRECONDITION", s.reason)
+        r._check_accepting(cid, new=False)
+        old = r.committed.get(cid)
+        if old is not None and old.sha256 == sha:
+            r.uploads.close(s, "duplicate of the committed contribution")
+            s.remove_partial()
+            r._emit("UPLOAD_DUPLICATE", client_id=cid, sha256=sha, bytes=s.offset,
+                    message="identical to the committed contribution: nothing changes")
+            return Receipt(True, 0, sha, s.offset, s.nnz, duplicate=True, committed_count=len(r.committed))
+        if old is not None and r.config.replace_policy == "refuse":
+            raise RoundError(
+                "FAILED_PRECONDITION",
+                f"client {cid!r} already committed a different contribution (sha256 {old.sha256[:16]}…) "
+                f"and round {r.id!r} refuses replacements",
+            )
+        if r.fold_mode == "final":
+            pass  # folded in participant order when the round finalizes
+        elif old is None:
+            if not s.live:
+                fold_file(r.agg, s.path, weight, +1, r.limits)
+        elif r.fold_mode == "arrival":
+            fold_file(r.agg, old.path, weight, -1, r.limits)
+            fold_file(r.agg, s.path, weight, +1, r.limits)
+        else:
+            try:
+                r._rebuild({cid: s.path})
+            except Exception as e:  # no aggregator to go on with
+                log.exception("round %s: rebuilding the aggregator failed", r.id)
+                fail(r, f"rebuilding the aggregator from the spool failed: {e!r}")
+                raise RoundError("INTERNAL", f"round {r.id!r} failed: {r.message}") from e
+        c = r.spool.commit(cid, s.path, sha, s.offset, s.nnz)
+        r.committed[cid] = c
+        r.uploads.close(s, "committed")
+        r._persist()
+        r._emit("UPLOAD_REPLACED" if old is not None else "UPLOAD_COMMITTED", client_id=cid, sha256=sha,
+                bytes=s.offset, message=f"{s.nnz:,} nonzeros")
+        receipt = Receipt(True, 0, sha, s.offset, s.nnz, replaced=old is not None,
+                          committed_count=len(r.committed))
+        maybe_finalize(r)
+        return receipt
+
+
+def reject(r: RoundState, s: UploadSession, why: str) -> None:
+    """Withdraw an upload that failed validation; the round is left as it was."""
+    with r.lock:
+        if s.closed:
+            return
+        r._discard(s, f"rejected: {why}")
+        r._emit("UPLOAD_REJECTED", client_id=s.client_id, message=why)

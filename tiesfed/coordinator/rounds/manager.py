@@ -1,0 +1,215 @@
+"""Every round of one coordinator: the spool they live in, the base they merge onto,
+the upload slots (and their leases) that bound memory, and the ticker.
+
+At most `max_active_uploads` streams are read at once, whatever the number of
+clients: a client first reserves a slot (a lease, so it holds no stream while it
+waits), then opens its Upload stream with the lease. A slot holder without
+progress for `stall_after_s` is cancelled; an unclaimed lease lapses.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from tiesfed.coordinator.rounds.aggregation import AggregatorFactory, default_aggregator_factory
+from tiesfed.coordinator.rounds.config import RoundConfig, TensorEntry
+from tiesfed.coordinator.rounds.events import RoundError
+from tiesfed.coordinator.rounds.round import Round
+from tiesfed.coordinator.spool import RoundSpool, iter_round_dirs
+from tiesfed.io.model_io import DEFAULT_SHARD_BYTES, mergeable
+from tiesfed.protos.v1 import MAX_CHUNK_BYTES
+
+log = logging.getLogger("tiesfed.coordinator")
+
+
+class RoundManager:
+    """Every round of one coordinator, its spool, upload slots and the ticker."""
+
+    def __init__(
+        self,
+        spool_dir: str | Path,
+        *,
+        aggregator_factory: Optional[AggregatorFactory] = None,
+        base_path: Optional[str] = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        max_active_uploads: int = 2,
+        max_chunk_bytes: int = MAX_CHUNK_BYTES,
+        abandon_after_s: float = 300.0,
+        stall_after_s: float = 120.0,
+        lease_s: float = 30.0,
+        tick_s: float = 0.2,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spool_dir = Path(spool_dir)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.factory = aggregator_factory or default_aggregator_factory
+        self.base_path = base_path
+        self.clock = clock
+        self.tick_s = tick_s
+        self.max_chunk_bytes = max_chunk_bytes
+        self.upload_slots = threading.BoundedSemaphore(max_active_uploads)
+        self.stall_after_s = stall_after_s
+        self._active: dict[int, list] = {}  # slot holders: id -> [last activity, cancel]
+        self.lease_s = lease_s
+        self._leases: dict[str, tuple[str, float]] = {}  # reserved slots: lease -> (client, expiry)
+        self._round_kw = dict(
+            base_path=base_path, shard_bytes=shard_bytes, max_chunk_bytes=max_chunk_bytes,
+            abandon_after_s=abandon_after_s, clock=clock,
+        )
+        self.rounds: dict[str, Round] = {}
+        self.lock = threading.Lock()
+        self._base_fp: Optional[str] = None
+        self._stop = threading.Event()
+        self._ticker: Optional[threading.Thread] = None
+
+    def recover(self) -> list[str]:
+        """Load every round found in the spool."""
+        found = []
+        for sp in iter_round_dirs(self.spool_dir):
+            if sp.round_id in self.rounds:
+                continue
+            r = Round.recover(sp, self.factory, **self._round_kw)
+            with self.lock:
+                self.rounds[r.id] = r
+            found.append(r.id)
+        return found
+
+    def _base_info(self, keep_base: tuple[str, ...]) -> tuple[Optional[str], Optional[list[TensorEntry]]]:
+        if not self.base_path:
+            return None, None
+        from tiesfed.io.model_io import DTYPE_TO_ST, ModelReader, fingerprint
+
+        with ModelReader(self.base_path) as base:
+            if self._base_fp is None:
+                self._base_fp = fingerprint(base)
+            manifest = [
+                TensorEntry(name=t.name, shape=tuple(t.shape), dtype=DTYPE_TO_ST[t.dtype])
+                for t in mergeable(base.manifest(), keep_base)
+            ]
+        return self._base_fp, manifest
+
+    def open_round(self, config: RoundConfig) -> Round:
+        with self.lock:
+            if config.round_id in self.rounds or RoundSpool(self.spool_dir, config.round_id).exists():
+                raise RoundError("ALREADY_EXISTS", f"round {config.round_id!r} already exists")
+            need_base = config.base_fingerprint is None or config.manifest is None
+            fp, manifest = self._base_info(config.options.keep_base) if need_base else (None, None)
+            cfg = config.resolved(self.clock(), fp, manifest)
+            r = Round.create(cfg, RoundSpool(self.spool_dir, cfg.round_id), self.factory, **self._round_kw)
+            self.rounds[r.id] = r
+            return r
+
+    def check_known_client(self, client_id: str) -> None:
+        """Only participants of some round may queue for an upload slot."""
+        with self.lock:
+            known = any(client_id in r.participants for r in self.rounds.values())
+        if not known:
+            raise RoundError("PERMISSION_DENIED", f"client {client_id!r} is not on the allowlist of any round")
+
+    def reserve_upload(self, client_id: str, wait_s: float) -> Optional[str]:
+        """Wait up to `wait_s` for an upload slot; returns a lease for it (or None).
+
+        The client then opens its Upload stream with the lease: a client waiting
+        for its turn holds no stream, so gRPC buffers nothing for it."""
+        self.check_known_client(client_id)
+        if not self.upload_slots.acquire(timeout=min(max(wait_s, 0.0), 60.0)):
+            return None
+        lease = secrets.token_hex(16)
+        with self.lock:
+            self._leases[lease] = (client_id, time.monotonic() + self.lease_s)
+        return lease
+
+    def _claim(self, lease: Optional[str], client_id: str) -> bool:
+        """Take over the slot a lease reserved (False: no such lease, lapsed, or someone else's)."""
+        if not lease:
+            return False
+        with self.lock:
+            held = self._leases.get(lease)
+            if held is None or held[0] != client_id:
+                return False
+            del self._leases[lease]
+            return True
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            lapsed = [k for k, (_, exp) in self._leases.items() if now > exp]
+            for k in lapsed:
+                del self._leases[k]
+        for _ in lapsed:
+            self.upload_slots.release()
+
+    @contextmanager
+    def upload_slot(
+        self, cancel: Callable[[], object], lease: Optional[str] = None, client_id: str = ""
+    ) -> Iterator[Callable[[], None]]:
+        """Hold one of the `max_active_uploads` slots (the one `lease` reserved, if valid);
+        yields `touch()` to call on progress. A holder without progress for
+        `stall_after_s` is cancelled by the ticker."""
+        if not self._claim(lease, client_id):
+            self.upload_slots.acquire()
+        key = id(cancel)
+        entry = [time.monotonic(), cancel]
+        with self.lock:
+            self._active[key] = entry
+
+        def touch() -> None:
+            entry[0] = time.monotonic()
+
+        try:
+            yield touch
+        finally:
+            with self.lock:
+                self._active.pop(key, None)
+            self.upload_slots.release()
+
+    def _cancel_stalled(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            stalled = [e for e in self._active.values() if now - e[0] > self.stall_after_s]
+        for e in stalled:
+            log.warning("cancelling an upload stream idle for %.0f s", now - e[0])
+            e[0] = now
+            e[1]()
+
+    def get(self, round_id: str) -> Round:
+        with self.lock:
+            r = self.rounds.get(round_id)
+        if r is None:
+            raise RoundError("NOT_FOUND", f"no round {round_id!r} on this coordinator")
+        return r
+
+    def start(self) -> None:
+        if self._ticker is None:
+            self._ticker = threading.Thread(target=self._tick_loop, name="rounds-ticker", daemon=True)
+            self._ticker.start()
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            self._cancel_stalled()
+            self._expire_leases()
+            with self.lock:
+                rounds = list(self.rounds.values())
+            for r in rounds:
+                try:
+                    r.tick()
+                except Exception:  # keep ticking the other rounds
+                    log.exception("round %s: tick failed", r.id)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout)
+            self._ticker = None
+        with self.lock:
+            rounds = list(self.rounds.values())
+        for r in rounds:
+            t = r._finalizer
+            if t is not None:
+                t.join(timeout)

@@ -1,0 +1,198 @@
+"""What a round is: its configuration as the round uses it, its mutable state and lock,
+and the bookkeeping every flow shares (events, the state file, the aggregator).
+
+`Round` (round.py) is this state plus the public API; the flows that change it
+live in `intake` (uploads entering) and `finalize` (the round ending), as
+functions over a `RoundState`. Underscored members are the package's internals,
+used by those modules; everything outside the package goes through `Round`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Optional
+
+from tiesfed.coordinator.aggregator import AggregatorLike
+from tiesfed.coordinator.rounds.aggregation import (
+    AggregatorFactory,
+    FoldedRecord,
+    FoldMode,
+    choose_fold_mode,
+    default_aggregator_factory,
+    fold_file,
+    new_aggregator,
+    read_folded,
+    release,
+)
+from tiesfed.coordinator.rounds.config import RoundConfig
+from tiesfed.coordinator.rounds.events import Event, EventLog, Merged, RoundError
+from tiesfed.coordinator.rounds.uploads import UploadRegistry, UploadSession
+from tiesfed.coordinator.rounds.validation import ContributionRules, limits_for
+from tiesfed.coordinator.spool import Committed, RoundSpool
+from tiesfed.core.methods import get_method
+from tiesfed.io.model_io import DEFAULT_SHARD_BYTES
+from tiesfed.protos.v1 import MAX_CHUNK_BYTES
+
+log = logging.getLogger("tiesfed.coordinator")
+
+State = Literal["open", "finalizing", "finalized", "failed"]
+
+
+class RoundState:
+    """One round's state. Thread-safe; all state changes under `lock`."""
+
+    def __init__(
+        self,
+        config: RoundConfig,
+        spool: RoundSpool,
+        aggregator_factory: AggregatorFactory = default_aggregator_factory,
+        *,
+        base_path: Optional[str] = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        max_chunk_bytes: int = MAX_CHUNK_BYTES,
+        abandon_after_s: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.id = config.round_id
+        self.spool = spool
+        self.factory = aggregator_factory
+        self.base_path = base_path
+        self.shard_bytes = shard_bytes
+        self.max_chunk_bytes = max_chunk_bytes
+        self.abandon_after_s = abandon_after_s
+        self.clock = clock
+
+        opts = config.options
+        method = get_method(opts.method)
+        self.participants = {p.client_id: p for p in config.participants}
+        weighted = any(p.weight != 1.0 for p in config.participants)
+        self.spec = method.finalize_spec(opts, weighted)
+        self.trims = {p.client_id: method.trim_spec(opts, p.density) for p in config.participants}
+        self.rules = ContributionRules(config, self.trims)
+        self.manifest = self.rules.manifest
+        self.total = self.rules.total
+        self.budgets = self.rules.budgets
+        self.fold_mode: FoldMode = choose_fold_mode((p.weight for p in config.participants), self.spec)
+        self.limits = limits_for(config)
+
+        self.lock = threading.RLock()
+        self.event_log = EventLog(self.lock)
+        self.cond = self.event_log.cond
+        self.events: list[Event] = self.event_log.events
+        self.uploads = UploadRegistry(self.id, spool, self.limits)
+        self.sessions: dict[str, UploadSession] = self.uploads.by_client
+        self.state: State = "open"
+        self.message = ""
+        self.close_requested = False
+        self.merged: Optional[Merged] = None
+        self.committed: dict[str, Committed] = {}
+        self.agg: Optional[AggregatorLike] = None
+        self.downloaded: set[str] = set()  # clients that fetched the whole merged stream
+        self._deadline_seen = False
+        self._finalizer: Optional[threading.Thread] = None
+
+    def _new_aggregator(self) -> AggregatorLike:
+        """From the factory; one that takes `replay` gets `self.replay`."""
+        return new_aggregator(self.factory, self.config.manifest, self.spec, self.replay)
+
+    def replay(self) -> Iterator[FoldedRecord]:
+        """Everything folded into the aggregator now, as (name, indices, values, weight),
+        read back from the spool: committed contributions in participant order, then
+        the records live uploads have folded so far."""
+        with self.lock:
+            files: list[tuple[Path, float]] = []
+            if self.fold_mode != "final" or self.state == "finalizing":
+                files = [(self.committed[c].path, p.weight) for c, p in self.participants.items()
+                         if c in self.committed]
+            live = self.uploads.live_folded(self.participants)
+        yield from read_folded(files, live, self.limits)
+
+    def _persist(self) -> None:
+        st = {"state": self.state, "message": self.message, "close_requested": self.close_requested}
+        if self.merged is not None:
+            st.update(merged_sha256=self.merged.sha256, merged_bytes=self.merged.bytes,
+                      majority_sign=self.merged.majority_sign)
+        st["contributors"] = sorted(self.committed)
+        self.spool.save_state(st)
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def quorum(self) -> int:
+        return self.config.quorum or len(self.participants)
+
+    @property
+    def deadline(self) -> Optional[float]:
+        return self.config.deadline_unix
+
+    def deadline_passed(self, now: Optional[float] = None) -> bool:
+        return self.deadline is not None and (now if now is not None else self.clock()) >= self.deadline
+
+    def check_participant(self, client_id: str) -> None:
+        if client_id not in self.participants:
+            raise RoundError("PERMISSION_DENIED", f"client {client_id!r} is not on the allowlist of round {self.id!r}")
+
+    def upload_status(self, client_id: str) -> tuple[int, str, Optional[Committed]]:
+        """(bytes held of an upload in progress, sha256 of those bytes, the committed contribution)."""
+        with self.lock:
+            self.check_participant(client_id)
+            s = self.sessions.get(client_id)
+            c = self.committed.get(client_id)
+            if s is None or s.closed:
+                return 0, hashlib.sha256().hexdigest(), c
+            with s.io_lock:
+                return s.offset, s.sha.hexdigest(), c
+
+    def _finished(self) -> bool:
+        return self.state in ("finalized", "failed")
+
+    def events_since(self, seq: int, timeout: float) -> list[Event]:
+        """Events from `seq` on, waiting up to `timeout` for one if there is none yet."""
+        return self.event_log.since(seq, timeout, self._finished)
+
+    def wait_closed(self, timeout: Optional[float] = None) -> bool:
+        """Block until the round is finalized or failed."""
+        return self.event_log.wait_until(self._finished, timeout)
+
+    def _emit(self, kind: str, **kw) -> Event:
+        with self.cond:
+            ev = self.event_log.append(time=self.clock(), kind=kind, committed=len(self.committed),
+                                       expected=len(self.participants), state=self.state, **kw)
+        log.info("round %s: %s %s %s", self.id, kind, kw.get("client_id", ""), kw.get("message", ""))
+        return ev
+
+    # ------------------------------------------------------------------ shared by the flows
+
+    def _check_accepting(self, client_id: str, new: bool) -> None:
+        if self.state in ("finalizing", "finalized"):
+            raise RoundError("FAILED_PRECONDITION", f"round {self.id!r} is {self.state}: it takes no more uploads")
+        if self.state == "failed":
+            raise RoundError("FAILED_PRECONDITION", f"round {self.id!r} failed: {self.message}")
+        if new and self.config.late_policy == "reject" and self.deadline_passed():
+            raise RoundError(
+                "FAILED_PRECONDITION",
+                f"round {self.id!r}: the deadline passed {self.clock() - self.deadline:.1f} s ago "
+                "and the late-upload policy is reject",
+            )
+
+    def _discard(self, s: UploadSession, why: str) -> None:
+        """Un-fold what `s` folded and drop it (lock held)."""
+        self.uploads.withdraw(s, why, self.agg, self.participants[s.client_id].weight)
+
+    def _rebuild(self, replace: Optional[dict[str, Path]] = None) -> None:
+        """A fresh aggregator from the committed spool (with `replace` swapped in),
+        folded in participant order. The old one is let go first: a sharded one
+        holds actors the new one needs."""
+        release(self.agg)
+        self.agg = None
+        self.agg = self._new_aggregator()
+        files = {cid: c.path for cid, c in self.committed.items()}
+        files.update(replace or {})
+        for cid in self.participants:
+            if cid in files:
+                fold_file(self.agg, files[cid], self.participants[cid].weight, +1, self.limits)

@@ -1,0 +1,103 @@
+"""What a contribution must be to enter a round: checked record by record, before it folds.
+
+The codec checks each record's indices, order, values and checksums; these rules
+check it against the round: the stream header (kind, base fingerprint, trim), each
+tensor (in the manifest, once, of the base's shape, within the client's nonzero
+budget), completeness at the end marker, and, under the refuse policy, identity
+with the committed stream. A failed rule raises `RoundError`; the caller withdraws
+the upload.
+"""
+
+from __future__ import annotations
+
+from tiesfed.coordinator.rounds.config import RoundConfig, nnz_budget
+from tiesfed.coordinator.rounds.events import RoundError
+from tiesfed.coordinator.rounds.uploads import UploadSession
+from tiesfed.core.trim import TrimSpec
+from tiesfed.protos.codec import Limits, SparseTensor
+
+
+def limits_for(config: RoundConfig) -> Limits:
+    """Codec limits from the manifest: no record larger than the round's biggest tensor."""
+    biggest = max((t.numel for t in config.manifest), default=1)
+    return Limits(max_numel=max(biggest, 1), max_payload_bytes=16 * biggest + 4096, max_header_bytes=1 << 20)
+
+
+class ContributionRules:
+    """A round's checks on its uploads; stateless but for what each session records."""
+
+    def __init__(self, config: RoundConfig, trims: dict[str, TrimSpec]) -> None:
+        self.round_id = config.round_id
+        self.base_fingerprint = config.base_fingerprint
+        self.trims = trims
+        self.manifest = {t.name: t for t in config.manifest}
+        self.total = sum(t.numel for t in config.manifest)
+        self.budgets = {cid: nnz_budget(t, self.total) for cid, t in trims.items()}
+
+    def check_header(self, s: UploadSession, h: dict) -> None:
+        """The stream was made for this round: a contribution, on its base, trimmed as asked."""
+        if h.get("kind") != "contribution":
+            raise RoundError("INVALID_ARGUMENT", f"stream header kind is {h.get('kind')!r}, expected 'contribution'")
+        fp = h.get("base_fingerprint")
+        if fp != self.base_fingerprint:
+            raise RoundError(
+                "FAILED_PRECONDITION",
+                f"contribution of {s.client_id!r} was computed against base {fp!r}, "
+                f"but round {self.round_id!r} merges onto base {self.base_fingerprint!r}",
+            )
+        want = self.trims[s.client_id]
+        got = h.get("trim") or {}
+        keys = ["kind", "fraction"] + (["scope"] if want.kind == "topk" else []) + (["seed"] if want.kind == "dare" else [])
+        bad = [k for k in keys if got.get(k) != getattr(want, k)]
+        if bad:
+            raise RoundError(
+                "INVALID_ARGUMENT",
+                f"contribution of {s.client_id!r} was trimmed with {({k: got.get(k) for k in keys})}, "
+                f"round {self.round_id!r} asks for {({k: getattr(want, k) for k in keys})}",
+            )
+
+    def check_record(self, s: UploadSession, t: SparseTensor) -> None:
+        """One tensor: in the manifest, not seen before, the base's shape; counts it
+        into the session (`seen`, `nnz`) and checks the running nonzero budget."""
+        e = self.manifest.get(t.name)
+        if e is None:
+            raise RoundError("INVALID_ARGUMENT", f"tensor {t.name!r} is not in the manifest of round {self.round_id!r}")
+        if t.name in s.seen:
+            raise RoundError("INVALID_ARGUMENT", f"tensor {t.name!r} appears twice in the contribution")
+        if tuple(t.shape) != tuple(e.shape):
+            raise RoundError(
+                "INVALID_ARGUMENT", f"tensor {t.name!r} has shape {list(t.shape)}, the round's base has {list(e.shape)}"
+            )
+        s.seen.add(t.name)
+        s.nnz += t.nnz
+        budget = self.budgets[s.client_id]
+        if s.nnz > budget:
+            trim = self.trims[s.client_id]
+            raise RoundError(
+                "INVALID_ARGUMENT",
+                f"contribution of {s.client_id!r} carries more than {budget:,} nonzeros (at {t.name!r}): "
+                f"over the budget of {trim.kind} trim at {100 * trim.fraction:g}% of {self.total:,} parameters",
+            )
+
+    def check_complete(self, s: UploadSession) -> None:
+        """At the end marker: every tensor of the manifest arrived."""
+        missing = [n for n in self.manifest if n not in s.seen]
+        if missing:
+            raise RoundError(
+                "INVALID_ARGUMENT",
+                f"contribution of {s.client_id!r} ends without {len(missing)} tensor(s) of the manifest, e.g. "
+                + ", ".join(repr(m) for m in missing[:5]),
+            )
+
+    def check_unchanged(self, s: UploadSession, data: bytes) -> None:
+        """Refuse policy: a re-upload must be byte-identical to the committed one."""
+        c = s.compare
+        with open(c.path, "rb") as f:
+            f.seek(s.offset)
+            same = f.read(len(data)) == data
+        if not same:
+            raise RoundError(
+                "FAILED_PRECONDITION",
+                f"client {s.client_id!r} already committed a different contribution (sha256 {c.sha256[:16]}…) "
+                f"and round {self.round_id!r} refuses replacements",
+            )

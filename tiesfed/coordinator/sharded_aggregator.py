@@ -1,0 +1,172 @@
+"""The parameter space sharded over Ray actors: `ShardedAggregator`.
+
+Same four methods as `tiesfed.coordinator.aggregator.Aggregator` (fold, sign_balance,
+finalize, merged), with each shard's accumulators living in one `ShardActor`
+(on a GPU when the actor was given one). Every actor runs the very same pure
+functions of `tiesfed.core.accumulators` on its flat range, element by element,
+so the result is bit-identical to the single-process aggregator. Actor start-up,
+fold routing and recovery are `shard_pool.ShardPool`'s; this module adds the
+outputs.
+
+Data path
+  sign_balance: the one scalar all-reduce (a sum of per-actor ints).
+  finalize: every actor computes its range in parallel (elementwise, in 1M
+  element chunks) and keeps the float32 result; the driver pulls shard outputs
+  in order (one shard ahead, prefetched) and yields tensors in manifest order,
+  one at a time, each a fresh writable tensor.
+  write_model: with the base on a shared filesystem, the actors write the full
+  merged model's safetensors files in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from tiesfed.coordinator.shard_actor import from_wire
+from tiesfed.coordinator.shard_pool import ShardLostError, ShardPool
+from tiesfed.core.accumulators import majority_sign
+
+__all__ = ["ShardedAggregator", "ShardLostError"]
+
+log = logging.getLogger(__name__)
+
+
+class ShardedAggregator(ShardPool):
+    """`Aggregator`'s interface over Ray actors, one per non-empty shard
+    (constructor arguments: `ShardPool`)."""
+
+    def __enter__(self) -> "ShardedAggregator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ election
+    def sign_balance(self) -> int:
+        """Σ_p γ_p over the whole model (the one scalar all-reduce)."""
+        self._check_open()
+        if self.spec.combine != "disjoint":
+            return 0
+        for _ in range(self._max_restarts + 2):
+            self.recover()
+            refs = {s: a.sign_balance.remote() for s, a in self._actors.items()}
+            try:
+                return int(sum(ray.get(list(refs.values()), timeout=self._call_timeout)))
+            except RayActorError:
+                continue
+        raise ShardLostError("shard actors keep restarting")
+
+    def _stage(self, shards: Iterable[int], majority: int) -> None:
+        for s in shards:
+            wt = None
+            if self.spec.combine == "average":
+                wt = {p.tensor: self._weight_totals[p.tensor] for p in self.plan.shards[s]}
+            self._stage_refs[s] = self._actors[s].stage.remote(majority, wt)
+
+    def finalize(self, majority: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Compute every shard's output in parallel, then yield (name, τ_m
+        flat float32 CPU) in manifest order, one tensor at a time."""
+        self._check_open()
+        self.recover()
+        self._stage(self._actors, majority)  # results come back through `take`
+        return self._assemble(majority)
+
+    def merged(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Election's all-reduce then the disjoint merge, tensor by tensor."""
+        return self.finalize(majority_sign(self.sign_balance()))
+
+    def write_model(self, base_path: str, merged_path: str, out_dir: str | Path, shard_bytes: int,
+                    metadata: dict[str, str]) -> list[Path]:
+        """The full merged model, written by the shard actors in parallel: the base's
+        tensors are packed in order into output shards (at most `shard_bytes`, and at
+        least one per actor when the model is big enough) and each actor writes some.
+        Needs the base and the spool on a filesystem every actor's node can read."""
+        from tiesfed.io.model_io import INDEX_FILE, ModelReader, pack_shards, shard_name
+
+        self._check_open()
+        with ModelReader(base_path) as base:
+            infos = base.manifest()
+        total = sum(t.nbytes for t in infos)
+        groups = pack_shards(infos, max(1, min(shard_bytes, -(-total // max(1, len(self._actors))))))
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files = [out_dir / shard_name(i + 1, len(groups)) for i in range(len(groups))]
+        actors = list(self._actors.values())
+        refs = [
+            actors[i % len(actors)].write_model_part.remote(
+                str(base_path), str(merged_path), [t.name for t in g], str(files[i]), metadata
+            )
+            for i, g in enumerate(groups)
+        ]
+        ray.get(refs, timeout=self._call_timeout)
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {t.name: files[i].name for i, g in enumerate(groups) for t in g},
+        }
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return files
+
+    def _assemble(self, majority: int) -> Iterator[tuple[str, torch.Tensor]]:
+        order = [s for s in self.plan.nonempty_shards()]
+        nxt = {a: b for a, b in zip(order, order[1:])}
+        pending: dict[int, ray.ObjectRef] = {}
+        cur_shard: Optional[int] = None
+        cur_flat: Optional[torch.Tensor] = None
+
+        def output(s: int) -> torch.Tensor:
+            nonlocal cur_shard, cur_flat
+            if s == cur_shard:
+                return cur_flat
+            cur_shard, cur_flat = None, None  # drop the previous shard's output
+            ref = pending.pop(s, None) or self._actors[s].take.remote()
+            if s in nxt and nxt[s] not in pending:  # prefetch one shard ahead
+                pending[nxt[s]] = self._actors[nxt[s]].take.remote()
+            flat = self._fetch(s, ref, majority)
+            cur_shard, cur_flat = s, flat
+            return flat
+
+        for name, n in self.manifest:
+            if n == 0:
+                yield name, torch.zeros(0, dtype=torch.float32)
+                continue
+            pieces = self.plan.pieces_of(name)
+            if len(pieces) == 1:
+                p = pieces[0]
+                flat = output(p.shard)  # read-only view of the object store: always copy out
+                out = flat[p.offset_in_shard:p.offset_in_shard + p.numel].clone()
+                if p.offset_in_shard == 0 and p.numel == flat.numel():
+                    cur_shard, cur_flat = None, None  # the shard was just this tensor
+                del flat
+            else:
+                out = torch.empty(n, dtype=torch.float32)
+                for p in pieces:
+                    flat = output(p.shard)
+                    out[p.start:p.stop] = flat[p.offset_in_shard:p.offset_in_shard + p.numel]
+                    del flat
+            yield name, out
+            del out
+
+    def _fetch(self, s: int, ref: ray.ObjectRef, majority: int) -> torch.Tensor:
+        for _ in range(self._max_restarts + 2):
+            try:
+                stage_ref = self._stage_refs.pop(s, None)
+                if stage_ref is not None:
+                    ray.get(stage_ref, timeout=self._call_timeout)  # surfaces a failed finalize
+                gen, flat = ray.get(ref, timeout=self._call_timeout)
+            except RayActorError:
+                gen, flat = None, None
+            if flat is not None and gen == self._gen.get(s):
+                return from_wire(flat)
+            # the actor restarted after staging: rebuild it (and any other), restage, retry
+            log.warning("shard %d lost its staged output; rebuilding", s)
+            self.recover()
+            self._stage([s], majority)
+            ref = self._actors[s].take.remote()
+        raise ShardLostError(f"shard {s}: output lost repeatedly")

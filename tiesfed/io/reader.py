@@ -1,0 +1,333 @@
+"""Read Hugging Face style safetensors models a tensor at a time, and judge them.
+
+Nothing here ever holds a whole model. `ModelReader` parses only the headers at
+open and hands out one tensor at a time (read straight from its byte range,
+or memory-mapped through `safetensors.safe_open` on request); `fingerprint`
+hashes raw bytes in bounded chunks. `check_compatible` and `mergeable` decide,
+from headers alone, whether and which tensors a merge may touch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from safetensors import safe_open
+
+from tiesfed.io.safetensors_format import (
+    _IO_CHUNK,
+    DTYPE_TO_ST,
+    INDEX_FILE,
+    SINGLE_FILE,
+    ST_TO_DTYPE,
+    ModelError,
+    TensorInfo,
+    _read_header,
+)
+
+__all__ = ["ModelReader", "check_compatible", "fingerprint", "mergeable"]
+
+_pread_lock = threading.Lock()
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Read into `buf` from absolute `offset` without moving a shared file position."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buf], offset)
+    with _pread_lock:  # no preadv (Windows): seek + readinto under a lock
+        os.lseek(fd, offset, os.SEEK_SET)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            return f.readinto(buf)
+
+
+
+class ModelReader:
+    """Read-only view of one model, a tensor at a time.
+
+    `path` may be: a folder with ``model.safetensors``; a folder with sharded
+    files and ``model.safetensors.index.json``; a folder holding exactly one
+    ``*.safetensors``; or a single ``.safetensors`` file. Only headers are read
+    at open. Use as a context manager (or call `close`).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        p = self.path
+        files: list[Path]
+        weight_map: Optional[dict[str, str]] = None
+        if p.is_file():
+            if p.suffix != ".safetensors":
+                raise ModelError(f"{p}: not a .safetensors file (only safetensors models are supported)")
+            self.folder = p.parent
+            files = [p]
+        elif p.is_dir():
+            self.folder = p
+            if (p / SINGLE_FILE).is_file():
+                files = [p / SINGLE_FILE]
+            elif (p / INDEX_FILE).is_file():
+                files, weight_map = self._read_index(p / INDEX_FILE)
+            else:
+                st = sorted(q.name for q in p.glob("*.safetensors") if q.is_file())
+                if len(st) == 1:
+                    files = [p / st[0]]
+                else:
+                    others = sorted(
+                        q.name for q in p.iterdir()
+                        if q.is_file() and q.suffix in {".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf"}
+                    )
+                    if st:
+                        found = f"{len(st)} .safetensors files ({', '.join(st[:5])}{', ...' if len(st) > 5 else ''}) but no {INDEX_FILE}"
+                    elif others:
+                        found = f"no .safetensors file, only {', '.join(others[:5])} (convert the model to safetensors)"
+                    else:
+                        found = "no .safetensors file"
+                    raise ModelError(f"{p}: not a model folder: found {found}")
+        elif p.exists():
+            raise ModelError(f"{p}: neither a file nor a folder")
+        else:
+            raise ModelError(f"{p}: no such file or folder")
+
+        self._infos: dict[str, TensorInfo] = {}
+        self._ranges: dict[str, tuple[int, int]] = {}  # absolute byte range in its file
+        self.metadata: dict[str, str] = {}
+        order: list[tuple[int, int, str]] = []
+        for fi, f in enumerate(files):
+            entries, meta, start = _read_header(f)
+            if fi == 0:
+                self.metadata = dict(meta)
+            for name, e in entries.items():
+                if weight_map is not None and weight_map.get(name) != f.name:
+                    continue  # the index is authoritative (as for transformers)
+                if name in self._infos:
+                    raise ModelError(f"{p}: tensor {name!r} appears in both {self._infos[name].file.name} and {f.name}")
+                b, en = (int(x) for x in e["data_offsets"])
+                self._infos[name] = TensorInfo(name, tuple(int(s) for s in e["shape"]), ST_TO_DTYPE[e["dtype"]], f)
+                self._ranges[name] = (start + b, start + en)
+                order.append((fi, b, name))
+        if weight_map is not None:
+            missing = [n for n in weight_map if n not in self._infos]
+            if missing:
+                raise ModelError(
+                    f"{p}: {INDEX_FILE} lists {len(missing)} tensor(s) absent from their shard, e.g. "
+                    + ", ".join(f"{n!r} (in {weight_map[n]})" for n in missing[:5])
+                )
+        order.sort()
+        self.names: list[str] = [n for _, _, n in order]
+        self.files: list[Path] = files
+        self.total_float_params: int = sum(i.numel for i in self._infos.values() if i.is_float)
+        self.total_bytes: int = sum(i.nbytes for i in self._infos.values())
+        self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
+
+    @staticmethod
+    def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
+        try:
+            data = json.loads(index.read_text())
+            wm = data["weight_map"]
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise TypeError("weight_map is not a {tensor: file} object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"{index}: malformed index: {e!r}") from e
+        folder = index.parent
+        names = sorted(set(wm.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ModelError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+        return [folder / n for n in names], dict(wm)
+
+    # -- queries
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise ModelError(f"tensor {name!r} not found in model {self.path}") from None
+
+    def manifest(self) -> list[TensorInfo]:
+        return [self._infos[n] for n in self.names]
+
+    def byte_range(self, name: str) -> tuple[Path, int, int]:
+        """(file, absolute start, absolute end) of the tensor's raw little-endian bytes."""
+        i = self.info(name)
+        b, e = self._ranges[name]
+        return i.file, b, e
+
+    def iter_raw(self, name: str, chunk_bytes: int = _IO_CHUNK) -> Iterator[memoryview]:
+        """The tensor's raw bytes in chunks of at most `chunk_bytes` (one reused buffer:
+        consume each chunk before asking for the next)."""
+        file, b, e = self.byte_range(name)
+        buf = bytearray(max(1, min(chunk_bytes, e - b)))
+        mv = memoryview(buf)
+        with open(file, "rb") as f:
+            f.seek(b)
+            left = e - b
+            while left > 0:
+                want = min(left, len(buf))
+                got = f.readinto(mv[:want])
+                if not got:
+                    raise ModelError(f"tensor {name!r} in model {self.path}: file {file} ends early")
+                left -= got
+                yield mv[:got]
+
+    def get(self, name: str, mmap: bool = False) -> torch.Tensor:
+        """One CPU tensor; no other tensor is touched.
+
+        Default: its bytes are read (pread) into a fresh tensor, so memory is
+        exactly this tensor and is given back when the caller drops it.
+        `mmap=True`: a zero-copy view through ``safe_open(framework="pt")``;
+        the mapping stays alive while the reader is open, so over a pass the
+        process's (file-backed, reclaimable) RSS grows to the model's size.
+        """
+        info = self.info(name)
+        if mmap:
+            return self._get_mmap(info)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes == 0:
+            return out
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        _, b, _ = self.byte_range(name)
+        fd = self._fd(info.file)
+        pos = 0
+        try:
+            while pos < info.nbytes:
+                want = min(info.nbytes - pos, 1 << 30)
+                got = _pread_into(fd, buf[pos : pos + want], b + pos)
+                if got <= 0:
+                    raise ModelError(f"tensor {name!r} in model {self.path}: file {info.file} ends early")
+                pos += got
+        except OSError as e:
+            raise ModelError(f"tensor {name!r} in model {self.path}: cannot read {info.file}: {e}") from e
+        return out
+
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            try:
+                fd = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            except OSError as e:
+                raise ModelError(f"{file}: cannot open: {e}") from e
+            self._fds[file] = fd
+        return fd
+
+    def _get_mmap(self, info: TensorInfo) -> torch.Tensor:
+        h = self._handles.get(info.file)
+        if h is None:
+            try:
+                h = safe_open(str(info.file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise ModelError(f"{info.file}: cannot open: {e}") from e
+            self._handles[info.file] = h
+        try:
+            return h.get_tensor(info.name)
+        except Exception as e:
+            raise ModelError(f"tensor {info.name!r} in model {self.path}: cannot read: {e}") from e
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            ex = getattr(h, "__exit__", None)
+            if ex is not None:
+                try:
+                    ex(None, None, None)
+                except Exception:
+                    pass
+        self._handles.clear()
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "ModelReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ModelReader({str(self.path)!r}, {len(self.names)} tensors, {len(self.files)} file(s))"
+
+
+# ----------------------------------------------------------------------------- compatibility
+
+_MAX_PROBLEMS = 20
+
+
+def check_compatible(base: ModelReader, other: ModelReader, keep_base: Sequence[str] = ()) -> None:
+    """Raise ModelError listing every way `other` does not fit `base`.
+
+    Problems: a base tensor missing in `other`, a different shape, a tensor
+    `other` has that base lacks, a float tensor that became non-float (or the
+    reverse). fp32 vs bf16 is fine (task vectors are computed in fp32). A
+    tensor whose name matches a glob in `keep_base` is exempt: the merge keeps
+    it at the base value.
+    """
+
+    def kept(n: str) -> bool:
+        return any(fnmatch.fnmatch(n, g) for g in keep_base)
+
+    problems: list[str] = []
+    for n in base.names:
+        if kept(n):
+            continue
+        b = base.info(n)
+        if n not in other:
+            problems.append(f"{n!r}: missing")
+            continue
+        o = other.info(n)
+        if o.shape != b.shape:
+            problems.append(f"{n!r}: shape {list(o.shape)}, base has {list(b.shape)}")
+        if o.is_float != b.is_float:
+            problems.append(f"{n!r}: dtype {DTYPE_TO_ST[o.dtype]}, base has {DTYPE_TO_ST[b.dtype]}")
+    for n in other.names:
+        if n not in base and not kept(n):
+            problems.append(f"{n!r}: not in the base model")
+    if problems:
+        more = len(problems) - _MAX_PROBLEMS
+        lines = problems[:_MAX_PROBLEMS] + ([f"... and {more} more"] if more > 0 else [])
+        raise ModelError(
+            f"model {other.path} does not match base {base.path} ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(lines)
+        )
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def fingerprint(reader: ModelReader, chunk_bytes: int = _IO_CHUNK) -> str:
+    """Content hash of a model, independent of sharding, file order and metadata.
+
+    For every tensor in sorted-name order: one JSON line
+    ``[name, safetensors dtype, shape, nbytes]`` then exactly nbytes of raw data.
+    Streamed: memory is one `chunk_bytes` buffer.
+    """
+    h = hashlib.sha256()
+    for n in sorted(reader.names):
+        i = reader.info(n)
+        h.update(json.dumps([n, DTYPE_TO_ST[i.dtype], list(i.shape), i.nbytes]).encode() + b"\n")
+        for chunk in reader.iter_raw(n, chunk_bytes):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+
+def mergeable(infos: Sequence[TensorInfo], keep_base: Sequence[str] = ()) -> list[TensorInfo]:
+    """The tensors a merge touches: float tensors not pinned to the base by a glob."""
+    return [t for t in infos if t.is_float and not any(fnmatch.fnmatch(t.name, g) for g in keep_base)]
