@@ -509,3 +509,39 @@ def test_shard_actors_killed_mid_round(cluster, family, tmp_path, tmp_path_facto
     finally:
         srv.stop(grace=0)
     assert ray.is_initialized()  # the server joined this process's Ray and left it running
+
+
+# ----------------------------------------------------------------------------- 5. hostile uploads on Ray shards
+
+
+def test_rejected_hostile_upload_on_ray_shards_leaves_no_trace(cluster, family, tmp_path, tmp_path_factory):
+    """The integrity guarantee on Ray shard actors: an upload whose values break the
+    float64 sums' exactness is folded on arrival, then refused; the shards are rebuilt
+    from the spool and the merge is the local engine's, bit for bit."""
+    from tests.test_federated import contribution_bytes, raw_upload
+    from tests.test_integrity import HUGE, scaled
+    from tiesfed.io.model_io import fingerprint
+
+    base_dir, paths = family
+    with ModelReader(base_dir) as r:
+        fam = (base_dir, paths, fingerprint(r))
+    cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool", base_model=str(base_dir),
+                            num_shards=2, num_cpus_per_actor=0.25)
+    srv = CoordinatorServer(cfg)
+    try:
+        srv.start()
+        rnd = srv.manager.open_round(RoundConfig(
+            round_id="r1", participants=[ParticipantConfig(client_id=c) for c in CLIENTS], max_abs_value=1e30))
+        assert isinstance(rnd.agg, ShardedAggregator) and rnd.fold_mode == "arrival"
+        for i, c in enumerate(CLIENTS[:2]):
+            submit(srv.target, "r1", c, base_dir, paths[i], retry=FAST)
+        hostile = contribution_bytes(fam, 0, mutate=scaled(HUGE, drop_last=True))
+        with pytest.raises(grpc.RpcError) as ei:
+            raw_upload(srv, "r1", "org-c", hostile, chunk=300)
+        assert "ends without 1 tensor" in ei.value.details()
+        submit(srv.target, "r1", "org-c", base_dir, paths[2], retry=FAST)
+        out = tmp_path / "fetched"
+        fetch(srv.target, "r1", "org-a", base_dir, out, timeout=60, retry=FAST)
+        assert_identical(load_folder(out), engine_model(family, tmp_path_factory))
+    finally:
+        srv.stop(grace=0)

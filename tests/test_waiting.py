@@ -106,3 +106,24 @@ def test_control_a_server_that_refuses_the_ping_rate_cuts_the_wait(coordinator):
     srv = coordinator(keepalive_ms=30_000)  # accepts one ping per 15 s without data
     open_round(srv)
     assert _hold_watch(srv.target, keepalive_ms=200, seconds=6.0) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_download_that_stops_short_fails_instead_of_spinning(family, tmp_path, coordinator, monkeypatch):  # noqa: F811
+    """A coordinator whose stream ends before the promised size: the client retries with
+    backoff, then gives up with a clear error (it used to ask again forever)."""
+    from tiesfed.client.federated import fetch
+    from tiesfed.coordinator import service
+
+    srv = coordinator()
+    open_round(srv, clients=["org-a"])
+    send(srv, "r1", "org-a", family, 0)
+
+    def stops_short(merged, offset, context):
+        yield pb.DownloadChunk(offset=offset, data=b"", total_bytes=merged.bytes, sha256=merged.sha256)
+        return offset
+
+    monkeypatch.setattr(service, "_send_merged", stops_short)
+    started = time.monotonic()
+    with pytest.raises(FederatedError, match=r"stream stops at byte 0 of [\d,]+"):
+        fetch(srv.target, "r1", "org-a", family[0], tmp_path / "out", timeout=30, retry=FAST)
+    assert time.monotonic() - started < 30

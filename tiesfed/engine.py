@@ -47,6 +47,7 @@ from tiesfed.core.methods import get_method
 from tiesfed.core.options import MergeConfig
 from tiesfed.io.model_io import (
     DEFAULT_SHARD_BYTES,
+    ModelError,
     ModelReader,
     ShardedWriter,
     check_compatible,
@@ -153,9 +154,12 @@ def merge(
             if t.name not in merged_names:
                 writer.write(t.name, theta0)
                 continue
-            theta, tensor_balance, tie = _merge_tensor(
-                t.name, t.numel, spooled, spec, opts.zero_sign, theta0, opts.lam, device
-            )
+            try:
+                theta, tensor_balance, tie = _merge_tensor(
+                    t.name, t.numel, spooled, spec, opts.zero_sign, theta0, opts.lam, device
+                )
+            except OverflowError as e:
+                raise ModelError(f"tensor {t.name!r}: {e}") from None
             balance += tensor_balance
             if tie is not None:
                 ties.append(tie.spill(spool_dir / f"tie-{len(ties)}.pt"))

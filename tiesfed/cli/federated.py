@@ -4,7 +4,7 @@
     tiesfed coordinator serve --spool spool/ --base base/ --round r1 --clients org-a,org-b,org-c --option k=20
     tiesfed client submit BASE MODEL --target HOST:PORT --round r1 --client-id org-a
     tiesfed client fetch BASE -o merged/ --target HOST:PORT --round r1 --client-id org-a
-    tiesfed coordinator close --target HOST:PORT --round r1
+    tiesfed coordinator close --target HOST:PORT --round r1 --admin-token-file spool/admin-token
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ CLIENT_ID = click.option(
     "--client-id", envvar="TIESFED_CLIENT_ID", required=True, help="this client's id (env TIESFED_CLIENT_ID)"
 )
 ADMIN_TOKEN = click.option("--admin-token", envvar="TIESFED_ADMIN_TOKEN", help="admin token (env TIESFED_ADMIN_TOKEN)")
+ADMIN_TOKEN_FILE = click.option(
+    "--admin-token-file", type=click.Path(dir_okay=False),
+    help="read the admin token from this file, e.g. SPOOL/admin-token, where a coordinator started "
+    "without --admin-token writes the one it generated",
+)
 QUIET = click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 WAIT = click.option(
     "--wait-for-coordinator", "wait_s", type=click.FloatRange(min=0), default=60.0, show_default=True,
@@ -148,15 +153,35 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, admin_token, m
         raise click.ClickException(str(e)) from None
 
 
-def _admin_connection(target: str, admin_token: Optional[str]):
+def _admin_token(admin_token: Optional[str], admin_token_file: Optional[str]) -> str:
+    """The token of --admin-token or --admin-token-file (the file wins over the env variable)."""
+    from tiesfed.coordinator.admin import read_token_file
+
+    src = click.get_current_context().get_parameter_source("admin_token")
+    if admin_token is not None and admin_token_file and src != click.core.ParameterSource.ENVIRONMENT:
+        raise click.UsageError("give --admin-token or --admin-token-file, not both")
+    if admin_token_file:
+        try:
+            return read_token_file(admin_token_file)
+        except ValueError as e:
+            raise click.BadParameter(str(e).removeprefix("--admin-token-file: "),
+                                     param_hint="--admin-token-file") from None
+    if admin_token is None:
+        raise click.UsageError("admin calls need the coordinator's token: give --admin-token, or "
+                               "--admin-token-file SPOOL/admin-token for the one it generated")
+    if not admin_token.strip():
+        raise click.BadParameter("is empty", param_hint="--admin-token")
+    return admin_token
+
+
+def _admin_connection(target: str, admin_token: str):
     import grpc
 
     from tiesfed.protos.v1 import ADMIN_TOKEN_KEY, channel_options
     from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
 
     channel = grpc.insecure_channel(target, options=channel_options())
-    md = ((ADMIN_TOKEN_KEY, admin_token),) if admin_token else ()
-    return channel, pb_grpc.CoordinatorStub(channel), md
+    return channel, pb_grpc.CoordinatorStub(channel), ((ADMIN_TOKEN_KEY, admin_token),)
 
 
 def _status_text(st) -> str:
@@ -175,10 +200,11 @@ def _status_text(st) -> str:
 @coordinator.command("open")
 @TARGET
 @ADMIN_TOKEN
+@ADMIN_TOKEN_FILE
 @click.option("--round-config", "round_config", type=click.Path(exists=True, dir_okay=False),
               help="YAML of the round")
 @_round_options
-def open_round(target, admin_token, round_config, round_id, clients, weights, quorum, deadline, late_policy,
+def open_round(target, admin_token, admin_token_file, round_config, round_id, clients, weights, quorum, deadline, late_policy,
                replace_policy, options) -> None:
     """Open a round on a running coordinator (its base gives manifest and fingerprint)."""
     import grpc
@@ -198,6 +224,7 @@ def open_round(target, admin_token, round_config, round_id, clients, weights, qu
             raise click.UsageError("give --round-config, or --round and --clients")
     except ValidationError as e:
         raise click.UsageError(validation_message(e)) from None
+    token = _admin_token(admin_token, admin_token_file)
     req = pb.OpenRoundRequest(
         round_id=rc.round_id,
         options_json=rc.options.model_dump_json(by_alias=True),
@@ -211,7 +238,7 @@ def open_round(target, admin_token, round_config, round_id, clients, weights, qu
         base_fingerprint=rc.base_fingerprint or "",
         manifest=[pb.TensorSpec(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in rc.manifest or []],
     )
-    channel, stub, md = _admin_connection(target, admin_token)
+    channel, stub, md = _admin_connection(target, token)
     with channel:
         try:
             spec = stub.OpenRound(req, metadata=md, timeout=600)
@@ -225,14 +252,15 @@ def open_round(target, admin_token, round_config, round_id, clients, weights, qu
 @TARGET
 @ROUND
 @ADMIN_TOKEN
+@ADMIN_TOKEN_FILE
 @click.option("--abort", is_flag=True, help="fail the round instead of finalizing it")
-def close_round(target, round_id, admin_token, abort) -> None:
+def close_round(target, round_id, admin_token, admin_token_file, abort) -> None:
     """Finalize a round now (its quorum must be met), or abort it."""
     import grpc
 
     from tiesfed.protos.v1 import tiesfed_pb2 as pb
 
-    channel, stub, md = _admin_connection(target, admin_token)
+    channel, stub, md = _admin_connection(target, _admin_token(admin_token, admin_token_file))
     with channel:
         try:
             st = stub.CloseRound(pb.CloseRoundRequest(round_id=round_id, abort=abort), metadata=md, timeout=3600)

@@ -32,6 +32,11 @@ class AggregatorLike(Protocol):
 
     def sign_balance(self) -> int: ...
 
+    def exact(self) -> bool:
+        """Every float sum so far was exact: withdrawing a contribution by
+        un-folding it, or the order of the folds, cannot change the result."""
+        ...
+
     def finalize(self, majority: int) -> Iterator[tuple[str, torch.Tensor]]: ...
 
 
@@ -57,6 +62,9 @@ class Aggregator:
         if self.spec.combine != "disjoint":
             return 0
         return sum(sign_balance(elect(acc, self.spec)) for acc in self._acc.values())
+
+    def exact(self) -> bool:
+        return all(acc.exact for acc in self._acc.values())
 
     def finalize(self, majority: int) -> Iterator[tuple[str, torch.Tensor]]:
         for name, acc in self._acc.items():

@@ -5,11 +5,11 @@ one Ray session that the coordinator starts (embedded default) or joins
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 from tiesfed.coordinator.ray_shards import ReplayItem, ShardedAggregator
+from tiesfed.coordinator.shard_pool import init_ray
 from tiesfed.core.accumulators import FinalizeSpec
 
 log = logging.getLogger("tiesfed.coordinator")
@@ -35,13 +35,9 @@ class RayAggregatorFactory:
         """Start a local Ray, or join `ray_address`; idempotent."""
         import ray
 
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if ray.is_initialized():
             return
-        if self.ray_address:
-            ray.init(address=self.ray_address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+        init_ray(self.ray_address, log_to_driver=False)
         self._owns_ray = True
         log.info("Ray %s: %s", "joined at " + self.ray_address if self.ray_address else "started locally",
                  ray.cluster_resources())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import signal
 import threading
 import time
@@ -24,19 +25,27 @@ from typing import Literal, Optional
 
 import grpc
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tiesfed.coordinator.admin import TOKEN_FILE as ADMIN_TOKEN_FILE
+from tiesfed.coordinator.admin import check_token, generate_token, write_token_file
 from tiesfed.coordinator.rounds import (
     AggregatorFactory,
     RoundConfig,
     RoundManager,
 )
+from tiesfed.coordinator.rounds.config import DEFAULT_MAX_ROUND_PARAMS
 from tiesfed.coordinator.service import CoordinatorService
+from tiesfed.coordinator.spool import SpoolLock
+from tiesfed.coordinator.streams import Cap, StreamGate
 from tiesfed.io.model_io import DEFAULT_SHARD_BYTES
 from tiesfed.protos.v1 import KEEPALIVE_TIME_MS, MAX_CHUNK_BYTES, server_options
 from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tiesfed.coordinator")
+
+#: Worker threads always left to short calls, whatever the long-lived ones hold.
+UNARY_THREADS = 32
 
 
 class CoordinatorConfig(BaseModel):
@@ -48,8 +57,27 @@ class CoordinatorConfig(BaseModel):
     spool_dir: Path = Field(Path("tiesfed-spool"), description="durable spool (rounds, contributions, outputs)")
     base_model: Optional[str] = Field(None, description="the base model: manifest, fingerprint, full merged model")
     shard_bytes: int = Field(DEFAULT_SHARD_BYTES, gt=0, description="shard size of the merged model folder")
-    admin_token: Optional[str] = Field(None, description="required in metadata of OpenRound/CloseRound when set")
-    max_workers: int = Field(128, ge=4, description="gRPC worker threads (each upload or watch holds one)")
+    admin_token: Optional[str] = Field(
+        None, description="required in the metadata of OpenRound/CloseRound; none: one is generated at "
+        "start, printed, and written to <spool>/admin-token (mode 0600); empty: refused"
+    )
+    max_workers: int = Field(
+        512, ge=4, description="gRPC worker threads; each call in flight holds one, so the long-lived calls "
+        f"(max_*_streams, summed) must leave at least {UNARY_THREADS} for the short ones (GetRoundSpec, ...)"
+    )
+    max_watch_streams: int = Field(256, ge=1, description="Watch streams open at once; more are refused "
+                                   "with RESOURCE_EXHAUSTED")
+    max_download_streams: int = Field(32, ge=1, description="Download streams at once (each holds about "
+                                      "3 MiB in flight: one 1 MiB chunk plus gRPC's buffers)")
+    max_upload_streams: int = Field(128, ge=1, description="Upload streams plus ReserveUpload calls waiting "
+                                    "for a slot, at once (only max_active_uploads of them are read)")
+    max_watches_per_client: int = Field(2, ge=1, description="Watch streams one client id may hold")
+    max_downloads_per_client: int = Field(2, ge=1, description="Download streams one client id may hold")
+    max_round_params: Optional[int] = Field(
+        None, ge=1, description="most parameters one round may merge, checked before its accumulators "
+        "(16-40 bytes a parameter) are allocated; default: this host's memory / 16 with the local "
+        f"aggregator, {DEFAULT_MAX_ROUND_PARAMS:,} with Ray"
+    )
     max_active_uploads: int = Field(2, ge=1, description="uploads read at once: memory is the accumulators "
                                     "plus this many records in flight, whatever the number of clients")
     max_chunk_bytes: int = Field(MAX_CHUNK_BYTES, gt=0, le=MAX_CHUNK_BYTES)
@@ -78,6 +106,22 @@ class CoordinatorConfig(BaseModel):
     max_restarts: int = Field(3, ge=0, description="restarts of a lost shard actor (rebuilt from the spool)")
     rounds: list[RoundConfig] = Field(default_factory=list)
 
+    @field_validator("admin_token")
+    @classmethod
+    def _token(cls, v: Optional[str]) -> Optional[str]:
+        return check_token(v, "admin_token (--admin-token)")
+
+    @model_validator(mode="after")
+    def _threads(self) -> "CoordinatorConfig":
+        streams = self.max_watch_streams + self.max_download_streams + self.max_upload_streams
+        if streams + UNARY_THREADS > self.max_workers:
+            raise ValueError(
+                f"max_watch_streams + max_download_streams + max_upload_streams = {streams} leaves fewer than "
+                f"{UNARY_THREADS} of max_workers = {self.max_workers} threads for short calls: raise "
+                "max_workers or lower the stream limits"
+            )
+        return self
+
 
 def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     """Read a coordinator YAML; relative paths are taken from the YAML's folder."""
@@ -90,6 +134,31 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     if cfg.base_model and not Path(cfg.base_model).expanduser().is_absolute():
         upd["base_model"] = str(path.parent / cfg.base_model)
     return cfg.model_copy(update=upd)
+
+
+def default_max_round_params(aggregator: str) -> int:
+    """Rounds whose accumulators (at least 16 bytes a parameter) fit this host's memory when
+    they live in this process; sharded over Ray, the fixed default."""
+    if aggregator == "local":
+        try:
+            return max(1, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 16)
+        except (ValueError, OSError, AttributeError):
+            pass
+    return DEFAULT_MAX_ROUND_PARAMS
+
+
+def stream_gate(config: CoordinatorConfig) -> StreamGate:
+    """The caps on long-lived calls: Watch, Download, and Upload with waiting ReserveUploads."""
+    return StreamGate(
+        pools={"Watch": (config.max_watch_streams, "max_watch_streams"),
+               "Download": (config.max_download_streams, "max_download_streams"),
+               "Upload": (config.max_upload_streams, "max_upload_streams")},
+        kinds={"Watch": Cap("Watch", config.max_watches_per_client, "max_watches_per_client"),
+               "Download": Cap("Download", config.max_downloads_per_client, "max_downloads_per_client"),
+               # one stream per client id (the manager's rule); a second one may wait for the first to end
+               "Upload": Cap("Upload", 2, None),
+               "ReserveUpload": Cap("Upload", 1, None)},
+    )
 
 
 class CoordinatorServer:
@@ -123,8 +192,15 @@ class CoordinatorServer:
             abandon_after_s=config.abandon_after_s,
             stall_after_s=config.stall_after_s,
             lease_s=config.lease_s,
+            max_round_params=config.max_round_params or default_max_round_params(config.aggregator),
         )
+        # no unauthenticated admin: a token given, or one made here (written to the spool at start)
+        self.admin_token_generated = config.admin_token is None
+        self.admin_token: str = config.admin_token or generate_token()
+        self.admin_token_file = Path(config.spool_dir) / ADMIN_TOKEN_FILE
+        self.gate = stream_gate(config)
         self.server: Optional[grpc.Server] = None
+        self.spool_lock = SpoolLock(config.spool_dir)  # one coordinator per spool
         self.port: Optional[int] = None
 
     @property
@@ -135,19 +211,34 @@ class CoordinatorServer:
         return f"{host}:{self.port}"
 
     def start(self) -> "CoordinatorServer":
+        """Lock the spool (SpoolLockedError naming the holder if another coordinator has it),
+        recover it, open the configured rounds, serve."""
+        self.spool_lock.acquire()  # before recovery, which deletes half-received uploads
+        try:
+            return self._start()
+        except BaseException:
+            self.spool_lock.release()
+            raise
+
+    def _start(self) -> "CoordinatorServer":
         if self.ray_factory is not None:
             self.ray_factory.start()  # before recovery, which folds into shard actors
         recovered = self.manager.recover()
         if recovered:
             log.info("recovered round(s) from the spool: %s", ", ".join(recovered))
         for rc in self.config.rounds:
-            if rc.round_id not in self.manager.rounds:
+            if rc.round_id not in self.manager.rounds and rc.round_id not in self.manager.unrecovered:
                 self.manager.open_round(rc)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.max_workers, thread_name_prefix="tiesfed-rpc"),
             options=server_options(self.config.keepalive_ms),
         )
-        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(self.manager, self.config.admin_token), server)
+        if self.admin_token_generated:
+            write_token_file(self.config.spool_dir, self.admin_token)
+        else:  # a token from an earlier start would mislead --admin-token-file
+            self.admin_token_file.unlink(missing_ok=True)
+        service = CoordinatorService(self.manager, self.admin_token, self.gate)
+        pb_grpc.add_CoordinatorServicer_to_server(service, server)
         port = server.add_insecure_port(self.config.listen)
         if port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
@@ -165,6 +256,7 @@ class CoordinatorServer:
         self.manager.stop()
         if self.ray_factory is not None:
             self.ray_factory.close()
+        self.spool_lock.release()
 
     def __enter__(self) -> "CoordinatorServer":
         return self.start()
@@ -214,6 +306,9 @@ def serve(
             tmp.write_text(f"{srv.port}\n")
             tmp.replace(port_file)
         print(f"tiesfed coordinator listening on {srv.target}, spool {config.spool_dir}", flush=True)
+        if srv.admin_token_generated:
+            print(f"admin token (generated; also in {srv.admin_token_file}, mode 0600): {srv.admin_token}",
+                  flush=True)
         while not stop.wait(0.5):
             if not exit_when_done:
                 continue

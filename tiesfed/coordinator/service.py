@@ -11,26 +11,26 @@ import functools
 import hmac
 import json
 import logging
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Generator, Iterator, Optional, TypeVar
 
 import grpc
 from pydantic import ValidationError
 
 from tiesfed.coordinator.rounds import (
     Event,
+    Merged,
     Receipt,
     Round,
     RoundConfig,
     RoundError,
     RoundManager,
-    TensorEntry,
 )
-from tiesfed.core.options import MergeOptions, validation_message
+from tiesfed.coordinator.streams import StreamGate
+from tiesfed.core.options import validation_message
 from tiesfed.protos.v1 import (
     ADMIN_TOKEN_KEY,
     CLIENT_ID_KEY,
     MAX_CHUNK_BYTES,
-    UPLOAD_LEASE_KEY,
 )
 from tiesfed.protos.v1 import tiesfed_pb2 as pb
 from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
@@ -114,6 +114,7 @@ def spec_message(r: Round) -> pb.RoundSpec:
         late_policy=LATE[c.late_policy],
         replace_policy=REPLACE[c.replace_policy],
         max_chunk_bytes=r.max_chunk_bytes,
+        max_abs_value=c.max_abs_value or 0.0,
         state=STATE[r.state],
     )
 
@@ -149,11 +150,30 @@ def receipt_message(rc: Receipt) -> pb.UploadReceipt:
     )
 
 
-def round_config_from_request(req: pb.OpenRoundRequest) -> RoundConfig:
+def _send_merged(merged: Merged, offset: int, context: grpc.ServicerContext) -> Generator[pb.DownloadChunk, None, int]:
+    """The merged stream from `offset`, one chunk at a time (so memory per download is
+    one chunk plus gRPC's buffers); returns the offset it got to."""
+    step = min(DOWNLOAD_CHUNK, MAX_CHUNK_BYTES)
+    pos = offset
+    with open(merged.path, "rb") as f:
+        f.seek(offset)
+        yield pb.DownloadChunk(offset=pos, data=b"", total_bytes=merged.bytes, sha256=merged.sha256)
+        while pos < merged.bytes and context.is_active():
+            data = f.read(min(step, merged.bytes - pos))
+            if not data:
+                break
+            yield pb.DownloadChunk(offset=pos, data=data, total_bytes=merged.bytes, sha256=merged.sha256)
+            pos += len(data)
+    return pos
+
+
+def round_config_from_request(req: pb.OpenRoundRequest, max_round_params: Optional[int] = None) -> RoundConfig:
+    """Validate an OpenRound request as a RoundConfig (errors name the field), before
+    anything is allocated; `max_round_params` bounds the manifest."""
     options = json.loads(req.options_json) if req.options_json else {}
     data: dict = {
         "round_id": req.round_id,
-        "options": MergeOptions.model_validate(options),
+        "options": options,
         "participants": [
             {
                 "client_id": p.client_id,
@@ -167,23 +187,30 @@ def round_config_from_request(req: pb.OpenRoundRequest) -> RoundConfig:
         "deadline_unix": req.deadline_unix or None,
         "deadline_s": req.deadline_seconds or None,
         "base_fingerprint": req.base_fingerprint or None,
-        "manifest": [TensorEntry(name=t.name, shape=tuple(t.shape), dtype=t.dtype or "F32") for t in req.manifest]
+        "max_abs_value": req.max_abs_value or None,
+        "manifest": [{"name": t.name, "shape": tuple(t.shape), "dtype": t.dtype or "F32"} for t in req.manifest]
         or None,
     }
     if req.late_policy:
         data["late_policy"] = {v: k for k, v in LATE.items()}[req.late_policy]
     if req.replace_policy:
         data["replace_policy"] = {v: k for k, v in REPLACE.items()}[req.replace_policy]
-    return RoundConfig.model_validate(data)
+    return RoundConfig.model_validate(data, context={"max_round_params": max_round_params})
 
 
 # ----------------------------------------------------------------------------- service
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, manager: RoundManager, admin_token: Optional[str] = None) -> None:
+    """The servicer. `admin_token` guards OpenRound/CloseRound (required: there is no
+    unauthenticated admin); `gate` caps the long-lived calls (see `streams`)."""
+
+    def __init__(self, manager: RoundManager, admin_token: str, gate: StreamGate) -> None:
+        if not admin_token or not admin_token.strip():
+            raise ValueError("admin token is empty: the coordinator needs one for OpenRound/CloseRound")
         self.manager = manager
         self.admin_token = admin_token
+        self.gate = gate
 
     # -- helpers
     def _client(self, context: grpc.ServicerContext) -> str:
@@ -193,8 +220,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return cid
 
     def _check_admin(self, context: grpc.ServicerContext) -> None:
-        if self.admin_token is None:
-            return
+        """The one admin check (mutual TLS will replace the token here)."""
         got = _metadata(context, ADMIN_TOKEN_KEY) or ""
         if not hmac.compare_digest(got.encode(), self.admin_token.encode()):
             raise RoundError("PERMISSION_DENIED", f"admin call without the right {ADMIN_TOKEN_KEY!r} metadata")
@@ -210,7 +236,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def OpenRound(self, request, context):
         self._check_admin(context)
         try:
-            cfg = round_config_from_request(request)
+            cfg = round_config_from_request(request, self.manager.max_round_params)
         except (ValidationError, ValueError) as e:
             msg = validation_message(e) if isinstance(e, ValidationError) else str(e)
             raise RoundError("INVALID_ARGUMENT", f"bad round: {msg}") from None
@@ -248,7 +274,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         r, cid = self._participant_round(request.round_id, context)
         with r.lock:
             r._check_accepting(cid, new=False)
-        lease = self.manager.reserve_upload(cid, request.wait_seconds)
+        if request.wait_seconds > 0:  # a waiting call holds a thread: it counts as long-lived
+            with self.gate.held("ReserveUpload", cid):
+                lease = self.manager.reserve_upload(cid, r.id, request.wait_seconds)
+        else:
+            lease = self.manager.reserve_upload(cid, r.id, 0.0)
         if lease is None:
             return pb.ReserveUploadReply(granted=False)
         return pb.ReserveUploadReply(granted=True, lease=lease, lease_seconds=self.manager.lease_s)
@@ -258,11 +288,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         cid = self._client(context)
         self.manager.check_known_client(cid)
         # At most max_active_uploads streams are read at once. The others wait
-        # here before their first message is read, held back by gRPC flow
-        # control, so memory stays flat in the number of clients; a stream that
-        # stalls while it holds a slot is cancelled by the manager's watchdog.
-        lease = _metadata(context, UPLOAD_LEASE_KEY)
-        with self.manager.upload_slot(context.cancel, lease, cid) as touch:
+        # here (bounded) before their first message is read, held back by gRPC
+        # flow control, so memory stays flat in the number of clients; a stream
+        # that delivers no new bytes while it holds a slot is cancelled by the
+        # manager's watchdog. The client's lease (UPLOAD_LEASE_KEY) is found by its id.
+        with self.gate.held("Upload", cid), \
+                self.manager.upload_slot(cid, context.cancel, context.is_active) as progress:
             first = next(request_iterator, None)
             if first is None:
                 raise RoundError("INVALID_ARGUMENT", "empty upload stream")
@@ -275,7 +306,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     if chunk.round_id and chunk.round_id != r.id:
                         raise RoundError("INVALID_ARGUMENT", "chunks of one upload name different rounds")
                     receipt = r.feed(s, chunk.offset, chunk.data)
-                    touch()
+                    progress(len(chunk.data))  # empty chunks are not progress
                     if receipt is not None:
                         break
                     chunk = next(request_iterator, None)
@@ -294,39 +325,26 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @rpc_stream
     def Watch(self, request, context) -> Iterator[pb.RoundEvent]:
-        r, _ = self._participant_round(request.round_id, context)
+        r, cid = self._participant_round(request.round_id, context)
         seq = request.from_seq
-        while context.is_active():
-            events = r.events_since(seq, WATCH_POLL_S)
-            for e in events:
-                yield event_message(r, e)
-                seq = e.seq + 1
-                if e.kind in ("ROUND_FINALIZED", "ROUND_FAILED"):
-                    return
+        with self.gate.held("Watch", cid):
+            while context.is_active():
+                events = r.events_since(seq, WATCH_POLL_S)
+                for e in events:
+                    yield event_message(r, e)
+                    seq = e.seq + 1
+                    if e.kind in ("ROUND_FINALIZED", "ROUND_FAILED"):
+                        return
 
     @rpc_stream
     def Download(self, request, context) -> Iterator[pb.DownloadChunk]:
         r, cid = self._participant_round(request.round_id, context)
-        with r.lock:
-            merged = r.merged if r.state == "finalized" else None
-            if merged is None:
-                raise RoundError(
-                    "FAILED_PRECONDITION", f"round {r.id!r} is {r.state}: nothing to download yet"
-                    + (f" ({r.message})" if r.message else "")
-                )
-        if request.offset > merged.bytes:
-            raise RoundError("OUT_OF_RANGE", f"offset {request.offset} is past the end ({merged.bytes} bytes)")
-        step = min(DOWNLOAD_CHUNK, MAX_CHUNK_BYTES)
-        with open(merged.path, "rb") as f:
-            f.seek(request.offset)
-            pos = request.offset
-            yield pb.DownloadChunk(offset=pos, data=b"", total_bytes=merged.bytes, sha256=merged.sha256)
-            while pos < merged.bytes and context.is_active():
-                data = f.read(min(step, merged.bytes - pos))
-                if not data:
-                    break
-                yield pb.DownloadChunk(offset=pos, data=data, total_bytes=merged.bytes, sha256=merged.sha256)
-                pos += len(data)
+        # the gate first: checking the merged stream may hash it, which a refused call must not cost
+        with self.gate.held("Download", cid):
+            merged = r.merged_to_serve()  # its sha256 checked first; a damaged one is rebuilt
+            if request.offset > merged.bytes:
+                raise RoundError("OUT_OF_RANGE", f"offset {request.offset} is past the end ({merged.bytes} bytes)")
+            pos = yield from _send_merged(merged, request.offset, context)
         if pos == merged.bytes:
             with r.lock:
                 r.downloaded.add(cid)

@@ -155,6 +155,10 @@ class ShardActorLocal:
             weight_total=self.acc.weight_total if weight_total is None else weight_total,
         )
 
+    def exact(self) -> bool:
+        """Every float sum of this range so far was exact (see core.accumulators)."""
+        return self.acc.exact
+
     def sign_balance(self) -> int:
         if self.spec.combine != "disjoint":
             return 0

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections import OrderedDict
 from typing import Callable, Iterable, Optional, Union
@@ -67,6 +68,22 @@ ReplayItem = Union[
 
 _INT32_MAX = 2**31 - 1
 
+
+
+def init_ray(address: Optional[str] = None, log_to_driver: bool = True) -> None:
+    """Join the cluster at `address`, or start a Ray of our own.
+
+    Without an address Ray would join whatever `RAY_ADDRESS` or the last `ray
+    start` on this machine names, a stranger's cluster; `address="local"` always
+    starts a new instance, in a temp dir of its own (another user's /tmp/ray
+    cannot clash with it). It binds loopback unless told otherwise.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver)
+        return
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=log_to_driver,
+             _temp_dir=tempfile.mkdtemp(prefix="tiesfed-ray-"))
 
 class ShardLostError(RuntimeError):
     """A shard's state is gone (actor restarted or dead) and cannot be rebuilt."""
@@ -119,10 +136,7 @@ class ShardPool:
         self._actors: dict[int, "ray.actor.ActorHandle"] = {}
         self._closed = False
         if not ray.is_initialized():
-            if ray_address is not None:
-                ray.init(address=ray_address)
-            else:
-                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+            init_ray(ray_address)
             self._owns_ray = True
         try:
             total = sum(k for _, k in self.manifest)

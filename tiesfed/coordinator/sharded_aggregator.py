@@ -63,6 +63,18 @@ class ShardedAggregator(ShardPool):
                 continue
         raise ShardLostError("shard actors keep restarting")
 
+    def exact(self) -> bool:
+        """Every actor's sums so far were exact (a barrier: outstanding folds first)."""
+        self._check_open()
+        for _ in range(self._max_restarts + 2):
+            self.recover()
+            refs = [a.exact.remote() for a in self._actors.values()]
+            try:
+                return all(ray.get(refs, timeout=self._call_timeout))
+            except RayActorError:
+                continue
+        raise ShardLostError("shard actors keep restarting")
+
     def _stage(self, shards: Iterable[int], majority: int) -> None:
         for s in shards:
             wt = None

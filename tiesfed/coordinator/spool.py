@@ -3,40 +3,57 @@
 Layout under ``<spool_dir>/rounds/<round_id>/``::
 
     round.json                      the round's configuration (written once, at open)
-    state.json                      open | finalizing | finalized | failed (+ merged digest)
+    state.json                      open | finalizing | finalized | failed (+ merged digest,
+                                    lost contributions, whether a restart finalizes again)
     partial/<client>.part           an upload being received (discarded on restart)
     contributions/<client>.json     pointer: {"sha256", "file", "bytes", "nnz"}
     contributions/<client>-<sha>.tfs  a committed contribution (codec stream)
     merged.tfs                      the merged task vector (codec stream, kind "merged")
     model/                          the merged model, when the coordinator has the base
+    damaged/<time>-<name>           a contribution (and its pointer) found damaged on recovery,
+                                    kept for inspection; its client is asked to upload again
+
+and ``<spool_dir>/coordinator.lock``: the coordinator that holds the spool
+(`SpoolLock`: pid, host, start time), so a second one cannot start on it.
 
 A contribution is committed by: fsync of its data file, atomic rename to its
 content-addressed name, then an atomic replace of the client's pointer, then
 an fsync of the folder. The pointer is the commit point: a crash before it
 leaves an orphan file (removed on recovery), a crash after it a committed
 contribution whose checksum is verified before it is folded again.
+
+Every JSON file here is written atomically (`write_json_atomic`) and read with
+`read_json`, so a damaged one raises `DamagedFileError` naming it instead of
+stopping the coordinator with a bare parse error.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
-from tiesfed.io.files import fsync_dir, write_json_atomic
+from tiesfed.io.files import DamagedFileError, fsync_dir, read_json, write_json_atomic
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _ID_RE = re.compile(ID_PATTERN)
 _IO_CHUNK = 4 << 20
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+LOCK_FILE = "coordinator.lock"
 
 
 def check_id(kind: str, value: str) -> str:
-    """Round and client ids become file names: a conservative alphabet only."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    """Round and client ids become file names: a conservative alphabet only. fullmatch, since
+    `$` alone also matches before a trailing newline ("org-a\\n" must not pass)."""
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise ValueError(
             f"{kind} {value!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -98,16 +115,34 @@ class RoundSpool:
         write_json_atomic(self.round_file, config)
         fsync_dir(self.dir.parent)
 
+    @property
+    def damaged_dir(self) -> Path:
+        return self.dir / "damaged"
+
     def load_config(self) -> dict:
-        return json.loads(self.round_file.read_text())
+        """The round's configuration as written at open (DamagedFileError if unreadable)."""
+        return read_json(self.round_file, "round file")
 
     def save_state(self, state: dict) -> None:
         write_json_atomic(self.state_file, state)
 
     def load_state(self) -> dict:
-        if not self.state_file.is_file():
+        """The state file; none yet (a crash right after open) means open.
+        DamagedFileError if it is there but unreadable or not a state."""
+        if not self.state_file.exists():
             return {"state": "open"}
-        return json.loads(self.state_file.read_text())
+        st = read_json(self.state_file, "state file")
+        if st.get("state") not in ("open", "finalizing", "finalized", "failed"):
+            raise DamagedFileError(self.state_file, "state file", f"names no known state ({st.get('state')!r})")
+        if st["state"] == "finalized":
+            try:
+                int(st["merged_bytes"]), int(st["majority_sign"])
+                if not _SHA_RE.fullmatch(st["merged_sha256"]):
+                    raise ValueError("merged_sha256 is not a sha256")
+            except (KeyError, TypeError, ValueError) as e:
+                raise DamagedFileError(self.state_file, "state file",
+                                       f"says finalized without a valid merged digest ({e!r})") from None
+        return st
 
     # -- uploads
     def partial_path(self, client_id: str) -> Path:
@@ -143,41 +178,78 @@ class RoundSpool:
     def _pointer(self, client_id: str) -> Path:
         return self.contrib_dir / f"{client_id}.json"
 
-    def committed(self) -> dict[str, Committed]:
-        """Every client's committed contribution, by tiesfed.client id (sorted)."""
-        out: dict[str, Committed] = {}
+    def read_pointer(self, path: Path) -> Committed:
+        """One client's pointer file (DamagedFileError naming it if it is not a valid pointer)."""
+        cid = path.stem
+        d = read_json(path, f"contribution pointer of {cid!r}")
+        try:
+            sha, name, size, nnz = d["sha256"], d["file"], int(d["bytes"]), int(d["nnz"])
+            if not (isinstance(sha, str) and _SHA_RE.fullmatch(sha)):
+                raise ValueError(f"sha256 {sha!r} is not a hex sha256")
+            if not (isinstance(name, str) and name == Path(name).name and name.endswith(".tfs")):
+                raise ValueError(f"file {name!r} is not a contribution file name")
+            if size < 0 or nnz < 0:
+                raise ValueError("negative bytes or nnz")
+        except (KeyError, TypeError, ValueError) as e:
+            raise DamagedFileError(path, f"contribution pointer of {cid!r}", f"is not a valid pointer ({e})") from None
+        return Committed(cid, sha, self.contrib_dir / name, size, nnz)
+
+    def scan_committed(self) -> tuple[dict[str, Committed], dict[str, DamagedFileError]]:
+        """(valid pointers by client id, damaged pointers by client id), both sorted."""
+        good: dict[str, Committed] = {}
+        bad: dict[str, DamagedFileError] = {}
         for p in sorted(self.contrib_dir.glob("*.json")):
-            d = json.loads(p.read_text())
-            cid = p.stem
-            out[cid] = Committed(cid, d["sha256"], self.contrib_dir / d["file"], int(d["bytes"]), int(d["nnz"]))
-        return out
+            try:
+                good[p.stem] = self.read_pointer(p)
+            except DamagedFileError as e:
+                bad[p.stem] = e
+        return good, bad
+
+    def committed(self) -> dict[str, Committed]:
+        """Every client's committed contribution with a valid pointer, by client id (sorted)."""
+        return self.scan_committed()[0]
 
     def remove_orphans(self) -> list[Path]:
-        """Contribution files no pointer names (a crash between rename and pointer)."""
-        named = {c.path.name for c in self.committed().values()}
+        """Contribution files no pointer names (a crash between rename and pointer).
+        A client whose pointer is damaged keeps its files (quarantined by recovery)."""
+        good, bad = self.scan_committed()
+        named = {c.path.name for c in good.values()}
         gone = []
         for p in self.contrib_dir.glob("*.tfs"):
-            if p.name not in named:
+            if p.name not in named and not any(p.name.startswith(f"{cid}-") for cid in bad):
                 p.unlink(missing_ok=True)
                 gone.append(p)
         for p in self.contrib_dir.glob(".*.tmp-*"):
             p.unlink(missing_ok=True)
         return gone
 
-    def drop(self, client_id: str) -> None:
-        """Forget a committed contribution (used when its checksum no longer matches)."""
-        c = self.committed().get(client_id)
-        self._pointer(client_id).unlink(missing_ok=True)
-        if c is not None:
-            c.path.unlink(missing_ok=True)
+    def quarantine(self, client_id: str, c: Optional[Committed]) -> list[Path]:
+        """Take a damaged contribution out of the round: its pointer and data file
+        (`c`'s, or every ``<client>-*.tfs`` when the pointer itself is damaged)
+        move to ``damaged/``, kept for inspection; the client no longer counts
+        as committed. Returns the new paths."""
+        self.damaged_dir.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        files = [self._pointer(client_id)]
+        files += [c.path] if c is not None else sorted(self.contrib_dir.glob(f"{client_id}-*.tfs"))
+        moved = []
+        for p in files:
+            if p.exists():
+                dest = self.damaged_dir / f"{stamp}-{p.name}"
+                os.replace(p, dest)
+                moved.append(dest)
+        fsync_dir(self.damaged_dir)
         fsync_dir(self.contrib_dir)
+        return moved
 
     def clear_outputs(self, keep_merged: bool = False) -> None:
-        """Remove a half-written merge (before finalizing again after a crash), or
-        with `keep_merged` only a half-written model folder."""
+        """Remove what a finalization wrote (before finalizing again after a crash,
+        a failed attempt, or a damaged merged stream): the merged stream, its
+        temporaries, the model folder; with `keep_merged` only the model folder."""
         if not keep_merged:
-            for p in self.dir.glob(".merged.tfs.tmp*"):
+            for p in self.dir.glob(".merged.tfs.*"):
                 p.unlink(missing_ok=True)
+            self.merged_path.unlink(missing_ok=True)
         if self.model_dir.exists():
             shutil.rmtree(self.model_dir)
 
@@ -189,3 +261,62 @@ def iter_round_dirs(spool_dir: str | Path) -> Iterator[RoundSpool]:
     for d in sorted(root.iterdir()):
         if d.is_dir() and (d / "round.json").is_file():
             yield RoundSpool(spool_dir, d.name)
+
+
+class SpoolLockedError(OSError):
+    """Another coordinator holds the spool; the message names it and the spool."""
+
+
+class SpoolLock:
+    """One spool, one coordinator: an exclusive `flock` on ``<spool>/coordinator.lock``,
+    taken before recovery (which deletes half-received uploads) and held until stop.
+    The file holds the holder's pid, host and start time, for the error a second
+    coordinator gets. The kernel drops the lock when the process dies, so a crash
+    leaves nothing to clean up. (flock does not lock across hosts on every network
+    filesystem: one spool per coordinator host there.)"""
+
+    def __init__(self, spool_dir: str | Path) -> None:
+        self.spool_dir = Path(spool_dir)
+        self.path = self.spool_dir / LOCK_FILE
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "SpoolLock":
+        """Take the lock or raise SpoolLockedError at once (never waits, deletes nothing)."""
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise SpoolLockedError(
+                f"spool {self.spool_dir} is in use by another coordinator ({self.holder()}); "
+                f"stop it, or give this one another spool (lock file {self.path})"
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started_unix": time.time(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info, sort_keys=True) + "\n").encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def holder(self) -> str:
+        """Who holds the lock, as the lock file says."""
+        try:
+            d = read_json(self.path, "spool lock file")
+        except DamagedFileError as e:
+            return f"holder unknown: {e}"
+        return f"pid {d.get('pid')} on host {d.get('host')}, started {d.get('started')}"
+
+    def release(self) -> None:
+        """Let the spool go (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None

@@ -8,9 +8,14 @@ these same functions, which is what makes their results bit-identical.
 
 Sums are float64 by default. A sum of float32 values in float64 is exact as
 long as the values of one parameter span fewer than ~29 binary orders of
-magnitude (always true for trimmed task vectors in practice), so the result
+magnitude (true for honest trimmed task vectors in practice); then the result
 does not depend on the arrival order and `unfold` is the exact inverse of
-`fold`. Counts are int32: no overflow below 2**31 contributors.
+`fold`. Nothing stops a hostile input from breaking that, so `fold` checks
+every sum it makes (Fast2Sum: with |a| >= |b|, fl(a + b) - a is exact, and the
+sum was exact iff it equals b) and clears `Accumulator.exact` for good once
+one was not. A caller that needs order-free results (withdrawing a
+contribution, finalizing) rebuilds such an accumulator in a fixed order.
+Counts are int32: no overflow below 2**31 contributors.
 """
 
 from __future__ import annotations
@@ -98,6 +103,9 @@ class Accumulator:
     m_neg: Optional[torch.Tensor] = None
     contributions: int = 0
     weight_total: float = 0.0
+    #: every float sum folded so far was exact (so unfold is an exact inverse and
+    #: the state does not depend on fold order); sticky once False
+    exact: bool = True
 
     @property
     def numel(self) -> int:
@@ -108,7 +116,7 @@ class Accumulator:
 
     def to(self, device: torch.device | str) -> "Accumulator":
         fields = {k: v.to(device) for k, v in self.tensors().items()}
-        return Accumulator(**fields, contributions=self.contributions, weight_total=self.weight_total)
+        return Accumulator(**fields, contributions=self.contributions, weight_total=self.weight_total, exact=self.exact)
 
 
 def new_accumulator(numel: int, spec: FinalizeSpec, device: torch.device | str = "cpu") -> Accumulator:
@@ -127,6 +135,26 @@ def new_accumulator(numel: int, spec: FinalizeSpec, device: torch.device | str =
         m_pos=z(sd) if spec.needs_extrema else None,
         m_neg=z(sd) if spec.needs_extrema else None,
     )
+
+
+def _add_checked(dst: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, check: bool) -> bool:
+    """dst[idx] += v for unique `idx`; with `check`, whether every sum was exact.
+
+    Gather, add and scatter give the same bits as `index_add_` (one addition
+    per element); the check is Fast2Sum's: the larger operand subtracted from
+    the rounded sum is exact, and the sum lost nothing iff that equals the
+    smaller operand.
+    """
+    if not check:
+        dst.index_add_(0, idx, v)
+        return True
+    old = dst.index_select(0, idx)
+    new = old + v
+    dst.index_copy_(0, idx, new)
+    old_larger = old.abs() >= v.abs()
+    big = torch.where(old_larger, old, v)
+    small = torch.where(old_larger, v, old)
+    return bool(torch.equal(new - big, small))
 
 
 def fold(
@@ -150,24 +178,29 @@ def fold(
     idx = indices.to(dev, torch.int64)
     raw = values.to(dev, acc.s_pos.dtype)
     val = raw * weight if weight != 1.0 else raw
-    pos = raw > 0
-    neg = raw < 0
+    if direction == -1:
+        raw, val = -raw, -val
+    pos = raw > 0 if direction == 1 else raw < 0
+    neg = ~pos & (raw != 0)
     ip, ineg = idx[pos], idx[neg]
-    acc.s_pos.index_add_(0, ip, val[pos], alpha=direction)
-    acc.s_neg.index_add_(0, ineg, val[neg], alpha=direction)
+    check = acc.exact
+    exact = _add_checked(acc.s_pos, ip, val[pos], check)
+    exact &= _add_checked(acc.s_neg, ineg, val[neg], check)
     if acc.c_pos is not None:
         one = torch.ones((), dtype=torch.int32, device=dev)
         acc.c_pos.index_add_(0, ip, one.expand(ip.numel()), alpha=direction)
         acc.c_neg.index_add_(0, ineg, one.expand(ineg.numel()), alpha=direction)
     if acc.w_pos is not None:
-        acc.w_pos.index_add_(0, ip, torch.full_like(val[pos], weight), alpha=direction)
-        acc.w_neg.index_add_(0, ineg, torch.full_like(val[neg], weight), alpha=direction)
+        w = float(direction * weight)
+        exact &= _add_checked(acc.w_pos, ip, torch.full_like(val[pos], w), check)
+        exact &= _add_checked(acc.w_neg, ineg, torch.full_like(val[neg], w), check)
     if acc.e_sum is not None:
         nz = pos | neg
-        acc.e_sum.index_add_(0, idx[nz], raw[nz], alpha=direction)
+        exact &= _add_checked(acc.e_sum, idx[nz], raw[nz], check)
     if acc.m_pos is not None:
         acc.m_pos.scatter_reduce_(0, ip, val[pos], reduce="amax")
         acc.m_neg.scatter_reduce_(0, ineg, val[neg], reduce="amin")
+    acc.exact = check and exact
     acc.contributions += direction
     acc.weight_total += direction * weight
 
@@ -180,20 +213,27 @@ def unfold(acc: Accumulator, indices: torch.Tensor, values: torch.Tensor, weight
 def combine(a: Accumulator, b: Accumulator) -> Accumulator:
     """Merge two accumulators of the same range (partial folds of disjoint client sets)."""
     out: dict[str, torch.Tensor] = {}
+    exact = a.exact and b.exact
     for name, ta in a.tensors().items():
         tb = getattr(b, name)
         if tb is None:
             raise ValueError(f"accumulators disagree on field {name}")
+        tb = tb.to(ta.device)
         if name == "m_pos":
-            out[name] = torch.maximum(ta, tb.to(ta.device))
+            out[name] = torch.maximum(ta, tb)
         elif name == "m_neg":
-            out[name] = torch.minimum(ta, tb.to(ta.device))
+            out[name] = torch.minimum(ta, tb)
         else:
-            out[name] = ta + tb.to(ta.device)
+            out[name] = ta.clone()
+            if ta.is_floating_point():
+                exact &= _add_checked(out[name], torch.arange(ta.numel(), device=ta.device), tb, exact)
+            else:
+                out[name] += tb
     return Accumulator(
         **out,
         contributions=a.contributions + b.contributions,
         weight_total=a.weight_total + b.weight_total,
+        exact=exact,
     )
 
 

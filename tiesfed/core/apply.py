@@ -3,7 +3,8 @@
 The merged task vector arrives sparse (only its nonzeros), and both the local
 merge and the federated client apply it through this one function, so their
 outputs agree bit for bit. Arithmetic is float32, then cast to the base dtype;
-parameters the merge did not touch keep their base bits exactly.
+parameters the merge did not touch keep their base bits exactly. A merged
+value that does not fit the base dtype is an error, never a silent inf.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ def apply_sparse(base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
         return base
     flat = base.reshape(-1)
     idx = indices.to(flat.device, torch.int64)
-    updated = flat[idx].to(torch.float32) + lam * values.to(flat.device, torch.float32)
+    updated = (flat[idx].to(torch.float32) + lam * values.to(flat.device, torch.float32)).to(base.dtype)
+    if not bool(torch.isfinite(updated).all()):
+        bad = int((~torch.isfinite(updated)).sum())
+        raise OverflowError(f"{bad} merged value(s) overflow {str(base.dtype).removeprefix('torch.')} "
+                            f"(θ₀ + λ·τ_m with λ = {lam:g})")
     out = flat.clone()
-    out[idx] = updated.to(base.dtype)
+    out[idx] = updated
     return out.reshape(base.shape)
 
 

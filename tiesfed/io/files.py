@@ -1,7 +1,10 @@
-"""Durable files: atomic JSON writes, directory fsync, chunked hashing.
+"""Durable files: atomic JSON writes, checked JSON reads, directory fsync, chunked hashing.
 
 Shared by the coordinator's spool and the client's resumable upload and
-download, so both sides hash and commit files the same way.
+download, so both sides hash and commit files the same way. Every state file
+is written with `write_json_atomic` and read back with `read_json`, whose
+error names the file and what is wrong with it: a damaged file is reported,
+never half-trusted.
 """
 
 from __future__ import annotations
@@ -14,6 +17,16 @@ from pathlib import Path
 from typing import Callable, Optional
 
 _IO_CHUNK = 4 << 20
+
+
+class DamagedFileError(ValueError):
+    """A state file that is missing, unreadable or not what it should be; the
+    message names the file and the problem."""
+
+    def __init__(self, path: Path, what: str, problem: str) -> None:
+        super().__init__(f"{what} {path} {problem}")
+        self.path = Path(path)
+        self.problem = problem
 
 
 def fsync_dir(path: Path) -> None:
@@ -48,6 +61,31 @@ def write_json_atomic(path: Path, obj: object) -> None:
     """`write_atomic` of `obj` as indented, key-sorted JSON."""
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path` (`what` it is, for the error): raises
+    `DamagedFileError` naming the file if it is missing, unreadable, truncated
+    or not a JSON object."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise DamagedFileError(path, what, "is missing") from None
+    except UnicodeDecodeError as e:
+        raise DamagedFileError(path, what, f"is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DamagedFileError(path, what, f"cannot be read: {e.strerror or e}") from None
+    if not text.strip():
+        raise DamagedFileError(path, what, "is empty")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DamagedFileError(path, what, f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): "
+                               "truncated or corrupted") from None
+    if not isinstance(obj, dict):
+        raise DamagedFileError(path, what, f"holds a JSON {type(obj).__name__}, expected an object")
+    return obj
 
 
 def sha256_file(path: Path, start: int = 0, end: Optional[int] = None) -> str:

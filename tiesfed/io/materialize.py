@@ -56,7 +56,10 @@ def write_theta(
             if tuple(st.shape) != tuple(theta.shape):
                 raise ModelError(f"{merged_path}: tensor {name!r} has shape {list(st.shape)}, "
                                  f"base has {list(theta.shape)}")
-            theta = apply_sparse(theta, st.indices, st.values, lam)
+            try:
+                theta = apply_sparse(theta, st.indices, st.values, lam)
+            except OverflowError as e:
+                raise ModelError(f"{merged_path}: tensor {name!r}: {e}") from None
         writer.write(name, theta)
 
 

@@ -6,15 +6,22 @@ Finalization runs once, on a thread of its own: under the lock the round turns
 the merge) the merged task vector is written as a codec stream, and the merged
 model when the coordinator has the base; under the lock again the round records
 the result. Either end lets the accumulators go.
+
+A failed attempt (a full disk, an I/O error) is retried `FINALIZE_ATTEMPTS` times
+with doubling backoff, each from a clean slate: partial outputs removed, the
+aggregator rebuilt from the committed spool. After the last the round fails with
+the error, marked so that a restarted coordinator finalizes it again from the
+spool. An admin abort fails the round but keeps every committed contribution
+(files and pointers) on disk: the audit trail of what was submitted.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from tiesfed.coordinator.aggregator import AggregatorLike
 from tiesfed.coordinator.rounds.aggregation import release
@@ -23,10 +30,13 @@ from tiesfed.coordinator.rounds.events import Merged, RoundError
 from tiesfed.coordinator.rounds.state import RoundState
 from tiesfed.coordinator.spool import RoundSpool
 from tiesfed.core.accumulators import FinalizeSpec, majority_sign
-from tiesfed.io.files import fsync_dir, sha256_file
+from tiesfed.io.files import sha256_file, write_atomic
 from tiesfed.protos.codec import SparseTensor, StreamWriter
 
 log = logging.getLogger("tiesfed.coordinator")
+
+FINALIZE_ATTEMPTS = 3
+FINALIZE_BACKOFF_S = 0.5  # before the second attempt; doubled for each further one
 
 
 def maybe_finalize(r: RoundState, now: Optional[float] = None) -> None:
@@ -37,10 +47,15 @@ def maybe_finalize(r: RoundState, now: Optional[float] = None) -> None:
         start_finalizer(r)
 
 
-def start_finalizer(r: RoundState) -> None:
-    if r._finalizer is None:
-        r._finalizer = threading.Thread(target=finalize, args=(r,), name=f"finalize-{r.id}", daemon=True)
-        r._finalizer.start()
+def start_finalizer(r: RoundState, body: Optional[Callable[[], None]] = None) -> None:
+    """Run `finalize` on the round's finalizer thread, once; or `body` (finalizing a
+    finished round again, lock held) once the previous thread is through."""
+    if body is None and r._finalizer is not None:
+        return
+    if r._finalizer is not None:
+        r._finalizer.join()  # it recorded its result under the lock we hold: nothing is left
+    r._finalizer = threading.Thread(target=body or (lambda: finalize(r)), name=f"finalize-{r.id}", daemon=True)
+    r._finalizer.start()
 
 
 def on_deadline(r: RoundState, now: float) -> None:
@@ -55,10 +70,7 @@ def close(r: RoundState, abort: bool = False, timeout: Optional[float] = None) -
     """Admin: finalize now (quorum must be met), or abort. Waits for the finalization."""
     with r.lock:
         if abort:
-            if r.state in ("finalized", "failed"):
-                raise RoundError("FAILED_PRECONDITION", f"round {r.id!r} is already {r.state}")
-            if r.state == "open":
-                fail(r, "aborted by the admin")
+            abort_round(r)
             return
         if r.state == "failed":
             raise RoundError("FAILED_PRECONDITION", f"round {r.id!r} failed: {r.message}")
@@ -77,6 +89,24 @@ def close(r: RoundState, abort: bool = False, timeout: Optional[float] = None) -
         t.join(timeout)
 
 
+def abort_round(r: RoundState) -> None:
+    """Admin abort (lock held): the round fails, uploads in progress are withdrawn, and
+    every committed contribution stays on disk, file and pointer, as the audit trail.
+    A round that failed to finalize can be aborted too, so a restart leaves it failed."""
+    if r.state == "finalizing":
+        raise RoundError("FAILED_PRECONDITION", f"round {r.id!r} is finalizing: too late to abort")
+    if r.state == "finalized" or (r.state == "failed" and not r.refinalize_on_restart):
+        raise RoundError("FAILED_PRECONDITION", f"round {r.id!r} is already {r.state}")
+    kept = sorted(r.committed)
+    why = "aborted by the admin"
+    if r.state == "failed":
+        why += f" after: {r._message}"
+    why += (f"; {len(kept)} committed contribution(s) kept in the spool for audit ({', '.join(kept)})"
+            if kept else "; nothing was committed")
+    r.refinalize_on_restart = False
+    fail(r, why)
+
+
 def fail(r: RoundState, why: str) -> None:
     """The round fails (lock held): uploads in progress are withdrawn, the accumulators let go."""
     r.state = "failed"
@@ -90,7 +120,7 @@ def fail(r: RoundState, why: str) -> None:
 
 
 def finalize(r: RoundState) -> None:
-    """The finalizer thread's body."""
+    """The finalizer thread's body: stop taking uploads, then write the outputs."""
     with r.lock:
         if r.state != "open":
             return
@@ -100,30 +130,85 @@ def finalize(r: RoundState) -> None:
         r._persist()
         r._emit("ROUND_FINALIZING", message=f"merging {len(r.committed)} contribution(s)")
         contributors = sorted(r.committed)
-    try:
-        if r.fold_mode == "final":
-            r._rebuild()
-        merged = write_merged(r.agg, contributors, r.config, r.spec, r.spool)
-        if r.base_path:
-            write_model(r.agg, r.base_path, merged.path, r.spool, r.shard_bytes, r.config)
-    except Exception as e:
-        log.exception("round %s: finalization failed", r.id)
-        with r.lock:
-            r.state = "failed"
-            r.message = f"finalization failed: {e!r}"
-            release(r.agg)
-            r.agg = None
-            r._persist()
-            r._emit("ROUND_FAILED", message=r.message)
-        return
+    write_outputs(r, contributors)
+
+
+def write_outputs(r: RoundState, contributors: list[str]) -> None:
+    """Write the merged stream and model of a finalizing round, retrying failed attempts
+    (see the module's docstring); record the result, or the failure."""
+    delay = FINALIZE_BACKOFF_S
+    for attempt in range(1, FINALIZE_ATTEMPTS + 1):
+        try:
+            merged = attempt_outputs(r, contributors)
+            break
+        except Exception as e:
+            log.exception("round %s: finalization attempt %d of %d failed", r.id, attempt, FINALIZE_ATTEMPTS)
+            with r.lock:
+                release(r.agg)
+                r.agg = None  # the next attempt rebuilds it from the committed spool
+            try:
+                r.spool.clear_outputs()  # no partial output outlives a failed attempt
+            except OSError:
+                log.exception("round %s: removing the partial outputs failed", r.id)
+            if attempt < FINALIZE_ATTEMPTS:
+                r._emit("ROUND_FINALIZING", message=f"finalization attempt {attempt} of {FINALIZE_ATTEMPTS} "
+                        f"failed ({e!r}): retrying in {delay:g} s")
+                time.sleep(delay)
+                delay *= 2
+                continue
+            with r.lock:
+                r.state = "failed"
+                r.refinalize_on_restart = True
+                r.message = (f"finalization failed after {attempt} attempt(s): {e!r}; the committed "
+                             "contributions are kept: a restart of the coordinator finalizes again from the spool")
+                persist_or_log(r)
+                r._emit("ROUND_FAILED", message=r.message)
+            return
     with r.lock:
         r.state = "finalized"
         r.merged = merged
+        mark_verified(r)
         release(r.agg)
         r.agg = None  # the accumulators are no longer needed
-        r._persist()
+        persist_or_log(r)
         r._emit("ROUND_FINALIZED", sha256=merged.sha256, bytes=merged.bytes,
-                message=f"majority sign {merged.majority_sign:+d}")
+                message="; ".join(m for m in (f"majority sign {merged.majority_sign:+d}", r.message) if m))
+
+
+def attempt_outputs(r: RoundState, contributors: list[str]) -> Merged:
+    """One attempt at the outputs, from an aggregator holding the committed contributions."""
+    if r.agg is None and r.fold_mode != "final":  # a retry, or finalizing again: rebuild it
+        r._rebuild()
+    if r.fold_mode == "final" or not (r.canonical or r.agg.exact()):
+        r._rebuild()  # participant order: the result must not depend on arrival order
+    merged = write_merged(r.agg, contributors, r.config, r.spec, r.spool)
+    if r.base_path:
+        write_model(r.agg, r.base_path, merged.path, r.spool, r.shard_bytes, r.config)
+    return merged
+
+
+def persist_or_log(r: RoundState) -> None:
+    """Write the state file; if that fails too (the disk that failed the outputs), the file
+    still says finalizing, so a restart finalizes again: log it and go on."""
+    try:
+        r._persist()
+    except OSError:
+        log.exception("round %s: writing the state file failed", r.id)
+
+
+def stat_signature(path: Path) -> Optional[tuple[int, int, int]]:
+    """(size, mtime_ns, inode) of a file: unchanged means no need to hash it again."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def mark_verified(r: RoundState) -> None:
+    """The round's merged stream was just written or hashed: note its file's signature and when."""
+    sig = stat_signature(r.merged.path) if r.merged is not None else None
+    r.merged_verified = (sig, time.monotonic()) if sig is not None else None
 
 
 def write_merged(
@@ -145,21 +230,19 @@ def write_merged(
         "majority_sign": majority,
         "contributors": contributors,
     }
-    final = spool.merged_path
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        w = StreamWriter(f, header)
-        for name, tau in agg.finalize(majority):
-            idx, val = dense_to_sparse(tau)
-            w.write(SparseTensor(name, shapes[name], idx, val))
-        w.close()
-        f.flush()
-        os.fsync(f.fileno())
-    sha = sha256_file(tmp)
-    size = tmp.stat().st_size
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    return Merged(sha, size, majority, final)
+    digest: dict = {}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            w = StreamWriter(f, header)
+            for name, tau in agg.finalize(majority):
+                idx, val = dense_to_sparse(tau)
+                w.write(SparseTensor(name, shapes[name], idx, val))
+            w.close()
+        digest.update(sha=sha256_file(tmp), size=tmp.stat().st_size)
+
+    write_atomic(spool.merged_path, write)
+    return Merged(digest["sha"], digest["size"], majority, spool.merged_path)
 
 
 def write_model(

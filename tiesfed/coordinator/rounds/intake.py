@@ -87,6 +87,7 @@ def take_record(r: RoundState, s: UploadSession, ev: Record) -> None:
                 raise RoundError("FAILED_PRECONDITION", s.reason)
             r._check_accepting(s.client_id, new=False)
             r.agg.fold(t.name, t.indices, t.values, r.participants[s.client_id].weight)
+            r.canonical = False
             s.folded.append((t.name, ev.offset, ev.length))
 
 
@@ -119,9 +120,13 @@ def commit(r: RoundState, s: UploadSession) -> Receipt:
         elif old is None:
             if not s.live:
                 fold_file(r.agg, s.path, weight, +1, r.limits)
-        elif r.fold_mode == "arrival":
+                r.canonical = False
+        elif r.fold_mode == "arrival" and r.agg.exact():
             fold_file(r.agg, old.path, weight, -1, r.limits)
             fold_file(r.agg, s.path, weight, +1, r.limits)
+            r.canonical = False
+            if not r.agg.exact():  # the swap itself was inexact: order-free state again
+                r._rebuild({cid: s.path})
         else:
             try:
                 r._rebuild({cid: s.path})

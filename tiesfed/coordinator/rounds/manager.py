@@ -2,15 +2,14 @@
 the upload slots (and their leases) that bound memory, and the ticker.
 
 At most `max_active_uploads` streams are read at once, whatever the number of
-clients: a client first reserves a slot (a lease, so it holds no stream while it
-waits), then opens its Upload stream with the lease. A slot holder without
-progress for `stall_after_s` is cancelled; an unclaimed lease lapses.
+clients (`slots.UploadSlots`: leases, first come first served, one slot per
+client id, progress counted in bytes). A round's size is checked against
+`max_round_params` before anything is allocated or written.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 from contextlib import contextmanager
@@ -18,9 +17,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from tiesfed.coordinator.rounds.aggregation import AggregatorFactory, default_aggregator_factory
-from tiesfed.coordinator.rounds.config import RoundConfig, TensorEntry
+from tiesfed.coordinator.rounds.config import DEFAULT_MAX_ROUND_PARAMS, RoundConfig, TensorEntry
 from tiesfed.coordinator.rounds.events import RoundError
 from tiesfed.coordinator.rounds.round import Round
+from tiesfed.coordinator.rounds.slots import UploadSlots
 from tiesfed.coordinator.spool import RoundSpool, iter_round_dirs
 from tiesfed.io.model_io import DEFAULT_SHARD_BYTES, mergeable
 from tiesfed.protos.v1 import MAX_CHUNK_BYTES
@@ -43,6 +43,7 @@ class RoundManager:
         abandon_after_s: float = 300.0,
         stall_after_s: float = 120.0,
         lease_s: float = 30.0,
+        max_round_params: Optional[int] = None,
         tick_s: float = 0.2,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -53,16 +54,15 @@ class RoundManager:
         self.clock = clock
         self.tick_s = tick_s
         self.max_chunk_bytes = max_chunk_bytes
-        self.upload_slots = threading.BoundedSemaphore(max_active_uploads)
-        self.stall_after_s = stall_after_s
-        self._active: dict[int, list] = {}  # slot holders: id -> [last activity, cancel]
+        self.max_round_params = max_round_params or DEFAULT_MAX_ROUND_PARAMS
+        self.slots = UploadSlots(max_active_uploads, stall_after_s, lease_s)
         self.lease_s = lease_s
-        self._leases: dict[str, tuple[str, float]] = {}  # reserved slots: lease -> (client, expiry)
         self._round_kw = dict(
             base_path=base_path, shard_bytes=shard_bytes, max_chunk_bytes=max_chunk_bytes,
             abandon_after_s=abandon_after_s, clock=clock,
         )
         self.rounds: dict[str, Round] = {}
+        self.unrecovered: dict[str, str] = {}  # round id -> why its spool folder could not be loaded
         self.lock = threading.Lock()
         self._base_fp: Optional[str] = None
         self._stop = threading.Event()
@@ -74,7 +74,13 @@ class RoundManager:
         for sp in iter_round_dirs(self.spool_dir):
             if sp.round_id in self.rounds:
                 continue
-            r = Round.recover(sp, self.factory, **self._round_kw)
+            try:  # one damaged round must not keep the others (or the coordinator) down
+                r = Round.recover(sp, self.factory, **self._round_kw)
+            except Exception as e:
+                log.error("round %s not recovered, its files are left as they are: %s", sp.round_id, e,
+                          exc_info=not isinstance(e, ValueError))
+                self.unrecovered[sp.round_id] = str(e)
+                continue
             with self.lock:
                 self.rounds[r.id] = r
             found.append(r.id)
@@ -100,7 +106,7 @@ class RoundManager:
                 raise RoundError("ALREADY_EXISTS", f"round {config.round_id!r} already exists")
             need_base = config.base_fingerprint is None or config.manifest is None
             fp, manifest = self._base_info(config.options.keep_base) if need_base else (None, None)
-            cfg = config.resolved(self.clock(), fp, manifest)
+            cfg = config.resolved(self.clock(), fp, manifest, self.max_round_params)
             r = Round.create(cfg, RoundSpool(self.spool_dir, cfg.round_id), self.factory, **self._round_kw)
             self.rounds[r.id] = r
             return r
@@ -112,76 +118,33 @@ class RoundManager:
         if not known:
             raise RoundError("PERMISSION_DENIED", f"client {client_id!r} is not on the allowlist of any round")
 
-    def reserve_upload(self, client_id: str, wait_s: float) -> Optional[str]:
-        """Wait up to `wait_s` for an upload slot; returns a lease for it (or None).
+    def reserve_upload(self, client_id: str, round_id: str, wait_s: float) -> Optional[str]:
+        """Wait up to `wait_s` for an upload slot to upload to `round_id`; a lease on it (or None).
 
         The client then opens its Upload stream with the lease: a client waiting
-        for its turn holds no stream, so gRPC buffers nothing for it."""
-        self.check_known_client(client_id)
-        if not self.upload_slots.acquire(timeout=min(max(wait_s, 0.0), 60.0)):
-            return None
-        lease = secrets.token_hex(16)
-        with self.lock:
-            self._leases[lease] = (client_id, time.monotonic() + self.lease_s)
-        return lease
-
-    def _claim(self, lease: Optional[str], client_id: str) -> bool:
-        """Take over the slot a lease reserved (False: no such lease, lapsed, or someone else's)."""
-        if not lease:
-            return False
-        with self.lock:
-            held = self._leases.get(lease)
-            if held is None or held[0] != client_id:
-                return False
-            del self._leases[lease]
-            return True
-
-    def _expire_leases(self) -> None:
-        now = time.monotonic()
-        with self.lock:
-            lapsed = [k for k, (_, exp) in self._leases.items() if now > exp]
-            for k in lapsed:
-                del self._leases[k]
-        for _ in lapsed:
-            self.upload_slots.release()
+        for its turn holds no stream, so gRPC buffers nothing for it. A client
+        holding a lease gets the same lease again, never a second slot."""
+        self.get(round_id).check_participant(client_id)
+        return self.slots.reserve(client_id, wait_s)
 
     @contextmanager
     def upload_slot(
-        self, cancel: Callable[[], object], lease: Optional[str] = None, client_id: str = ""
-    ) -> Iterator[Callable[[], None]]:
-        """Hold one of the `max_active_uploads` slots (the one `lease` reserved, if valid);
-        yields `touch()` to call on progress. A holder without progress for
+        self, client_id: str, cancel: Callable[[], object], alive: Optional[Callable[[], bool]] = None
+    ) -> Iterator[Callable[[int], None]]:
+        """Hold one of the `max_active_uploads` slots for an upload stream: the client's lease
+        if it holds one (leases are per client id), else the next free one. Yields
+        `progress(nbytes)` to call per chunk; a holder without new bytes for
         `stall_after_s` is cancelled by the ticker."""
-        if not self._claim(lease, client_id):
-            self.upload_slots.acquire()
-        key = id(cancel)
-        entry = [time.monotonic(), cancel]
-        with self.lock:
-            self._active[key] = entry
-
-        def touch() -> None:
-            entry[0] = time.monotonic()
-
-        try:
-            yield touch
-        finally:
-            with self.lock:
-                self._active.pop(key, None)
-            self.upload_slots.release()
-
-    def _cancel_stalled(self) -> None:
-        now = time.monotonic()
-        with self.lock:
-            stalled = [e for e in self._active.values() if now - e[0] > self.stall_after_s]
-        for e in stalled:
-            log.warning("cancelling an upload stream idle for %.0f s", now - e[0])
-            e[0] = now
-            e[1]()
+        with self.slots.hold(client_id, cancel, alive or (lambda: True)) as progress:
+            yield progress
 
     def get(self, round_id: str) -> Round:
         with self.lock:
             r = self.rounds.get(round_id)
         if r is None:
+            if round_id in self.unrecovered:
+                raise RoundError("DATA_LOSS", f"round {round_id!r} could not be recovered from the spool: "
+                                 f"{self.unrecovered[round_id]}")
             raise RoundError("NOT_FOUND", f"no round {round_id!r} on this coordinator")
         return r
 
@@ -192,8 +155,8 @@ class RoundManager:
 
     def _tick_loop(self) -> None:
         while not self._stop.wait(self.tick_s):
-            self._cancel_stalled()
-            self._expire_leases()
+            self.slots.cancel_stalled()
+            self.slots.expire_leases()
             with self.lock:
                 rounds = list(self.rounds.values())
             for r in rounds:

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tiesfed.coordinator.rounds import finalize, intake
+from tiesfed.coordinator.rounds import finalize, intake, integrity
 from tiesfed.coordinator.rounds.aggregation import AggregatorFactory
 from tiesfed.coordinator.rounds.config import RoundConfig
-from tiesfed.coordinator.rounds.events import Receipt
-from tiesfed.coordinator.rounds.recovery import restore
+from tiesfed.coordinator.rounds.events import Merged, Receipt
+from tiesfed.coordinator.rounds.recovery import load_config, restore
 from tiesfed.coordinator.rounds.state import RoundState
 from tiesfed.coordinator.rounds.uploads import UploadSession
 from tiesfed.coordinator.spool import RoundSpool
+from tiesfed.io.files import DamagedFileError
 
 
 class Round(RoundState):
@@ -39,9 +40,16 @@ class Round(RoundState):
 
     @classmethod
     def recover(cls, spool: RoundSpool, aggregator_factory: AggregatorFactory, **kw) -> "Round":
-        """Load a round from the spool after a restart (see `recovery.restore`)."""
-        config = RoundConfig.model_validate(spool.load_config())
-        r = cls(config, spool, aggregator_factory, **kw)
+        """Load a round from the spool after a restart (see `recovery.restore`).
+
+        Raises DamagedFileError naming the round file when it cannot be read or
+        describes no round this coordinator can set up."""
+        config = load_config(spool)
+        try:
+            r = cls(config, spool, aggregator_factory, **kw)
+        except (ValueError, TypeError, KeyError) as e:
+            raise DamagedFileError(spool.round_file, "round file",
+                                   f"describes a round that cannot be set up: {e!r}") from e
         restore(r)
         return r
 
@@ -84,3 +92,7 @@ class Round(RoundState):
     def close(self, abort: bool = False, timeout: Optional[float] = None) -> None:
         """Admin: finalize now (quorum must be met), or abort. Waits for the finalization."""
         finalize.close(self, abort, timeout)
+
+    def merged_to_serve(self, wait_s: float = integrity.REBUILD_WAIT_S) -> Merged:
+        """The merged stream for a Download, its sha256 checked; a damaged one is rebuilt first."""
+        return integrity.merged_to_serve(self, wait_s)

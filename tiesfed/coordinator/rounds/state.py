@@ -23,7 +23,6 @@ from tiesfed.coordinator.rounds.aggregation import (
     FoldMode,
     choose_fold_mode,
     default_aggregator_factory,
-    fold_file,
     new_aggregator,
     read_folded,
     release,
@@ -92,9 +91,19 @@ class RoundState:
         self.merged: Optional[Merged] = None
         self.committed: dict[str, Committed] = {}
         self.agg: Optional[AggregatorLike] = None
+        #: the aggregator holds exactly the committed contributions folded in
+        #: participant order (after `_rebuild`); any later fold makes it False
+        self.canonical = True
         self.downloaded: set[str] = set()  # clients that fetched the whole merged stream
         self._deadline_seen = False
         self._finalizer: Optional[threading.Thread] = None
+        #: clients whose committed contribution was found damaged on recovery -> what was
+        #: wrong; shown in `message` until they upload again (persisted: survives restarts)
+        self.lost: dict[str, str] = {}
+        #: failed by a finalization error (not a rule): a restart finalizes again from the spool
+        self.refinalize_on_restart = False
+        #: ((size, mtime_ns, inode), monotonic time) of the merged stream's last sha256 check
+        self.merged_verified: Optional[tuple[tuple[int, int, int], float]] = None
 
     def _new_aggregator(self) -> AggregatorLike:
         """From the factory; one that takes `replay` gets `self.replay`."""
@@ -112,8 +121,22 @@ class RoundState:
             live = self.uploads.live_folded(self.participants)
         yield from read_folded(files, live, self.limits)
 
+    @property
+    def message(self) -> str:
+        """Why the round failed (or what an admin or recovery said), followed by a notice
+        for each client whose committed contribution was lost and not uploaded again."""
+        notes = [lost_notice(cid, why, self.state) for cid, why in self.lost.items() if cid not in self.committed]
+        return "; ".join(m for m in (self._message, *notes) if m)
+
+    @message.setter
+    def message(self, value: str) -> None:
+        self._message = value
+
     def _persist(self) -> None:
-        st = {"state": self.state, "message": self.message, "close_requested": self.close_requested}
+        """Write the state file (atomically): what a restart needs to come back as it was."""
+        self.lost = {c: why for c, why in self.lost.items() if c not in self.committed}
+        st = {"state": self.state, "message": self._message, "close_requested": self.close_requested,
+              "lost": self.lost, "refinalize_on_restart": self.refinalize_on_restart}
         if self.merged is not None:
             st.update(merged_sha256=self.merged.sha256, merged_bytes=self.merged.bytes,
                       majority_sign=self.merged.majority_sign)
@@ -181,18 +204,35 @@ class RoundState:
             )
 
     def _discard(self, s: UploadSession, why: str) -> None:
-        """Un-fold what `s` folded and drop it (lock held)."""
+        """Un-fold what `s` folded and drop it (lock held). If some sum was not
+        exact, un-folding is not an exact inverse: rebuild from the spool, so the
+        round is bit-identical to one that never saw the upload, whatever it held."""
+        folded = bool(s.live and s.folded and not s.closed)
         self.uploads.withdraw(s, why, self.agg, self.participants[s.client_id].weight)
+        if folded and self.agg is not None and not self.agg.exact():
+            log.warning("round %s: the withdrawn upload of %s made sums inexact: rebuilding from the spool",
+                        self.id, s.client_id)
+            self._rebuild()
 
     def _rebuild(self, replace: Optional[dict[str, Path]] = None) -> None:
         """A fresh aggregator from the committed spool (with `replace` swapped in),
-        folded in participant order. The old one is let go first: a sharded one
+        folded in participant order, then the records live uploads have folded so
+        far (they stay withdrawable). The old one is let go first: a sharded one
         holds actors the new one needs."""
         release(self.agg)
         self.agg = None
         self.agg = self._new_aggregator()
         files = {cid: c.path for cid, c in self.committed.items()}
         files.update(replace or {})
-        for cid in self.participants:
-            if cid in files:
-                fold_file(self.agg, files[cid], self.participants[cid].weight, +1, self.limits)
+        ordered = [(files[cid], p.weight) for cid, p in self.participants.items() if cid in files]
+        live = self.uploads.live_folded(self.participants) if self.fold_mode == "arrival" else []
+        for name, indices, values, weight in read_folded(ordered, live, self.limits):
+            self.agg.fold(name, indices, values, weight)
+        self.canonical = not live
+
+
+def lost_notice(client_id: str, why: str, state: str) -> str:
+    """What the round says about a client whose committed contribution was lost."""
+    if state == "open":
+        return f"the committed contribution of {client_id!r} was lost ({why}): {client_id!r} must upload it again"
+    return f"without {client_id!r}: its committed contribution was lost ({why}) and not uploaded again"

@@ -10,6 +10,8 @@ the upload.
 
 from __future__ import annotations
 
+import math
+
 from tiesfed.coordinator.rounds.config import RoundConfig, nnz_budget
 from tiesfed.coordinator.rounds.events import RoundError
 from tiesfed.coordinator.rounds.uploads import UploadSession
@@ -33,6 +35,7 @@ class ContributionRules:
         self.manifest = {t.name: t for t in config.manifest}
         self.total = sum(t.numel for t in config.manifest)
         self.budgets = {cid: nnz_budget(t, self.total) for cid, t in trims.items()}
+        self.max_abs_value = config.max_abs_value if config.max_abs_value is not None else math.inf
 
     def check_header(self, s: UploadSession, h: dict) -> None:
         """The stream was made for this round: a contribution, on its base, trimmed as asked."""
@@ -67,6 +70,12 @@ class ContributionRules:
         if tuple(t.shape) != tuple(e.shape):
             raise RoundError(
                 "INVALID_ARGUMENT", f"tensor {t.name!r} has shape {list(t.shape)}, the round's base has {list(e.shape)}"
+            )
+        if t.nnz and (peak := float(t.values.abs().max())) > self.max_abs_value:
+            raise RoundError(
+                "INVALID_ARGUMENT",
+                f"tensor {t.name!r} carries |value| {peak:g}, over the max_abs_value "
+                f"{self.max_abs_value:g} of round {self.round_id!r} (the bound that keeps the merged model finite)",
             )
         s.seen.add(t.name)
         s.nnz += t.nnz

@@ -84,7 +84,7 @@ class Participant(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., weight: _Optional[float] = ..., density: _Optional[float] = ..., model_key: _Optional[str] = ...) -> None: ...
 
 class RoundSpec(_message.Message):
-    __slots__ = ("round_id", "method", "options_json", "k", "base_fingerprint", "manifest", "participants", "quorum", "deadline_unix", "late_policy", "replace_policy", "max_chunk_bytes", "state")
+    __slots__ = ("round_id", "method", "options_json", "k", "base_fingerprint", "manifest", "participants", "quorum", "deadline_unix", "late_policy", "replace_policy", "max_chunk_bytes", "state", "max_abs_value")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class RoundSpec(_message.Message):
     REPLACE_POLICY_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_VALUE_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     method: str
     options_json: str
@@ -112,10 +113,11 @@ class RoundSpec(_message.Message):
     replace_policy: ReplacePolicy
     max_chunk_bytes: int
     state: RoundState
-    def __init__(self, round_id: _Optional[str] = ..., method: _Optional[str] = ..., options_json: _Optional[str] = ..., k: _Optional[float] = ..., base_fingerprint: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., quorum: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., late_policy: _Optional[_Union[LatePolicy, str]] = ..., replace_policy: _Optional[_Union[ReplacePolicy, str]] = ..., max_chunk_bytes: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., **kwargs) -> None: ...
+    max_abs_value: float
+    def __init__(self, round_id: _Optional[str] = ..., method: _Optional[str] = ..., options_json: _Optional[str] = ..., k: _Optional[float] = ..., base_fingerprint: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., quorum: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., late_policy: _Optional[_Union[LatePolicy, str]] = ..., replace_policy: _Optional[_Union[ReplacePolicy, str]] = ..., max_chunk_bytes: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., max_abs_value: _Optional[float] = ..., **kwargs) -> None: ...
 
 class OpenRoundRequest(_message.Message):
-    __slots__ = ("round_id", "options_json", "participants", "quorum", "deadline_unix", "deadline_seconds", "late_policy", "replace_policy", "base_fingerprint", "manifest")
+    __slots__ = ("round_id", "options_json", "participants", "quorum", "deadline_unix", "deadline_seconds", "late_policy", "replace_policy", "base_fingerprint", "manifest", "max_abs_value")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +128,7 @@ class OpenRoundRequest(_message.Message):
     REPLACE_POLICY_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_VALUE_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     options_json: str
     participants: _containers.RepeatedCompositeFieldContainer[Participant]
@@ -136,7 +139,8 @@ class OpenRoundRequest(_message.Message):
     replace_policy: ReplacePolicy
     base_fingerprint: str
     manifest: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, round_id: _Optional[str] = ..., options_json: _Optional[str] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., quorum: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., deadline_seconds: _Optional[float] = ..., late_policy: _Optional[_Union[LatePolicy, str]] = ..., replace_policy: _Optional[_Union[ReplacePolicy, str]] = ..., base_fingerprint: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    max_abs_value: float
+    def __init__(self, round_id: _Optional[str] = ..., options_json: _Optional[str] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., quorum: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., deadline_seconds: _Optional[float] = ..., late_policy: _Optional[_Union[LatePolicy, str]] = ..., replace_policy: _Optional[_Union[ReplacePolicy, str]] = ..., base_fingerprint: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_abs_value: _Optional[float] = ...) -> None: ...
 
 class CloseRoundRequest(_message.Message):
     __slots__ = ("round_id", "abort")

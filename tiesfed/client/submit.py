@@ -1,0 +1,314 @@
+"""Submit: trim, encode and upload this client's contribution, resumably.
+
+A producer thread encodes tensor by tensor into a local spool file while the
+sender streams that file in chunks, so memory is one tensor plus one chunk.
+After a broken connection it backs off, asks the coordinator how many bytes it
+holds (and their sha256), and resumes from there out of the local spool.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import grpc
+from tqdm.auto import tqdm
+
+from tiesfed.client.connection import (
+    RETRYABLE,
+    Connection,
+    FederatedError,
+    Retry,
+    check_base,
+    log,
+    spec_options,
+)
+from tiesfed.client.contribution import (
+    VALUE_DTYPES,
+    TrimStats,
+    contribution_header,
+    iter_contribution,
+    write_contribution,
+)
+from tiesfed.core.methods import get_method
+from tiesfed.io.files import sha256_file
+from tiesfed.io.model_io import (
+    ModelReader,
+    check_compatible,
+)
+from tiesfed.protos.codec import SparseTensor
+from tiesfed.protos.v1 import (
+    MAX_CHUNK_BYTES,
+    UPLOAD_LEASE_KEY,
+)
+from tiesfed.protos.v1 import tiesfed_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+#: Test hook of `submit`: called as fault(attempt, chunk_index) before each chunk is
+#: sent; returning True breaks the connection there (the call is cancelled).
+Fault = Callable[[int, int], bool]
+
+class _SpoolPipe:
+    """The contribution stream: written once by the encoder, read (and re-read) by the sender."""
+
+    FLUSH = 256 << 10
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "wb", buffering=0)
+        self._buf = bytearray()
+        self.size = 0  # bytes on disk, visible to readers
+        self.done = False
+        self.error: Optional[BaseException] = None
+        self.cond = threading.Condition()
+
+    def write(self, data) -> int:
+        self._buf += data
+        if len(self._buf) >= self.FLUSH:
+            self._flush()
+        return len(data)
+
+    def _flush(self) -> None:
+        if self._buf:
+            mv = memoryview(self._buf)
+            while len(mv):
+                n = self._f.write(mv)
+                mv = mv[n:]
+            n = len(self._buf)
+            self._buf = bytearray()
+            with self.cond:
+                self.size += n
+                self.cond.notify_all()
+
+    def finish(self) -> None:
+        self._flush()
+        self._f.close()
+        with self.cond:
+            self.done = True
+            self.cond.notify_all()
+
+    def fail(self, e: BaseException) -> None:
+        try:
+            self._f.close()
+        finally:
+            with self.cond:
+                self.error = e
+                self.done = True
+                self.cond.notify_all()
+
+    def wait_for(self, n: int) -> int:
+        """Block until at least n bytes are on disk (or the encoder stopped); returns the size."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.size >= n or self.done)
+            if self.error is not None:
+                raise self.error
+            return self.size
+
+    def chunks(self, start: int, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, bytes) from `start` to the end of the stream, as it is produced."""
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            pos = start
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.size >= pos + chunk_bytes or self.done)
+                    if self.error is not None:
+                        raise self.error
+                    end = self.size
+                    done = self.done
+                if pos >= end and done:
+                    return
+                data = f.read(min(chunk_bytes, end - pos))
+                if not data:
+                    raise IOError(f"{self.path}: local spool ends early at {pos}")
+                yield pos, data
+                pos += len(data)
+
+
+def within_bound(tensors: Iterable[SparseTensor], bound: float, round_id: str) -> Iterator[SparseTensor]:
+    """Stop before uploading a value the round would refuse (its `max_abs_value`)."""
+    for t in tensors:
+        if bound > 0 and t.nnz and (peak := float(t.values.abs().max())) > bound:
+            raise FederatedError(
+                f"tensor {t.name!r} has a task-vector value of {peak:g}, over the max_abs_value "
+                f"{bound:g} of round {round_id!r}: is this model fine-tuned from the round's base?", "INVALID_ARGUMENT")
+        yield t
+
+
+@dataclass
+class SubmitResult:
+    round_id: str
+    client_id: str
+    sha256: str
+    bytes: int  # size of the contribution stream
+    bytes_sent: int  # chunk payload actually sent, resends included
+    nnz: int
+    attempts: int
+    resumed_from: list[int] = field(default_factory=list)
+    duplicate: bool = False
+    replaced: bool = False
+    stats: TrimStats = field(default_factory=TrimStats)
+    seconds: float = 0.0
+
+
+def submit(
+    target: str,
+    round_id: str,
+    client_id: str,
+    base: str | Path,
+    model: str | Path,
+    *,
+    device: str = "cpu",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    retry: Retry = Retry(),
+    work_dir: Optional[str | Path] = None,
+    progress: bool = False,
+    wait_for_coordinator: float = 0.0,
+    fault: Optional[Fault] = None,
+) -> SubmitResult:
+    """Compute, trim, encode and upload this client's contribution to `round_id`."""
+    started = time.perf_counter()
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
+    with Connection(target, client_id, retry, wait_s=wait_for_coordinator) as conn, tempfile.TemporaryDirectory(
+        prefix="tiesfed-submit-", dir=work_dir
+    ) as tmp:
+        spec = conn.round_spec(round_id)
+        chunk_bytes = min(chunk_bytes, spec.max_chunk_bytes or MAX_CHUNK_BYTES)
+        opts = spec_options(spec)
+        me = next((p for p in spec.participants if p.client_id == client_id), None)
+        if me is None:  # the coordinator already refuses this; be clear anyway
+            raise FederatedError(f"client {client_id!r} is not a participant of round {round_id!r}", "PERMISSION_DENIED")
+        method = get_method(opts.method)
+        trim = method.trim_spec(opts, me.density if me.HasField("density") else None)
+        value_dtype = VALUE_DTYPES[opts.value_dtype] if opts.value_dtype else None
+
+        with ModelReader(base) as b, ModelReader(model) as ft:
+            fp = check_base(spec, b, opts)
+            check_compatible(b, ft, opts.keep_base)
+            pipe = _SpoolPipe(Path(tmp) / f"{round_id}-{client_id}.tfs")
+            stats = TrimStats()
+            header = contribution_header(fp, me.model_key, trim, round_id=round_id, client_id=client_id)
+
+            def produce() -> None:
+                try:
+                    tensors = iter_contribution(b, ft, trim, model_key=me.model_key, keep_base=opts.keep_base,
+                                                device=device, value_dtype=value_dtype, stats=stats)
+                    write_contribution(pipe, header, within_bound(tensors, spec.max_abs_value, round_id))
+                    pipe.finish()
+                except BaseException as e:  # handed to the sender, which raises it
+                    pipe.fail(e)
+
+            producer = threading.Thread(target=produce, name=f"encode-{client_id}", daemon=True)
+            producer.start()
+            try:
+                result = _send(conn, round_id, pipe, chunk_bytes, retry, progress, fault)
+            finally:
+                producer.join()
+        result.stats = stats
+        result.seconds = time.perf_counter() - started
+        return result
+
+
+def reserve_slot(conn: Connection, round_id: str, wait_s: float = 10.0) -> str:
+    """Wait (long polls) until the coordinator grants an upload slot; returns the lease."""
+    while True:
+        reply = conn.call("ReserveUpload", pb.ReserveUploadRequest(round_id=round_id, wait_seconds=wait_s),
+                          timeout=wait_s + 30)
+        if reply.granted:
+            return reply.lease
+
+
+def _send(
+    conn: Connection,
+    round_id: str,
+    pipe: _SpoolPipe,
+    chunk_bytes: int,
+    retry: Retry,
+    progress: bool,
+    fault: Optional[Fault],
+) -> SubmitResult:
+    sent = 0
+    resumed: list[int] = []
+    bar = tqdm(unit="B", unit_scale=True, disable=not progress, desc=f"upload {conn.client_id}")
+    try:
+        for attempt in range(retry.attempts + 1):
+            start = 0
+            if attempt > 0:
+                st = conn.call("UploadStatus", pb.UploadStatusRequest(round_id=round_id))
+                if st.committed_offset > 0 and pipe.wait_for(st.committed_offset) >= st.committed_offset:
+                    if sha256_file(pipe.path, 0, st.committed_offset) == st.prefix_sha256:
+                        start = st.committed_offset
+                        resumed.append(start)
+            # open the stream only once a chunk is ready and the coordinator granted
+            # a slot: it reads a bounded number of streams at once
+            pipe.wait_for(start + chunk_bytes)
+            md = conn.metadata + ((UPLOAD_LEASE_KEY, reserve_slot(conn, round_id)),)
+            ready = threading.Event()  # set once `holder["call"]` exists
+            holder: dict = {}
+
+            def requests() -> Iterator[pb.UploadChunk]:
+                nonlocal sent
+                try:
+                    for i, (off, data) in enumerate(pipe.chunks(start, chunk_bytes)):
+                        if fault is not None and fault(attempt, i):
+                            ready.wait()
+                            holder["call"].cancel()
+                            return
+                        yield pb.UploadChunk(round_id=round_id, offset=off, data=data)
+                        sent += len(data)
+                        bar.update(len(data))
+                        if pipe.done and bar.total is None:
+                            bar.total = pipe.size
+                except GeneratorExit:  # gRPC closed the stream: the call's own status says why
+                    raise
+                except BaseException as e:  # the encoder failed: stop the call, raise it below
+                    holder["error"] = e
+                    ready.wait()
+                    holder["call"].cancel()
+
+            call = conn.stub.Upload.future(requests(), metadata=md)
+            holder["call"] = call
+            ready.set()
+            try:
+                receipt = call.result()
+            except (grpc.RpcError, grpc.FutureCancelledError) as e:
+                if "error" in holder:
+                    raise holder["error"]
+                if pipe.error is not None:
+                    raise pipe.error
+                # CANCELLED: our own simulated break, or the coordinator's watchdog
+                # dropping a stalled stream; both resume
+                cancelled = isinstance(e, grpc.FutureCancelledError) or e.code() == grpc.StatusCode.CANCELLED
+                transient = cancelled or e.code() in RETRYABLE
+                if not transient or attempt == retry.attempts:
+                    if isinstance(e, grpc.RpcError):
+                        raise FederatedError.from_rpc(e, f"upload of {conn.client_id!r} to round {round_id!r}") from None
+                    raise FederatedError(f"upload of {conn.client_id!r} to round {round_id!r} was cancelled",
+                                         "CANCELLED") from None
+                log.info("upload of %s interrupted; resuming", conn.client_id)
+                retry.sleep(attempt)
+                continue
+            if "error" in holder:
+                raise holder["error"]
+            if receipt.committed:
+                return SubmitResult(
+                    round_id=round_id, client_id=conn.client_id, sha256=receipt.sha256, bytes=receipt.bytes,
+                    bytes_sent=sent, nnz=receipt.nnz, attempts=attempt + 1, resumed_from=resumed,
+                    duplicate=receipt.duplicate, replaced=receipt.replaced,
+                )
+            retry.sleep(attempt)  # the stream ended before the end marker: resume it
+        raise FederatedError(f"upload of {conn.client_id!r} to round {round_id!r}: gave up after "
+                             f"{retry.attempts + 1} attempts", "UNAVAILABLE")
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------- fetch
+
+
