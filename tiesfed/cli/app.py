@@ -105,8 +105,10 @@ def demo(local: bool, no_ray: bool, cache: Optional[str], seed: int) -> None:
 
 
 from tiesfed.cli.federated import register  # noqa: E402  (the federated groups join the same CLI)
+from tiesfed.cli.pki import pki  # noqa: E402
 
 register(main)
+main.add_command(pki)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
