@@ -93,20 +93,20 @@ def test_without_a_token_one_is_generated_and_guards_admin_calls(family, tmp_pat
     assert_same_state(before, snapshot(rnd))
 
     runner = CliRunner()
-    res = runner.invoke(main, ["coordinator", "open", "--target", srv.target, "--round", "r2",
+    res = runner.invoke(main, ["coordinator", "open", "--target", srv.target, "--round", "r2", "--insecure",
                                "--clients", "org-a,org-b"], env={"TIESFED_ADMIN_TOKEN": None})
     assert res.exit_code == 2 and "--admin-token-file" in res.output
-    res = runner.invoke(main, ["coordinator", "open", "--target", srv.target, "--admin-token-file",
+    res = runner.invoke(main, ["coordinator", "open", "--target", srv.target, "--insecure", "--admin-token-file",
                                str(tmp_path / "missing"), "--round", "r2", "--clients", "org-a,org-b"])
     assert res.exit_code == 2 and "--admin-token-file" in res.output
     res = runner.invoke(main, ["coordinator", "open", "--target", srv.target, "--admin-token-file", str(token_file),
-                               "--round", "r2", "--clients", "org-a,org-b"])
+                               "--round", "r2", "--clients", "org-a,org-b", "--insecure"])
     assert res.exit_code == 0, res.output
     assert "round r2 open" in res.output and "r2" in srv.manager.rounds
 
     send(srv, "r1", "org-a", family, 0)
     send(srv, "r1", "org-b", family, 1)
-    res = runner.invoke(main, ["coordinator", "close", "--target", srv.target, "--round", "r1",
+    res = runner.invoke(main, ["coordinator", "close", "--target", srv.target, "--round", "r1", "--insecure",
                                "--admin-token-file", str(token_file)])
     assert res.exit_code == 0, res.output
     assert rnd.state == "finalized" and "finalized" in res.output
@@ -122,11 +122,11 @@ def test_an_empty_token_is_refused_at_start(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         CoordinatorService(None, "", None)  # type: ignore[arg-type]
     res = CliRunner().invoke(main, ["coordinator", "serve", "--spool", str(tmp_path / "spool"), "--admin-token", "",
-                                    "--listen", "127.0.0.1:0", "--aggregator", "local"])
+                                    "--listen", "127.0.0.1:0", "--aggregator", "local", "--insecure"])
     assert res.exit_code == 2 and "--admin-token" in res.output and "empty" in res.output
     assert not (tmp_path / "spool" / "rounds").exists()
     res = CliRunner().invoke(main, ["coordinator", "close", "--target", "127.0.0.1:1", "--round", "r1",
-                                    "--admin-token", ""])
+                                    "--insecure", "--admin-token", ""])
     assert res.exit_code == 2 and "--admin-token" in res.output
 
 
@@ -147,45 +147,92 @@ def test_a_given_token_replaces_a_stale_token_file(family, tmp_path, coordinator
     assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
 
 
-def test_serve_prints_the_generated_token_once(family, tmp_path):
-    """`tiesfed coordinator serve` without --admin-token prints the token it made, which
-    is the one in <spool>/admin-token (mode 0600)."""
-    spool, port_file = tmp_path / "spool", tmp_path / "port"
+def _serve(family, spool: Path, port_file: Path, *transport: str) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """`tiesfed coordinator serve` in a subprocess, its output collected line by line."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("TIESFED_ADMIN_TOKEN", None)
     p = subprocess.Popen(
         [sys.executable, "-m", "tiesfed.cli", "coordinator", "serve", "--spool", str(spool), "--base",
-         str(family[0]), "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--aggregator", "local"],
+         str(family[0]), "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--aggregator", "local",
+         *transport],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)  # type: ignore[arg-type]
     reader.start()
+    return p, lines, reader
+
+
+def _stop(p: subprocess.Popen, reader: threading.Thread) -> None:
+    p.send_signal(signal.SIGTERM)
     try:
-        end = time.monotonic() + 120
-        while not any(line.startswith("admin token") for line in lines):
-            assert p.poll() is None, "".join(lines)
-            assert time.monotonic() < end, "".join(lines)
-            time.sleep(0.1)
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(10)
+    reader.join(10)
+
+
+def _wait_for(p: subprocess.Popen, lines: list[str], ready) -> None:
+    end = time.monotonic() + 120
+    while not ready():
+        assert p.poll() is None, "".join(lines)
+        assert time.monotonic() < end, "".join(lines)
+        time.sleep(0.1)
+
+
+def test_serve_over_mutual_tls_takes_admin_calls_by_certificate(family, tmp_path, pki):
+    """`serve --tls`: no token is made, printed or written; `coordinator open|close --tls`
+    with the admin identity works, a client identity is turned away before it dials."""
+    spool, port_file = tmp_path / "spool", tmp_path / "port"
+    spool.mkdir()
+    (spool / TOKEN_FILE).write_text("from-an-earlier-insecure-start\n")
+    p, lines, reader = _serve(family, spool, port_file, "--tls", str(pki.server))
+    try:
+        _wait_for(p, lines, port_file.exists)
+        target = f"127.0.0.1:{int(port_file.read_text())}"
+        assert not (spool / TOKEN_FILE).exists()  # a stale token would mislead
+        res = CliRunner().invoke(main, ["coordinator", "open", "--target", target, "--tls", str(pki.client("org-a")),
+                                        "--round", "r9", "--clients", "org-a"])
+        assert res.exit_code == 2 and "admin" in res.output and "--tls" in res.output
+        res = CliRunner().invoke(main, ["coordinator", "open", "--target", target, "--tls", str(pki.admin),
+                                        "--admin-token", "s3cret", "--round", "r9", "--clients", "org-a"])
+        assert res.exit_code == 2 and "--admin-token" in res.output
+        res = CliRunner().invoke(main, ["coordinator", "open", "--target", target, "--tls", str(pki.admin),
+                                        "--round", "r9", "--clients", "org-a"])
+        assert res.exit_code == 0, res.output
+        assert json.loads((spool / "rounds" / "r9" / "round.json").read_text())["round_id"] == "r9"
+        res = CliRunner().invoke(main, ["coordinator", "close", "--target", target, "--tls", str(pki.admin),
+                                        "--round", "r9", "--abort"])
+        assert res.exit_code == 0 and "failed" in res.output, res.output
+    finally:
+        _stop(p, reader)
+    assert not any(line.startswith("admin token") for line in lines)
+    assert any("mutual TLS" in line for line in lines), "".join(lines)
+
+
+def test_serve_insecure_prints_the_generated_token_once(family, tmp_path):
+    """Insecure mode's own behaviour, so this one subprocess runs --insecure: without
+    --admin-token it prints the token it made, which is the one in <spool>/admin-token
+    (mode 0600), under a loud warning."""
+    spool, port_file = tmp_path / "spool", tmp_path / "port"
+    p, lines, reader = _serve(family, spool, port_file, "--insecure")
+    try:
+        _wait_for(p, lines, lambda: any(line.startswith("admin token") for line in lines))
         token_file = spool / TOKEN_FILE
         token = token_file.read_text().strip()
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         printed = [line for line in lines if line.startswith("admin token")]
         assert len(printed) == 1 and printed[0].rstrip().endswith(": " + token)
         res = CliRunner().invoke(main, [
-            "coordinator", "open", "--target", f"127.0.0.1:{int(port_file.read_text())}",
+            "coordinator", "open", "--target", f"127.0.0.1:{int(port_file.read_text())}", "--insecure",
             "--admin-token-file", str(token_file), "--round", "r9", "--clients", "org-a"])
         assert res.exit_code == 0, res.output
         assert json.loads((spool / "rounds" / "r9" / "round.json").read_text())["round_id"] == "r9"
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-        reader.join(10)
+        _stop(p, reader)
     assert sum(line.startswith("admin token") for line in lines) == 1
+    assert any("WARNING: --insecure" in line for line in lines) and any("PLAINTEXT" in line for line in lines)
 
 
 # ----------------------------------------------------------------------------- OpenRound validated first

@@ -402,7 +402,7 @@ def test_damaged_merged_stream_is_rebuilt(tmp_path, family, coordinator, damage,
 # ----------------------------------------------------------------------------- 6. one coordinator per spool
 
 
-def test_second_coordinator_on_the_same_spool_is_refused(tmp_path, family, coordinator):
+def test_second_coordinator_on_the_same_spool_is_refused(tmp_path, family, coordinator, pki):
     spool = tmp_path / "durable"
     srv = coordinator(spool=spool)
     rnd = open_round(srv)
@@ -421,7 +421,7 @@ def test_second_coordinator_on_the_same_spool_is_refused(tmp_path, family, coord
     # from another process, through the CLI: a clear error at once, nothing deleted
     res = subprocess.run(
         [sys.executable, "-m", "tiesfed.cli", "coordinator", "serve", "--spool", str(spool),
-         "--listen", "127.0.0.1:0", "--aggregator", "local", "--admin-token", "s3cret"],
+         "--listen", "127.0.0.1:0", "--aggregator", "local", "--tls", str(pki.server)],
         capture_output=True, text=True, timeout=120,
     )
     assert res.returncode != 0 and "in use by another coordinator" in res.stderr
@@ -495,3 +495,17 @@ def test_abort_while_finalizing_is_refused(tmp_path, family, coordinator, monkey
         go.set()
     assert rnd.wait_closed(60) and rnd.state == "finalized"
     assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
+
+
+def test_a_damaged_pointer_quarantines_only_that_clients_files(family, coordinator):  # noqa: F811
+    """Client ids may extend each other ("org", "org-a"): taking one client's damaged
+    contribution aside must not touch the other's files."""
+    srv = coordinator()
+    rnd = open_round(srv, clients=["org", "org-a", "org-b"])
+    send(srv, "r1", "org", family, 0)
+    send(srv, "r1", "org-a", family, 1)
+    theirs = rnd.committed["org-a"].path
+    moved = rnd.spool.quarantine("org", None)  # as recovery does when org's pointer is unreadable
+    assert moved and not any("org-a" in p.name for p in moved)
+    assert theirs.is_file() and sha256_file(theirs) == rnd.committed["org-a"].sha256
+    assert set(rnd.spool.committed()) == {"org-a"}

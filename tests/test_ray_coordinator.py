@@ -4,7 +4,7 @@ real gRPC, compared bit for bit with the local engine's merge.
 
 - Ray is the default aggregator and gives exactly `tiesfed.engine.merge`'s model.
 - `tiesfed coordinator serve --ray-address` in a subprocess, its shard actors
-  spread over both nodes.
+  spread over both nodes; every subprocess and its clients speak mutual TLS.
 - The coordinator process SIGKILLed mid-round (two contributions committed, a
   third upload in flight, a fetch waiting) and restarted on the same spool and
   port: the round is recovered into fresh shard actors and the clients carry on.
@@ -50,9 +50,10 @@ from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry  # noqa: 
 from tiesfed.engine import merge  # noqa: E402
 from tiesfed.federated_merge import federated_merge  # noqa: E402
 from tiesfed.io.model_io import ModelReader  # noqa: E402
-from tiesfed.protos.v1 import CLIENT_ID_KEY, channel_options  # noqa: E402
+from tiesfed.protos.v1 import channel_options  # noqa: E402
 from tiesfed.protos.v1 import tiesfed_pb2 as pb  # noqa: E402
 from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc  # noqa: E402
+from tiesfed.trust.identity import Identity, secure_channel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = {
@@ -157,10 +158,12 @@ def wait_dead(actor_ids, timeout: float = 30.0) -> None:
 
 
 class Coordinators:
-    """`coordinator serve` subprocesses, each in its own process group."""
+    """`coordinator serve` subprocesses, each in its own process group, serving mutual TLS
+    with the session's PKI (tests/conftest.py) and honouring its revocation list."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, pki):
         self.tmp_path = tmp_path
+        self.pki = pki
         self.procs: list[tuple[subprocess.Popen, Path]] = []
 
     def start(self, cluster, spool: Path, base: Path, port_file: Path, listen: str = "127.0.0.1:0") -> str:
@@ -173,6 +176,7 @@ class Coordinators:
             "--spool", str(spool), "--base", str(base),
             "--round", "r1", "--clients", ",".join(CLIENTS),
             "--listen", listen, "--port-file", str(port_file), "-v",
+            "--tls", str(self.pki.server), "--crl", str(self.pki.crl),
         ]
         env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
         with open(log, "wb") as f:
@@ -213,23 +217,22 @@ class Coordinators:
 
 
 @pytest.fixture
-def coordinators(tmp_path):
-    c = Coordinators(tmp_path)
+def coordinators(tmp_path, pki):
+    c = Coordinators(tmp_path, pki)
     yield c
     c.stop_all()
 
 
-def upload_status(target: str, client: str) -> pb.UploadStatusReply:
-    with grpc.insecure_channel(target, options=channel_options()) as ch:
+def upload_status(pki, target: str, client: str) -> pb.UploadStatusReply:
+    with secure_channel(target, Identity.load(pki.client(client)), options=channel_options()) as ch:
         return pb_grpc.CoordinatorStub(ch).UploadStatus(
-            pb.UploadStatusRequest(round_id="r1"), metadata=((CLIENT_ID_KEY, client),), timeout=30,
+            pb.UploadStatusRequest(round_id="r1"), timeout=30,
             wait_for_ready=True)  # the process-wide subchannel may still be backing off from the restart
 
 
-def first_event(target: str, client: str = "org-a") -> pb.RoundEvent:
-    with grpc.insecure_channel(target, options=channel_options()) as ch:
-        stream = pb_grpc.CoordinatorStub(ch).Watch(pb.WatchRequest(round_id="r1"),
-                                                   metadata=((CLIENT_ID_KEY, client),), timeout=30,
+def first_event(pki, target: str, client: str = "org-a") -> pb.RoundEvent:
+    with secure_channel(target, Identity.load(pki.client(client)), options=channel_options()) as ch:
+        stream = pb_grpc.CoordinatorStub(ch).Watch(pb.WatchRequest(round_id="r1"), timeout=30,
                                                    wait_for_ready=True)
         ev = next(iter(stream))
         stream.cancel()
@@ -309,24 +312,25 @@ def test_ray_round_equals_local_merge(cluster, family, tmp_path, tmp_path_factor
 # ----------------------------------------------------------------------------- 2. multi-node, coordinator subprocess
 
 
-def test_coordinator_subprocess_on_multinode_cluster(cluster, family, tmp_path, tmp_path_factory, coordinators):
+def test_coordinator_subprocess_on_multinode_cluster(cluster, family, tmp_path, tmp_path_factory, coordinators, pki):
     base_dir, paths = family
     spool = tmp_path / "spool"
     target = coordinators.start(cluster, spool, base_dir, tmp_path / "port")
     proc = coordinators.procs[-1][0]
     me = ray.get_runtime_context().get_job_id()
 
-    receipts = {CLIENTS[0]: submit(target, "r1", CLIENTS[0], base_dir, paths[0], retry=FAST, chunk_bytes=2048)}
+    receipts = {CLIENTS[0]: submit(target, "r1", None, base_dir, paths[0], retry=FAST, chunk_bytes=2048,
+                                   tls=pki.client(CLIENTS[0]))}
     # the coordinator (another driver of this cluster) folds into 2 shard actors, one per node
     theirs = shard_actors(exclude_job=me)
     assert len(theirs) == 2, coordinators.log_tail(proc)
     assert len({a["Address"]["NodeID"] for a in theirs.values()}) == 2
     for i, c in enumerate(CLIENTS[1:], 1):
-        receipts[c] = submit(target, "r1", c, base_dir, paths[i], retry=FAST, chunk_bytes=2048)
+        receipts[c] = submit(target, "r1", None, base_dir, paths[i], retry=FAST, chunk_bytes=2048, tls=pki.client(c))
     assert all(r.attempts == 1 and not r.duplicate for r in receipts.values())
 
     out = tmp_path / "fetched"
-    res = fetch(target, "r1", CLIENTS[1], base_dir, out, timeout=120, retry=FAST)
+    res = fetch(target, "r1", None, base_dir, out, timeout=120, retry=FAST, tls=pki.client(CLIENTS[1]))
     want = engine_model(family, tmp_path_factory)
     assert_identical(load_folder(out), want)
     # the coordinator's own copy of the merged model (it has the base) too, written by the
@@ -347,7 +351,8 @@ def test_coordinator_subprocess_on_multinode_cluster(cluster, family, tmp_path, 
 # ----------------------------------------------------------------------------- 3. coordinator process killed mid-round
 
 
-def test_coordinator_killed_mid_round_recovers_from_spool(cluster, family, tmp_path, tmp_path_factory, coordinators):
+def test_coordinator_killed_mid_round_recovers_from_spool(cluster, family, tmp_path, tmp_path_factory, coordinators,
+                                                          pki):
     base_dir, paths = family
     spool = tmp_path / "spool"
     port_file = tmp_path / "port"
@@ -355,14 +360,15 @@ def test_coordinator_killed_mid_round_recovers_from_spool(cluster, family, tmp_p
     first = coordinators.procs[-1][0]
     me = ray.get_runtime_context().get_job_id()
 
-    receipts = {c: submit(target, "r1", c, base_dir, paths[i], retry=FAST) for i, c in enumerate(CLIENTS[:2])}
+    receipts = {c: submit(target, "r1", c, base_dir, paths[i], retry=FAST, tls=pki.client(c))
+                for i, c in enumerate(CLIENTS[:2])}
     old_actors = shard_actors(exclude_job=me)
     assert len(old_actors) == 2, coordinators.log_tail(first)
 
     # a fetch already waiting, and org-c's upload in flight when the coordinator dies;
     # both retry against the restarted coordinator (same spool, same port)
     fetcher = in_thread(fetch, target, "r1", CLIENTS[0], base_dir, tmp_path / "fetched-early",
-                        timeout=180, retry=PATIENT)
+                        timeout=180, retry=PATIENT, tls=pki.client(CLIENTS[0]))
     chunk = 256
     mid, killed, go = threading.Event(), threading.Event(), threading.Event()
 
@@ -376,7 +382,7 @@ def test_coordinator_killed_mid_round_recovers_from_spool(cluster, family, tmp_p
         return False
 
     uploader = in_thread(submit, target, "r1", CLIENTS[2], base_dir, paths[2], retry=PATIENT,
-                         chunk_bytes=chunk, fault=fault)
+                         chunk_bytes=chunk, fault=fault, tls=pki.client(CLIENTS[2]))
     try:
         assert mid.wait(60), "the third upload never got going"
         partial = spool / "rounds" / "r1" / "partial" / f"{CLIENTS[2]}.part"
@@ -393,12 +399,12 @@ def test_coordinator_killed_mid_round_recovers_from_spool(cluster, family, tmp_p
         assert target2 == target
 
         # recovered from the spool: both commits, nothing of the half-received upload
-        ev = first_event(target)
+        ev = first_event(pki, target)
         assert ev.kind == pb.ROUND_OPENED and ev.committed == 2 and "recovered" in ev.message, ev
         for c, r in receipts.items():
-            st = upload_status(target, c)
+            st = upload_status(pki, target, c)
             assert st.committed and st.committed_sha256 == r.sha256
-        st = upload_status(target, CLIENTS[2])
+        st = upload_status(pki, target, CLIENTS[2])
         assert not st.committed and st.committed_offset == 0
         assert not partial.exists()
         # ... into fresh shard actors of the new coordinator; the dead driver's are gone
@@ -414,7 +420,8 @@ def test_coordinator_killed_mid_round_recovers_from_spool(cluster, family, tmp_p
         early = joined(*fetcher, timeout=180)
         want = engine_model(family, tmp_path_factory)
         assert_identical(load_folder(early.out_dir), want)
-        late = fetch(target, "r1", CLIENTS[1], base_dir, tmp_path / "fetched-late", timeout=120, retry=FAST)
+        late = fetch(target, "r1", CLIENTS[1], base_dir, tmp_path / "fetched-late", timeout=120, retry=FAST,
+                     tls=pki.client(CLIENTS[1]))
         assert late.sha256 == early.sha256
         assert_identical(load_folder(late.out_dir), want)
         assert_identical(load_folder(spool / "rounds" / "r1" / "model"), want)
@@ -431,7 +438,8 @@ def test_coordinator_killed_mid_round_recovers_from_spool(cluster, family, tmp_p
 def test_shard_actors_killed_mid_round(cluster, family, tmp_path, tmp_path_factory):
     base_dir, paths = family
     cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool", base_model=str(base_dir),
-                            num_shards=2, num_cpus_per_actor=0.25, max_restarts=2)
+                            num_shards=2, num_cpus_per_actor=0.25, max_restarts=2,
+                            insecure=True)  # in-process: shard recovery; identity is tested in test_identity.py
     assert cfg.aggregator == "ray"  # the default
     srv = CoordinatorServer(cfg)
     try:
@@ -450,7 +458,7 @@ def test_shard_actors_killed_mid_round(cluster, family, tmp_path, tmp_path_facto
             return rebuilt[-1]
 
         agg.recover = spy_recover
-        submit(srv.target, "r1", CLIENTS[0], base_dir, paths[0], retry=FAST)
+        submit(srv.target, "r1", CLIENTS[0], base_dir, paths[0], retry=FAST, insecure=True)
 
         # shard 0 dies while org-b's upload is half folded; rebuild it right there, with
         # org-b's stream paused: the replay must hold org-a plus org-b's folded records
@@ -486,7 +494,8 @@ def test_shard_actors_killed_mid_round(cluster, family, tmp_path, tmp_path_facto
                 seen["digest"] = (ray.get(victim.state_digest.remote()), local.state_digest())
             return False
 
-        res_b = submit(srv.target, "r1", CLIENTS[1], base_dir, paths[1], retry=FAST, chunk_bytes=chunk, fault=fault)
+        res_b = submit(srv.target, "r1", CLIENTS[1], base_dir, paths[1], retry=FAST, insecure=True, chunk_bytes=chunk,
+                       fault=fault)
         assert res_b.attempts == 1 and "rebuilt" in seen, "the fault hook never ran"
         assert seen["folded"] >= 2 and not res_b.duplicate
         assert seen["rebuilt"] == [0] and seen["gen_after"] != seen["gen"]
@@ -497,9 +506,9 @@ def test_shard_actors_killed_mid_round(cluster, family, tmp_path, tmp_path_facto
         # finalization barrier, which rebuilds it from the spool
         victim = agg.actors[1]
         ray.kill(victim, no_restart=False)
-        submit(srv.target, "r1", CLIENTS[2], base_dir, paths[2], retry=FAST, chunk_bytes=1024)
+        submit(srv.target, "r1", CLIENTS[2], base_dir, paths[2], retry=FAST, insecure=True, chunk_bytes=1024)
         out = tmp_path / "fetched"
-        fetch(srv.target, "r1", CLIENTS[2], base_dir, out, timeout=120, retry=FAST)
+        fetch(srv.target, "r1", CLIENTS[2], base_dir, out, timeout=120, retry=FAST, insecure=True)
         assert rnd.state == "finalized"
         assert [1] in rebuilt[1:], f"shard 1 was never rebuilt: {rebuilt}"
         want = engine_model(family, tmp_path_factory)
@@ -526,7 +535,8 @@ def test_rejected_hostile_upload_on_ray_shards_leaves_no_trace(cluster, family, 
     with ModelReader(base_dir) as r:
         fam = (base_dir, paths, fingerprint(r))
     cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool", base_model=str(base_dir),
-                            num_shards=2, num_cpus_per_actor=0.25)
+                            num_shards=2, num_cpus_per_actor=0.25,
+                            insecure=True)  # in-process: integrity on shards; identity: test_identity.py
     srv = CoordinatorServer(cfg)
     try:
         srv.start()
@@ -534,14 +544,14 @@ def test_rejected_hostile_upload_on_ray_shards_leaves_no_trace(cluster, family, 
             round_id="r1", participants=[ParticipantConfig(client_id=c) for c in CLIENTS], max_abs_value=1e30))
         assert isinstance(rnd.agg, ShardedAggregator) and rnd.fold_mode == "arrival"
         for i, c in enumerate(CLIENTS[:2]):
-            submit(srv.target, "r1", c, base_dir, paths[i], retry=FAST)
+            submit(srv.target, "r1", c, base_dir, paths[i], retry=FAST, insecure=True)
         hostile = contribution_bytes(fam, 0, mutate=scaled(HUGE, drop_last=True))
         with pytest.raises(grpc.RpcError) as ei:
             raw_upload(srv, "r1", "org-c", hostile, chunk=300)
         assert "ends without 1 tensor" in ei.value.details()
-        submit(srv.target, "r1", "org-c", base_dir, paths[2], retry=FAST)
+        submit(srv.target, "r1", "org-c", base_dir, paths[2], retry=FAST, insecure=True)
         out = tmp_path / "fetched"
-        fetch(srv.target, "r1", "org-a", base_dir, out, timeout=60, retry=FAST)
+        fetch(srv.target, "r1", "org-a", base_dir, out, timeout=60, retry=FAST, insecure=True)
         assert_identical(load_folder(out), engine_model(family, tmp_path_factory))
     finally:
         srv.stop(grace=0)

@@ -42,7 +42,7 @@ def test_client_started_before_the_coordinator_waits_for_it(tmp_path, family):  
     time.sleep(2.0)  # the client is dialling a port nobody listens on
     assert t.is_alive() and not result, "the client gave up instead of waiting"
     cfg = CoordinatorConfig(listen=f"127.0.0.1:{port}", spool_dir=tmp_path / "spool", base_model=str(family[0]),
-                            aggregator="local")
+                            aggregator="local", insecure=True)  # in-process: waiting logic, not identity
     srv = CoordinatorServer(cfg).start()
     try:
         open_round(srv, clients=["org-a", "org-b"])
@@ -66,14 +66,14 @@ def test_waiting_is_bounded_and_says_so():
     port = free_port()
     started = time.monotonic()
     with pytest.raises(FederatedError, match=r"no coordinator answered at 127\.0\.0\.1:\d+ within 1\.5 s"):
-        Connection(f"127.0.0.1:{port}", "org-a", FAST, wait_s=1.5)
+        Connection(f"127.0.0.1:{port}", "org-a", FAST, insecure=True, wait_s=1.5)
     assert time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize("target", ["127.0.0.1", "localhost:", "host:port", "127.0.0.1:70000", ":50051"])
 def test_malformed_target_is_a_clear_error(target):
     with pytest.raises(ValueError, match="must be HOST:PORT"):
-        Connection(target, "org-a", FAST)
+        Connection(target, "org-a", FAST, insecure=True)
 
 
 def _hold_watch(target: str, keepalive_ms: int, seconds: float) -> grpc.StatusCode | None:
@@ -125,5 +125,5 @@ def test_a_download_that_stops_short_fails_instead_of_spinning(family, tmp_path,
     monkeypatch.setattr(service, "_send_merged", stops_short)
     started = time.monotonic()
     with pytest.raises(FederatedError, match=r"stream stops at byte 0 of [\d,]+"):
-        fetch(srv.target, "r1", "org-a", family[0], tmp_path / "out", timeout=30, retry=FAST)
+        fetch(srv.target, "r1", "org-a", family[0], tmp_path / "out", timeout=30, retry=FAST, insecure=True)
     assert time.monotonic() - started < 30

@@ -41,6 +41,7 @@ from tiesfed.io.model_io import (
     fingerprint,
     mergeable,
 )
+from tiesfed.trust import pki
 
 
 @dataclass
@@ -92,12 +93,19 @@ def federated_merge(
     aggregator: Literal["ray", "local"] = "ray",
     round_id: str = "local",
     timeout: Optional[float] = None,
+    tls: bool = True,
 ) -> FederatedResult:
     """Merge `config.models` into `config.base_model` through a federated round on loopback.
 
     The coordinator shards over Ray actors (a local Ray) unless `aggregator` is
     "local" or an `aggregator_factory` is given (e.g. one Ray session shared by
-    many rounds, see tiesfed.demo.merge)."""
+    many rounds, see tiesfed.demo.merge).
+
+    With `tls` (the default) the round runs over mutual TLS, as between
+    organisations: a throwaway CA issues the coordinator's certificate (for
+    127.0.0.1) and one client certificate per model, every upload is signed and
+    the fetch verifies the coordinator's signed merge. `tls=False` uses plaintext
+    on loopback."""
     started = time.perf_counter()
     opts = config.options
     with ModelReader(config.base_model) as base:
@@ -120,8 +128,11 @@ def federated_merge(
     result = FederatedResult(out_dir=Path(out_dir), round_id=round_id, params=sum(t.numel for t in manifest))
 
     with tempfile.TemporaryDirectory(prefix="tiesfed-federated-", dir=work_dir) as tmp:
+        identities = make_identities(Path(tmp) / "pki", ids) if tls else None
+        transport = {"tls_dir": identities["server"]} if identities else {"insecure": True}
         server_cfg = CoordinatorConfig(
-            listen="127.0.0.1:0", spool_dir=Path(tmp) / "spool", rounds=[round_cfg], aggregator=aggregator
+            listen="127.0.0.1:0", spool_dir=Path(tmp) / "spool", rounds=[round_cfg], aggregator=aggregator,
+            **transport,
         )
         with CoordinatorServer(server_cfg, aggregator_factory=aggregator_factory) as srv:
             target = srv.target
@@ -133,6 +144,7 @@ def federated_merge(
                     results[i] = submit(
                         target, round_id, ids[i], config.base_model, config.models[i].model, device=device,
                         chunk_bytes=chunk_bytes, work_dir=tmp, progress=progress, retry=Retry(),
+                        **client_transport(identities, ids[i]),
                     )
                 except BaseException as e:  # stop the round so the fetch does not wait forever
                     errors.append(e)
@@ -150,7 +162,7 @@ def federated_merge(
                 try:
                     fetched["result"] = fetch(
                         target, round_id, ids[0], config.base_model, out_dir, timeout=timeout,
-                        shard_bytes=shard_bytes, progress=progress,
+                        shard_bytes=shard_bytes, progress=progress, **client_transport(identities, ids[0]),
                     )
                 except BaseException as e:
                     fetched["error"] = e
@@ -174,3 +186,19 @@ def federated_merge(
     result.merged_sha256 = result.fetch.sha256
     result.wall_seconds = time.perf_counter() - started
     return result
+
+
+def make_identities(folder: Path, client_ids: list[str]) -> dict[str, Path]:
+    """A throwaway CA with a coordinator identity for loopback and one per client."""
+    pki.init_ca(folder / "ca", name="tiesfed federated_merge CA")
+    out = {"server": folder / "server"}
+    pki.issue(folder / "ca", out["server"], server_names=["127.0.0.1", "localhost"])
+    for cid in client_ids:
+        out[cid] = folder / cid
+        pki.issue(folder / "ca", out[cid], client_id=cid)
+    return out
+
+
+def client_transport(identities: Optional[dict[str, Path]], client_id: str) -> dict:
+    """`submit`/`fetch` keyword arguments: the client's identity, or plaintext."""
+    return {"tls": identities[client_id]} if identities else {"insecure": True}

@@ -1,10 +1,13 @@
 """`tiesfed coordinator ...` and `tiesfed client ...`: the federated commands.
 
-    tiesfed coordinator serve --config coordinator.yaml
-    tiesfed coordinator serve --spool spool/ --base base/ --round r1 --clients org-a,org-b,org-c --option k=20
-    tiesfed client submit BASE MODEL --target HOST:PORT --round r1 --client-id org-a
-    tiesfed client fetch BASE -o merged/ --target HOST:PORT --round r1 --client-id org-a
-    tiesfed coordinator close --target HOST:PORT --round r1 --admin-token-file spool/admin-token
+    tiesfed coordinator serve --tls server/ --crl ca/crl.pem --config coordinator.yaml
+    tiesfed coordinator serve --tls server/ --spool spool/ --base base/ --round r1 --clients org-a,org-b --option k=20
+    tiesfed client submit BASE MODEL --tls org-a/ --target HOST:PORT --round r1
+    tiesfed client fetch BASE -o merged/ --tls org-a/ --target HOST:PORT --round r1
+    tiesfed coordinator close --tls ops/ --target HOST:PORT --round r1
+
+Identity folders come from `tiesfed pki issue`. `--insecure` (plaintext, ids from
+--client-id, admin by --admin-token) is for loopback demos only.
 """
 
 from __future__ import annotations
@@ -26,14 +29,23 @@ TARGET = click.option(
 )
 ROUND = click.option("--round", "round_id", required=True, help="round id")
 CLIENT_ID = click.option(
-    "--client-id", envvar="TIESFED_CLIENT_ID", required=True, help="this client's id (env TIESFED_CLIENT_ID)"
+    "--client-id", envvar="TIESFED_CLIENT_ID",
+    help="this client's id (env TIESFED_CLIENT_ID); with --tls it is the certificate's and may be left out",
 )
+TLS = click.option("--tls", "tls", envvar="TIESFED_TLS", type=click.Path(exists=True, file_okay=False),
+                   help="identity folder (cert.pem, key.pem, ca.pem from `tiesfed pki issue`): mutual TLS "
+                   "(env TIESFED_TLS)")
+INSECURE = click.option("--insecure", is_flag=True,
+                        help="plaintext, no identities: only against a loopback coordinator started --insecure")
+SERVER_NAME = click.option("--server-name", help="the name the coordinator's certificate must carry, when it "
+                           "is not the host in --target")
 ADMIN_TOKEN = click.option("--admin-token", envvar="TIESFED_ADMIN_TOKEN", help="admin token (env TIESFED_ADMIN_TOKEN)")
 ADMIN_TOKEN_FILE = click.option(
     "--admin-token-file", type=click.Path(dir_okay=False),
     help="read the admin token from this file, e.g. SPOOL/admin-token, where a coordinator started "
     "without --admin-token writes the one it generated",
 )
+ENVIRONMENT = click.core.ParameterSource.ENVIRONMENT
 QUIET = click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 WAIT = click.option(
     "--wait-for-coordinator", "wait_s", type=click.FloatRange(min=0), default=60.0, show_default=True,
@@ -98,6 +110,13 @@ def coordinator() -> None:
 @click.option("--base", "base_model", type=click.Path(exists=True), help="base model: manifest, fingerprint and the "
               "full merged model")
 @click.option("--shard-size", help="shard size of the merged model folder, e.g. 5GB")
+@click.option("--tls", "tls_dir", type=click.Path(exists=True, file_okay=False),
+              help="server identity folder (`tiesfed pki issue CA --server HOST -o DIR`): mutual TLS, callers "
+              "known by their certificates")
+@click.option("--crl", type=click.Path(exists=True, dir_okay=False),
+              help="the CA's crl.pem: revoked certificates are refused, re-read on change (no restart)")
+@click.option("--insecure", is_flag=True, default=None,
+              help="plaintext, ids from metadata, admin by token: loopback demos only (prints a warning)")
 @ADMIN_TOKEN
 @click.option("--max-active-uploads", type=int, help="uploads read at once (bounds memory)")
 @click.option("--abandon-after", type=float, help="seconds before an interrupted upload is dropped")
@@ -113,25 +132,29 @@ def coordinator() -> None:
 @click.option("--exit-when-done", is_flag=True,
               help="exit once every round is finished and every participant fetched the merge")
 @click.option("-v", "--verbose", is_flag=True, help="log round events")
-def serve(config_path, listen, spool_dir, base_model, shard_size, admin_token, max_active_uploads, abandon_after,
-          round_configs, round_id, clients, weights, quorum, deadline, late_policy, replace_policy, options,
+def serve(config_path, listen, spool_dir, base_model, shard_size, tls_dir, crl, insecure, admin_token,
+          max_active_uploads, abandon_after, round_configs, round_id, clients, weights, quorum, deadline, late_policy, replace_policy, options,
           aggregator, ray_address, num_shards, num_gpus_per_actor, port_file, exit_when_done, verbose) -> None:
-    """Serve federated rounds over gRPC until interrupted."""
+    """Serve federated rounds over gRPC until interrupted (with --tls, or else --insecure on loopback)."""
     from tiesfed.coordinator.rounds import RoundConfig, RoundError
     from tiesfed.coordinator.server import CoordinatorConfig, load_coordinator_config
     from tiesfed.coordinator.server import serve as run
+    from tiesfed.trust import TrustError
+
+    if tls_dir and click.get_current_context().get_parameter_source("admin_token") == ENVIRONMENT:
+        admin_token = None  # the token is insecure mode's; a stray TIESFED_ADMIN_TOKEN is not an error
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
     try:
         cfg = load_coordinator_config(config_path) if config_path else CoordinatorConfig()
         upd: dict = {}
         for key, value in (("listen", listen), ("spool_dir", spool_dir), ("base_model", base_model),
-                           ("admin_token", admin_token), ("max_active_uploads", max_active_uploads),
+                           ("tls_dir", tls_dir), ("crl", crl), ("insecure", insecure), ("admin_token", admin_token), ("max_active_uploads", max_active_uploads),
                            ("abandon_after_s", abandon_after), ("aggregator", aggregator),
                            ("ray_address", ray_address), ("num_shards", num_shards),
                            ("num_gpus_per_actor", num_gpus_per_actor)):
             if value is not None:
-                upd[key] = Path(value) if key == "spool_dir" else value
+                upd[key] = Path(value) if key in ("spool_dir", "tls_dir", "crl") else value
         if shard_size:
             upd["shard_bytes"] = parse_size(shard_size)
         rounds = list(cfg.rounds)
@@ -149,7 +172,7 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, admin_token, m
         raise click.UsageError(validation_message(e)) from None
     try:
         run(cfg, port_file=port_file, exit_when_done=exit_when_done)
-    except (RoundError, ValueError, OSError) as e:
+    except (RoundError, ValueError, OSError, TrustError) as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -158,7 +181,7 @@ def _admin_token(admin_token: Optional[str], admin_token_file: Optional[str]) ->
     from tiesfed.coordinator.admin import read_token_file
 
     src = click.get_current_context().get_parameter_source("admin_token")
-    if admin_token is not None and admin_token_file and src != click.core.ParameterSource.ENVIRONMENT:
+    if admin_token is not None and admin_token_file and src != ENVIRONMENT:
         raise click.UsageError("give --admin-token or --admin-token-file, not both")
     if admin_token_file:
         try:
@@ -174,14 +197,39 @@ def _admin_token(admin_token: Optional[str], admin_token_file: Optional[str]) ->
     return admin_token
 
 
-def _admin_connection(target: str, admin_token: str):
+def _admin_connection(target: str, tls: Optional[str], insecure: bool, server_name: Optional[str],
+                      admin_token: Optional[str], admin_token_file: Optional[str]):
+    """(channel, stub, metadata) for an admin call: mutual TLS with an admin identity, or
+    plaintext with the token (--insecure, a loopback coordinator)."""
     import grpc
 
     from tiesfed.protos.v1 import ADMIN_TOKEN_KEY, channel_options
     from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
+    from tiesfed.trust import TrustError
+    from tiesfed.trust.identity import Identity, secure_channel
 
-    channel = grpc.insecure_channel(target, options=channel_options())
-    return channel, pb_grpc.CoordinatorStub(channel), ((ADMIN_TOKEN_KEY, admin_token),)
+    if bool(tls) == insecure:
+        raise click.UsageError("give --tls ADMIN_DIR (an admin identity from `tiesfed pki issue CA --admin NAME`) "
+                               "or --insecure with --admin-token/--admin-token-file" + (", not both" if tls else ""))
+    if insecure:
+        if server_name:
+            raise click.UsageError("--server-name checks the coordinator's certificate: it needs --tls")
+        token = _admin_token(admin_token, admin_token_file)
+        channel = grpc.insecure_channel(target, options=channel_options())
+        return channel, pb_grpc.CoordinatorStub(channel), ((ADMIN_TOKEN_KEY, token),)
+    ctx = click.get_current_context()
+    if admin_token_file or (admin_token is not None and ctx.get_parameter_source("admin_token") != ENVIRONMENT):
+        raise click.UsageError("--admin-token/--admin-token-file are for --insecure: with --tls the admin "
+                               "certificate is the credential")
+    try:
+        identity = Identity.load(tls)  # type: ignore[arg-type]
+    except TrustError as e:
+        raise click.BadParameter(str(e), param_hint="--tls") from None
+    if identity.role != "admin":
+        raise click.BadParameter(f"{tls} holds a {identity.role} certificate; admin calls need an admin one "
+                                 "(`tiesfed pki issue CA --admin NAME -o DIR`)", param_hint="--tls")
+    channel = secure_channel(target, identity, server_name=server_name, options=channel_options())
+    return channel, pb_grpc.CoordinatorStub(channel), ()
 
 
 def _status_text(st) -> str:
@@ -199,13 +247,16 @@ def _status_text(st) -> str:
 
 @coordinator.command("open")
 @TARGET
+@TLS
+@INSECURE
+@SERVER_NAME
 @ADMIN_TOKEN
 @ADMIN_TOKEN_FILE
 @click.option("--round-config", "round_config", type=click.Path(exists=True, dir_okay=False),
               help="YAML of the round")
 @_round_options
-def open_round(target, admin_token, admin_token_file, round_config, round_id, clients, weights, quorum, deadline, late_policy,
-               replace_policy, options) -> None:
+def open_round(target, tls, insecure, server_name, admin_token, admin_token_file, round_config, round_id, clients,
+               weights, quorum, deadline, late_policy, replace_policy, options) -> None:
     """Open a round on a running coordinator (its base gives manifest and fingerprint)."""
     import grpc
 
@@ -224,7 +275,7 @@ def open_round(target, admin_token, admin_token_file, round_config, round_id, cl
             raise click.UsageError("give --round-config, or --round and --clients")
     except ValidationError as e:
         raise click.UsageError(validation_message(e)) from None
-    token = _admin_token(admin_token, admin_token_file)
+    channel, stub, md = _admin_connection(target, tls, insecure, server_name, admin_token, admin_token_file)
     req = pb.OpenRoundRequest(
         round_id=rc.round_id,
         options_json=rc.options.model_dump_json(by_alias=True),
@@ -238,7 +289,6 @@ def open_round(target, admin_token, admin_token_file, round_config, round_id, cl
         base_fingerprint=rc.base_fingerprint or "",
         manifest=[pb.TensorSpec(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in rc.manifest or []],
     )
-    channel, stub, md = _admin_connection(target, token)
     with channel:
         try:
             spec = stub.OpenRound(req, metadata=md, timeout=600)
@@ -251,16 +301,19 @@ def open_round(target, admin_token, admin_token_file, round_config, round_id, cl
 @coordinator.command("close")
 @TARGET
 @ROUND
+@TLS
+@INSECURE
+@SERVER_NAME
 @ADMIN_TOKEN
 @ADMIN_TOKEN_FILE
 @click.option("--abort", is_flag=True, help="fail the round instead of finalizing it")
-def close_round(target, round_id, admin_token, admin_token_file, abort) -> None:
+def close_round(target, round_id, tls, insecure, server_name, admin_token, admin_token_file, abort) -> None:
     """Finalize a round now (its quorum must be met), or abort it."""
     import grpc
 
     from tiesfed.protos.v1 import tiesfed_pb2 as pb
 
-    channel, stub, md = _admin_connection(target, _admin_token(admin_token, admin_token_file))
+    channel, stub, md = _admin_connection(target, tls, insecure, server_name, admin_token, admin_token_file)
     with channel:
         try:
             st = stub.CloseRound(pb.CloseRoundRequest(round_id=round_id, abort=abort), metadata=md, timeout=3600)
@@ -270,6 +323,18 @@ def close_round(target, round_id, admin_token, admin_token_file, abort) -> None:
 
 
 # ----------------------------------------------------------------------------- client
+
+
+def _transport(tls: Optional[str], insecure: bool, server_name: Optional[str], client_id: Optional[str]) -> dict:
+    """The client's transport flags, checked here so the errors name them."""
+    if bool(tls) == insecure:
+        raise click.UsageError("give --tls IDENTITY_DIR (mutual TLS; the client id is the certificate's) or "
+                               "--insecure with --client-id (plaintext, loopback demos)" + (", not both" if tls else ""))
+    if insecure and not client_id:
+        raise click.UsageError("--insecure needs --client-id (with --tls the certificate names the client)")
+    if insecure and server_name:
+        raise click.UsageError("--server-name checks the coordinator's certificate: it needs --tls")
+    return {"tls": tls, "insecure": insecure, "server_name": server_name}
 
 
 @click.group("client")
@@ -282,6 +347,9 @@ def client() -> None:
 @click.argument("model", type=click.Path(exists=True))
 @TARGET
 @ROUND
+@TLS
+@INSECURE
+@SERVER_NAME
 @CLIENT_ID
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (trimming)")
 @click.option("--chunk-size", default="1MiB", show_default=True, help="upload chunk size (at most 4MiB)")
@@ -289,15 +357,18 @@ def client() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @WAIT
 @QUIET
-def submit_cmd(base, model, target, round_id, client_id, device, chunk_size, retries, as_json, wait_s, quiet) -> None:
+def submit_cmd(base, model, target, round_id, tls, insecure, server_name, client_id, device, chunk_size, retries,
+               as_json, wait_s, quiet) -> None:
     """Trim MODEL's task vector against BASE and upload it to the round."""
     from tiesfed.client.federated import FederatedError, Retry, submit
     from tiesfed.io.model_io import ModelError
+    from tiesfed.trust import TrustError
 
     try:
         res = submit(target, round_id, client_id, base, model, device=device, chunk_bytes=parse_size(chunk_size),
-                     retry=Retry(attempts=retries), progress=not quiet, wait_for_coordinator=wait_s)
-    except (FederatedError, ModelError, ValueError) as e:
+                     retry=Retry(attempts=retries), progress=not quiet, wait_for_coordinator=wait_s,
+                     **_transport(tls, insecure, server_name, client_id))
+    except (FederatedError, ModelError, ValueError, TrustError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps({
@@ -320,6 +391,9 @@ def submit_cmd(base, model, target, round_id, client_id, device, chunk_size, ret
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
 @TARGET
 @ROUND
+@TLS
+@INSECURE
+@SERVER_NAME
 @CLIENT_ID
 @click.option("--timeout", type=float, help="seconds to wait for the round to finalize (default: forever)")
 @click.option("--shard-size", default="5GB", show_default=True, help="output shard size")
@@ -327,23 +401,33 @@ def submit_cmd(base, model, target, round_id, client_id, device, chunk_size, ret
 @click.option("--keep-merged", is_flag=True, help="keep the merged task vector as OUT/merged_task_vector.tfs")
 @WAIT
 @QUIET
-def fetch_cmd(base, out_dir, target, round_id, client_id, timeout, shard_size, retries, keep_merged, wait_s,
-              quiet) -> None:
+def fetch_cmd(base, out_dir, target, round_id, tls, insecure, server_name, client_id, timeout, shard_size, retries,
+              keep_merged, wait_s, quiet) -> None:
     """Wait for the round, download the merged task vector and apply it to BASE."""
     from tiesfed.client.federated import FederatedError, Retry, fetch
     from tiesfed.io.model_io import ModelError
+    from tiesfed.trust import TrustError
 
     try:
         res = fetch(target, round_id, client_id, base, out_dir, timeout=timeout, shard_bytes=parse_size(shard_size),
                     retry=Retry(attempts=retries), progress=not quiet, keep_merged=keep_merged,
-                    wait_for_coordinator=wait_s)
-    except (FederatedError, ModelError, ValueError, TimeoutError) as e:
+                    wait_for_coordinator=wait_s, **_transport(tls, insecure, server_name, client_id))
+    except (FederatedError, ModelError, ValueError, TimeoutError, TrustError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"merged model of round {round_id} -> {res.out_dir} ({res.total_bytes:,} bytes downloaded, "
                f"sha256 {res.sha256[:16]}…, λ={res.header.get('lambda')}, {res.seconds:.1f} s)")
+    if res.provenance is None:
+        click.echo("unverified: plaintext round (--insecure), no signatures", err=True)
+        return
+    folded = res.provenance["contributions"]
+    click.echo(f"verified: the coordinator's signature over the merge and its {len(folded)} signed "
+               "contribution(s): " + ", ".join(f"{c['client_id']} ({c['sha256'][:12]}…)" for c in folded))
 
 
 def register(main_group: click.Group) -> None:
     """Add the federated command groups to the `tiesfed` CLI."""
+    from tiesfed.cli.audit import audit  # offline: `tiesfed coordinator audit --spool S --round R`
+
+    coordinator.add_command(audit)
     main_group.add_command(coordinator)
     main_group.add_command(client)

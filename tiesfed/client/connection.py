@@ -1,5 +1,9 @@
 """A client's channel to the coordinator: identity, retries, waiting for it to come up,
-and the round spec checks every client call starts with."""
+and the round spec checks every client call starts with.
+
+The channel is mutual TLS with an identity folder from `tiesfed pki` (the client id
+is then the certificate's, as the coordinator will see it), or plaintext only when
+the caller says `insecure=True` (loopback demos and in-process tests)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Union
 
 import grpc
 
@@ -25,6 +30,7 @@ from tiesfed.protos.v1 import (
 )
 from tiesfed.protos.v1 import tiesfed_pb2 as pb
 from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
+from tiesfed.trust.identity import Identity, secure_channel
 
 log = logging.getLogger("tiesfed.client")
 
@@ -67,7 +73,12 @@ class Retry:
 
 
 class Connection:
-    """A channel to the coordinator with this client's identity in the metadata.
+    """A channel to the coordinator as this client.
+
+    Give exactly one of `tls` (an identity folder or a loaded `Identity`: mutual TLS,
+    the client id is the certificate's) and `insecure=True` (plaintext, the id
+    `client_id` sent as metadata). `server_name` overrides the name the server's
+    certificate must carry (default: the host dialled).
 
     `wait_s` > 0: the first call waits up to that long for a coordinator that
     is not listening yet (started after its clients), redialling with gRPC's
@@ -75,15 +86,22 @@ class Connection:
     """
 
     def __init__(
-        self, target: str, client_id: str, retry: Retry = Retry(), *, wait_s: float = 0.0,
-        keepalive_ms: int = KEEPALIVE_TIME_MS,
+        self, target: str, client_id: Optional[str] = None, retry: Retry = Retry(), *,
+        tls: Union[str, Path, Identity, None] = None, insecure: bool = False, server_name: Optional[str] = None,
+        wait_s: float = 0.0, keepalive_ms: int = KEEPALIVE_TIME_MS,
     ) -> None:
         self.target = check_target(target)
-        self.client_id = client_id
+        self.identity, self.client_id = client_identity(client_id, tls, insecure)
+        if server_name and self.identity is None:
+            raise ValueError("server_name (--server-name) checks the server's certificate: it needs tls (--tls)")
         self.retry = retry
-        self.channel = grpc.insecure_channel(target, options=channel_options(keepalive_ms))
+        if self.identity is not None:
+            self.channel = secure_channel(target, self.identity, server_name=server_name,
+                                          options=channel_options(keepalive_ms))
+        else:
+            self.channel = grpc.insecure_channel(target, options=channel_options(keepalive_ms))
         self.stub = pb_grpc.CoordinatorStub(self.channel)
-        self.metadata = ((CLIENT_ID_KEY, client_id),)
+        self.metadata = ((CLIENT_ID_KEY, self.client_id),)
         if wait_s > 0:
             self.wait_ready(wait_s)
 
@@ -126,6 +144,26 @@ class Connection:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def client_identity(client_id: Optional[str], tls: Union[str, Path, Identity, None],
+                    insecure: bool) -> tuple[Optional[Identity], str]:
+    """(identity, client id) for a connection: exactly one of tls/insecure; with tls the
+    id is the certificate's (a different `client_id` is a mistake worth stopping at)."""
+    if (tls is None) == (not insecure):
+        raise ValueError("give exactly one of tls (--tls IDENTITY_DIR, mutual TLS) and insecure=True "
+                         "(--insecure, plaintext for loopback demos)" + (", not both" if insecure else ""))
+    if tls is None:
+        if not client_id:
+            raise ValueError("an insecure connection needs a client id (--client-id)")
+        return None, client_id
+    identity = tls if isinstance(tls, Identity) else Identity.load(tls)
+    if not identity.name:
+        raise ValueError(f"--tls {identity.folder}: the certificate names no client id (CN)")
+    if client_id is not None and client_id != identity.name:
+        raise ValueError(f"--client-id {client_id!r} is not the id of the certificate in {identity.folder} "
+                         f"({identity.name!r}); with --tls the id is the certificate's: leave --client-id out")
+    return identity, identity.name
 
 
 def spec_options(spec: pb.RoundSpec) -> MergeOptions:

@@ -1,8 +1,11 @@
 """The federated client: submit a contribution to a round, fetch the merged model.
 
     from tiesfed.client.federated import submit, fetch
-    submit("127.0.0.1:50051", "r1", "org-a", base="base/", model="ft-a/")
-    fetch("127.0.0.1:50051", "r1", "org-a", base="base/", out_dir="merged/")
+    submit("coordinator:50051", "r1", None, base="base/", model="ft-a/", tls="org-a/")
+    fetch("coordinator:50051", "r1", None, base="base/", out_dir="merged/", tls="org-a/")
+
+`tls` is an identity folder from `tiesfed pki` (the client id is its certificate's);
+`insecure=True` with a client id instead is for a loopback coordinator run --insecure.
 
 `submit` reads the round's spec, checks that its base is the round's base
 (fingerprint and manifest), trims with the round's options through the same

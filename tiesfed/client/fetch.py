@@ -1,13 +1,22 @@
 """Fetch: wait for the round, download the merged task vector with resume, check its
-sha256, and apply θ₀ + λ·τ_m to this client's own base."""
+sha256, and apply θ₀ + λ·τ_m to this client's own base.
+
+With mutual TLS the merge must come signed: the first message of each Download
+carries the coordinator's manifest (round, merged digest, every contribution it
+folded), its signature and its certificate. `verify_merge` checks them against
+this client's CA before a byte is kept, so a coordinator-side edit of the merge,
+its manifest or its signature stops the fetch with nothing left in `out_dir`.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import grpc
 from tqdm.auto import tqdm
@@ -27,6 +36,8 @@ from tiesfed.io.model_io import (
     ModelReader,
 )
 from tiesfed.protos.v1 import tiesfed_pb2 as pb
+from tiesfed.trust import SignatureError, TrustError, describe, signing
+from tiesfed.trust.identity import Identity
 
 
 @dataclass
@@ -39,6 +50,50 @@ class FetchResult:
     attempts: int
     header: dict = field(default_factory=dict)
     seconds: float = 0.0
+    #: the coordinator's verified manifest of the merge (round, merged_sha256, and each
+    #: contribution's client_id, sha256, signature_hex, cert_fingerprint); None when insecure
+    provenance: Optional[dict[str, Any]] = None
+
+
+def verify_merge(ch: pb.DownloadChunk, identity: Identity, round_id: str, sha256: str) -> dict[str, Any]:
+    """The merge's signed manifest from a Download's first message, checked: the coordinator's
+    certificate is a server certificate from our CA, its key signed the manifest, and the
+    manifest is this round's and names the stream's digest. Raises FederatedError
+    (UNAUTHENTICATED for who signed, DATA_LOSS for what was signed) naming the failed check."""
+    what = f"the merge of round {round_id!r}"
+    if not (ch.merged_manifest_json and ch.merged_signature and ch.coordinator_cert_pem):
+        raise FederatedError(f"{what} comes without the coordinator's signed manifest: refusing an unsigned merge",
+                             "UNAUTHENTICATED")
+    cert = ch.coordinator_cert_pem.encode()
+    try:
+        signing.verify_chain(cert, identity.ca_pem)
+        role = describe(cert).role
+    except (SignatureError, TrustError) as e:
+        raise FederatedError(f"{what}: the coordinator's certificate does not check against our CA: {e}",
+                             "UNAUTHENTICATED") from None
+    if role != "server":
+        raise FederatedError(f"{what} is signed by a {role or 'role-less'} certificate, not a coordinator's",
+                             "UNAUTHENTICATED")
+    try:
+        manifest = json.loads(ch.merged_manifest_json)
+    except ValueError as e:
+        raise FederatedError(f"{what}: its manifest is not JSON: {e}", "DATA_LOSS") from None
+    if not isinstance(manifest, dict):
+        raise FederatedError(f"{what}: its manifest is not a JSON object", "DATA_LOSS")
+    try:
+        signing.verify(cert, manifest, ch.merged_signature)
+    except SignatureError as e:
+        raise FederatedError(f"{what}: the coordinator's signature over its manifest does not verify: {e}",
+                             "UNAUTHENTICATED") from None
+    if manifest.get("kind") != signing.MERGED_KIND or manifest.get("round_id") != round_id:
+        raise FederatedError(f"{what}: the signed manifest is a {manifest.get('kind')!r} of round "
+                             f"{manifest.get('round_id')!r}", "UNAUTHENTICATED")
+    if manifest.get("merged_sha256") != sha256 or ch.sha256 != sha256:
+        raise FederatedError(f"{what}: the signed manifest names the merged sha256 {manifest.get('merged_sha256')}, "
+                             f"the stream is {sha256}", "DATA_LOSS")
+    if not isinstance(manifest.get("contributions"), list):
+        raise FederatedError(f"{what}: the signed manifest lists no contributions", "DATA_LOSS")
+    return manifest
 
 
 def wait_finalized(conn: Connection, round_id: str, timeout: Optional[float] = None) -> tuple[str, int]:
@@ -66,11 +121,30 @@ def wait_finalized(conn: Connection, round_id: str, timeout: Optional[float] = N
             failures += 1
 
 
+def first_message(conn: Connection, round_id: str, offset: int) -> pb.DownloadChunk:
+    """The first message of a Download from `offset` (its header: digest, size, signature)."""
+    for n in range(conn.retry.attempts + 1):
+        call = conn.stub.Download(pb.DownloadRequest(round_id=round_id, offset=offset), metadata=conn.metadata,
+                                  timeout=60)
+        try:
+            return next(call)
+        except StopIteration:
+            raise FederatedError(f"download of round {round_id!r}: the coordinator sent nothing", "DATA_LOSS") from None
+        except grpc.RpcError as e:
+            if e.code() not in RETRYABLE or n == conn.retry.attempts:
+                raise FederatedError.from_rpc(e, f"download of round {round_id!r}") from None
+            conn.retry.sleep(n)
+        finally:
+            call.cancel()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def download(conn: Connection, round_id: str, path: Path, sha256: str, total: int,
-             progress: bool = False) -> tuple[int, int]:
+             progress: bool = False, check: Optional[Callable[[pb.DownloadChunk], None]] = None) -> tuple[int, int]:
     """Download the merged stream into `path`, resuming from what it holds.
 
     Returns (bytes downloaded, attempts). The file's sha256 must be `sha256`.
+    `check` sees the first message of every Download call before any of its data is written.
     """
     got = 0
     failures = 0
@@ -85,9 +159,13 @@ def download(conn: Connection, round_id: str, path: Path, sha256: str, total: in
             f.seek(pos)
             while pos < total:
                 started_at = pos
+                first = True
                 try:
                     for ch in conn.stub.Download(pb.DownloadRequest(round_id=round_id, offset=pos),
                                                  metadata=conn.metadata):
+                        if first and check is not None:
+                            check(ch)
+                        first = False
                         if ch.sha256 != sha256 or ch.total_bytes != total:
                             raise FederatedError(f"round {round_id!r}: the merged stream changed while downloading")
                         if ch.offset != pos:
@@ -120,7 +198,7 @@ def download(conn: Connection, round_id: str, path: Path, sha256: str, total: in
 def fetch(
     target: str,
     round_id: str,
-    client_id: str,
+    client_id: Optional[str],
     base: str | Path,
     out_dir: str | Path,
     *,
@@ -130,21 +208,48 @@ def fetch(
     progress: bool = False,
     keep_merged: bool = False,
     wait_for_coordinator: float = 0.0,
+    tls: str | Path | Identity | None = None,
+    insecure: bool = False,
+    server_name: Optional[str] = None,
 ) -> FetchResult:
     """Wait for the round, download the merged task vector, apply it to `base` into `out_dir`."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    with Connection(target, client_id, retry, wait_s=wait_for_coordinator) as conn, ModelReader(base) as b:
+    with Connection(target, client_id, retry, tls=tls, insecure=insecure, server_name=server_name,
+                    wait_s=wait_for_coordinator) as conn, ModelReader(base) as b:
         spec = conn.round_spec(round_id)
         fp = check_base(spec, b, spec_options(spec))
         sha, total = wait_finalized(conn, round_id, timeout)
+        identity = conn.identity
+        verified: dict[str, Any] = {}
+        untrusted: list[FederatedError] = []
+
+        def check(ch: pb.DownloadChunk) -> None:
+            if identity is not None:
+                try:
+                    verified.update(verify_merge(ch, identity, round_id, sha))
+                except FederatedError as e:
+                    untrusted.append(e)
+                    raise
+
+        created = not out_dir.exists()
         out_dir.mkdir(parents=True, exist_ok=True)
         part = out_dir / f".tiesfed-merged-{round_id}.tfs.part"
-        got, attempts = download(conn, round_id, part, sha, total, progress)
+        try:
+            got, attempts = download(conn, round_id, part, sha, total, progress, check)
+            if identity is not None and not verified:  # the partial file was whole already: ask once
+                check(first_message(conn, round_id, total))
+        except FederatedError:
+            if untrusted:  # an untrusted merge leaves nothing behind (other failures keep it for a resume)
+                part.unlink(missing_ok=True)
+                if created:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+            raise
         header = apply_merged(b, part, out_dir, shard_bytes=shard_bytes, expected_fingerprint=fp)
         if keep_merged:
             part.replace(out_dir / "merged_task_vector.tfs")
         else:
             part.unlink()
-    return FetchResult(round_id, out_dir, sha, total, got, attempts, header, time.perf_counter() - started)
+    return FetchResult(round_id, out_dir, sha, total, got, attempts, header, time.perf_counter() - started,
+                       provenance=dict(verified) if identity is not None else None)
 

@@ -4,10 +4,16 @@ A producer thread encodes tensor by tensor into a local spool file while the
 sender streams that file in chunks, so memory is one tensor plus one chunk.
 After a broken connection it backs off, asks the coordinator how many bytes it
 holds (and their sha256), and resumes from there out of the local spool.
+
+With mutual TLS the stream's sha256 is taken as it is produced, and the chunk
+carrying its last bytes (in whichever attempt sends them) carries the client's
+signature over the contribution manifest, which the coordinator checks before
+it commits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import threading
 import time
@@ -46,6 +52,8 @@ from tiesfed.protos.v1 import (
     UPLOAD_LEASE_KEY,
 )
 from tiesfed.protos.v1 import tiesfed_pb2 as pb
+from tiesfed.trust import signing
+from tiesfed.trust.identity import Identity
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 
@@ -63,12 +71,14 @@ class _SpoolPipe:
         self._f = open(path, "wb", buffering=0)
         self._buf = bytearray()
         self.size = 0  # bytes on disk, visible to readers
+        self.sha = hashlib.sha256()  # of every byte written, complete once `done`
         self.done = False
         self.error: Optional[BaseException] = None
         self.cond = threading.Condition()
 
     def write(self, data) -> int:
         self._buf += data
+        self.sha.update(data)
         if len(self._buf) >= self.FLUSH:
             self._flush()
         return len(data)
@@ -109,8 +119,9 @@ class _SpoolPipe:
                 raise self.error
             return self.size
 
-    def chunks(self, start: int, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
-        """(offset, bytes) from `start` to the end of the stream, as it is produced."""
+    def chunks(self, start: int, chunk_bytes: int) -> Iterator[tuple[int, bytes, bool]]:
+        """(offset, bytes, whether they are the stream's last) from `start` to the end of
+        the stream, as it is produced."""
         with open(self.path, "rb") as f:
             f.seek(start)
             pos = start
@@ -126,7 +137,7 @@ class _SpoolPipe:
                 data = f.read(min(chunk_bytes, end - pos))
                 if not data:
                     raise IOError(f"{self.path}: local spool ends early at {pos}")
-                yield pos, data
+                yield pos, data, done and pos + len(data) == end
                 pos += len(data)
 
 
@@ -154,12 +165,13 @@ class SubmitResult:
     replaced: bool = False
     stats: TrimStats = field(default_factory=TrimStats)
     seconds: float = 0.0
+    signed: bool = False  # sent with this client's signature (mutual TLS)
 
 
 def submit(
     target: str,
     round_id: str,
-    client_id: str,
+    client_id: Optional[str],
     base: str | Path,
     model: str | Path,
     *,
@@ -169,15 +181,20 @@ def submit(
     work_dir: Optional[str | Path] = None,
     progress: bool = False,
     wait_for_coordinator: float = 0.0,
+    tls: str | Path | Identity | None = None,
+    insecure: bool = False,
+    server_name: Optional[str] = None,
     fault: Optional[Fault] = None,
 ) -> SubmitResult:
     """Compute, trim, encode and upload this client's contribution to `round_id`."""
     started = time.perf_counter()
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
-    with Connection(target, client_id, retry, wait_s=wait_for_coordinator) as conn, tempfile.TemporaryDirectory(
+    with Connection(target, client_id, retry, tls=tls, insecure=insecure, server_name=server_name,
+                    wait_s=wait_for_coordinator) as conn, tempfile.TemporaryDirectory(
         prefix="tiesfed-submit-", dir=work_dir
     ) as tmp:
+        client_id = conn.client_id  # with tls, the certificate's
         spec = conn.round_spec(round_id)
         chunk_bytes = min(chunk_bytes, spec.max_chunk_bytes or MAX_CHUNK_BYTES)
         opts = spec_options(spec)
@@ -207,12 +224,28 @@ def submit(
             producer = threading.Thread(target=produce, name=f"encode-{client_id}", daemon=True)
             producer.start()
             try:
-                result = _send(conn, round_id, pipe, chunk_bytes, retry, progress, fault)
+                seal = manifest_signer(conn.identity, spec, client_id)
+                result = _send(conn, round_id, pipe, chunk_bytes, retry, progress, fault, seal)
             finally:
                 producer.join()
         result.stats = stats
         result.seconds = time.perf_counter() - started
         return result
+
+
+def manifest_signer(identity: Optional[Identity], spec: pb.RoundSpec,
+                    client_id: str) -> Optional[Callable[[str], bytes]]:
+    """With an identity: sha256 -> this client's signature over the contribution manifest
+    (the round's id, base fingerprint and options as its spec states them), else None."""
+    if identity is None:
+        return None
+    key = identity.key_pem
+
+    def seal(sha256: str) -> bytes:
+        return signing.sign(key, signing.contribution_manifest(spec.round_id, client_id, spec.base_fingerprint,
+                                                               spec.options_json, sha256))
+
+    return seal
 
 
 def reserve_slot(conn: Connection, round_id: str, wait_s: float = 10.0) -> str:
@@ -232,8 +265,12 @@ def _send(
     retry: Retry,
     progress: bool,
     fault: Optional[Fault],
+    seal: Optional[Callable[[str], bytes]] = None,
 ) -> SubmitResult:
+    """Stream the pipe to the coordinator, resuming after breaks; `seal(sha256)` signs the
+    finished stream (mutual TLS) for the chunk that carries its last bytes."""
     sent = 0
+    signature = b""  # made once, when the last bytes are first sent
     resumed: list[int] = []
     bar = tqdm(unit="B", unit_scale=True, disable=not progress, desc=f"upload {conn.client_id}")
     try:
@@ -253,14 +290,17 @@ def _send(
             holder: dict = {}
 
             def requests() -> Iterator[pb.UploadChunk]:
-                nonlocal sent
+                nonlocal sent, signature
                 try:
-                    for i, (off, data) in enumerate(pipe.chunks(start, chunk_bytes)):
+                    for i, (off, data, last) in enumerate(pipe.chunks(start, chunk_bytes)):
                         if fault is not None and fault(attempt, i):
                             ready.wait()
                             holder["call"].cancel()
                             return
-                        yield pb.UploadChunk(round_id=round_id, offset=off, data=data)
+                        if last and seal is not None and not signature:
+                            signature = seal(pipe.sha.hexdigest())
+                        yield pb.UploadChunk(round_id=round_id, offset=off, data=data,
+                                             signature=signature if last else b"")
                         sent += len(data)
                         bar.update(len(data))
                         if pipe.done and bar.total is None:
@@ -300,7 +340,7 @@ def _send(
                 return SubmitResult(
                     round_id=round_id, client_id=conn.client_id, sha256=receipt.sha256, bytes=receipt.bytes,
                     bytes_sent=sent, nnz=receipt.nnz, attempts=attempt + 1, resumed_from=resumed,
-                    duplicate=receipt.duplicate, replaced=receipt.replaced,
+                    duplicate=receipt.duplicate, replaced=receipt.replaced, signed=bool(signature),
                 )
             retry.sleep(attempt)  # the stream ended before the end marker: resume it
         raise FederatedError(f"upload of {conn.client_id!r} to round {round_id!r}: gave up after "

@@ -1,11 +1,11 @@
-"""The admin token: there is no unauthenticated admin.
+"""The admin token of an insecure (loopback) coordinator: there is no unauthenticated admin.
 
-OpenRound and CloseRound need the token in their metadata (checked in one
-place, `CoordinatorService._check_admin`; mutual TLS will replace it). An
-empty token is refused. Without one the coordinator makes one at start
-(`secrets.token_urlsafe`) and writes it, readable by its owner only, to
-`<spool>/admin-token`, where local admin commands find it
-(`tiesfed coordinator open|close --admin-token-file`).
+With mutual TLS, OpenRound and CloseRound need an admin certificate and no token
+exists. With --insecure they need the token in their metadata (checked in one
+place, `CoordinatorService._caller`). An empty token is refused. Without
+one the coordinator makes one at start (`secrets.token_urlsafe`) and writes
+it, readable by its owner only, to `<spool>/admin-token`, where local admin
+commands find it (`tiesfed coordinator open|close --insecure --admin-token-file`).
 """
 
 from __future__ import annotations

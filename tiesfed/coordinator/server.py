@@ -8,15 +8,21 @@
 A YAML file has the fields of `CoordinatorConfig`; each entry of `rounds`
 those of `tiesfed.coordinator.rounds.RoundConfig` (opened at start unless the spool
 already holds a round of that id, which is then recovered instead).
+
+Transport: mutual TLS (`tls_dir`, a server identity from `tiesfed pki issue`), or,
+said out loud, `insecure` on a loopback address; a coordinator with neither refuses
+to start rather than fall back to plaintext.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import ipaddress
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -41,11 +47,20 @@ from tiesfed.coordinator.streams import Cap, StreamGate
 from tiesfed.io.model_io import DEFAULT_SHARD_BYTES
 from tiesfed.protos.v1 import KEEPALIVE_TIME_MS, MAX_CHUNK_BYTES, server_options
 from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
+from tiesfed.trust.identity import Identity, RevocationList, server_credentials
 
 log = logging.getLogger("tiesfed.coordinator")
 
 #: Worker threads always left to short calls, whatever the long-lived ones hold.
 UNARY_THREADS = 32
+
+INSECURE_WARNING = """\
+*****************************************************************************
+*  WARNING: --insecure. This coordinator speaks PLAINTEXT and takes client  *
+*  ids on trust from metadata: anyone who can connect can upload as any     *
+*  participant and read the merge. For loopback demos and tests only; for   *
+*  real rounds use --tls (`tiesfed pki issue CA --server HOST -o DIR`).     *
+*****************************************************************************"""
 
 
 class CoordinatorConfig(BaseModel):
@@ -57,9 +72,17 @@ class CoordinatorConfig(BaseModel):
     spool_dir: Path = Field(Path("tiesfed-spool"), description="durable spool (rounds, contributions, outputs)")
     base_model: Optional[str] = Field(None, description="the base model: manifest, fingerprint, full merged model")
     shard_bytes: int = Field(DEFAULT_SHARD_BYTES, gt=0, description="shard size of the merged model folder")
+    tls_dir: Optional[Path] = Field(
+        None, description="server identity folder (cert.pem, key.pem, ca.pem, from `tiesfed pki issue CA "
+        "--server NAMES -o DIR`): mutual TLS; callers are known by the certificates the CA gave them"
+    )
+    crl: Optional[Path] = Field(None, description="the CA's crl.pem (with tls_dir): revoked certificates are "
+                                "refused; re-read when it changes, so a revocation needs no restart")
+    insecure: bool = Field(False, description="plaintext, client ids from metadata, admin by token: loopback "
+                           "demos and in-process tests only (refused on any other address)")
     admin_token: Optional[str] = Field(
-        None, description="required in the metadata of OpenRound/CloseRound; none: one is generated at "
-        "start, printed, and written to <spool>/admin-token (mode 0600); empty: refused"
+        None, description="insecure mode only: required in the metadata of OpenRound/CloseRound; none: one "
+        "is generated at start, printed, and written to <spool>/admin-token (mode 0600); empty: refused"
     )
     max_workers: int = Field(
         512, ge=4, description="gRPC worker threads; each call in flight holds one, so the long-lived calls "
@@ -133,7 +156,61 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
         upd["spool_dir"] = path.parent / cfg.spool_dir
     if cfg.base_model and not Path(cfg.base_model).expanduser().is_absolute():
         upd["base_model"] = str(path.parent / cfg.base_model)
+    for key in ("tls_dir", "crl"):
+        value = getattr(cfg, key)
+        if value is not None and not value.expanduser().is_absolute():
+            upd[key] = path.parent / value
     return cfg.model_copy(update=upd)
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether `host:port` binds only this machine (127.0.0.0/8, ::1, localhost)."""
+    host = listen.rsplit(":", 1)[0] if ":" in listen else listen
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_transport(config: CoordinatorConfig) -> tuple[Optional[Identity], Optional[RevocationList]]:
+    """Check the transport settings and load the server identity and revocation list.
+
+    Mutual TLS unless `insecure` is asked for explicitly, and plaintext only where no
+    other machine can connect; errors name the flags (and YAML keys) to fix."""
+    if config.tls_dir is not None and config.insecure:
+        raise ValueError("give --tls (YAML tls_dir) or --insecure, not both")
+    if config.tls_dir is None and not config.insecure:
+        raise ValueError(
+            "the coordinator refuses to start without transport security: give --tls IDENTITY_DIR "
+            "(YAML tls_dir; a server identity from `tiesfed pki issue CA --server HOST -o DIR`), or "
+            "--insecure (YAML insecure: true) for a plaintext demo on a loopback address"
+        )
+    if config.insecure:
+        if not is_loopback(config.listen):
+            raise ValueError(
+                f"--insecure serves plaintext with unverified client ids, so only on a loopback address "
+                f"(127.0.0.1, ::1, localhost), not on {config.listen!r}: give --tls IDENTITY_DIR instead"
+            )
+        if config.crl is not None:
+            raise ValueError("--crl needs --tls: without certificates there is nothing to revoke")
+        return None, None
+    assert config.tls_dir is not None
+    if config.admin_token is not None:
+        raise ValueError("--admin-token is for --insecure only: with --tls, admin calls need an admin "
+                         "certificate (`tiesfed pki issue CA --admin NAME -o DIR`)")
+    identity = Identity.load(config.tls_dir.expanduser())
+    if identity.role != "server":
+        raise ValueError(f"--tls {config.tls_dir} holds a {identity.role} certificate; the coordinator "
+                         "needs a server identity (`tiesfed pki issue CA --server HOST -o DIR`)")
+    revocation = None
+    if config.crl is not None:
+        if not config.crl.expanduser().is_file():
+            raise ValueError(f"--crl {config.crl}: no such file (the CA folder's crl.pem)")
+        revocation = RevocationList(config.crl.expanduser(), identity.ca_pem)
+    return identity, revocation
 
 
 def default_max_round_params(aggregator: str) -> int:
@@ -171,6 +248,8 @@ class CoordinatorServer:
         aggregator_factory: Optional[AggregatorFactory] = None,
     ) -> None:
         self.config = config
+        # first: a coordinator that would serve without security stops before it touches anything
+        self.identity, self.revocation = load_transport(config)
         self.ray_factory = None
         if aggregator_factory is None and config.aggregator == "ray":
             from tiesfed.coordinator.ray_factory import RayAggregatorFactory
@@ -193,10 +272,13 @@ class CoordinatorServer:
             stall_after_s=config.stall_after_s,
             lease_s=config.lease_s,
             max_round_params=config.max_round_params or default_max_round_params(config.aggregator),
+            signer=self.identity,  # signs each merge (merged.sig.json); None when insecure
         )
-        # no unauthenticated admin: a token given, or one made here (written to the spool at start)
-        self.admin_token_generated = config.admin_token is None
-        self.admin_token: str = config.admin_token or generate_token()
+        # no unauthenticated admin: an admin certificate with TLS; insecure, a token given or one
+        # made here (written to the spool at start)
+        self.admin_token_generated = self.identity is None and config.admin_token is None
+        self.admin_token: Optional[str] = None if self.identity is not None else (
+            config.admin_token or generate_token())
         self.admin_token_file = Path(config.spool_dir) / ADMIN_TOKEN_FILE
         self.gate = stream_gate(config)
         self.server: Optional[grpc.Server] = None
@@ -234,18 +316,25 @@ class CoordinatorServer:
             options=server_options(self.config.keepalive_ms),
         )
         if self.admin_token_generated:
+            assert self.admin_token is not None
             write_token_file(self.config.spool_dir, self.admin_token)
         else:  # a token from an earlier start would mislead --admin-token-file
             self.admin_token_file.unlink(missing_ok=True)
-        service = CoordinatorService(self.manager, self.admin_token, self.gate)
+        service = CoordinatorService(self.manager, self.admin_token, self.gate, tls=self.identity is not None,
+                                     revocation=self.revocation)
         pb_grpc.add_CoordinatorServicer_to_server(service, server)
-        port = server.add_insecure_port(self.config.listen)
+        if self.identity is not None:
+            port = server.add_secure_port(self.config.listen, server_credentials(self.identity))
+        else:
+            log.warning("INSECURE: plaintext on %s, client ids taken from metadata", self.config.listen)
+            port = server.add_insecure_port(self.config.listen)
         if port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         server.start()
         self.server, self.port = server, port
         self.manager.start()
-        log.info("coordinator listening on %s (spool %s)", self.target, self.config.spool_dir)
+        log.info("coordinator listening on %s (%s, spool %s)", self.target,
+                 "mutual TLS" if self.identity else "INSECURE", self.config.spool_dir)
         return self
 
     def stop(self, grace: Optional[float] = 1.0) -> None:
@@ -296,7 +385,10 @@ def serve(
         stop.set()
 
     tune_malloc(config.malloc_arena_max, config.malloc_mmap_threshold)
-    srv = CoordinatorServer(config).start()
+    srv = CoordinatorServer(config)  # checks the transport before anything starts
+    if srv.identity is None:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    srv.start()
     # after start(): ray.init installs its own SIGTERM handler (sys.exit), ours must win
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     finished_at: Optional[float] = None
@@ -305,7 +397,8 @@ def serve(
             tmp = Path(str(port_file) + ".tmp")
             tmp.write_text(f"{srv.port}\n")
             tmp.replace(port_file)
-        print(f"tiesfed coordinator listening on {srv.target}, spool {config.spool_dir}", flush=True)
+        how = f"mutual TLS as {srv.identity.name}" if srv.identity is not None else "INSECURE"
+        print(f"tiesfed coordinator listening on {srv.target} ({how}), spool {config.spool_dir}", flush=True)
         if srv.admin_token_generated:
             print(f"admin token (generated; also in {srv.admin_token_file}, mode 0600): {srv.admin_token}",
                   flush=True)

@@ -1,16 +1,24 @@
 """The gRPC face of the coordinator: tiesfed.v1.Coordinator over a RoundManager.
 
-Each method reads the caller's identity from the metadata and delegates to
-the round. Domain code raises `RoundError(code, message)`; the `rpc` and
-`rpc_stream` decorators are the one place that turns it into a gRPC status.
+Each method resolves its caller in one place (`_caller`) and delegates to the
+round. With mutual TLS the caller is the certificate gRPC verified in the
+handshake: its CN is the client id, its OU the role, and its serial is checked
+against the CA's revocation list on every call; a metadata id is at most a claim
+that must agree. Only an insecure (loopback) coordinator takes the id from the
+metadata and admin calls by token.
+
+Domain code raises `RoundError(code, message)`; the `rpc` and `rpc_stream`
+decorators are the one place that turns it into a gRPC status.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hmac
 import json
 import logging
+from dataclasses import dataclass
 from typing import Callable, Generator, Iterator, Optional, TypeVar
 
 import grpc
@@ -25,6 +33,7 @@ from tiesfed.coordinator.rounds import (
     RoundError,
     RoundManager,
 )
+from tiesfed.coordinator.rounds.provenance import options_json
 from tiesfed.coordinator.streams import StreamGate
 from tiesfed.core.options import validation_message
 from tiesfed.protos.v1 import (
@@ -34,6 +43,8 @@ from tiesfed.protos.v1 import (
 )
 from tiesfed.protos.v1 import tiesfed_pb2 as pb
 from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
+from tiesfed.trust.identity import Peer, RevocationError, RevocationList, peer_identity
+from tiesfed.trust.signing import canonical_json
 
 log = logging.getLogger("tiesfed.coordinator")
 
@@ -100,7 +111,7 @@ def spec_message(r: Round) -> pb.RoundSpec:
     return pb.RoundSpec(
         round_id=r.id,
         method=o.method,
-        options_json=o.model_dump_json(by_alias=True),
+        options_json=options_json(c),  # the very string clients sign
         k=o.k,
         **{"lambda": o.lam},
         base_fingerprint=c.base_fingerprint or "",
@@ -167,6 +178,23 @@ def _send_merged(merged: Merged, offset: int, context: grpc.ServicerContext) -> 
     return pos
 
 
+def _with_provenance(chunks: Generator[pb.DownloadChunk, None, int],
+                     provenance: Optional[dict]) -> Generator[pb.DownloadChunk, None, int]:
+    """`chunks` with the merge's signature record (`Round.merged_provenance`, as stored) on
+    the first message, which a client with an identity verifies before it keeps any data."""
+    if provenance is None:
+        return (yield from chunks)
+    try:
+        head = next(chunks)
+    except StopIteration as stop:
+        return stop.value
+    head.merged_manifest_json = canonical_json(provenance["manifest"]).decode()
+    head.merged_signature = bytes.fromhex(provenance["signature_hex"])
+    head.coordinator_cert_pem = provenance["cert_pem"]
+    yield head
+    return (yield from chunks)
+
+
 def round_config_from_request(req: pb.OpenRoundRequest, max_round_params: Optional[int] = None) -> RoundConfig:
     """Validate an OpenRound request as a RoundConfig (errors name the field), before
     anything is allocated; `max_round_params` bounds the manifest."""
@@ -201,32 +229,87 @@ def round_config_from_request(req: pb.OpenRoundRequest, max_round_params: Option
 # ----------------------------------------------------------------------------- service
 
 
-class CoordinatorService(pb_grpc.CoordinatorServicer):
-    """The servicer. `admin_token` guards OpenRound/CloseRound (required: there is no
-    unauthenticated admin); `gate` caps the long-lived calls (see `streams`)."""
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, as `_caller` resolved it: the id, the role, and (with TLS) the
+    verified certificate, which the upload path keeps beside a contribution."""
 
-    def __init__(self, manager: RoundManager, admin_token: str, gate: StreamGate) -> None:
-        if not admin_token or not admin_token.strip():
+    client_id: str
+    role: str
+    peer: Optional[Peer] = None
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """The servicer. With `tls`, callers are their verified certificates (checked against
+    `revocation` when given) and admin calls need an admin certificate; without it, ids
+    come from metadata and `admin_token` guards OpenRound/CloseRound (required: there is
+    no unauthenticated admin). `gate` caps the long-lived calls (see `streams`)."""
+
+    def __init__(self, manager: RoundManager, admin_token: Optional[str], gate: StreamGate, *, tls: bool = False,
+                 revocation: Optional[RevocationList] = None) -> None:
+        if tls and admin_token is not None:
+            raise ValueError("an admin token with TLS: admin calls need an admin certificate instead")
+        if not tls and (not admin_token or not admin_token.strip()):
             raise ValueError("admin token is empty: the coordinator needs one for OpenRound/CloseRound")
+        if revocation is not None and not tls:
+            raise ValueError("a revocation list needs TLS: without certificates there is nothing to revoke")
         self.manager = manager
         self.admin_token = admin_token
         self.gate = gate
+        self.tls = tls
+        self.revocation = revocation
 
     # -- helpers
-    def _client(self, context: grpc.ServicerContext) -> str:
-        cid = _metadata(context, CLIENT_ID_KEY)
-        if not cid:
-            raise RoundError("UNAUTHENTICATED", f"no client id: send gRPC metadata {CLIENT_ID_KEY!r}")
-        return cid
+    def _caller(self, context: grpc.ServicerContext, role: str = "client") -> Caller:
+        """The one place that says who is calling, and whether that caller may make a
+        call of `role` (client: participant calls; admin: OpenRound/CloseRound)."""
+        if not self.tls:
+            if role == "admin":
+                self._check_token(context)
+                return Caller("admin", "admin")
+            cid = _metadata(context, CLIENT_ID_KEY)
+            if not cid:
+                raise RoundError("UNAUTHENTICATED", f"no client id: send gRPC metadata {CLIENT_ID_KEY!r}")
+            return Caller(cid, "client")
+        peer = peer_identity(context)
+        if peer is None or not peer.client_id:
+            raise RoundError("UNAUTHENTICATED", "no verified client certificate naming a client id")
+        self._check_revoked(peer)
+        if peer.not_after <= dt.datetime.now(dt.timezone.utc):
+            raise RoundError("UNAUTHENTICATED", f"the certificate of {peer.client_id!r} (serial {peer.serial:x}) "
+                             f"expired at {peer.not_after.isoformat()}")
+        claimed = _metadata(context, CLIENT_ID_KEY)
+        if claimed is not None and claimed != peer.client_id:
+            raise RoundError("PERMISSION_DENIED", f"metadata {CLIENT_ID_KEY!r} claims {claimed!r}, but the "
+                             f"certificate names {peer.client_id!r}: the id is the certificate's")
+        if peer.role != role:
+            what = ("OpenRound and CloseRound need an admin certificate" if role == "admin"
+                    else "participant calls need a client certificate")
+            raise RoundError("PERMISSION_DENIED", f"{what}; the certificate of {peer.client_id!r} has the "
+                             f"role {peer.role!r}")
+        return Caller(peer.client_id, role, peer)
 
-    def _check_admin(self, context: grpc.ServicerContext) -> None:
-        """The one admin check (mutual TLS will replace the token here)."""
+    def _check_revoked(self, peer: Peer) -> None:
+        if self.revocation is None:
+            return
+        try:
+            revoked = self.revocation.is_revoked(peer.serial)
+        except RevocationError as e:  # fail closed: a call we cannot check is not let through
+            log.error("%s", e)
+            raise RoundError("UNAVAILABLE", f"the coordinator cannot check revocation: {e}") from None
+        if revoked:
+            raise RoundError("UNAUTHENTICATED", f"certificate serial {peer.serial:x} ({peer.client_id!r}) "
+                             "is revoked")
+
+    def _check_token(self, context: grpc.ServicerContext) -> None:
+        """Insecure mode's admin check: the token in the metadata."""
+        assert self.admin_token is not None
         got = _metadata(context, ADMIN_TOKEN_KEY) or ""
         if not hmac.compare_digest(got.encode(), self.admin_token.encode()):
             raise RoundError("PERMISSION_DENIED", f"admin call without the right {ADMIN_TOKEN_KEY!r} metadata")
 
     def _participant_round(self, round_id: str, context: grpc.ServicerContext) -> tuple[Round, str]:
-        cid = self._client(context)
+        cid = self._caller(context).client_id
         r = self.manager.get(round_id)
         r.check_participant(cid)
         return r, cid
@@ -234,7 +317,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     # -- admin
     @rpc
     def OpenRound(self, request, context):
-        self._check_admin(context)
+        self._caller(context, "admin")
         try:
             cfg = round_config_from_request(request, self.manager.max_round_params)
         except (ValidationError, ValueError) as e:
@@ -244,7 +327,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @rpc
     def CloseRound(self, request, context):
-        self._check_admin(context)
+        self._caller(context, "admin")
         r = self.manager.get(request.round_id)
         r.close(abort=request.abort)
         return status_message(r)
@@ -285,7 +368,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @rpc
     def Upload(self, request_iterator, context):
-        cid = self._client(context)
+        caller = self._caller(context)  # caller.peer: the verified certificate (None when insecure)
+        cid = caller.client_id
         self.manager.check_known_client(cid)
         # At most max_active_uploads streams are read at once. The others wait
         # here (bounded) before their first message is read, held back by gRPC
@@ -298,14 +382,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if first is None:
                 raise RoundError("INVALID_ARGUMENT", "empty upload stream")
             r = self.manager.get(first.round_id)
-            s = r.begin_upload(cid, first.offset)
+            s = r.begin_upload(cid, first.offset, peer=caller.peer)
             receipt = None
             try:
                 chunk = first
                 while True:
                     if chunk.round_id and chunk.round_id != r.id:
                         raise RoundError("INVALID_ARGUMENT", "chunks of one upload name different rounds")
-                    receipt = r.feed(s, chunk.offset, chunk.data)
+                    receipt = r.feed(s, chunk.offset, chunk.data, chunk.signature)
                     progress(len(chunk.data))  # empty chunks are not progress
                     if receipt is not None:
                         break
@@ -344,7 +428,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             merged = r.merged_to_serve()  # its sha256 checked first; a damaged one is rebuilt
             if request.offset > merged.bytes:
                 raise RoundError("OUT_OF_RANGE", f"offset {request.offset} is past the end ({merged.bytes} bytes)")
-            pos = yield from _send_merged(merged, request.offset, context)
+            pos = yield from _with_provenance(_send_merged(merged, request.offset, context), r.merged_provenance())
         if pos == merged.bytes:
             with r.lock:
                 r.downloaded.add(cid)

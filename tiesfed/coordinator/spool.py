@@ -6,9 +6,13 @@ Layout under ``<spool_dir>/rounds/<round_id>/``::
     state.json                      open | finalizing | finalized | failed (+ merged digest,
                                     lost contributions, whether a restart finalizes again)
     partial/<client>.part           an upload being received (discarded on restart)
-    contributions/<client>.json     pointer: {"sha256", "file", "bytes", "nnz"}
+    contributions/<client>.json     pointer: {"sha256", "file", "bytes", "nnz"[, "signed": true]}
     contributions/<client>-<sha>.tfs  a committed contribution (codec stream)
+    contributions/<client>-<sha>.sig.json  its signature, under mutual TLS: {"manifest",
+                                    "signature_hex", "cert_pem", "cert_serial", "cert_fingerprint"}
     merged.tfs                      the merged task vector (codec stream, kind "merged")
+    merged.sig.json                 the coordinator's signature of the merge, under mutual TLS:
+                                    {"manifest", "signature_hex", "cert_pem"}
     model/                          the merged model, when the coordinator has the base
     damaged/<time>-<name>           a contribution (and its pointer) found damaged on recovery,
                                     kept for inspection; its client is asked to upload again
@@ -17,8 +21,8 @@ and ``<spool_dir>/coordinator.lock``: the coordinator that holds the spool
 (`SpoolLock`: pid, host, start time), so a second one cannot start on it.
 
 A contribution is committed by: fsync of its data file, atomic rename to its
-content-addressed name, then an atomic replace of the client's pointer, then
-an fsync of the folder. The pointer is the commit point: a crash before it
+content-addressed name, its signature file (if signed) written atomically, then
+an atomic replace of the client's pointer, then an fsync of the folder. The pointer is the commit point: a crash before it
 leaves an orphan file (removed on recovery), a crash after it a committed
 contribution whose checksum is verified before it is folded again.
 
@@ -48,6 +52,7 @@ _ID_RE = re.compile(ID_PATTERN)
 _IO_CHUNK = 4 << 20
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 LOCK_FILE = "coordinator.lock"
+SIG_SUFFIX = ".sig.json"
 
 
 def check_id(kind: str, value: str) -> str:
@@ -69,12 +74,24 @@ class Committed:
     path: Path
     bytes: int
     nnz: int
+    signed: bool = False  # a signature file lies beside it (uploaded under mutual TLS)
+
+    @property
+    def sig_path(self) -> Path:
+        """Where its signature file is (or would be): ``<client>-<sha>.sig.json``."""
+        return sig_path_of(self.path)
 
     def pointer(self) -> dict:
         d = asdict(self)
         d["file"] = self.path.name
         del d["path"], d["client_id"]
+        if not self.signed:  # pointers of unsigned rounds stay as they always were
+            del d["signed"]
         return d
+
+
+def sig_path_of(data_file: Path) -> Path:
+    return data_file.with_name(data_file.name.removesuffix(".tfs") + SIG_SUFFIX)
 
 
 class RoundSpool:
@@ -98,6 +115,10 @@ class RoundSpool:
     @property
     def merged_path(self) -> Path:
         return self.dir / "merged.tfs"
+
+    @property
+    def merged_sig_path(self) -> Path:
+        return self.dir / "merged.sig.json"
 
     @property
     def model_dir(self) -> Path:
@@ -156,22 +177,29 @@ class RoundSpool:
             n += 1
         return n
 
-    def commit(self, client_id: str, partial: Path, sha256: str, size: int, nnz: int) -> Committed:
+    def commit(self, client_id: str, partial: Path, sha256: str, size: int, nnz: int,
+               signature: Optional[dict] = None) -> Committed:
         """Make a fully received upload the client's committed contribution.
 
-        The data file is fsync'd and renamed to its content-addressed name; the
-        client's pointer is replaced atomically; the file it pointed to before
-        (a replaced contribution) is removed after that.
+        The data file is fsync'd and renamed to its content-addressed name; its
+        `signature` record (if any) is written beside it; the client's pointer is
+        replaced atomically; the files it pointed to before (a replaced
+        contribution) are removed after that.
         """
         with open(partial, "rb+") as f:
             os.fsync(f.fileno())
         final = self.contrib_dir / f"{client_id}-{sha256[:16]}.tfs"
         os.replace(partial, final)
-        c = Committed(client_id, sha256, final, size, nnz)
+        c = Committed(client_id, sha256, final, size, nnz, signed=signature is not None)
+        if signature is not None:  # before the pointer: a committed signed contribution always has it
+            write_json_atomic(c.sig_path, signature)
+        else:
+            c.sig_path.unlink(missing_ok=True)  # never one describing another upload
         old = self.committed().get(client_id)
         write_json_atomic(self._pointer(client_id), c.pointer())
         if old is not None and old.path != final:
             old.path.unlink(missing_ok=True)
+            old.sig_path.unlink(missing_ok=True)
             fsync_dir(self.contrib_dir)
         return c
 
@@ -190,15 +218,20 @@ class RoundSpool:
                 raise ValueError(f"file {name!r} is not a contribution file name")
             if size < 0 or nnz < 0:
                 raise ValueError("negative bytes or nnz")
+            signed = d.get("signed", False)
+            if not isinstance(signed, bool):
+                raise ValueError(f"signed {signed!r} is not true or false")
         except (KeyError, TypeError, ValueError) as e:
             raise DamagedFileError(path, f"contribution pointer of {cid!r}", f"is not a valid pointer ({e})") from None
-        return Committed(cid, sha, self.contrib_dir / name, size, nnz)
+        return Committed(cid, sha, self.contrib_dir / name, size, nnz, signed)
 
     def scan_committed(self) -> tuple[dict[str, Committed], dict[str, DamagedFileError]]:
         """(valid pointers by client id, damaged pointers by client id), both sorted."""
         good: dict[str, Committed] = {}
         bad: dict[str, DamagedFileError] = {}
         for p in sorted(self.contrib_dir.glob("*.json")):
+            if p.name.endswith(SIG_SUFFIX):
+                continue
             try:
                 good[p.stem] = self.read_pointer(p)
             except DamagedFileError as e:
@@ -216,10 +249,15 @@ class RoundSpool:
         named = {c.path.name for c in good.values()}
         gone = []
         for p in self.contrib_dir.glob("*.tfs"):
-            if p.name not in named and not any(p.name.startswith(f"{cid}-") for cid in bad):
+            if p.name not in named and not any(self._file_of(cid, p, ".tfs") for cid in bad):
                 p.unlink(missing_ok=True)
                 gone.append(p)
-        for p in self.contrib_dir.glob(".*.tmp-*"):
+        signed = {c.sig_path.name for c in good.values()}
+        for p in self.contrib_dir.glob(f"*{SIG_SUFFIX}"):
+            if p.name not in signed and not any(self._file_of(cid, p, SIG_SUFFIX) for cid in bad):
+                p.unlink(missing_ok=True)
+                gone.append(p)
+        for p in (*self.contrib_dir.glob(".*.tmp-*"), *self.contrib_dir.glob(".*.tmp")):  # crashed writes
             p.unlink(missing_ok=True)
         return gone
 
@@ -231,7 +269,12 @@ class RoundSpool:
         self.damaged_dir.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         files = [self._pointer(client_id)]
-        files += [c.path] if c is not None else sorted(self.contrib_dir.glob(f"{client_id}-*.tfs"))
+        if c is not None:
+            files += [c.path, c.sig_path]
+        else:
+            files += sorted(p for p in self.contrib_dir.glob("*.tfs") if self._file_of(client_id, p, ".tfs"))
+            files += sorted(p for p in self.contrib_dir.glob(f"*{SIG_SUFFIX}")
+                            if self._file_of(client_id, p, SIG_SUFFIX))
         moved = []
         for p in files:
             if p.exists():
@@ -242,14 +285,22 @@ class RoundSpool:
         fsync_dir(self.contrib_dir)
         return moved
 
+    @staticmethod
+    def _file_of(client_id: str, p: Path, suffix: str) -> bool:
+        """Is `p` exactly ``<client>-<16 hex><suffix>``? (A prefix glob would also take
+        the files of a client whose id extends this one, e.g. "org" and "org-a".)"""
+        return re.fullmatch(re.escape(client_id) + r"-[0-9a-f]{16}" + re.escape(suffix), p.name) is not None
+
     def clear_outputs(self, keep_merged: bool = False) -> None:
         """Remove what a finalization wrote (before finalizing again after a crash,
         a failed attempt, or a damaged merged stream): the merged stream, its
-        temporaries, the model folder; with `keep_merged` only the model folder."""
+        signature, their temporaries, the model folder; with `keep_merged` only
+        the model folder."""
         if not keep_merged:
-            for p in self.dir.glob(".merged.tfs.*"):
+            for p in (*self.dir.glob(".merged.tfs.*"), *self.dir.glob(".merged.sig.json.*")):
                 p.unlink(missing_ok=True)
             self.merged_path.unlink(missing_ok=True)
+            self.merged_sig_path.unlink(missing_ok=True)
         if self.model_dir.exists():
             shutil.rmtree(self.model_dir)
 

@@ -34,7 +34,8 @@ receipts), `validation` (what a contribution must be), `uploads` (sessions and
 their spool files), `aggregation` (folding, un-folding, replay), `state` (a
 round's state and bookkeeping), `intake` (uploads entering a round), `finalize`
 (a round ending, its outputs, retried when a write fails), `integrity` (lost
-contributions, damaged merged streams rebuilt), `recovery` (restart from the
+contributions, damaged merged streams rebuilt), `provenance` (contribution
+signatures checked and kept, the merge signed), `recovery` (restart from the
 spool, damage reported and never fatal), `round`
 (`Round`, the public API), `manager` (`RoundManager`, upload slots, the ticker).
 """

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from tiesfed.coordinator.aggregator import AggregatorLike
+from tiesfed.coordinator.rounds import provenance
 from tiesfed.coordinator.rounds.aggregation import release
 from tiesfed.coordinator.rounds.config import RoundConfig
 from tiesfed.coordinator.rounds.events import Merged, RoundError
@@ -182,6 +183,7 @@ def attempt_outputs(r: RoundState, contributors: list[str]) -> Merged:
     if r.fold_mode == "final" or not (r.canonical or r.agg.exact()):
         r._rebuild()  # participant order: the result must not depend on arrival order
     merged = write_merged(r.agg, contributors, r.config, r.spec, r.spool)
+    provenance.sign_merged(r, merged, contributors)
     if r.base_path:
         write_model(r.agg, r.base_path, merged.path, r.spool, r.shard_bytes, r.config)
     return merged

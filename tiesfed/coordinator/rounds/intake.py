@@ -11,27 +11,32 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from tiesfed.coordinator.rounds import provenance
 from tiesfed.coordinator.rounds.aggregation import fold_file
 from tiesfed.coordinator.rounds.events import Receipt, RoundError
 from tiesfed.coordinator.rounds.finalize import fail, maybe_finalize
 from tiesfed.coordinator.rounds.state import RoundState
 from tiesfed.coordinator.rounds.uploads import UploadSession
 from tiesfed.protos.codec import End, Header, Record
+from tiesfed.trust import Peer
 
 log = logging.getLogger("tiesfed.coordinator")
 
 
-def begin(r: RoundState, client_id: str, offset: int) -> UploadSession:
-    """Attach an upload stream: offset 0 starts over, anything else resumes."""
+def begin(r: RoundState, client_id: str, offset: int, peer: Optional[Peer] = None) -> UploadSession:
+    """Attach an upload stream: offset 0 starts over, anything else resumes. `peer` (the
+    stream's verified certificate, None when insecure) checks the signature at commit."""
     with r.lock:
         r.check_participant(client_id)
         r._check_accepting(client_id, new=offset == 0)
         old = r.committed.get(client_id)
-        return r.uploads.attach(
+        s = r.uploads.attach(
             client_id, offset, discard=r._discard, clock=r.clock,
             live=r.fold_mode == "arrival" and old is None,
             compare=old if (old is not None and r.config.replace_policy == "refuse") else None,
         )
+        s.peer = peer
+        return s
 
 
 def detach(r: RoundState, s: UploadSession) -> Receipt:
@@ -45,8 +50,9 @@ def detach(r: RoundState, s: UploadSession) -> Receipt:
                        committed_count=len(r.committed))
 
 
-def feed(r: RoundState, s: UploadSession, offset: int, data: bytes) -> Optional[Receipt]:
-    """Take one chunk. Returns the receipt once the contribution is committed.
+def feed(r: RoundState, s: UploadSession, offset: int, data: bytes, signature: bytes = b"") -> Optional[Receipt]:
+    """Take one chunk (and the upload's signature, on the chunk with its last bytes).
+    Returns the receipt once the contribution is committed.
 
     Raises RoundError (after withdrawing the whole upload) when anything is wrong.
     """
@@ -54,6 +60,11 @@ def feed(r: RoundState, s: UploadSession, offset: int, data: bytes) -> Optional[
         raise RoundError("FAILED_PRECONDITION", s.reason or "this upload is closed")
     try:
         s.check_chunk(offset, data, r.max_chunk_bytes)
+        if signature:
+            if len(signature) > provenance.MAX_SIGNATURE_BYTES:
+                raise RoundError("INVALID_ARGUMENT", f"a signature of {len(signature)} bytes: at most "
+                                 f"{provenance.MAX_SIGNATURE_BYTES} bytes are a DER ECDSA signature")
+            s.signature = signature
         if not data:
             return None
         if s.compare is not None:
@@ -97,6 +108,8 @@ def commit(r: RoundState, s: UploadSession) -> Receipt:
     r.rules.check_complete(s)
     sha = s.seal()
     cid = s.client_id
+    # before anything changes: a contribution its client did not sign is never committed
+    signed = provenance.check_upload(r.config, cid, s.peer, s.signature, sha) if s.peer is not None else None
     weight = r.participants[cid].weight
     with r.lock:
         if s.closed:
@@ -134,7 +147,7 @@ def commit(r: RoundState, s: UploadSession) -> Receipt:
                 log.exception("round %s: rebuilding the aggregator failed", r.id)
                 fail(r, f"rebuilding the aggregator from the spool failed: {e!r}")
                 raise RoundError("INTERNAL", f"round {r.id!r} failed: {r.message}") from e
-        c = r.spool.commit(cid, s.path, sha, s.offset, s.nnz)
+        c = r.spool.commit(cid, s.path, sha, s.offset, s.nnz, signature=signed)
         r.committed[cid] = c
         r.uploads.close(s, "committed")
         r._persist()

@@ -1,8 +1,9 @@
 """Is what the spool holds still what was written? Checks of committed contributions
 and of the merged stream, and what a round does when one is damaged.
 
-A committed contribution whose pointer is damaged, or whose file is missing or
-fails its size or sha256 check, is *lost*: it is moved to ``damaged/``, its client
+A committed contribution whose pointer is damaged, whose file is missing or
+fails its size or sha256 check, or whose signature file (a signed round's) is
+missing, edited or does not verify, is *lost*: it is moved to ``damaged/``, its client
 no longer counts as committed, an UPLOAD_REJECTED event and the round's status
 message tell that client to upload again, and the round finalizes without it only
 when its quorum and deadline rules say so with the others (the status then says so).
@@ -22,6 +23,7 @@ import time
 from collections.abc import Container
 from typing import Optional
 
+from tiesfed.coordinator.rounds.config import RoundConfig
 from tiesfed.coordinator.rounds.events import Merged, RoundError
 from tiesfed.coordinator.rounds.finalize import (
     mark_verified,
@@ -31,6 +33,7 @@ from tiesfed.coordinator.rounds.finalize import (
     stat_signature,
     write_outputs,
 )
+from tiesfed.coordinator.rounds.provenance import contribution_signature_problem
 from tiesfed.coordinator.rounds.state import RoundState, lost_notice
 from tiesfed.coordinator.spool import Committed, RoundSpool
 from tiesfed.io.files import sha256_file
@@ -47,8 +50,9 @@ RECHECK_S = 300.0
 Lost = dict[str, tuple[str, Optional[Committed]]]
 
 
-def contribution_problem(spool: RoundSpool, c: Committed) -> Optional[str]:
-    """What is wrong with a committed contribution's file, or None if it is intact."""
+def contribution_problem(spool: RoundSpool, c: Committed, config: Optional[RoundConfig] = None) -> Optional[str]:
+    """What is wrong with a committed contribution's file (and, given the round's `config`,
+    its signature), or None if it is intact."""
     name = c.path.relative_to(spool.dir) if c.path.is_relative_to(spool.dir) else c.path
     if not c.path.is_file():
         return f"its file {name} is missing"
@@ -57,12 +61,14 @@ def contribution_problem(spool: RoundSpool, c: Committed) -> Optional[str]:
         return f"its file {name} holds {size} bytes, {c.bytes} were committed"
     if sha256_file(c.path) != c.sha256:
         return f"its file {name} fails its sha256 check (damaged on disk)"
-    return None
+    return contribution_signature_problem(config, c) if config is not None else None
 
 
-def check_contributions(spool: RoundSpool, participants: Container[str]) -> tuple[dict[str, Committed], Lost]:
-    """(intact committed contributions, lost ones) of the round's participants. Pointers
-    of clients that are not participants are moved to ``damaged/`` (nobody to tell)."""
+def check_contributions(spool: RoundSpool, participants: Container[str],
+                        config: Optional[RoundConfig] = None) -> tuple[dict[str, Committed], Lost]:
+    """(intact committed contributions, lost ones) of the round's participants (signatures
+    checked given `config`). Pointers of clients that are not participants are moved to
+    ``damaged/`` (nobody to tell)."""
     good, bad = spool.scan_committed()
     lost: Lost = {cid: (str(e), None) for cid, e in bad.items() if cid in participants}
     intact: dict[str, Committed] = {}
@@ -72,7 +78,7 @@ def check_contributions(spool: RoundSpool, participants: Container[str]) -> tupl
                         spool.round_id, cid, spool.damaged_dir)
             spool.quarantine(cid, c)
             continue
-        problem = contribution_problem(spool, c)
+        problem = contribution_problem(spool, c, config)
         if problem is None:
             intact[cid] = c
         else:
@@ -126,7 +132,7 @@ def rebuild_merged(r: RoundState, problem: str) -> None:
 
 
 def _finalize_again(r: RoundState) -> None:
-    intact, lost = check_contributions(r.spool, r.participants)  # hashing: not under the lock
+    intact, lost = check_contributions(r.spool, r.participants, r.config)  # hashing: not under the lock
     with r.lock:
         if lost:  # the inputs changed too: back to open, the lost clients upload again
             drop_lost(r, lost)

@@ -24,6 +24,7 @@ from tiesfed.coordinator.rounds.slots import UploadSlots
 from tiesfed.coordinator.spool import RoundSpool, iter_round_dirs
 from tiesfed.io.model_io import DEFAULT_SHARD_BYTES, mergeable
 from tiesfed.protos.v1 import MAX_CHUNK_BYTES
+from tiesfed.trust import Identity
 
 log = logging.getLogger("tiesfed.coordinator")
 
@@ -46,6 +47,7 @@ class RoundManager:
         max_round_params: Optional[int] = None,
         tick_s: float = 0.2,
         clock: Callable[[], float] = time.time,
+        signer: Optional[Identity] = None,
     ) -> None:
         self.spool_dir = Path(spool_dir)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +61,7 @@ class RoundManager:
         self.lease_s = lease_s
         self._round_kw = dict(
             base_path=base_path, shard_bytes=shard_bytes, max_chunk_bytes=max_chunk_bytes,
-            abandon_after_s=abandon_after_s, clock=clock,
+            abandon_after_s=abandon_after_s, clock=clock, signer=signer,
         )
         self.rounds: dict[str, Round] = {}
         self.unrecovered: dict[str, str] = {}  # round id -> why its spool folder could not be loaded

@@ -126,7 +126,7 @@ def restore(r: RoundState) -> None:
         r.message = ""
         r.close_requested = True
     reset_uploads(spool)
-    intact, lost = check_contributions(spool, r.participants)
+    intact, lost = check_contributions(spool, r.participants, r.config)
     with r.lock:
         r.committed = {cid: intact[cid] for cid in r.participants if cid in intact}
         if r.fold_mode != "final":

@@ -9,9 +9,9 @@ methods took, for the same critical sections.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
-from tiesfed.coordinator.rounds import finalize, intake, integrity
+from tiesfed.coordinator.rounds import finalize, intake, integrity, provenance
 from tiesfed.coordinator.rounds.aggregation import AggregatorFactory
 from tiesfed.coordinator.rounds.config import RoundConfig
 from tiesfed.coordinator.rounds.events import Merged, Receipt
@@ -20,6 +20,7 @@ from tiesfed.coordinator.rounds.state import RoundState
 from tiesfed.coordinator.rounds.uploads import UploadSession
 from tiesfed.coordinator.spool import RoundSpool
 from tiesfed.io.files import DamagedFileError
+from tiesfed.trust import Peer
 
 
 class Round(RoundState):
@@ -55,20 +56,22 @@ class Round(RoundState):
 
     # ------------------------------------------------------------------ uploads
 
-    def begin_upload(self, client_id: str, offset: int) -> UploadSession:
-        """Attach an upload stream: offset 0 starts over, anything else resumes."""
-        return intake.begin(self, client_id, offset)
+    def begin_upload(self, client_id: str, offset: int, peer: Optional[Peer] = None) -> UploadSession:
+        """Attach an upload stream: offset 0 starts over, anything else resumes. With the
+        stream's `peer` (mutual TLS) the upload must carry its client's signature."""
+        return intake.begin(self, client_id, offset, peer)
 
     def detach(self, s: UploadSession) -> Receipt:
         """The stream feeding `s` ended or broke: keep what arrived for a resume."""
         return intake.detach(self, s)
 
-    def feed(self, s: UploadSession, offset: int, data: bytes) -> Optional[Receipt]:
-        """Take one chunk. Returns the receipt once the contribution is committed.
+    def feed(self, s: UploadSession, offset: int, data: bytes, signature: bytes = b"") -> Optional[Receipt]:
+        """Take one chunk (with the upload's signature on the one carrying its last bytes).
+        Returns the receipt once the contribution is committed.
 
         Raises RoundError (after withdrawing the whole upload) when anything is wrong.
         """
-        return intake.feed(self, s, offset, data)
+        return intake.feed(self, s, offset, data, signature)
 
     def reject(self, s: UploadSession, why: str) -> None:
         """Withdraw an upload that failed validation; the round is left as it was."""
@@ -96,3 +99,8 @@ class Round(RoundState):
     def merged_to_serve(self, wait_s: float = integrity.REBUILD_WAIT_S) -> Merged:
         """The merged stream for a Download, its sha256 checked; a damaged one is rebuilt first."""
         return integrity.merged_to_serve(self, wait_s)
+
+    def merged_provenance(self) -> Optional[dict[str, Any]]:
+        """The coordinator's signature record of the merge ({manifest, signature_hex, cert_pem}),
+        as on disk; None when the round was finalized without an identity."""
+        return provenance.merged_record(self)

@@ -35,6 +35,7 @@ from tiesfed.coordinator.spool import Committed, RoundSpool
 from tiesfed.core.methods import get_method
 from tiesfed.io.model_io import DEFAULT_SHARD_BYTES
 from tiesfed.protos.v1 import MAX_CHUNK_BYTES
+from tiesfed.trust import Identity
 
 log = logging.getLogger("tiesfed.coordinator")
 
@@ -55,8 +56,11 @@ class RoundState:
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
         abandon_after_s: float = 300.0,
         clock: Callable[[], float] = time.time,
+        signer: Optional[Identity] = None,
     ) -> None:
         self.config = config
+        #: the coordinator's identity, which signs the merge (None: an insecure coordinator signs nothing)
+        self.signer = signer
         self.id = config.round_id
         self.spool = spool
         self.factory = aggregator_factory

@@ -22,6 +22,7 @@ from tiesfed.coordinator.rounds.config import ParticipantConfig
 from tiesfed.coordinator.rounds.events import RoundError
 from tiesfed.coordinator.spool import Committed, RoundSpool
 from tiesfed.protos.codec import CodecError, Limits, StreamReader
+from tiesfed.trust import Peer
 
 
 @dataclass(eq=False)
@@ -45,6 +46,8 @@ class UploadSession:
     closed: bool = False  # committed, or discarded
     reason: str = ""
     cleanup_pending: bool = False
+    peer: Optional[Peer] = None  # the certificate of the stream attached last (None: insecure)
+    signature: bytes = b""  # the client's signature of the manifest, sent with the last bytes
     io_lock: threading.Lock = field(default_factory=threading.Lock)  # offset and sha move together
 
     @classmethod

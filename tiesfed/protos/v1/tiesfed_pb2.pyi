@@ -187,14 +187,16 @@ class RoundStatus(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., committed_clients: _Optional[_Iterable[str]] = ..., quorum: _Optional[int] = ..., expected: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., merged_sha256: _Optional[str] = ..., merged_bytes: _Optional[int] = ..., message: _Optional[str] = ..., majority_sign: _Optional[int] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
-    __slots__ = ("round_id", "offset", "data")
+    __slots__ = ("round_id", "offset", "data", "signature")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     offset: int
     data: bytes
-    def __init__(self, round_id: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, round_id: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class UploadReceipt(_message.Message):
     __slots__ = ("committed", "committed_offset", "sha256", "bytes", "nnz", "duplicate", "replaced", "committed_count")
@@ -295,13 +297,19 @@ class DownloadRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class DownloadChunk(_message.Message):
-    __slots__ = ("offset", "data", "total_bytes", "sha256")
+    __slots__ = ("offset", "data", "total_bytes", "sha256", "merged_manifest_json", "merged_signature", "coordinator_cert_pem")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    MERGED_MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    MERGED_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_CERT_PEM_FIELD_NUMBER: _ClassVar[int]
     offset: int
     data: bytes
     total_bytes: int
     sha256: str
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    merged_manifest_json: str
+    merged_signature: bytes
+    coordinator_cert_pem: str
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., merged_manifest_json: _Optional[str] = ..., merged_signature: _Optional[bytes] = ..., coordinator_cert_pem: _Optional[str] = ...) -> None: ...
