@@ -19,10 +19,9 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import BinaryIO, Optional, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from tiesfed.client.contribution import (
     VALUE_DTYPES,
@@ -31,6 +30,7 @@ from tiesfed.client.contribution import (
     iter_contribution,
     write_contribution,
 )
+from tiesfed.client.progress import Prefixed, StageProgress, Stages, stages
 from tiesfed.core.accumulators import (
     FinalizeSpec,
     conflict_counts,
@@ -51,6 +51,7 @@ from tiesfed.io.model_io import (
     ModelReader,
     ShardedWriter,
     check_compatible,
+    check_out_dir,
     copy_side_files,
     mergeable,
 )
@@ -89,12 +90,18 @@ def merge(
     *,
     device: str = "cpu",
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    progress: bool = True,
+    progress: Union[bool, StageProgress] = True,
     report_path: Optional[str | Path] = None,
     work_dir: Optional[str | Path] = None,
     overwrite: bool = False,
 ) -> MergeReport:
-    """Merge `config.models` into `config.base_model`, writing an HF-style folder."""
+    """Merge `config.models` into `config.base_model`, writing an HF-style folder.
+
+    `progress`: bars on stderr (True), none (False), or a StageProgress told of each
+    stage: per model "histogram 1/2", "histogram 2/2" (global trim) and "trim+encode",
+    then "fold+write", each counting the mergeable parameters once.
+    An `out_dir` that already holds model weights is refused before any work unless
+    `overwrite` (the CLI's --overwrite)."""
     started = time.perf_counter()
     opts = config.options
     method = get_method(opts.method)
@@ -102,6 +109,7 @@ def merge(
     spec = method.finalize_spec(opts, weighted)
     value_dtype = VALUE_DTYPES[opts.value_dtype] if opts.value_dtype else None
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, overwrite)  # before hours of trimming, not after
 
     with ExitStack() as stack:
         base = stack.enter_context(ModelReader(config.base_model))
@@ -111,15 +119,13 @@ def merge(
         tensors = mergeable(base.manifest(), opts.keep_base)
         params = sum(t.numel for t in tensors)
         trims = [method.trim_spec(opts, m.density) for m in config.models]
-        passes = sum(3 if t.kind == "topk" and t.scope == "global" and t.fraction < 1 else 1 for t in trims)
-        bar = stack.enter_context(
-            tqdm(total=params * (passes + 1), unit="param", unit_scale=True, disable=not progress, desc="merge")
-        )
+        bar = stages(progress)
+        if isinstance(bar, Stages):  # ours: closed with the merge
+            stack.callback(bar.close)
         spool_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiesfed-", dir=work_dir)))
 
         spooled: list[_Spooled] = []
         for i, (entry, ft, trim) in enumerate(zip(config.models, fts, trims)):
-            bar.set_description(f"trim {Path(entry.model).name}")
             stats = TrimStats()
             path = spool_dir / f"contribution-{i}.tfs"
             with open(path, "wb") as f:
@@ -128,7 +134,8 @@ def merge(
                     contribution_header("local", str(i), trim),
                     iter_contribution(
                         base, ft, trim, model_key=str(i), keep_base=opts.keep_base, device=device,
-                        value_dtype=value_dtype, stats=stats, progress=bar.update,
+                        value_dtype=value_dtype, stats=stats,
+                        progress=Prefixed(bar, f"{Path(entry.model).name}: "),
                     ),
                 )
             f = stack.enter_context(open(path, "rb"))
@@ -139,7 +146,7 @@ def merge(
             )
             spooled.append(_Spooled(f, where, entry.weight, report))
 
-        bar.set_description("merge")
+        bar.stage("fold+write", params)
         plan = [(t.name, tuple(t.shape), t.dtype) for t in base.manifest()]
         writer = stack.enter_context(
             ShardedWriter(

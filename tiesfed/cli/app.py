@@ -10,8 +10,8 @@ from typing import Optional
 import click
 from pydantic import ValidationError
 
-from tiesfed.cli.common import parse_size, parse_weights
-from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry, validation_message
+from tiesfed.cli.common import device_option, flag_message, parse_size, parse_weights
+from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
 from tiesfed.io.merge_config import load_config
 
 
@@ -26,20 +26,29 @@ def main() -> None:
 @click.argument("models", nargs=-1)
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="mergekit-style YAML")
-@click.option("--method", type=click.Choice(["ties", "task_arithmetic", "average", "dare_ties"]))
+@click.option("--method", type=click.Choice(["ties", "task_arithmetic", "average", "dare_ties"]),
+              help="merge method (default ties: trim, elect sign, disjoint mean)")
 @click.option("--k", type=float, help="percent of each task vector kept (default 20)")
 @click.option("--lambda", "lam", type=float, help="scale of the merged task vector (default 1.0)")
 @click.option("--trim", type=click.Choice(["global", "tensor"]), help="trim scope (default global, the paper's)")
-@click.option("--election", type=click.Choice(["mass", "count"]))
-@click.option("--zero-sign", type=click.Choice(["majority", "positive"]))
-@click.option("--disjoint", type=click.Choice(["mean", "sum", "max"]))
+@click.option("--election", type=click.Choice(["mass", "count"]),
+              help="sign election: by summed magnitude (default mass, the paper's) or by count of models")
+@click.option("--zero-sign", type=click.Choice(["majority", "positive"]),
+              help="sign where the vote ties: the whole model's majority (default, the paper's) or +1 "
+              "(mergekit, peft)")
+@click.option("--disjoint", type=click.Choice(["mean", "sum", "max"]),
+              help="combine the values that agree with the elected sign (default mean)")
 @click.option("--weights", help="one weight per model, comma separated")
-@click.option("--weight-semantics", type=click.Choice(["mergekit", "peft"]))
+@click.option("--weight-semantics", type=click.Choice(["mergekit", "peft"]),
+              help="with --weights: mergekit (default) divides by the agreeing models' weights; peft elects "
+              "on the unweighted values, then weights them")
 @click.option("--min-support", type=int, help="publish only where at least this many models agree")
 @click.option("--seed", type=int, help="DARE seed")
-@click.option("--value-dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--value-dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="dtype of the trimmed task-vector values (default: the model's own)")
 @click.option("--keep-base", multiple=True, help="glob of tensors left at the base value (repeatable)")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--device", default="cpu", show_default=True, callback=device_option,
+              help="where to trim and fold: cpu, cuda, cuda:N or mps")
 @click.option("--shard-size", default="5GB", show_default=True, help="output shard size, e.g. 2GB or 500MB")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the report as JSON")
 @click.option("--overwrite", is_flag=True, help="replace the weights of an existing output folder")
@@ -68,7 +77,7 @@ def merge(base, models, out_dir, config_path, weights, device, shard_size, repor
                 options=MergeOptions(**given),
             )
     except ValidationError as e:
-        raise click.UsageError(validation_message(e)) from None
+        raise click.UsageError(flag_message(e, click.get_current_context(), {"lambda": "lam"})) from None
     try:
         report = run_merge(
             cfg, out_dir, device=device, shard_bytes=parse_size(shard_size), progress=not quiet,

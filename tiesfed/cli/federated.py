@@ -13,7 +13,6 @@ Identity folders come from `tiesfed pki issue`. `--insecure` (plaintext, ids fro
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -21,11 +20,13 @@ import click
 import yaml
 from pydantic import ValidationError
 
-from tiesfed.cli.common import parse_size, parse_weights
+from tiesfed.cli.common import device_option, flag_message, log_to_stderr, parse_size, parse_weights, target_option
+from tiesfed.cli.logs import configure as configure_logging
 from tiesfed.core.options import validation_message
 
 TARGET = click.option(
-    "--target", envvar="TIESFED_COORDINATOR", required=True, help="coordinator host:port (env TIESFED_COORDINATOR)"
+    "--target", envvar="TIESFED_COORDINATOR", required=True, callback=target_option,
+    help="coordinator HOST:PORT (env TIESFED_COORDINATOR)",
 )
 ROUND = click.option("--round", "round_id", required=True, help="round id")
 CLIENT_ID = click.option(
@@ -46,6 +47,8 @@ ADMIN_TOKEN_FILE = click.option(
     "without --admin-token writes the one it generated",
 )
 ENVIRONMENT = click.core.ParameterSource.ENVIRONMENT
+#: CoordinatorConfig fields whose `serve` flag has another name (for the flags in error messages).
+SERVE_FIELDS = {"abandon_after_s": "abandon_after", "shard_bytes": "shard_size"}
 QUIET = click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 WAIT = click.option(
     "--wait-for-coordinator", "wait_s", type=click.FloatRange(min=0), default=60.0, show_default=True,
@@ -84,9 +87,10 @@ def _round_options(f):
             click.option("--weights", help="one weight per client, comma separated"),
             click.option("--quorum", type=int, help="contributions needed (default: every client)"),
             click.option("--deadline", type=float, help="seconds from opening until the deadline"),
-            click.option("--late-policy", type=click.Choice(["reject", "accept"]), default="reject", show_default=True),
+            click.option("--late-policy", type=click.Choice(["reject", "accept"]), default="reject", show_default=True,
+                         help="uploads that start after the deadline: refused, or still folded in"),
             click.option("--replace-policy", type=click.Choice(["replace", "refuse"]), default="replace",
-                         show_default=True),
+                         show_default=True, help="a client's second upload: replaces its first, or is refused"),
             click.option("--option", "options", multiple=True,
                          help="merge option KEY=VALUE (repeatable), e.g. k=20, lambda=1.2, method=ties"),
         ]
@@ -131,10 +135,16 @@ def coordinator() -> None:
 @click.option("--port-file", type=click.Path(dir_okay=False), help="write the bound port here (for scripts)")
 @click.option("--exit-when-done", is_flag=True,
               help="exit once every round is finished and every participant fetched the merge")
-@click.option("-v", "--verbose", is_flag=True, help="log round events")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), help="serve Prometheus metrics on this port "
+              "(0: a free one, logged)")
+@click.option("--metrics-host", help="address of the metrics endpoint (default 127.0.0.1)")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="log lines on stderr: text, or one JSON object a line (time, level, logger, message, round, ...)")
+@click.option("-v", "--verbose", is_flag=True, help="debug logging (round events are logged at INFO anyway)")
 def serve(config_path, listen, spool_dir, base_model, shard_size, tls_dir, crl, insecure, admin_token,
           max_active_uploads, abandon_after, round_configs, round_id, clients, weights, quorum, deadline, late_policy, replace_policy, options,
-          aggregator, ray_address, num_shards, num_gpus_per_actor, port_file, exit_when_done, verbose) -> None:
+          aggregator, ray_address, num_shards, num_gpus_per_actor, port_file, exit_when_done, metrics_port,
+          metrics_host, log_format, verbose) -> None:
     """Serve federated rounds over gRPC until interrupted (with --tls, or else --insecure on loopback)."""
     from tiesfed.coordinator.rounds import RoundConfig, RoundError
     from tiesfed.coordinator.server import CoordinatorConfig, load_coordinator_config
@@ -144,7 +154,7 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, tls_dir, crl, 
     if tls_dir and click.get_current_context().get_parameter_source("admin_token") == ENVIRONMENT:
         admin_token = None  # the token is insecure mode's; a stray TIESFED_ADMIN_TOKEN is not an error
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
+    configure_logging(log_format, verbose)
     try:
         cfg = load_coordinator_config(config_path) if config_path else CoordinatorConfig()
         upd: dict = {}
@@ -152,7 +162,8 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, tls_dir, crl, 
                            ("tls_dir", tls_dir), ("crl", crl), ("insecure", insecure), ("admin_token", admin_token), ("max_active_uploads", max_active_uploads),
                            ("abandon_after_s", abandon_after), ("aggregator", aggregator),
                            ("ray_address", ray_address), ("num_shards", num_shards),
-                           ("num_gpus_per_actor", num_gpus_per_actor)):
+                           ("num_gpus_per_actor", num_gpus_per_actor), ("metrics_port", metrics_port),
+                           ("metrics_host", metrics_host)):
             if value is not None:
                 upd[key] = Path(value) if key in ("spool_dir", "tls_dir", "crl") else value
         if shard_size:
@@ -169,7 +180,7 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, tls_dir, crl, 
         upd["rounds"] = rounds
         cfg = CoordinatorConfig.model_validate({**cfg.model_dump(), **upd})
     except ValidationError as e:
-        raise click.UsageError(validation_message(e)) from None
+        raise click.UsageError(flag_message(e, click.get_current_context(), SERVE_FIELDS)) from None
     try:
         run(cfg, port_file=port_file, exit_when_done=exit_when_done)
     except (RoundError, ValueError, OSError, TrustError) as e:
@@ -351,7 +362,8 @@ def client() -> None:
 @INSECURE
 @SERVER_NAME
 @CLIENT_ID
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (trimming)")
+@click.option("--device", default="cpu", show_default=True, callback=device_option,
+              help="where to trim: cpu, cuda, cuda:N or mps")
 @click.option("--chunk-size", default="1MiB", show_default=True, help="upload chunk size (at most 4MiB)")
 @click.option("--retries", type=int, default=8, show_default=True, help="attempts after a broken connection")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
@@ -363,6 +375,8 @@ def submit_cmd(base, model, target, round_id, tls, insecure, server_name, client
     from tiesfed.client.federated import FederatedError, Retry, submit
     from tiesfed.io.model_io import ModelError
     from tiesfed.trust import TrustError
+
+    log_to_stderr()  # waits and retries (an unreachable --target) are shown, not silent
 
     try:
         res = submit(target, round_id, client_id, base, model, device=device, chunk_bytes=parse_size(chunk_size),
@@ -399,18 +413,21 @@ def submit_cmd(base, model, target, round_id, tls, insecure, server_name, client
 @click.option("--shard-size", default="5GB", show_default=True, help="output shard size")
 @click.option("--retries", type=int, default=8, show_default=True, help="attempts after a broken connection")
 @click.option("--keep-merged", is_flag=True, help="keep the merged task vector as OUT/merged_task_vector.tfs")
+@click.option("--overwrite", is_flag=True, help="write into a non-empty output folder, replacing its weights")
 @WAIT
 @QUIET
 def fetch_cmd(base, out_dir, target, round_id, tls, insecure, server_name, client_id, timeout, shard_size, retries,
-              keep_merged, wait_s, quiet) -> None:
+              keep_merged, overwrite, wait_s, quiet) -> None:
     """Wait for the round, download the merged task vector and apply it to BASE."""
     from tiesfed.client.federated import FederatedError, Retry, fetch
     from tiesfed.io.model_io import ModelError
     from tiesfed.trust import TrustError
 
+    log_to_stderr()  # waits and retries (an unreachable --target) are shown, not silent
+
     try:
         res = fetch(target, round_id, client_id, base, out_dir, timeout=timeout, shard_bytes=parse_size(shard_size),
-                    retry=Retry(attempts=retries), progress=not quiet, keep_merged=keep_merged,
+                    retry=Retry(attempts=retries), progress=not quiet, keep_merged=keep_merged, overwrite=overwrite,
                     wait_for_coordinator=wait_s, **_transport(tls, insecure, server_name, client_id))
     except (FederatedError, ModelError, ValueError, TimeoutError, TrustError) as e:
         raise click.ClickException(str(e)) from None
@@ -429,5 +446,7 @@ def register(main_group: click.Group) -> None:
     from tiesfed.cli.audit import audit  # offline: `tiesfed coordinator audit --spool S --round R`
 
     coordinator.add_command(audit)
+    from tiesfed.cli.status import status  # `tiesfed coordinator status --target T --round R`: a round's progress
+    coordinator.add_command(status)
     main_group.add_command(coordinator)
     main_group.add_command(client)

@@ -67,9 +67,12 @@ class Retry:
     backoff_s: float = 0.2
     max_backoff_s: float = 10.0
 
-    def sleep(self, n: int) -> None:
-        delay = min(self.max_backoff_s, self.backoff_s * (2**n))
-        time.sleep(delay * (0.5 + random.random() / 2))
+    def delay(self, n: int) -> float:
+        """Seconds to wait before attempt n + 1 (jittered)."""
+        return min(self.max_backoff_s, self.backoff_s * (2**n)) * (0.5 + random.random() / 2)
+
+    def sleep(self, n: int, delay: Optional[float] = None) -> None:
+        time.sleep(self.delay(n) if delay is None else delay)
 
 
 class Connection:
@@ -130,7 +133,10 @@ class Connection:
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE or n == self.retry.attempts:
                     raise FederatedError.from_rpc(e, f"{name} for {self.client_id!r} at {self.target}") from None
-                self.retry.sleep(n)
+                delay = self.retry.delay(n)
+                log.warning("%s at %s: %s (%s); retry %d of %d in %.1f s", name, self.target, e.code().name,
+                            e.details(), n + 1, self.retry.attempts, delay)
+                self.retry.sleep(n, delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def round_spec(self, round_id: str) -> pb.RoundSpec:
@@ -151,8 +157,8 @@ def client_identity(client_id: Optional[str], tls: Union[str, Path, Identity, No
     """(identity, client id) for a connection: exactly one of tls/insecure; with tls the
     id is the certificate's (a different `client_id` is a mistake worth stopping at)."""
     if (tls is None) == (not insecure):
-        raise ValueError("give exactly one of tls (--tls IDENTITY_DIR, mutual TLS) and insecure=True "
-                         "(--insecure, plaintext for loopback demos)" + (", not both" if insecure else ""))
+        raise ValueError("give exactly one of --tls IDENTITY_DIR (mutual TLS) and --insecure (plaintext, for "
+                         "loopback demos)" + (", not both" if insecure else ""))
     if tls is None:
         if not client_id:
             raise ValueError("an insecure connection needs a client id (--client-id)")

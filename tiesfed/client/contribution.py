@@ -3,17 +3,20 @@
 The same generator feeds the local merge (written to a spool file) and the
 federated upload (streamed over gRPC), so both paths trim identically.
 Global trim reads the model three times (two histogram passes, then the
-trim); memory stays at one tensor.
+trim); memory stays at one tensor. Progress is reported per pass, each
+counting the model's parameters once ("histogram 1/2", "histogram 2/2",
+"trim+encode").
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Iterator, Optional, Sequence
+from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from tiesfed.client.progress import StageProgress
 from tiesfed.core.trim import (
     GlobalThreshold,
     TrimSpec,
@@ -26,8 +29,6 @@ from tiesfed.core.trim import (
 )
 from tiesfed.io.model_io import ModelReader, TensorInfo, mergeable
 from tiesfed.protos.codec import SparseTensor, StreamWriter
-
-Progress = Callable[[int], None]
 
 
 @dataclass
@@ -66,22 +67,27 @@ def global_threshold(
     tensors: Sequence[TensorInfo],
     fraction: float,
     device: str = "cpu",
-    progress: Optional[Progress] = None,
+    progress: Optional[StageProgress] = None,
 ) -> Optional[float]:
     """The paper's threshold over every mergeable parameter: two streamed passes
     (the first also rejects NaN/inf). None when k keeps everything."""
-    select = GlobalThreshold(sum(t.numel for t in tensors), fraction)
+    params = sum(t.numel for t in tensors)
+    select = GlobalThreshold(params, fraction)
     if select.trivial:
         return None
+    if progress:
+        progress.stage("histogram 1/2", params)
     for t in tensors:
         select.add_coarse(_task_vector(base, ft, t.name, device, check=True))
         if progress:
-            progress(t.numel)
+            progress.update(t.numel)
     select.close_coarse()
+    if progress:
+        progress.stage("histogram 2/2", params)
     for t in tensors:
         select.add_fine(_task_vector(base, ft, t.name, device, check=False))
         if progress:
-            progress(t.numel)
+            progress.update(t.numel)
     return select.value
 
 
@@ -95,13 +101,14 @@ def iter_contribution(
     device: str = "cpu",
     value_dtype: Optional[torch.dtype] = None,
     stats: Optional[TrimStats] = None,
-    progress: Optional[Progress] = None,
+    progress: Optional[StageProgress] = None,
 ) -> Iterator[SparseTensor]:
     """Trimmed sparse task-vector tensors of `ft` against `base`, in base order.
 
     Every mergeable tensor yields one record, even an empty one, so the
     receiver can check that the contribution is complete. Values travel in
-    `value_dtype`, by default the tensor's own dtype.
+    `value_dtype`, by default the tensor's own dtype. `progress` hears of each
+    pass over the model as a stage.
     """
     stats = stats if stats is not None else TrimStats()
     tensors = mergeable(base.manifest(), keep_base)
@@ -110,6 +117,8 @@ def iter_contribution(
         threshold = global_threshold(base, ft, tensors, trim.fraction, device, progress)
         stats.threshold = threshold
     keep_all = trim.kind == "none" or trim.fraction >= 1.0 or (trim.scope == "global" and threshold is None)
+    if progress:
+        progress.stage("trim+encode", sum(t.numel for t in tensors))
     for t in tensors:
         tau = _task_vector(base, ft, t.name, device, check=threshold is None)
         if trim.kind == "dare":
@@ -126,7 +135,7 @@ def iter_contribution(
         stats.norm_sq_kept += float(torch.linalg.vector_norm(tau[idx], dtype=torch.float64)) ** 2
         idx, val = cast_values(idx, val, value_dtype or wire_dtype(t.dtype), t.name)
         if progress:
-            progress(t.numel)
+            progress.update(t.numel)
         yield SparseTensor(name=t.name, shape=tuple(t.shape), indices=idx.cpu(), values=val.cpu())
 
 
@@ -147,7 +156,8 @@ def cast_values(idx: torch.Tensor, val: torch.Tensor, dtype: torch.dtype, name: 
         return idx, val
     out = val.to(dtype)
     if not torch.isfinite(out).all():
-        raise ValueError(f"tensor {name!r}: task-vector values overflow {dtype}; use value_dtype float32")
+        raise ValueError(f"tensor {name!r}: task-vector values overflow {dtype}; use float32 values "
+                         "(--value-dtype float32, option value_dtype)")
     nz = out != 0
     if not bool(nz.all()):
         idx, out = idx[nz], out[nz]

@@ -29,6 +29,7 @@ from tiesfed.client.connection import (
     check_base,
     spec_options,
 )
+from tiesfed.client.progress import Stages
 from tiesfed.io.files import sha256_file
 from tiesfed.io.materialize import apply_merged
 from tiesfed.io.model_io import (
@@ -195,6 +196,24 @@ def download(conn: Connection, round_id: str, path: Path, sha256: str, total: in
     raise FederatedError(f"download of round {round_id!r}: sha256 mismatch after a fresh download", "DATA_LOSS")
 
 
+def partial_name(round_id: str) -> str:
+    """The download in progress, inside the output folder (a second fetch resumes it)."""
+    return f".tiesfed-merged-{round_id}.tfs.part"
+
+
+def check_fetch_dir(out_dir: Path, round_id: str, overwrite: bool) -> None:
+    """Refuse a non-empty output folder unless `overwrite` (the round's partial download aside)."""
+    if overwrite or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"output folder {out_dir} is a file")
+    held = sorted(p.name for p in out_dir.iterdir() if p.name != partial_name(round_id))
+    if held:
+        raise ValueError(f"output folder {out_dir} is not empty ({', '.join(held[:5])}"
+                         f"{', ...' if len(held) > 5 else ''}): choose a new or empty folder, or give "
+                         "--overwrite to replace its weights")
+
+
 def fetch(
     target: str,
     round_id: str,
@@ -211,10 +230,16 @@ def fetch(
     tls: str | Path | Identity | None = None,
     insecure: bool = False,
     server_name: Optional[str] = None,
+    overwrite: bool = False,
 ) -> FetchResult:
-    """Wait for the round, download the merged task vector, apply it to `base` into `out_dir`."""
+    """Wait for the round, download the merged task vector, apply it to `base` into `out_dir`.
+
+    An `out_dir` holding anything but this round's partial download (kept for a resume)
+    is refused before anything is asked of the coordinator, unless `overwrite` (--overwrite):
+    then its weights are replaced, as `tiesfed merge --overwrite` does."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    check_fetch_dir(out_dir, round_id, overwrite)
     with Connection(target, client_id, retry, tls=tls, insecure=insecure, server_name=server_name,
                     wait_s=wait_for_coordinator) as conn, ModelReader(base) as b:
         spec = conn.round_spec(round_id)
@@ -234,7 +259,7 @@ def fetch(
 
         created = not out_dir.exists()
         out_dir.mkdir(parents=True, exist_ok=True)
-        part = out_dir / f".tiesfed-merged-{round_id}.tfs.part"
+        part = out_dir / partial_name(round_id)
         try:
             got, attempts = download(conn, round_id, part, sha, total, progress, check)
             if identity is not None and not verified:  # the partial file was whole already: ask once
@@ -245,7 +270,10 @@ def fetch(
                 if created:
                     shutil.rmtree(out_dir, ignore_errors=True)
             raise
-        header = apply_merged(b, part, out_dir, shard_bytes=shard_bytes, expected_fingerprint=fp)
+        with Stages(enabled=progress) as bar:
+            bar.stage("write", sum(t.numel for t in b.manifest()))
+            header = apply_merged(b, part, out_dir, shard_bytes=shard_bytes, expected_fingerprint=fp,
+                                  overwrite=overwrite, progress=bar.update)
         if keep_merged:
             part.replace(out_dir / "merged_task_vector.tfs")
         else:

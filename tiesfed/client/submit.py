@@ -40,6 +40,7 @@ from tiesfed.client.contribution import (
     iter_contribution,
     write_contribution,
 )
+from tiesfed.client.progress import Prefixed, Stages
 from tiesfed.core.methods import get_method
 from tiesfed.io.files import sha256_file
 from tiesfed.io.model_io import (
@@ -189,7 +190,8 @@ def submit(
     """Compute, trim, encode and upload this client's contribution to `round_id`."""
     started = time.perf_counter()
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-        raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
+        raise ValueError(f"the upload chunk size (--chunk-size) must be at most {MAX_CHUNK_BYTES >> 20} MiB "
+                         f"and positive, got {chunk_bytes:,} bytes")
     with Connection(target, client_id, retry, tls=tls, insecure=insecure, server_name=server_name,
                     wait_s=wait_for_coordinator) as conn, tempfile.TemporaryDirectory(
         prefix="tiesfed-submit-", dir=work_dir
@@ -212,14 +214,19 @@ def submit(
             stats = TrimStats()
             header = contribution_header(fp, me.model_key, trim, round_id=round_id, client_id=client_id)
 
+            stages = Stages(enabled=progress)
+
             def produce() -> None:
                 try:
                     tensors = iter_contribution(b, ft, trim, model_key=me.model_key, keep_base=opts.keep_base,
-                                                device=device, value_dtype=value_dtype, stats=stats)
+                                                device=device, value_dtype=value_dtype, stats=stats,
+                                                progress=Prefixed(stages, f"{client_id}: "))
                     write_contribution(pipe, header, within_bound(tensors, spec.max_abs_value, round_id))
                     pipe.finish()
                 except BaseException as e:  # handed to the sender, which raises it
                     pipe.fail(e)
+                finally:
+                    stages.close()
 
             producer = threading.Thread(target=produce, name=f"encode-{client_id}", daemon=True)
             producer.start()
@@ -331,7 +338,9 @@ def _send(
                         raise FederatedError.from_rpc(e, f"upload of {conn.client_id!r} to round {round_id!r}") from None
                     raise FederatedError(f"upload of {conn.client_id!r} to round {round_id!r} was cancelled",
                                          "CANCELLED") from None
-                log.info("upload of %s interrupted; resuming", conn.client_id)
+                log.warning("upload of %s to round %s interrupted (%s); resuming, attempt %d of %d",
+                            conn.client_id, round_id, "cancelled" if cancelled else e.code().name, attempt + 2,
+                            retry.attempts + 1)
                 retry.sleep(attempt)
                 continue
             if "error" in holder:

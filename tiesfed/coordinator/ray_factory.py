@@ -29,6 +29,8 @@ class RayAggregatorFactory:
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 0.5
     max_restarts: int = 3
+    #: told how many shard actors each recovery rebuilt (the coordinator's restart counter)
+    on_rebuild: Optional[Callable[[int], None]] = None
     _owns_ray: bool = field(default=False, init=False)
 
     def start(self) -> None:
@@ -57,6 +59,7 @@ class RayAggregatorFactory:
             num_cpus_per_actor=self.num_cpus_per_actor,
             max_restarts=self.max_restarts,
             replay=replay,
+            on_rebuild=self.on_rebuild,
         )
 
     def close(self) -> None:

@@ -35,6 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tiesfed.coordinator.admin import TOKEN_FILE as ADMIN_TOKEN_FILE
 from tiesfed.coordinator.admin import check_token, generate_token, write_token_file
+from tiesfed.coordinator.config_names import cli_names
+from tiesfed.coordinator.listen import check_listen
+from tiesfed.coordinator.metrics import CoordinatorMetrics, MetricsEndpoint
 from tiesfed.coordinator.rounds import (
     AggregatorFactory,
     RoundConfig,
@@ -127,7 +130,17 @@ class CoordinatorConfig(BaseModel):
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per shard actor; fractions allowed")
     num_cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per shard actor; fractions allowed")
     max_restarts: int = Field(3, ge=0, description="restarts of a lost shard actor (rebuilt from the spool)")
+    metrics_port: Optional[int] = Field(None, ge=0, le=65535, description="serve Prometheus metrics at "
+                                        "http://metrics_host:PORT/metrics; 0 picks a free port (logged); none: off")
+    metrics_host: str = Field("127.0.0.1", description="address of the metrics endpoint (plain HTTP, no "
+                              "authentication: widen it only behind a firewall or a scraping proxy)")
     rounds: list[RoundConfig] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cli_names(cls, data: object) -> object:
+        """The CLI's names (spool, base, round + clients, ...) are accepted too."""
+        return cli_names(data)
 
     @field_validator("admin_token")
     @classmethod
@@ -250,6 +263,8 @@ class CoordinatorServer:
         self.config = config
         # first: a coordinator that would serve without security stops before it touches anything
         self.identity, self.revocation = load_transport(config)
+        self.metrics = CoordinatorMetrics()  # a registry of its own: coordinators in one process do not clash
+        self.metrics_endpoint: Optional[MetricsEndpoint] = None
         self.ray_factory = None
         if aggregator_factory is None and config.aggregator == "ray":
             from tiesfed.coordinator.ray_factory import RayAggregatorFactory
@@ -260,6 +275,7 @@ class CoordinatorServer:
                 num_gpus_per_actor=config.num_gpus_per_actor,
                 num_cpus_per_actor=config.num_cpus_per_actor,
                 max_restarts=config.max_restarts,
+                on_rebuild=self.metrics.shards_rebuilt,
             )
         self.manager = RoundManager(
             config.spool_dir,
@@ -273,6 +289,7 @@ class CoordinatorServer:
             lease_s=config.lease_s,
             max_round_params=config.max_round_params or default_max_round_params(config.aggregator),
             signer=self.identity,  # signs each merge (merged.sig.json); None when insecure
+            metrics=self.metrics,
         )
         # no unauthenticated admin: an admin certificate with TLS; insecure, a token given or one
         # made here (written to the spool at start)
@@ -297,12 +314,26 @@ class CoordinatorServer:
         recover it, open the configured rounds, serve."""
         self.spool_lock.acquire()  # before recovery, which deletes half-received uploads
         try:
+            self._serve_metrics()  # bound early: a taken port fails before Ray starts
             return self._start()
         except BaseException:
+            self._stop_metrics()
             self.spool_lock.release()
             raise
 
+    def _serve_metrics(self) -> None:
+        """Publish the metrics over HTTP when `metrics_port` is set (0: a free port, logged)."""
+        if self.config.metrics_port is not None and self.metrics_endpoint is None:
+            self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, self.config.metrics_host,
+                                                    self.config.metrics_port)
+
+    def _stop_metrics(self) -> None:
+        endpoint, self.metrics_endpoint = self.metrics_endpoint, None
+        if endpoint is not None:
+            endpoint.stop()
+
     def _start(self) -> "CoordinatorServer":
+        check_listen(self.config.listen)  # a taken port is one line naming it, before Ray starts
         if self.ray_factory is not None:
             self.ray_factory.start()  # before recovery, which folds into shard actors
         recovered = self.manager.recover()
@@ -323,11 +354,14 @@ class CoordinatorServer:
         service = CoordinatorService(self.manager, self.admin_token, self.gate, tls=self.identity is not None,
                                      revocation=self.revocation)
         pb_grpc.add_CoordinatorServicer_to_server(service, server)
-        if self.identity is not None:
-            port = server.add_secure_port(self.config.listen, server_credentials(self.identity))
-        else:
-            log.warning("INSECURE: plaintext on %s, client ids taken from metadata", self.config.listen)
-            port = server.add_insecure_port(self.config.listen)
+        try:
+            if self.identity is not None:
+                port = server.add_secure_port(self.config.listen, server_credentials(self.identity))
+            else:
+                log.warning("INSECURE: plaintext on %s, client ids taken from metadata", self.config.listen)
+                port = server.add_insecure_port(self.config.listen)
+        except RuntimeError:  # gRPC raises "Failed to bind" (taken since check_listen)
+            port = 0
         if port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         server.start()
@@ -345,6 +379,7 @@ class CoordinatorServer:
         self.manager.stop()
         if self.ray_factory is not None:
             self.ray_factory.close()
+        self._stop_metrics()
         self.spool_lock.release()
 
     def __enter__(self) -> "CoordinatorServer":

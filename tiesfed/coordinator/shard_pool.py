@@ -121,8 +121,10 @@ class ShardPool:
         batch_bytes: int = 4 << 20,
         startup_timeout_s: float = 300.0,
         call_timeout_s: float = 600.0,
+        on_rebuild: Optional[Callable[[int], None]] = None,
     ) -> None:
         self.spec = spec
+        self._on_rebuild = on_rebuild  # told how many shards each recovery rebuilt (the coordinator's metrics)
         self.manifest = [(str(n), int(k)) for n, k in manifest]
         self._replay = replay
         self._max_inflight = max(1, int(max_inflight))
@@ -363,6 +365,8 @@ class ShardPool:
                     err = self._task_errors[-1]
                     raise RuntimeError(f"folding the replay into shards {sorted(ok)} failed: {err}") from err
                 rebuilt.extend(s for s in ok if s not in rebuilt)
+                if self._on_rebuild is not None:
+                    self._on_rebuild(len(ok))
         raise ShardLostError("shard actors keep restarting during recovery")
 
     def reset(self, spec: Optional[FinalizeSpec] = None) -> None:

@@ -8,7 +8,7 @@ bits.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import BinaryIO, Iterable, Optional
+from typing import BinaryIO, Callable, Iterable, Optional
 
 from tiesfed.core.apply import apply_sparse
 from tiesfed.io.model_io import (
@@ -46,9 +46,10 @@ def write_theta(
     names: Iterable[str],
     writer: ShardedWriter,
     merged_path: str | Path,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> None:
     """Write θ₀ + λ·τ_m for `names` (in the writer's plan order); tensors without
-    a record keep their base value."""
+    a record keep their base value. `progress(numel)` after each tensor."""
     for name in names:
         theta = base.get(name)
         if name in where:
@@ -61,6 +62,8 @@ def write_theta(
             except OverflowError as e:
                 raise ModelError(f"{merged_path}: tensor {name!r}: {e}") from None
         writer.write(name, theta)
+        if progress:
+            progress(theta.numel())
 
 
 def apply_merged(
@@ -70,14 +73,17 @@ def apply_merged(
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     expected_fingerprint: Optional[str] = None,
+    overwrite: bool = False,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> dict:
-    """θ = θ₀ + λ·τ_m for every tensor of `base`, written as an HF-style folder. Returns the header."""
+    """θ = θ₀ + λ·τ_m for every tensor of `base`, written as an HF-style folder. Returns the header.
+    `overwrite` replaces the weights of a folder that has some; `progress(numel)` per tensor."""
     out_dir = Path(out_dir)
     with open(merged_path, "rb") as f:
         header, where = merged_index(f, base, merged_path, expected_fingerprint)
         plan = [(t.name, tuple(t.shape), t.dtype) for t in base.manifest()]
         with ShardedWriter(out_dir, plan, max_shard_bytes=shard_bytes,
-                           metadata={"tiesfed_method": str(header.get("method", ""))}) as writer:
-            write_theta(base, f, where, float(header["lambda"]), base.names, writer, merged_path)
+                           metadata={"tiesfed_method": str(header.get("method", ""))}, overwrite=overwrite) as writer:
+            write_theta(base, f, where, float(header["lambda"]), base.names, writer, merged_path, progress)
     copy_side_files(base.folder, out_dir)
     return header

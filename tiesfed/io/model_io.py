@@ -19,7 +19,15 @@ from tiesfed.io.safetensors_format import (
     ModelError,
     TensorInfo,
 )
-from tiesfed.io.writer import WEIGHT_SUFFIXES, ShardedWriter, copy_side_files, pack_shards, shard_name
+from tiesfed.io.writer import (
+    WEIGHT_SUFFIXES,
+    ShardedWriter,
+    check_out_dir,
+    copy_side_files,
+    existing_outputs,
+    pack_shards,
+    shard_name,
+)
 
 __all__ = [
     "ModelError",
@@ -29,6 +37,8 @@ __all__ = [
     "fingerprint",
     "ShardedWriter",
     "copy_side_files",
+    "check_out_dir",
+    "existing_outputs",
     "SINGLE_FILE",
     "INDEX_FILE",
     "shard_name",

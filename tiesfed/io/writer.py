@@ -127,13 +127,7 @@ class ShardedWriter:
         self.shard_names = [SINGLE_FILE] if n == 1 else [shard_name(i + 1, n) for i in range(n)]
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not overwrite:
-            clash = sorted(p.name for p in self._existing_outputs())
-            if clash:
-                raise ModelError(
-                    f"{self.out_dir} already holds model files ({', '.join(clash[:5])}); "
-                    "choose an empty folder or pass overwrite=True"
-                )
+        check_out_dir(self.out_dir, overwrite)
         tag = f"{os.getpid()}-{id(self):x}"
         self._tmp = [self.out_dir / f".{fn}.tmp-{tag}" for fn in self.shard_names]
         self._files: list = []
@@ -168,10 +162,7 @@ class ShardedWriter:
             raise
 
     def _existing_outputs(self) -> list[Path]:
-        return [
-            p for p in self.out_dir.iterdir()
-            if p.is_file() and (p.name.endswith(".safetensors") or p.name == INDEX_FILE)
-        ]
+        return existing_outputs(self.out_dir)
 
     @property
     def plan_names(self) -> list[str]:
@@ -320,6 +311,25 @@ class ShardedWriter:
 WEIGHT_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot",
 )
+
+
+def existing_outputs(out_dir: str | Path) -> list[Path]:
+    """The model files (shards, index) a writer would replace in `out_dir`."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return [p for p in out_dir.iterdir()
+            if p.is_file() and (p.name.endswith(".safetensors") or p.name == INDEX_FILE)]
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an `out_dir` that holds model files unless `overwrite` (the CLI's --overwrite)."""
+    clash = sorted(p.name for p in existing_outputs(out_dir))
+    if clash and not overwrite:
+        raise ModelError(
+            f"{out_dir} already holds model files ({', '.join(clash[:5])}): choose an empty folder, "
+            "or give --overwrite to replace its weights"
+        )
 
 
 def _is_weight_file(name: str) -> bool:

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator, Literal
 import torch
 
 from tiesfed.coordinator.aggregator import Aggregator, AggregatorLike
+from tiesfed.coordinator.metrics import NO_METRICS, Metrics, timed_fold
 from tiesfed.coordinator.rounds.config import TensorEntry, exact_weight
 from tiesfed.core.accumulators import FinalizeSpec
 from tiesfed.protos.codec import Limits, read_record_at, read_stream
@@ -67,12 +68,17 @@ def release(agg: AggregatorLike | None) -> None:
         close()
 
 
-def fold_file(agg: AggregatorLike, path: Path, weight: float, direction: int, limits: Limits) -> None:
-    """Fold (or, direction -1, un-fold) a whole contribution stream."""
+def fold_file(agg: AggregatorLike, path: Path, weight: float, direction: int, limits: Limits,
+              metrics: Metrics = NO_METRICS) -> None:
+    """Fold (or, direction -1, un-fold) a whole contribution stream; folds (not un-folds)
+    are counted in `metrics`."""
     with open(path, "rb") as f:
         _, tensors = read_stream(f, limits)
         for t in tensors:
-            agg.fold(t.name, t.indices, t.values, weight, direction=direction)
+            if direction == 1:
+                timed_fold(agg, metrics, t.name, t.indices, t.values, weight)
+            else:
+                agg.fold(t.name, t.indices, t.values, weight, direction=direction)
 
 
 def unfold_records(

@@ -138,6 +138,7 @@ def write_outputs(r: RoundState, contributors: list[str]) -> None:
     """Write the merged stream and model of a finalizing round, retrying failed attempts
     (see the module's docstring); record the result, or the failure."""
     delay = FINALIZE_BACKOFF_S
+    started = time.monotonic()
     for attempt in range(1, FINALIZE_ATTEMPTS + 1):
         try:
             merged = attempt_outputs(r, contributors)
@@ -172,6 +173,10 @@ def write_outputs(r: RoundState, contributors: list[str]) -> None:
         release(r.agg)
         r.agg = None  # the accumulators are no longer needed
         persist_or_log(r)
+        secs = time.monotonic() - started
+        log.info("round %s: merged %d contribution(s) in %.2f s: sha256 %s, %s bytes", r.id, len(contributors),
+                 secs, merged.sha256[:16], f"{merged.bytes:,}",
+                 extra={"round": r.id, "sha256": merged.sha256, "bytes": merged.bytes, "seconds": round(secs, 3)})
         r._emit("ROUND_FINALIZED", sha256=merged.sha256, bytes=merged.bytes,
                 message="; ".join(m for m in (f"majority sign {merged.majority_sign:+d}", r.message) if m))
 
@@ -186,6 +191,8 @@ def attempt_outputs(r: RoundState, contributors: list[str]) -> Merged:
     provenance.sign_merged(r, merged, contributors)
     if r.base_path:
         write_model(r.agg, r.base_path, merged.path, r.spool, r.shard_bytes, r.config)
+        log.info("round %s: merged model written to %s", r.id, r.spool.model_dir,
+                 extra={"round": r.id, "path": str(r.spool.model_dir)})
     return merged
 
 

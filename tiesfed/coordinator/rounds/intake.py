@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from tiesfed.coordinator.metrics import rejection_reason, timed_fold
 from tiesfed.coordinator.rounds import provenance
 from tiesfed.coordinator.rounds.aggregation import fold_file
 from tiesfed.coordinator.rounds.events import Receipt, RoundError
@@ -27,15 +28,26 @@ def begin(r: RoundState, client_id: str, offset: int, peer: Optional[Peer] = Non
     """Attach an upload stream: offset 0 starts over, anything else resumes. `peer` (the
     stream's verified certificate, None when insecure) checks the signature at commit."""
     with r.lock:
-        r.check_participant(client_id)
-        r._check_accepting(client_id, new=offset == 0)
-        old = r.committed.get(client_id)
-        s = r.uploads.attach(
-            client_id, offset, discard=r._discard, clock=r.clock,
-            live=r.fold_mode == "arrival" and old is None,
-            compare=old if (old is not None and r.config.replace_policy == "refuse") else None,
-        )
+        try:
+            r.check_participant(client_id)
+            r._check_accepting(client_id, new=offset == 0)
+            old = r.committed.get(client_id)
+            s = r.uploads.attach(
+                client_id, offset, discard=r._discard, clock=r.clock,
+                live=r.fold_mode == "arrival" and old is None,
+                compare=old if (old is not None and r.config.replace_policy == "refuse") else None,
+            )
+        except RoundError as e:  # refused before it took a byte: counted, said, re-raised
+            reason = rejection_reason(e.code, e.message)
+            if client_id in r.participants:  # no series for the ids of strangers
+                r.metrics.rejected(r.id, client_id, reason, _held(r, client_id))
+            log.warning("round %s: upload from %s refused (%s): %s", r.id, client_id, reason, e.message,
+                        extra={"round": r.id, "client": client_id, "reason": reason})
+            raise
         s.peer = peer
+        log.info("round %s: upload from %s %s", r.id, client_id,
+                 "started" if offset == 0 else f"resumed at byte {offset:,}",
+                 extra={"round": r.id, "client": client_id, "offset": offset})
         return s
 
 
@@ -67,6 +79,7 @@ def feed(r: RoundState, s: UploadSession, offset: int, data: bytes, signature: b
             s.signature = signature
         if not data:
             return None
+        r.metrics.received(r.id, s.client_id, len(data), s.offset + len(data))
         if s.compare is not None:
             r.rules.check_unchanged(s, data)
         receipt = None
@@ -80,11 +93,11 @@ def feed(r: RoundState, s: UploadSession, offset: int, data: bytes, signature: b
         s.last_active = r.clock()
         return receipt
     except RoundError as e:
-        reject(r, s, e.message)
+        reject(r, s, e.message, rejection_reason(e.code, e.message))
         raise
     except Exception as e:  # an I/O error or a bug: withdraw, and say so
         log.exception("round %s: upload of %s failed", r.id, s.client_id)
-        reject(r, s, f"internal error: {e!r}")
+        reject(r, s, f"internal error: {e!r}", "internal")
         raise RoundError("INTERNAL", f"coordinator error while receiving the upload: {e!r}") from e
 
 
@@ -97,7 +110,7 @@ def take_record(r: RoundState, s: UploadSession, ev: Record) -> None:
             if s.closed:
                 raise RoundError("FAILED_PRECONDITION", s.reason)
             r._check_accepting(s.client_id, new=False)
-            r.agg.fold(t.name, t.indices, t.values, r.participants[s.client_id].weight)
+            timed_fold(r.agg, r.metrics, t.name, t.indices, t.values, r.participants[s.client_id].weight)
             r.canonical = False
             s.folded.append((t.name, ev.offset, ev.length))
 
@@ -132,11 +145,11 @@ def commit(r: RoundState, s: UploadSession) -> Receipt:
             pass  # folded in participant order when the round finalizes
         elif old is None:
             if not s.live:
-                fold_file(r.agg, s.path, weight, +1, r.limits)
+                fold_file(r.agg, s.path, weight, +1, r.limits, r.metrics)
                 r.canonical = False
         elif r.fold_mode == "arrival" and r.agg.exact():
             fold_file(r.agg, old.path, weight, -1, r.limits)
-            fold_file(r.agg, s.path, weight, +1, r.limits)
+            fold_file(r.agg, s.path, weight, +1, r.limits, r.metrics)
             r.canonical = False
             if not r.agg.exact():  # the swap itself was inexact: order-free state again
                 r._rebuild({cid: s.path})
@@ -151,6 +164,7 @@ def commit(r: RoundState, s: UploadSession) -> Receipt:
         r.committed[cid] = c
         r.uploads.close(s, "committed")
         r._persist()
+        r.metrics.accepted(r.id, cid, s.offset)
         r._emit("UPLOAD_REPLACED" if old is not None else "UPLOAD_COMMITTED", client_id=cid, sha256=sha,
                 bytes=s.offset, message=f"{s.nnz:,} nonzeros")
         receipt = Receipt(True, 0, sha, s.offset, s.nnz, replaced=old is not None,
@@ -159,10 +173,22 @@ def commit(r: RoundState, s: UploadSession) -> Receipt:
         return receipt
 
 
-def reject(r: RoundState, s: UploadSession, why: str) -> None:
-    """Withdraw an upload that failed validation; the round is left as it was."""
+def reject(r: RoundState, s: UploadSession, why: str, reason: str = "other") -> None:
+    """Withdraw an upload that failed validation; the round is left as it was. `reason`:
+    the metrics' label (`tiesfed.coordinator.metrics.REASONS`)."""
     with r.lock:
         if s.closed:
             return
         r._discard(s, f"rejected: {why}")
-        r._emit("UPLOAD_REJECTED", client_id=s.client_id, message=why)
+        r.metrics.rejected(r.id, s.client_id, reason, _held(r, s.client_id))
+        r._emit("UPLOAD_REJECTED", client_id=s.client_id, message=why, log_extra={"reason": reason})
+
+
+def _held(r: RoundState, client_id: str) -> int:
+    """The client's progress after a refusal: the bytes of its upload still open (a refused
+    resume leaves it), else of its committed contribution, else 0."""
+    s = r.sessions.get(client_id)
+    if s is not None and not s.closed:
+        return s.offset
+    c = r.committed.get(client_id)
+    return c.bytes if c is not None else 0

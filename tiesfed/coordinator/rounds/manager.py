@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from tiesfed.coordinator.metrics import NO_METRICS, Metrics
 from tiesfed.coordinator.rounds.aggregation import AggregatorFactory, default_aggregator_factory
 from tiesfed.coordinator.rounds.config import DEFAULT_MAX_ROUND_PARAMS, RoundConfig, TensorEntry
 from tiesfed.coordinator.rounds.events import RoundError
@@ -48,8 +49,10 @@ class RoundManager:
         tick_s: float = 0.2,
         clock: Callable[[], float] = time.time,
         signer: Optional[Identity] = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.spool_dir = Path(spool_dir)
+        self.metrics = metrics  # handed to every round; slot waits are reported here
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.factory = aggregator_factory or default_aggregator_factory
         self.base_path = base_path
@@ -61,7 +64,7 @@ class RoundManager:
         self.lease_s = lease_s
         self._round_kw = dict(
             base_path=base_path, shard_bytes=shard_bytes, max_chunk_bytes=max_chunk_bytes,
-            abandon_after_s=abandon_after_s, clock=clock, signer=signer,
+            abandon_after_s=abandon_after_s, clock=clock, signer=signer, metrics=metrics,
         )
         self.rounds: dict[str, Round] = {}
         self.unrecovered: dict[str, str] = {}  # round id -> why its spool folder could not be loaded
@@ -127,7 +130,10 @@ class RoundManager:
         for its turn holds no stream, so gRPC buffers nothing for it. A client
         holding a lease gets the same lease again, never a second slot."""
         self.get(round_id).check_participant(client_id)
-        return self.slots.reserve(client_id, wait_s)
+        started = time.monotonic()
+        lease = self.slots.reserve(client_id, wait_s)
+        self.metrics.slot_wait("reserve", time.monotonic() - started, lease is not None)
+        return lease
 
     @contextmanager
     def upload_slot(
@@ -137,8 +143,16 @@ class RoundManager:
         if it holds one (leases are per client id), else the next free one. Yields
         `progress(nbytes)` to call per chunk; a holder without new bytes for
         `stall_after_s` is cancelled by the ticker."""
-        with self.slots.hold(client_id, cancel, alive or (lambda: True)) as progress:
-            yield progress
+        started = time.monotonic()
+        granted = False
+        try:
+            with self.slots.hold(client_id, cancel, alive or (lambda: True)) as progress:
+                granted = True
+                self.metrics.slot_wait("stream", time.monotonic() - started, True)
+                yield progress
+        finally:
+            if not granted:
+                self.metrics.slot_wait("stream", time.monotonic() - started, False)
 
     def get(self, round_id: str) -> Round:
         with self.lock:

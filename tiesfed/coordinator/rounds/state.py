@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
 
 from tiesfed.coordinator.aggregator import AggregatorLike
+from tiesfed.coordinator.metrics import NO_METRICS, Metrics, timed_fold
 from tiesfed.coordinator.rounds.aggregation import (
     AggregatorFactory,
     FoldedRecord,
@@ -57,8 +58,11 @@ class RoundState:
         abandon_after_s: float = 300.0,
         clock: Callable[[], float] = time.time,
         signer: Optional[Identity] = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.config = config
+        #: where progress is reported (the coordinator's Prometheus metrics; by default nowhere)
+        self.metrics = metrics
         #: the coordinator's identity, which signs the merge (None: an insecure coordinator signs nothing)
         self.signer = signer
         self.id = config.round_id
@@ -186,11 +190,16 @@ class RoundState:
         """Block until the round is finalized or failed."""
         return self.event_log.wait_until(self._finished, timeout)
 
-    def _emit(self, kind: str, **kw) -> Event:
+    def _emit(self, kind: str, log_extra: Optional[dict] = None, **kw) -> Event:
+        """Record an event (for Watch), update the phase metric, log it (`log_extra`: more log fields)."""
         with self.cond:
             ev = self.event_log.append(time=self.clock(), kind=kind, committed=len(self.committed),
                                        expected=len(self.participants), state=self.state, **kw)
-        log.info("round %s: %s %s %s", self.id, kind, kw.get("client_id", ""), kw.get("message", ""))
+        self.metrics.phase(self.id, self.state)
+        if kind == "ROUND_OPENED":
+            self.metrics.members(self.id, {c: (self.committed[c].bytes if c in self.committed else None)
+                                           for c in self.participants})
+        log_event(self.id, ev, log_extra)
         return ev
 
     # ------------------------------------------------------------------ shared by the flows
@@ -231,8 +240,33 @@ class RoundState:
         ordered = [(files[cid], p.weight) for cid, p in self.participants.items() if cid in files]
         live = self.uploads.live_folded(self.participants) if self.fold_mode == "arrival" else []
         for name, indices, values, weight in read_folded(ordered, live, self.limits):
-            self.agg.fold(name, indices, values, weight)
+            timed_fold(self.agg, self.metrics, name, indices, values, weight)
         self.canonical = not live
+
+
+#: Events an operator should notice; the others are logged at INFO.
+WARN_EVENTS = frozenset({"UPLOAD_REJECTED", "UPLOAD_ABANDONED", "ROUND_FAILED"})
+
+
+def log_event(round_id: str, ev: Event, more: Optional[dict] = None) -> None:
+    """One log line per round event, with the round and client as extra fields (for --log-format json)."""
+    what = [ev.message] if ev.message else []
+    if ev.bytes:
+        what.insert(0, f"{ev.bytes:,} bytes")
+    if ev.sha256:
+        what.insert(1 if ev.bytes else 0, f"sha256 {ev.sha256[:16]}")
+    extra = {"round": round_id, "event": ev.kind, "state": ev.state, "committed": ev.committed,
+             "expected": ev.expected}
+    if ev.client_id:
+        extra["client"] = ev.client_id
+    if ev.sha256:
+        extra.update(sha256=ev.sha256, bytes=ev.bytes)
+    extra.update(more or {})
+    if "reason" in extra:
+        what.insert(0, f"reason {extra['reason']}")
+    who = f" {ev.client_id}" if ev.client_id else ""
+    log.log(logging.WARNING if ev.kind in WARN_EVENTS else logging.INFO, "round %s: %s%s (%d/%d committed)%s",
+            round_id, ev.kind, who, ev.committed, ev.expected, ": " + ", ".join(what) if what else "", extra=extra)
 
 
 def lost_notice(client_id: str, why: str, state: str) -> str:

@@ -63,6 +63,8 @@ def channel_options(keepalive_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, in
 def check_target(target: str) -> str:
     """`host:port` (or `[v6]:port`), else a clear error rather than a silent dial to :443."""
     host, sep, port = target.rpartition(":")
+    if "://" in target:
+        raise ValueError(f"target {target!r} must be HOST:PORT, without a scheme (e.g. 127.0.0.1:50051)")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"target {target!r} must be HOST:PORT (e.g. 127.0.0.1:50051)")
     return target
