@@ -171,6 +171,7 @@ def main(argv=None) -> int:
                    help="run the coordinator with glibc's default arenas and mmap threshold")
     p.add_argument("--repeat", type=int, default=1, help="runs per client count: best wall time, highest RSS")
     p.add_argument("--work", default="bench_out/federated", help="cache of the model family and scratch space")
+    p.add_argument("--json", metavar="OUT", help="also write every number printed to this JSON file")
     a = p.parse_args(argv)
     counts = [int(c) for c in a.clients.split(",")]
     work = Path(a.work)
@@ -233,6 +234,19 @@ def main(argv=None) -> int:
     print()
     print(f"coordinator peak RSS {lo['clients']} -> {hi['clients']} clients: {lo['peak_rss_mib']:.0f} -> "
           f"{hi['peak_rss_mib']:.0f} MiB ({growth:+.1f}%; goal <= +5%)")
+    if a.json:
+        result = {
+            "config": {"params": params, "vocab": a.vocab, "hidden": a.hidden, "inter": a.inter, "layers": a.layers,
+                       "k": a.k, "chunk_bytes": a.chunk_bytes, "max_active_uploads": a.max_active_uploads,
+                       "malloc_tuning": not a.no_malloc_tuning, "repeat": a.repeat, "cpus": os.cpu_count()},
+            "rows": [{**r, "ratio": r["wall_s"] / r["local_s"],
+                      "upload_bytes_per_client": r["upload_bytes"] / r["clients"],
+                      "upload_bits_per_param": 8 * r["upload_bytes"] / r["clients"] / params,
+                      "upload_vs_dense": r["upload_bytes"] / r["clients"] / dense,
+                      "download_vs_dense": r["download_bytes"] / dense} for r in rows],
+            "peak_rss_growth_pct": growth,
+        }
+        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0 if all(r["identical"] for r in rows) else 1
 
 

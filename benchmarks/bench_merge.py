@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,7 @@ def codec_table(base: Path, ft: Path) -> list[tuple]:
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="bench_out/merge", help="folder for the generated family and outputs")
     ap.add_argument("--vocab", type=int, default=32000)
@@ -116,7 +117,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--k", type=float, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--json", metavar="OUT", help="also write every number printed to this JSON file")
+    args = ap.parse_args(argv)
 
     work = Path(args.work)
     shapes = llama_shapes(args.vocab, args.hidden, args.inter, args.layers)
@@ -148,9 +150,30 @@ def main() -> None:
     print("\n## codec and trim (one model)\n")
     print("| k % | trim M params/s | fp32 bits/param | fp16 bits/param | bf16 bits/param | encode M params/s (fp16) |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for k, trim_rate, sizes in codec_table(base, fts[0]):
+    codec = codec_table(base, fts[0])
+    for k, trim_rate, sizes in codec:
         print(f"| {k} | {trim_rate:.1f} | {sizes['fp32'][0]:.2f} | {sizes['fp16'][0]:.2f} | "
               f"{sizes['bf16'][0]:.2f} | {sizes['fp16'][1]:.0f} |")
+
+    if args.json:
+        result = {
+            "config": {"params": params, "tensors": len(shapes), "vocab": args.vocab, "hidden": args.hidden,
+                       "inter": args.inter, "layers": args.layers, "models": args.models, "dtype": args.dtype,
+                       "k": args.k, "threads": args.threads},
+            "naive": {"wall_s": naive["wall_s"], "peak_rss_mib": naive["peak_rss_mib"]},
+            "tiesfed": {"wall_s": ours["wall_s"], "peak_rss_mib": ours["peak_rss_mib"],
+                        "upload_bits_per_param": ours["upload_bits_per_param"]},
+            "ratio": {"wall": ours["wall_s"] / naive["wall_s"], "peak_rss": ours["peak_rss_mib"] / naive["peak_rss_mib"]},
+            "idle_rss_mib": idle["peak_rss_mib"],
+            "largest_tensor": largest,
+            "bytes_per_largest_element": per_elem,
+            "max_abs_diff": diff,
+            "codec": [{"k": k, "trim_mparams_s": trim_rate,
+                       "bits_per_param": {dt: v[0] for dt, v in sizes.items()},
+                       "encode_mparams_s": {dt: v[1] for dt, v in sizes.items()}}
+                      for k, trim_rate, sizes in codec],
+        }
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

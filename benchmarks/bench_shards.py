@@ -19,9 +19,13 @@ Prints a markdown table. Ray is local (loopback only), no dashboard.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind and advertise 127.0.0.1 only
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -82,7 +86,7 @@ def time_run(agg, contribs, barrier) -> tuple[float, float, list]:
     return t_fold, t_fin, out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", type=float, default=20e6, help="approximate model size")
     ap.add_argument("--layers", type=int, default=8)
@@ -93,7 +97,8 @@ def main() -> None:
                     help="CPUs shared by each actor set: an actor gets num_cpus/actors (default os.cpu_count())")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the best time is shown")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    ap.add_argument("--json", metavar="OUT", help="also write every number printed to this JSON file")
+    args = ap.parse_args(argv)
 
     actor_counts = [int(a) for a in args.actors.split(",") if a]
     manifest = make_manifest(int(args.params), args.layers)
@@ -108,8 +113,11 @@ def main() -> None:
 
     num_cpus = args.num_cpus or (os.cpu_count() or 1)
     t0 = time.perf_counter()
-    # logical CPUs: every actor set below reserves num_cpus in all, and all sets live at once
-    ray.init(num_cpus=num_cpus * max(1, len(actor_counts)), include_dashboard=False)
+    # logical CPUs: every actor set below reserves num_cpus in all, and all sets live at once.
+    # address="local" and a temp dir of our own: never join a cluster someone else started here.
+    ray_tmp = tempfile.mkdtemp(prefix="tiesfed-bench-ray-")
+    ray.init(address="local", num_cpus=num_cpus * max(1, len(actor_counts)), include_dashboard=False,
+             _temp_dir=ray_tmp)
     t_init = time.perf_counter() - t0
     startups, aggs, threads, nice = {}, {}, {}, []
     best: dict[str, list[float]] = {}
@@ -177,6 +185,7 @@ def main() -> None:
         for agg in aggs.values():
             agg.close()
         ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
     print(f"\n### Sharded aggregation, {total / 1e6:.1f}M params in {len(manifest)} tensors, "
           f"{args.contribs} contributions at {args.density:.0%} ({nnz / 1e6:.1f}M nonzeros), spec=ties\n")
@@ -198,6 +207,24 @@ def main() -> None:
           f"({payload_mb / 1e3 / (put_s + get_s):.2f} GB/s); in-process: 0 ms (a reference), "
           f"a memcpy of it {t_copy * 1e3:.0f} ms. The same as pickled torch tensors: ray.put {put_t * 1e3:.0f} ms + "
           f"ray.get {get_t * 1e3:.0f} ms.")
+    if args.json:
+        result = {
+            "config": {"params": total, "tensors": len(manifest), "contribs": args.contribs, "density": args.density,
+                       "nonzeros": nnz, "actors": actor_counts, "num_cpus": num_cpus, "repeat": args.repeat,
+                       "cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
+                       "ray": ray.__version__, "torch_threads_per_actor": {str(k): v for k, v in threads.items()},
+                       "actor_niceness": nice},
+            "rows": [{"aggregator": name, "actors": None if s == "-" else int(s), "fold_s": f, "finalize_s": z,
+                      "fold_mparams_s": folded / f, "finalize_mparams_s": total / 1e6 / z,
+                      "fold_vs_baseline": bf / f, "finalize_vs_baseline": bz / z, "identical": True}
+                     for name, s, f, z in rows],
+            "ray_start_s": t_init,
+            "actor_start_s": {str(s): t for s, t in startups.items()},
+            "hop": {"payload_mb": payload_mb, "put_ms": put_s * 1e3, "get_ms": get_s * 1e3,
+                    "torch_put_ms": put_t * 1e3, "torch_get_ms": get_t * 1e3, "memcpy_ms": t_copy * 1e3},
+            "load_average": os.getloadavg()[0],
+        }
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
