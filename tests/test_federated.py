@@ -24,6 +24,7 @@ from tests.helpers import make_model, random_family, write_family
 from tiesfed.cli import main
 from tiesfed.client.contribution import (
     contribution_header,
+    contribution_threshold,
     iter_contribution,
     write_contribution,
 )
@@ -148,16 +149,25 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert torch.equal(ta[k], tb[k]), f"{name}.{k} changed"
 
 
-def contribution_bytes(family, model: int, options=MergeOptions(), model_key="0", fp=None, mutate=None) -> bytes:
-    """A contribution stream built like a client does, optionally tampered with."""
+def contribution_bytes(family, model: int, options=MergeOptions(), model_key="0", fp=None, mutate=None,
+                       header=None) -> bytes:
+    """A contribution stream built like a client does, optionally tampered with: `mutate`
+    its tensors, `header` entries declared instead of the honest ones (None: left out;
+    a callable: applied to the honest value)."""
     base_dir, paths, real_fp = family
     trim = get_method(options.method).trim_spec(options)
     with ModelReader(base_dir) as b, ModelReader(paths[model]) as ft:
-        tensors = list(iter_contribution(b, ft, trim, model_key=model_key))
+        threshold = contribution_threshold(b, ft, trim)
+        tensors = list(iter_contribution(b, ft, trim, model_key=model_key, threshold=threshold))
     if mutate:
         tensors = mutate(tensors)
+    meta = contribution_header(fp or real_fp, model_key, trim, threshold=threshold)
+    for k, v in (header or {}).items():
+        honest = meta.pop(k, None)
+        if v is not None:
+            meta[k] = v(honest) if callable(v) else v
     buf = io.BytesIO()
-    write_contribution(buf, contribution_header(fp or real_fp, model_key, trim), tensors)
+    write_contribution(buf, meta, tensors)
     return buf.getvalue()
 
 
@@ -469,12 +479,13 @@ def test_nonzeros_over_the_k_budget(family, coordinator):
     # honest about another trim: refused by its header
     rejected(srv, rnd, contribution_bytes(family, 0, options=MergeOptions(k=100)), grpc.StatusCode.INVALID_ARGUMENT,
              "trimmed with")
-    # declaring the round's trim but carrying every entry: refused by the count
+    # declaring the round's trim (and a threshold every value clears) but carrying every entry:
+    # refused by the count
     with ModelReader(family[0]) as b, ModelReader(family[1][0]) as ft:
         full = list(iter_contribution(b, ft, k100, model_key="0"))
     assert sum(t.nnz for t in full) > nnz_budget(k10, rnd.total)
     buf = io.BytesIO()
-    write_contribution(buf, contribution_header(family[2], "0", k10), full)
+    write_contribution(buf, contribution_header(family[2], "0", k10, threshold=0.0), full)
     rejected(srv, rnd, buf.getvalue(), grpc.StatusCode.INVALID_ARGUMENT, "over the budget", chunk=512)
 
 

@@ -54,6 +54,14 @@ def scaled(factor: float, drop_last: bool = False):
     return mutate
 
 
+def hostile(family, factor: float, drop_last: bool = False) -> bytes:
+    """Model 0's contribution with every value times `factor`, declaring its trim threshold
+    scaled alike (as the client that scaled it would): within the k budget, as the honest one."""
+    return contribution_bytes(family, 0, mutate=scaled(factor, drop_last),
+                              header={"threshold": lambda t: float(torch.tensor(t, dtype=torch.float64).mul(factor)
+                                                                   .float())})
+
+
 # ----------------------------------------------------------------------------- the algebra
 
 
@@ -114,7 +122,9 @@ def test_values_at_the_bound_keep_the_merged_model_finite(family, tmp_path, coor
     def to_the_bound(ts):
         return [SparseTensor(t.name, t.shape, t.indices, torch.sign(t.values) * bound) for t in ts]
 
-    receipt = raw_upload(srv, "r1", "org-a", contribution_bytes(family, 0, mutate=to_the_bound))
+    # every value at the bound, the bound declared as the trim threshold (all ties, none above it)
+    data = contribution_bytes(family, 0, mutate=to_the_bound, header={"threshold": bound})
+    receipt = raw_upload(srv, "r1", "org-a", data)
     assert receipt.committed
     send(srv, "r1", "org-b", family, 1)
     send(srv, "r1", "org-c", family, 2)
@@ -167,7 +177,7 @@ def test_rejected_hostile_upload_leaves_the_round_bit_identical(family, tmp_path
     send(srv, "r1", "org-b", family, 1)
     # org-c's stream is org-a's values × 1e27, without its last tensor: every record
     # but the last folds on arrival, then the end marker is refused
-    rejected(srv, rnd, contribution_bytes(family, 0, mutate=scaled(HUGE, drop_last=True)),
+    rejected(srv, rnd, hostile(family, HUGE, drop_last=True),
              grpc.StatusCode.INVALID_ARGUMENT, "ends without 1 tensor", client="org-c", chunk=300)
     assert any("rebuilding" in e.message or e.kind == "UPLOAD_REJECTED" for e in rnd.events)
     send(srv, "r1", "org-c", family, 2)
@@ -182,7 +192,7 @@ def test_control_without_the_rebuild_the_hostile_upload_leaves_a_mark(family, wi
     send(srv, "r1", "org-b", family, 1)
     before = snapshot(rnd)
     with pytest.raises(grpc.RpcError):
-        raw_upload(srv, "r1", "org-c", contribution_bytes(family, 0, mutate=scaled(HUGE, drop_last=True)), chunk=300)
+        raw_upload(srv, "r1", "org-c", hostile(family, HUGE, drop_last=True), chunk=300)
     with pytest.raises(AssertionError, match="changed"):
         assert_same_state(before, snapshot(rnd))
 
@@ -192,7 +202,7 @@ def test_abandoned_hostile_upload_leaves_the_round_bit_identical(family, tmp_pat
     send(srv, "r1", "org-b", family, 1)
     send(srv, "r1", "org-c", family, 2)
     before = snapshot(rnd)
-    data = contribution_bytes(family, 0, mutate=scaled(HUGE))
+    data = hostile(family, HUGE)
     receipt = raw_upload(srv, "r1", "org-a", data[: len(data) // 2], chunk=256)
     assert not receipt.committed and rnd.sessions["org-a"].folded
     deadline = time.monotonic() + 10  # the event comes once the withdrawal (and its rebuild) is done
@@ -207,7 +217,7 @@ def test_abandoned_hostile_upload_leaves_the_round_bit_identical(family, tmp_pat
 def test_replaced_hostile_contribution_leaves_no_trace(family, tmp_path, wide_round):
     srv, rnd = wide_round
     send(srv, "r1", "org-b", family, 1)
-    receipt = raw_upload(srv, "r1", "org-a", contribution_bytes(family, 0, mutate=scaled(HUGE)))
+    receipt = raw_upload(srv, "r1", "org-a", hostile(family, HUGE))
     assert receipt.committed
     assert not rnd.agg.exact()
     res = send(srv, "r1", "org-a", family, 0)
@@ -221,13 +231,13 @@ def test_committed_hostile_values_still_merge_in_a_fixed_order(family, tmp_path,
     participant order, so two rounds that got the same uploads in opposite orders
     publish the same bits."""
     srv = coordinator()
-    hostile = contribution_bytes(family, 0, mutate=scaled(1e20))
+    bad = hostile(family, 1e20)
     merged = []
     for rid, order in (("r1", "cba"), ("r2", "abc")):
         rnd = open_round(srv, round_id=rid, max_abs_value=1e30)
         for who in order:
             if who == "a":
-                assert raw_upload(srv, rid, "org-a", hostile).committed
+                assert raw_upload(srv, rid, "org-a", bad).committed
             else:
                 send(srv, rid, f"org-{who}", family, "abc".index(who))
         assert rnd.wait_closed(60) and rnd.state == "finalized"

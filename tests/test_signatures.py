@@ -22,7 +22,12 @@ from click.testing import CliRunner
 
 from tests.helpers import write_family
 from tiesfed.cli import main
-from tiesfed.client.contribution import contribution_header, iter_contribution, write_contribution
+from tiesfed.client.contribution import (
+    contribution_header,
+    contribution_threshold,
+    iter_contribution,
+    write_contribution,
+)
 from tiesfed.client.federated import FederatedError, Retry, fetch, submit
 from tiesfed.coordinator.audit import AuditError, audit_round
 from tiesfed.coordinator.rounds import ParticipantConfig, RoundConfig
@@ -89,9 +94,10 @@ def contribution_bytes(family, model: int, model_key: str) -> bytes:
     base_dir, paths, fp = family
     trim = get_method("ties").trim_spec(MergeOptions())
     with ModelReader(base_dir) as b, ModelReader(paths[model]) as ft:
-        tensors = list(iter_contribution(b, ft, trim, model_key=model_key))
+        threshold = contribution_threshold(b, ft, trim)
+        tensors = list(iter_contribution(b, ft, trim, model_key=model_key, threshold=threshold))
     buf = io.BytesIO()
-    write_contribution(buf, contribution_header(fp, model_key, trim), tensors)
+    write_contribution(buf, contribution_header(fp, model_key, trim, threshold=threshold), tensors)
     return buf.getvalue()
 
 

@@ -27,6 +27,7 @@ from tiesfed.client.contribution import (
     VALUE_DTYPES,
     TrimStats,
     contribution_header,
+    contribution_threshold,
     iter_contribution,
     write_contribution,
 )
@@ -128,14 +129,17 @@ def merge(
         for i, (entry, ft, trim) in enumerate(zip(config.models, fts, trims)):
             stats = TrimStats()
             path = spool_dir / f"contribution-{i}.tfs"
+            stage = Prefixed(bar, f"{Path(entry.model).name}: ")
+            # the stream a federated client uploads: its header declares the global threshold
+            threshold = contribution_threshold(base, ft, trim, keep_base=opts.keep_base, device=device,
+                                               progress=stage)
             with open(path, "wb") as f:
                 size = write_contribution(
                     f,
-                    contribution_header("local", str(i), trim),
+                    contribution_header("local", str(i), trim, threshold=threshold),
                     iter_contribution(
                         base, ft, trim, model_key=str(i), keep_base=opts.keep_base, device=device,
-                        value_dtype=value_dtype, stats=stats,
-                        progress=Prefixed(bar, f"{Path(entry.model).name}: "),
+                        value_dtype=value_dtype, stats=stats, progress=stage, threshold=threshold,
                     ),
                 )
             f = stack.enter_context(open(path, "rb"))

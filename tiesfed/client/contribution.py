@@ -6,13 +6,18 @@ Global trim reads the model three times (two histogram passes, then the
 trim); memory stays at one tensor. Progress is reported per pass, each
 counting the model's parameters once ("histogram 1/2", "histogram 2/2",
 "trim+encode").
+
+A global top-k contribution declares its threshold in the stream header
+(`contribution_threshold` before `contribution_header`, the same value handed
+to `iter_contribution`): the coordinator checks each value against it, which
+bounds the survivors exactly while keeping the paper's ties.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
+from typing import BinaryIO, Iterable, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 
@@ -91,6 +96,33 @@ def global_threshold(
     return select.value
 
 
+#: `iter_contribution`'s default threshold: compute it (two more passes over the model).
+COMPUTE: Literal["compute"] = "compute"
+
+
+def global_topk(trim: TrimSpec) -> bool:
+    """Whether `trim` keeps |τ| at or above one threshold over the whole model."""
+    return trim.kind == "topk" and trim.scope == "global"
+
+
+def contribution_threshold(
+    base: ModelReader,
+    ft: ModelReader,
+    trim: TrimSpec,
+    *,
+    keep_base: Sequence[str] = (),
+    device: str = "cpu",
+    progress: Optional[StageProgress] = None,
+) -> Optional[float]:
+    """The threshold a global top-k trim keeps |τ| ≥ of (float32, as a Python float),
+    to declare in the header and hand to `iter_contribution`; None for other trims
+    and where k keeps everything."""
+    if not global_topk(trim):
+        return None
+    tensors = mergeable(base.manifest(), keep_base)
+    return global_threshold(base, ft, tensors, trim.fraction, device, progress)
+
+
 def iter_contribution(
     base: ModelReader,
     ft: ModelReader,
@@ -102,19 +134,24 @@ def iter_contribution(
     value_dtype: Optional[torch.dtype] = None,
     stats: Optional[TrimStats] = None,
     progress: Optional[StageProgress] = None,
+    threshold: Union[float, None, Literal["compute"]] = COMPUTE,
 ) -> Iterator[SparseTensor]:
     """Trimmed sparse task-vector tensors of `ft` against `base`, in base order.
 
     Every mergeable tensor yields one record, even an empty one, so the
     receiver can check that the contribution is complete. Values travel in
     `value_dtype`, by default the tensor's own dtype. `progress` hears of each
-    pass over the model as a stage.
+    pass over the model as a stage. A global top-k trim uses `threshold` as
+    `contribution_threshold` gave it (its passes already checked for NaN/inf),
+    or computes it.
     """
     stats = stats if stats is not None else TrimStats()
     tensors = mergeable(base.manifest(), keep_base)
-    threshold = None
-    if trim.kind == "topk" and trim.scope == "global":
+    if not global_topk(trim):
+        threshold = None
+    elif threshold == COMPUTE:
         threshold = global_threshold(base, ft, tensors, trim.fraction, device, progress)
+    if global_topk(trim):
         stats.threshold = threshold
     keep_all = trim.kind == "none" or trim.fraction >= 1.0 or (trim.scope == "global" and threshold is None)
     if progress:
@@ -139,12 +176,17 @@ def iter_contribution(
         yield SparseTensor(name=t.name, shape=tuple(t.shape), indices=idx.cpu(), values=val.cpu())
 
 
-def contribution_header(base_fingerprint: str, model_key: str, trim: TrimSpec, **extra: object) -> dict:
+def contribution_header(
+    base_fingerprint: str, model_key: str, trim: TrimSpec, *, threshold: Optional[float] = None, **extra: object
+) -> dict:
+    """The stream header; a global top-k trim's `threshold` (from `contribution_threshold`)
+    is declared in it, where the coordinator checks every value against it."""
     return {
         "kind": "contribution",
         "base_fingerprint": base_fingerprint,
         "model_key": model_key,
         "trim": {"kind": trim.kind, "fraction": trim.fraction, "scope": trim.scope, "seed": trim.seed},
+        **({"threshold": float(threshold)} if threshold is not None and global_topk(trim) else {}),
         **extra,
     }
 

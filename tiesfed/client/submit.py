@@ -37,6 +37,7 @@ from tiesfed.client.contribution import (
     VALUE_DTYPES,
     TrimStats,
     contribution_header,
+    contribution_threshold,
     iter_contribution,
     write_contribution,
 )
@@ -212,15 +213,19 @@ def submit(
             check_compatible(b, ft, opts.keep_base)
             pipe = _SpoolPipe(Path(tmp) / f"{round_id}-{client_id}.tfs")
             stats = TrimStats()
-            header = contribution_header(fp, me.model_key, trim, round_id=round_id, client_id=client_id)
-
             stages = Stages(enabled=progress)
 
             def produce() -> None:
                 try:
+                    stage = Prefixed(stages, f"{client_id}: ")
+                    # before the header, which declares it: the local engine's stream, byte for byte
+                    threshold = contribution_threshold(b, ft, trim, keep_base=opts.keep_base, device=device,
+                                                       progress=stage)
+                    header = contribution_header(fp, me.model_key, trim, threshold=threshold, round_id=round_id,
+                                                 client_id=client_id)
                     tensors = iter_contribution(b, ft, trim, model_key=me.model_key, keep_base=opts.keep_base,
                                                 device=device, value_dtype=value_dtype, stats=stats,
-                                                progress=Prefixed(stages, f"{client_id}: "))
+                                                progress=stage, threshold=threshold)
                     write_contribution(pipe, header, within_bound(tensors, spec.max_abs_value, round_id))
                     pipe.finish()
                 except BaseException as e:  # handed to the sender, which raises it

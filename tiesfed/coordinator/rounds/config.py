@@ -11,7 +11,7 @@ from tiesfed.coordinator.rounds.events import RoundError
 from tiesfed.coordinator.spool import check_id
 from tiesfed.core.methods import get_method
 from tiesfed.core.options import MergeOptions
-from tiesfed.core.trim import TrimSpec
+from tiesfed.core.trim import TrimSpec, keep_count
 
 #: The default bound on |uploaded value|: far above any real task-vector entry.
 DEFAULT_MAX_ABS_VALUE = 1e6
@@ -228,13 +228,16 @@ def check_size(manifest: list[TensorEntry], max_params: int) -> None:
 def nnz_budget(trim: TrimSpec, total: int) -> int:
     """Most nonzeros a contribution of `total` parameters may carry under `trim`.
 
-    top-k keeps int(D·f) (plus threshold ties: 1% and 1024 of slack); DARE keeps
-    a Binomial(D, f) count (1% + 6 standard deviations + 1024); no trim: all.
+    top-k keeps int(D·f), exactly: globally, that many values strictly above the
+    declared threshold (ties at it are kept besides, as the paper's trim keeps
+    them; the nonzeros stay within D); per tensor, int(n·f) of each tensor's n,
+    which sum to at most int(D·f). DARE keeps a Binomial(D, f) count (1% + 6
+    standard deviations + 1024); no trim: all.
     """
     if trim.kind == "none" or trim.fraction >= 1:
         return total
     if trim.kind == "topk":
-        return min(total, int(int(total * trim.fraction) * 1.01) + 1024)
+        return min(total, keep_count(total, trim.fraction))
     mean = total * trim.fraction
     sd = math.sqrt(total * trim.fraction * (1 - trim.fraction))
     return min(total, int(mean * 1.01 + 6 * sd) + 1024)

@@ -3,8 +3,9 @@
 
 Every chunk is appended to the partial file and fed to an incremental
 `StreamReader`, so memory per session is one record. A session records what
-the round's rules and folding need (tensors seen, nonzeros, records folded);
-the round decides, under its lock, what happens to it.
+the round's rules and folding need (tensors seen, nonzeros, values above the
+declared trim threshold, records folded); the round decides, under its lock,
+what happens to it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class UploadSession:
     sha: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     seen: set = field(default_factory=set)
     nnz: int = 0
+    threshold: Optional[float] = None  # the global top-k threshold its header declares
+    above: int = 0  # values strictly above that threshold (global top-k)
     folded: list = field(default_factory=list)  # (name, offset, length) in the partial file
     compare: Optional[Committed] = None  # refuse policy: the committed stream to match
     attached: bool = False
