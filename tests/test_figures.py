@@ -235,3 +235,17 @@ def test_png_from_the_quick_json(quick_run, tmp_path):
     else:
         assert not png.exists() and "pip install -e '.[bench]'" in proc.stdout + proc.stderr
     assert json.loads((tmp_path / "figures.json").read_text()) == json.loads((out / "figures.json").read_text())
+
+
+def test_demo_table_is_cut_from_the_demo_output_and_fits_the_readme_markers():
+    from benchmarks.demo_table import demo_block
+    from benchmarks.figures import replace_blocks
+
+    out = ("scoreboard: ties test avg 0.575 at λ=1\n"
+           "method   λ  average\n-------  -  -------\nTIES     1     57.5\n\nzoo: 4 tasks, built in 9.0s\n")
+    block = demo_block(out)
+    assert block == "```\nmethod   λ  average\n-------  -  -------\nTIES     1     57.5\n```"
+    readme = "intro\n<!-- figures:demo -->\n```\nold\n```\n<!-- /figures:demo -->\nafter\n"
+    assert replace_blocks(readme, {"demo": block}) == f"intro\n<!-- figures:demo -->\n{block}\n<!-- /figures:demo -->\nafter\n"
+    with pytest.raises(ValueError, match="no table"):
+        demo_block("zoo: nothing printed\n")
