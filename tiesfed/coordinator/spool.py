@@ -46,9 +46,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from tiesfed.io.files import DamagedFileError, fsync_dir, read_json, write_json_atomic
+from tiesfed.trust.certs import valid_id
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-_ID_RE = re.compile(ID_PATTERN)
 _IO_CHUNK = 4 << 20
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 LOCK_FILE = "coordinator.lock"
@@ -56,9 +55,9 @@ SIG_SUFFIX = ".sig.json"
 
 
 def check_id(kind: str, value: str) -> str:
-    """Round and client ids become file names: a conservative alphabet only. fullmatch, since
-    `$` alone also matches before a trailing newline ("org-a\\n" must not pass)."""
-    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+    """Round and client ids become file names (and a client id is a certificate's CN): one
+    conservative alphabet, `tiesfed.trust.certs.valid_id` (a fullmatch: "org-a\\n" fails)."""
+    if not valid_id(value):
         raise ValueError(
             f"{kind} {value!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
