@@ -9,7 +9,6 @@ clean spool and name each file edited after commit.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import time
@@ -21,19 +20,12 @@ import torch
 from click.testing import CliRunner
 
 from tests.helpers import write_family
+from tests.test_federated import contribution_bytes
 from tiesfed.cli import main
-from tiesfed.client.contribution import (
-    contribution_header,
-    contribution_threshold,
-    iter_contribution,
-    write_contribution,
-)
 from tiesfed.client.federated import FederatedError, Retry, fetch, submit
 from tiesfed.coordinator.audit import AuditError, audit_round
 from tiesfed.coordinator.rounds import ParticipantConfig, RoundConfig
 from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
-from tiesfed.core.methods import get_method
-from tiesfed.core.options import MergeOptions
 from tiesfed.io.files import read_json, write_json_atomic
 from tiesfed.io.model_io import ModelReader, fingerprint
 from tiesfed.protos.v1 import CLIENT_ID_KEY, channel_options
@@ -88,17 +80,6 @@ def send(srv, pki, family, who: str, model: int):
 
 def get(srv, pki, family, out: Path, who: str = "org-a"):
     return fetch(srv.target, "r1", None, family[0], out, timeout=60, retry=FAST, tls=ident(pki, who))
-
-
-def contribution_bytes(family, model: int, model_key: str) -> bytes:
-    base_dir, paths, fp = family
-    trim = get_method("ties").trim_spec(MergeOptions())
-    with ModelReader(base_dir) as b, ModelReader(paths[model]) as ft:
-        threshold = contribution_threshold(b, ft, trim)
-        tensors = list(iter_contribution(b, ft, trim, model_key=model_key, threshold=threshold))
-    buf = io.BytesIO()
-    write_contribution(buf, contribution_header(fp, model_key, trim, threshold=threshold), tensors)
-    return buf.getvalue()
 
 
 def manifest_for(rnd, client: str, data: bytes) -> dict:
