@@ -17,7 +17,8 @@ class ModelReport:
     kept_norm_share: float
     nnz: int
     threshold: Optional[float] = None
-    upload_bytes: int = 0
+    #: the contribution stream's size, when measured (`merge(measure_upload=True)`)
+    upload_bytes: Optional[int] = None
     conflicts: int = 0
     pos_at_ties: int = 0
     neg_at_ties: int = 0
@@ -49,9 +50,9 @@ class MergeReport:
     output: str = ""
 
     @property
-    def upload_bits_per_param(self) -> float:
-        if not self.models or not self.params:
-            return 0.0
+    def upload_bits_per_param(self) -> Optional[float]:
+        if not self.models or not self.params or any(m.upload_bytes is None for m in self.models):
+            return None
         return 8 * sum(m.upload_bytes for m in self.models) / (len(self.models) * self.params)
 
     def to_json(self) -> dict:
@@ -75,7 +76,7 @@ class MergeReport:
                     f"{100 * m.density:.1f}%",
                     f"{100 * m.kept_norm_share:.1f}%",
                     f"{100 * m.conflict_rate:.1f}%",
-                    f"{8 * m.upload_bytes / self.params:.2f}" if self.params else "-",
+                    f"{8 * m.upload_bytes / self.params:.2f}" if self.params and m.upload_bytes is not None else "-",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -22,6 +22,7 @@ from typing import BinaryIO, Iterable, Iterator, Literal, Optional, Sequence, Un
 import torch
 
 from tiesfed.client.progress import StageProgress
+from tiesfed.core import radix
 from tiesfed.core.trim import (
     GlobalThreshold,
     TrimSpec,
@@ -61,9 +62,19 @@ class TrimStats:
 def _task_vector(base: ModelReader, ft: ModelReader, name: str, device: str, check: bool) -> torch.Tensor:
     """τ of one tensor; `check` (once per tensor, on the first pass) rejects NaN/inf."""
     tau = task_vector(base.get(name).to(device), ft.get(name).to(device))
-    if check and not torch.isfinite(tau).all():
-        raise ValueError(f"tensor {name!r} of {ft.path} has non-finite values (NaN or inf)")
+    if check and not radix.finite(radix.abs_bits(tau)):
+        raise _nonfinite(name, ft)
     return tau
+
+
+def _nonfinite(name: str, ft: ModelReader) -> ValueError:
+    return ValueError(f"tensor {name!r} of {ft.path} has non-finite values (NaN or inf)")
+
+
+def sum_sq(x: torch.Tensor) -> float:
+    """Σx² for the kept-norm statistic (a float32 dot: a shown ratio, not a merged value)."""
+    x = x.reshape(-1).to(torch.float32)
+    return float(torch.dot(x, x)) if x.numel() else 0.0
 
 
 def global_threshold(
@@ -83,7 +94,8 @@ def global_threshold(
     if progress:
         progress.stage("histogram 1/2", params)
     for t in tensors:
-        select.add_coarse(_task_vector(base, ft, t.name, device, check=True))
+        if select.add_coarse(_task_vector(base, ft, t.name, device, check=False)):
+            raise _nonfinite(t.name, ft)
         if progress:
             progress.update(t.numel)
     select.close_coarse()
@@ -168,8 +180,8 @@ def iter_contribution(
             idx, val = trim_tensor_exact(tau, trim.fraction)
         stats.numel += t.numel
         stats.nnz += idx.numel()
-        stats.norm_sq_total += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
-        stats.norm_sq_kept += float(torch.linalg.vector_norm(tau[idx], dtype=torch.float64)) ** 2
+        stats.norm_sq_total += sum_sq(tau)
+        stats.norm_sq_kept += sum_sq(tau.reshape(-1).index_select(0, idx))
         idx, val = cast_values(idx, val, value_dtype or wire_dtype(t.dtype), t.name)
         if progress:
             progress.update(t.numel)

@@ -119,7 +119,13 @@ class Accumulator:
         return Accumulator(**fields, contributions=self.contributions, weight_total=self.weight_total, exact=self.exact)
 
 
-def new_accumulator(numel: int, spec: FinalizeSpec, device: torch.device | str = "cpu") -> Accumulator:
+def new_accumulator(
+    numel: int, spec: FinalizeSpec, device: torch.device | str = "cpu", *, track_exact: bool = True
+) -> Accumulator:
+    """Zeroed state for `numel` parameters. `track_exact=False` skips the exact-sum
+    check in `fold` (`exact` stays False): for a caller that always folds in one
+    fixed order, such as the local engine, the check buys nothing."""
+
     def z(dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(numel, dtype=dtype, device=device)
 
@@ -134,6 +140,7 @@ def new_accumulator(numel: int, spec: FinalizeSpec, device: torch.device | str =
         e_sum=z(sd) if spec.needs_unweighted_sum else None,
         m_pos=z(sd) if spec.needs_extrema else None,
         m_neg=z(sd) if spec.needs_extrema else None,
+        exact=track_exact,
     )
 
 
@@ -179,27 +186,27 @@ def fold(
     raw = values.to(dev, acc.s_pos.dtype)
     val = raw * weight if weight != 1.0 else raw
     if direction == -1:
-        raw, val = -raw, -val
-    pos = raw > 0 if direction == 1 else raw < 0
-    neg = ~pos & (raw != 0)
-    ip, ineg = idx[pos], idx[neg]
+        val = -val
+    # Split by the contribution's own sign without compacting: the other sign adds
+    # +0.0, which leaves a sum's bits alone (no sum here is ever -0.0), and is far
+    # cheaper than boolean indexing.
+    pos, neg = raw > 0, raw < 0
+    zero = torch.zeros((), dtype=val.dtype, device=dev)
     check = acc.exact
-    exact = _add_checked(acc.s_pos, ip, val[pos], check)
-    exact &= _add_checked(acc.s_neg, ineg, val[neg], check)
+    exact = _add_checked(acc.s_pos, idx, torch.where(pos, val, zero), check)
+    exact &= _add_checked(acc.s_neg, idx, torch.where(neg, val, zero), check)
     if acc.c_pos is not None:
-        one = torch.ones((), dtype=torch.int32, device=dev)
-        acc.c_pos.index_add_(0, ip, one.expand(ip.numel()), alpha=direction)
-        acc.c_neg.index_add_(0, ineg, one.expand(ineg.numel()), alpha=direction)
+        acc.c_pos.index_add_(0, idx, pos.to(torch.int32), alpha=direction)
+        acc.c_neg.index_add_(0, idx, neg.to(torch.int32), alpha=direction)
     if acc.w_pos is not None:
-        w = float(direction * weight)
-        exact &= _add_checked(acc.w_pos, ip, torch.full_like(val[pos], w), check)
-        exact &= _add_checked(acc.w_neg, ineg, torch.full_like(val[neg], w), check)
+        w = torch.tensor(float(direction * weight), dtype=val.dtype, device=dev)
+        exact &= _add_checked(acc.w_pos, idx, torch.where(pos, w, zero), check)
+        exact &= _add_checked(acc.w_neg, idx, torch.where(neg, w, zero), check)
     if acc.e_sum is not None:
-        nz = pos | neg
-        exact &= _add_checked(acc.e_sum, idx[nz], raw[nz], check)
+        exact &= _add_checked(acc.e_sum, idx, raw if direction == 1 else -raw, check)
     if acc.m_pos is not None:
-        acc.m_pos.scatter_reduce_(0, ip, val[pos], reduce="amax")
-        acc.m_neg.scatter_reduce_(0, ineg, val[neg], reduce="amin")
+        acc.m_pos.scatter_reduce_(0, idx, torch.where(pos, val, zero), reduce="amax")
+        acc.m_neg.scatter_reduce_(0, idx, torch.where(neg, val, zero), reduce="amin")
     acc.exact = check and exact
     acc.contributions += direction
     acc.weight_total += direction * weight
@@ -269,12 +276,13 @@ def tie_mask(acc: Accumulator, gamma: torch.Tensor) -> torch.Tensor:
     return (gamma == 0) & ((acc.c_pos > 0) | (acc.c_neg > 0))
 
 
-def finalize(acc: Accumulator, spec: FinalizeSpec, majority: int = 1) -> torch.Tensor:
+def finalize(acc: Accumulator, spec: FinalizeSpec, majority: int = 1, gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The merged task vector of this range, float32.
 
     `majority` is the model-wide majority sign (from `sign_balance` summed over
     every range); it only matters where the vote is tied and zero_sign is
     "majority". A final sign of 0 (a perfectly balanced model) merges to 0.
+    `gamma`: `elect(acc, spec)`, when the caller has it already.
     """
     if spec.combine == "sum":
         return (acc.s_pos + acc.s_neg).to(torch.float32)
@@ -282,24 +290,35 @@ def finalize(acc: Accumulator, spec: FinalizeSpec, majority: int = 1) -> torch.T
         total = acc.weight_total if acc.weight_total > 0 else 1.0
         return ((acc.s_pos + acc.s_neg) / total).to(torch.float32)
 
-    gamma = resolve_sign(elect(acc, spec), spec, majority)
+    gamma = resolve_sign(elect(acc, spec) if gamma is None else gamma, spec, majority)
     pos = gamma > 0
-    neg = gamma < 0
-    if spec.disjoint == "max":
-        merged = torch.where(pos, acc.m_pos, torch.where(neg, acc.m_neg, torch.zeros_like(acc.m_pos)))
+    if spec.disjoint == "mean" and acc.w_pos is None:
+        # the common case in few passes: a count is 0 only where its sum is +0.0
+        merged = torch.where(pos, acc.s_pos, acc.s_neg) / torch.where(pos, acc.c_pos, acc.c_neg).clamp_min(1)
+        if spec.zero_sign == "majority" and majority == 0:
+            merged = torch.where(gamma != 0, merged, torch.zeros_like(merged))
     else:
-        merged = torch.where(pos, acc.s_pos, torch.where(neg, acc.s_neg, torch.zeros_like(acc.s_pos)))
-        if spec.disjoint == "mean":
-            if acc.w_pos is not None:
-                divisor = torch.where(pos, acc.w_pos, acc.w_neg)
-            else:
-                divisor = torch.where(pos, acc.c_pos, acc.c_neg).to(merged.dtype)
-            merged = merged / divisor.clamp_min(torch.finfo(merged.dtype).tiny)
-            merged = torch.where(divisor > 0, merged, torch.zeros_like(merged))
+        merged = _disjoint(acc, spec, pos, gamma < 0)
     if spec.min_support > 1:
+        neg = gamma < 0
         support = torch.where(pos, acc.c_pos, torch.where(neg, acc.c_neg, torch.zeros_like(acc.c_pos)))
         merged = torch.where(support >= spec.min_support, merged, torch.zeros_like(merged))
     return merged.to(torch.float32)
+
+
+def _disjoint(acc: Accumulator, spec: FinalizeSpec, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Max, sum, and the weighted mean of the values that agree with the sign."""
+    if spec.disjoint == "max":
+        return torch.where(pos, acc.m_pos, torch.where(neg, acc.m_neg, torch.zeros_like(acc.m_pos)))
+    merged = torch.where(pos, acc.s_pos, torch.where(neg, acc.s_neg, torch.zeros_like(acc.s_pos)))
+    if spec.disjoint == "mean":
+        if acc.w_pos is not None:
+            divisor = torch.where(pos, acc.w_pos, acc.w_neg)
+        else:
+            divisor = torch.where(pos, acc.c_pos, acc.c_neg).to(merged.dtype)
+        merged = merged / divisor.clamp_min(torch.finfo(merged.dtype).tiny)
+        merged = torch.where(divisor > 0, merged, torch.zeros_like(merged))
+    return merged
 
 
 def conflict_counts(gamma: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> tuple[int, int, int]:
@@ -308,7 +327,6 @@ def conflict_counts(gamma: torch.Tensor, indices: torch.Tensor, values: torch.Te
     The caller resolves the tie counts once the model-wide majority is known."""
     g = gamma[indices.to(gamma.device)].to(torch.int8)
     s = torch.sign(values.to(gamma.device)).to(torch.int8)
-    decided = g != 0
-    conflicts = int(((s != g) & decided & (s != 0)).sum().item())
-    at_tie = ~decided
-    return conflicts, int(((s > 0) & at_tie).sum().item()), int(((s < 0) & at_tie).sum().item())
+    # one bincount over (elected sign, own sign) pairs: 3·g + s + 4 in 0..8
+    n = torch.bincount((g * 3 + s).to(torch.int32) + 4, minlength=9).tolist()
+    return n[2] + n[6], n[4 + 1], n[4 - 1]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from tiesfed.core.compact import flat_nonzero
+
 
 def apply_sparse(base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, lam: float) -> torch.Tensor:
     """Base tensor with λ·τ_m added at `indices`; same shape and dtype as `base`."""
@@ -31,5 +33,5 @@ def apply_sparse(base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
 def dense_to_sparse(tau_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The nonzeros of a dense merged task vector (what is published and applied)."""
     flat = tau_m.reshape(-1)
-    idx = torch.nonzero(flat, as_tuple=False).reshape(-1)
-    return idx, flat[idx].to(torch.float32)
+    idx = flat_nonzero(flat)
+    return idx, flat.index_select(0, idx).to(torch.float32)

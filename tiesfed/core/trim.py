@@ -4,11 +4,10 @@ A survivor set is (flat int64 indices, sorted and unique; float32 values, all
 nonzero). Exact zeros never survive: in the paper they neither vote nor count.
 
 Global trim finds the paper's threshold -- `kthvalue(|τ|, n - int(n·k))` over
-every float parameter of the model -- without flattening the model: a two-pass
-radix select over the bit patterns of |τ| (non-negative float32 order like
-their int32 bits). Pass one histograms the high 16 bits of every tensor, pass
-two the low 16 bits inside the one bucket that holds the kth value. Memory is
-two 65,536-bin histograms plus one tensor.
+every float parameter of the model -- without flattening the model: a radix
+select over the bit patterns of |τ| (see `radix`), fed a tensor at a time.
+Memory is two histograms (4 MiB) plus one tensor. The per-tensor top-k uses the
+same select, which is faster than `kthvalue` and gives the same set.
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ from typing import Literal, Optional
 
 import torch
 
-BINS = 1 << 16
+from tiesfed.core import radix
+from tiesfed.core.compact import flat_nonzero
 
 Survivors = tuple[torch.Tensor, torch.Tensor]
 
@@ -50,9 +50,9 @@ def task_vector(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
 
 def survivors(tau: torch.Tensor, keep: torch.Tensor) -> Survivors:
     """Indices and values where `keep` holds and τ is nonzero."""
-    mask = keep & (tau != 0)
-    idx = torch.nonzero(mask, as_tuple=False).reshape(-1)
-    return idx, tau[idx].to(torch.float32)
+    flat = tau.reshape(-1)
+    idx = flat_nonzero(keep.reshape(-1) & (flat != 0))
+    return idx, flat.index_select(0, idx).to(torch.float32)
 
 
 def keep_count(n: int, fraction: float) -> int:
@@ -62,26 +62,23 @@ def keep_count(n: int, fraction: float) -> int:
 
 def trim_threshold(tau: torch.Tensor, threshold: float) -> Survivors:
     """Keep |τ| ≥ threshold (ties at the threshold kept, as the paper's code)."""
-    return survivors(tau, tau.abs() >= threshold)
+    flat = tau.reshape(-1)
+    idx, _ = radix.at_least(radix.abs_bits(flat), radix.pattern(threshold) if threshold > 0 else 0)
+    return idx, flat.index_select(0, idx).to(torch.float32)
 
 
 def trim_tensor_exact(tau: torch.Tensor, fraction: float) -> Survivors:
     """Exactly int(k·n) largest |τ| of this tensor; among equal magnitudes at the
     boundary the lower flat index wins, so the result is deterministic."""
-    n = tau.numel()
+    flat = tau.reshape(-1)
+    n = flat.numel()
     keep = keep_count(n, fraction)
     if keep >= n:
-        return survivors(tau, torch.ones_like(tau, dtype=torch.bool))
+        return survivors(flat, torch.ones_like(flat, dtype=torch.bool))
     if keep <= 0:
-        return survivors(tau, torch.zeros_like(tau, dtype=torch.bool))
-    mag = tau.abs()
-    kth = torch.kthvalue(mag.cpu(), n - keep + 1).values.to(mag.device)  # the keep-th largest
-    above = mag > kth
-    need = keep - int(above.sum().item())
-    at = torch.nonzero(mag == kth, as_tuple=False).reshape(-1)[:need]
-    mask = above
-    mask[at] = True
-    return survivors(tau, mask)
+        return survivors(flat, torch.zeros_like(flat, dtype=torch.bool))
+    idx = radix.top_count(radix.abs_bits(flat), keep)
+    return idx, flat.index_select(0, idx).to(torch.float32)
 
 
 def dare_seed(seed: int, model_key: str, tensor_name: str) -> int:
@@ -103,47 +100,24 @@ def trim_none(tau: torch.Tensor) -> Survivors:
     return survivors(tau, torch.ones_like(tau, dtype=torch.bool))
 
 
-# --- exact global threshold: two-pass radix select --------------------------------
-
-
-def _abs_bits(tau: torch.Tensor) -> torch.Tensor:
-    return tau.abs().to(torch.float32).contiguous().view(torch.int32)
-
-
-def coarse_histogram(tau: torch.Tensor) -> torch.Tensor:
-    """Pass one: counts of |τ| by the high 16 bits of its float32 pattern."""
-    return torch.bincount((_abs_bits(tau) >> 16).reshape(-1), minlength=BINS).cpu()
-
-
-def fine_histogram(tau: torch.Tensor, high: int) -> torch.Tensor:
-    """Pass two: counts by the low 16 bits, within the bucket `high`."""
-    bits = _abs_bits(tau).reshape(-1)
-    inside = bits[(bits >> 16) == high]
-    return torch.bincount(inside & 0xFFFF, minlength=BINS).cpu()
-
-
-def locate(hist: torch.Tensor, rank: int) -> tuple[int, int]:
-    """Bucket holding the rank-th smallest item (1-based) and its rank inside it."""
-    cum = torch.cumsum(hist.to(torch.int64), 0)
-    bucket = int(torch.searchsorted(cum, torch.tensor([rank], dtype=torch.int64)).item())
-    before = int(cum[bucket - 1].item()) if bucket > 0 else 0
-    return bucket, rank - before
+# --- exact global threshold: radix select over the whole model ------------------
 
 
 class GlobalThreshold:
     """The paper's global threshold, fed one tensor at a time, twice.
 
     Usage: `add_coarse(τ)` for every tensor, then `add_fine(τ)` for every
-    tensor, then `value`. `rank` is n - int(n·k): the threshold is the
-    rank-th smallest |τ|; rank 0 (k = 100%) keeps everything.
+    tensor (or only for the values inside `bucket`: the others are ignored),
+    then `value`. `rank` is n - int(n·k): the threshold is the rank-th
+    smallest |τ|; rank 0 (k = 100%) keeps everything.
     """
 
     def __init__(self, total: int, fraction: float) -> None:
         self.total = total
         self.rank = total - keep_count(total, fraction)
-        self._coarse = torch.zeros(BINS, dtype=torch.int64)
-        self._fine = torch.zeros(BINS, dtype=torch.int64)
-        self._high: Optional[int] = None
+        self._coarse = torch.zeros(radix.COARSE_BINS, dtype=torch.int64)
+        self._fine = torch.zeros(radix.FINE_BINS, dtype=torch.int64)
+        self._bucket: Optional[int] = None
         self._rank_in_bucket = 0
 
     @property
@@ -151,26 +125,41 @@ class GlobalThreshold:
         """True when no histogram is needed (everything is kept)."""
         return self.rank <= 0
 
-    def add_coarse(self, tau: torch.Tensor) -> None:
-        self._coarse += coarse_histogram(tau)
+    def add_coarse(self, tau: torch.Tensor) -> int:
+        """Count this tensor; returns how many of its values are NaN or inf."""
+        hist = radix.coarse_histogram(radix.abs_bits(tau))
+        self._coarse += hist
+        return radix.nonfinite(hist)
 
     def close_coarse(self) -> None:
         seen = int(self._coarse.sum().item())
         if seen != self.total:
             raise ValueError(f"global trim saw {seen} parameters, expected {self.total}")
-        self._high, self._rank_in_bucket = locate(self._coarse, self.rank)
+        self._bucket, self._rank_in_bucket = radix.locate(self._coarse, self.rank)
+
+    @property
+    def bucket(self) -> int:
+        """The coarse bucket (high 19 bits of |τ|) that holds the threshold."""
+        if self._bucket is None:
+            self.close_coarse()
+        return self._bucket
 
     def add_fine(self, tau: torch.Tensor) -> None:
-        if self._high is None:
-            self.close_coarse()
-        self._fine += fine_histogram(tau, self._high)
+        self._fine += radix.fine_histogram(radix.abs_bits(tau), self.bucket)
+
+    def add_fine_bits(self, members: torch.Tensor) -> None:
+        """The |τ| patterns already known to lie inside `bucket` (a merge pass collects them)."""
+        self._fine += torch.bincount(members & (radix.FINE_BINS - 1), minlength=radix.FINE_BINS).cpu()
+
+    def add_zeros(self, count: int) -> None:
+        """Zeros left out of `add_fine_bits` (they rank in bucket 0)."""
+        self._fine[0] += count
 
     @property
     def value(self) -> float:
         if self.trivial:
             return 0.0
-        if self._high is None:
+        if self._bucket is None:
             raise RuntimeError("GlobalThreshold: coarse pass not finished")
-        low, _ = locate(self._fine, self._rank_in_bucket)
-        bits = torch.tensor([(self._high << 16) | low], dtype=torch.int32)
-        return float(bits.view(torch.float32).item())
+        low, _ = radix.locate(self._fine, self._rank_in_bucket)
+        return radix.as_float(radix.join(self._bucket, low))
