@@ -159,6 +159,17 @@ def shard_actors(job_id: str | None = None, exclude_job: str | None = None, stat
     return out
 
 
+def shard_actors_eventually(n: int, exclude_job: str, exclude=(), timeout: float = 60.0) -> dict:
+    """`shard_actors(exclude_job=...)` less `exclude`, once there are `n` of them (or at the timeout):
+    a coordinator listens before its Ray aggregator is up, and builds its actors in the background."""
+    end = time.monotonic() + timeout
+    while True:
+        found = {a: x for a, x in shard_actors(exclude_job=exclude_job).items() if a not in exclude}
+        if len(found) >= n or time.monotonic() > end:
+            return found
+        time.sleep(0.2)
+
+
 def wait_dead(actor_ids, timeout: float = 30.0) -> None:
     """Every one of these actors is DEAD in the GCS (none leaked)."""
     end = time.monotonic() + timeout
@@ -335,7 +346,8 @@ def test_coordinator_subprocess_on_multinode_cluster(cluster, family, tmp_path, 
     receipts = {CLIENTS[0]: submit(target, "r1", None, base_dir, paths[0], retry=FAST, chunk_bytes=2048,
                                    tls=pki.client(CLIENTS[0]))}
     # the coordinator (another driver of this cluster) folds into 2 shard actors, one per node
-    theirs = shard_actors(exclude_job=me)
+    # (it listens before they are up: they may still be starting, the upload spooled meanwhile)
+    theirs = shard_actors_eventually(2, exclude_job=me)
     assert len(theirs) == 2, coordinators.log_tail(proc)
     assert len({a["Address"]["NodeID"] for a in theirs.values()}) == 2
     for i, c in enumerate(CLIENTS[1:], 1):
@@ -375,7 +387,7 @@ def test_coordinator_killed_mid_round_recovers_from_spool(cluster, family, tmp_p
 
     receipts = {c: submit(target, "r1", c, base_dir, paths[i], retry=FAST, tls=pki.client(c))
                 for i, c in enumerate(CLIENTS[:2])}
-    old_actors = shard_actors(exclude_job=me)
+    old_actors = shard_actors_eventually(2, exclude_job=me)
     assert len(old_actors) == 2, coordinators.log_tail(first)
 
     # a fetch already waiting, and org-c's upload in flight when the coordinator dies;
@@ -421,8 +433,7 @@ def test_coordinator_killed_mid_round_recovers_from_spool(cluster, family, tmp_p
         assert not st.committed and st.committed_offset == 0
         assert not partial.exists()
         # ... into fresh shard actors of the new coordinator; the dead driver's are gone
-        new_actors = shard_actors(exclude_job=me)
-        new_actors = {a: x for a, x in new_actors.items() if a not in old_actors}
+        new_actors = shard_actors_eventually(2, exclude_job=me, exclude=old_actors)
         assert len(new_actors) == 2, coordinators.log_tail(second)
         assert len({a["JobID"] for a in new_actors.values()} & {a["JobID"] for a in old_actors.values()}) == 0
         wait_dead(old_actors)

@@ -16,6 +16,7 @@ server publishes it with `serve_http`.
     tiesfed_contribution_committed{round, client}       1 once the client has a committed contribution
     tiesfed_upload_slot_wait_seconds{call, outcome}     waits for an upload slot (call: reserve|stream)
     tiesfed_shard_actor_restarts_total                  shard actors rebuilt after a restart or a lost call
+    tiesfed_aggregator_state{tiesfed_aggregator_state}  1 for the aggregator's state: starting, ready, failed
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 log = logging.getLogger("tiesfed.coordinator")
 
 STATES = ("open", "finalizing", "finalized", "failed")
+AGGREGATOR_STATES = ("starting", "ready", "failed")
 
 #: The `reason` label's fixed vocabulary (bounded cardinality, whatever the messages say).
 REASONS = ("validation", "shape", "budget", "value_bound", "base", "signature", "late", "closed", "replace",
@@ -91,6 +93,9 @@ class Metrics:
     def shards_rebuilt(self, n: int) -> None:
         """`n` shard actors were rebuilt from the replay."""
 
+    def aggregator(self, state: str) -> None:
+        """The aggregator (Ray) is now `state`: starting, ready or failed."""
+
 
 NO_METRICS = Metrics()
 
@@ -123,6 +128,9 @@ class CoordinatorMetrics(Metrics):
         self.slot_wait_seconds = Histogram("tiesfed_upload_slot_wait_seconds", "Seconds waited for an upload "
                                            "slot", ["call", "outcome"], registry=r,
                                            buckets=(0.001, 0.01, 0.1, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0))
+        self.aggregator_state = Enum("tiesfed_aggregator_state", "Whether the coordinator's aggregator (Ray) "
+                                     "is up: uploads taken while it starts are folded once it is",
+                                     states=list(AGGREGATOR_STATES), registry=r)
         self.actor_restarts = Counter("tiesfed_shard_actor_restarts", "Shard actors rebuilt from the spool "
                                       "after a restart or a lost call", registry=r)
 
@@ -157,6 +165,10 @@ class CoordinatorMetrics(Metrics):
 
     def shards_rebuilt(self, n: int) -> None:
         self.actor_restarts.inc(n)
+
+    def aggregator(self, state: str) -> None:
+        if state in AGGREGATOR_STATES:
+            self.aggregator_state.state(state)
 
 
 def timed_fold(agg: Any, metrics: Metrics, name: str, indices: Any, values: Any, weight: float) -> None:

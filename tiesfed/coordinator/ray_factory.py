@@ -1,12 +1,19 @@
 """The coordinator's default aggregator: one ShardedAggregator per round, all on
 one Ray session that the coordinator starts (embedded default) or joins
-(`--ray-address`, a cluster started with `ray start`)."""
+(`--ray-address`, a cluster started with `ray start`).
+
+A coordinator starts Ray in the background (`start_background`), so that it listens
+at once. Ray ties the processes it starts (GCS, raylet) to the *thread* that
+started them (PR_SET_PDEATHSIG), so that thread stays alive, parked, until `close`
+and shuts Ray down itself.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, ClassVar, Iterable, Optional
 
 from tiesfed.coordinator.ray_shards import ReplayItem, ShardedAggregator
 from tiesfed.coordinator.shard_pool import init_ray
@@ -31,18 +38,49 @@ class RayAggregatorFactory:
     max_restarts: int = 3
     #: told how many shard actors each recovery rebuilt (the coordinator's restart counter)
     on_rebuild: Optional[Callable[[int], None]] = None
+    what: ClassVar[str] = "Ray"  # in status messages
     _owns_ray: bool = field(default=False, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _owner: Optional[threading.Thread] = field(default=None, init=False, repr=False)
+    _release: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     def start(self) -> None:
-        """Start a local Ray, or join `ray_address`; idempotent."""
+        """Start a local Ray, or join `ray_address`; idempotent, and a caller arriving
+        while another thread starts it waits for that start."""
+        import ray
+
+        with self._lock:
+            if ray.is_initialized():
+                return
+            init_ray(self.ray_address, log_to_driver=False)
+            self._owns_ray = True
+        log.info("Ray %s: %s", "joined at " + self.ray_address if self.ray_address else "started locally",
+                 ray.cluster_resources())
+
+    def start_background(self, done: Callable[[Optional[BaseException]], None]) -> None:
+        """`start()` on a thread of its own, then `done(None)` (or `done(error)`) on it.
+        Ray already up: at once, on this thread. The thread then stays parked until
+        `close`, which has it shut Ray down (see the module)."""
         import ray
 
         if ray.is_initialized():
+            done(None)
             return
-        init_ray(self.ray_address, log_to_driver=False)
-        self._owns_ray = True
-        log.info("Ray %s: %s", "joined at " + self.ray_address if self.ray_address else "started locally",
-                 ray.cluster_resources())
+
+        def run() -> None:
+            try:
+                self.start()
+            except BaseException as e:  # reported, not raised: the coordinator serves on and says so
+                done(e)
+                return
+            try:
+                done(None)
+            finally:
+                self._release.wait()
+                self._shutdown()
+
+        self._owner = threading.Thread(target=run, name="ray-owner", daemon=True)
+        self._owner.start()
 
     def __call__(
         self,
@@ -63,9 +101,18 @@ class RayAggregatorFactory:
         )
 
     def close(self) -> None:
-        """Shut Ray down if this factory started it."""
-        if self._owns_ray:
-            import ray
+        """Shut Ray down if this factory started it (on the thread that started it, after
+        a start still in progress has ended)."""
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            self._release.set()
+            owner.join()
+        self._shutdown()
 
-            ray.shutdown()
-            self._owns_ray = False
+    def _shutdown(self) -> None:
+        with self._lock:
+            if self._owns_ray:
+                import ray
+
+                ray.shutdown()
+                self._owns_ray = False

@@ -44,6 +44,7 @@ from tiesfed.coordinator.rounds import (
     RoundManager,
 )
 from tiesfed.coordinator.rounds.config import DEFAULT_MAX_ROUND_PARAMS
+from tiesfed.coordinator.rounds.readiness import AggregatorReadiness
 from tiesfed.coordinator.service import CoordinatorService
 from tiesfed.coordinator.spool import SpoolLock
 from tiesfed.coordinator.streams import Cap, StreamGate
@@ -252,7 +253,9 @@ def stream_gate(config: CoordinatorConfig) -> StreamGate:
 
 
 class CoordinatorServer:
-    """A RoundManager behind a gRPC server. `start()` binds and recovers the spool."""
+    """A RoundManager behind a gRPC server. `start()` recovers the spool and listens; an
+    aggregator factory that starts (Ray) then starts in the background (`wait_ready`), and
+    the rounds receive meanwhile (see `rounds.readiness`)."""
 
     def __init__(
         self,
@@ -277,8 +280,15 @@ class CoordinatorServer:
                 max_restarts=config.max_restarts,
                 on_rebuild=self.metrics.shards_rebuilt,
             )
+        # a factory that starts (Ray) starts in the background once the server listens: until
+        # then uploads are spooled and the rounds' aggregators wait (`rounds.readiness`)
+        self.starter = getattr(aggregator_factory, "start_background", None)
+        self.readiness = AggregatorReadiness(ready=not callable(self.starter),
+                                             what=getattr(aggregator_factory, "what", "aggregator"))
+        self.started_aggregator = False
         self.manager = RoundManager(
-            config.spool_dir,
+            readiness=self.readiness,
+            spool_dir=config.spool_dir,
             aggregator_factory=aggregator_factory,
             base_path=config.base_model,
             shard_bytes=config.shard_bytes,
@@ -334,9 +344,7 @@ class CoordinatorServer:
 
     def _start(self) -> "CoordinatorServer":
         check_listen(self.config.listen)  # a taken port is one line naming it, before Ray starts
-        if self.ray_factory is not None:
-            self.ray_factory.start()  # before recovery, which folds into shard actors
-        recovered = self.manager.recover()
+        recovered = self.manager.recover()  # folds once the aggregator is up
         if recovered:
             log.info("recovered round(s) from the spool: %s", ", ".join(recovered))
         for rc in self.config.rounds:
@@ -367,15 +375,25 @@ class CoordinatorServer:
         server.start()
         self.server, self.port = server, port
         self.manager.start()
-        log.info("coordinator listening on %s (%s, spool %s)", self.target,
-                 "mutual TLS" if self.identity else "INSECURE", self.config.spool_dir)
+        log.info("coordinator listening on %s (%s, spool %s)%s", self.target,
+                 "mutual TLS" if self.identity else "INSECURE", self.config.spool_dir,
+                 f"; {self.readiness.what} starting in the background" if callable(self.starter) else "")
+        if callable(self.starter):  # Ray: off the critical path, reported by `aggregator_started`
+            self.started_aggregator = True
+            self.manager.start_aggregator(self.starter)
         return self
+
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        """Block until the aggregator is up (True) or `timeout` (False); RoundError if it failed."""
+        return self.readiness.wait_ready(timeout)
 
     def stop(self, grace: Optional[float] = 1.0) -> None:
         """Stop serving (open streams get `grace` seconds), then stop the rounds' ticker."""
         if self.server is not None:
             self.server.stop(grace).wait()
             self.server = None
+        if self.started_aggregator:  # a start in progress ends first (its thread attaches the rounds)
+            self.readiness.wait_settled()
         self.manager.stop()
         if self.ray_factory is not None:
             self.ray_factory.close()
@@ -433,7 +451,8 @@ def serve(
             tmp.write_text(f"{srv.port}\n")
             tmp.replace(port_file)
         how = f"mutual TLS as {srv.identity.name}" if srv.identity is not None else "INSECURE"
-        print(f"tiesfed coordinator listening on {srv.target} ({how}), spool {config.spool_dir}", flush=True)
+        starting = f"; {srv.readiness.what} starting in the background" if not srv.readiness.ready else ""
+        print(f"tiesfed coordinator listening on {srv.target} ({how}), spool {config.spool_dir}{starting}", flush=True)
         if srv.admin_token_generated:
             print(f"admin token (generated; also in {srv.admin_token_file}, mode 0600): {srv.admin_token}",
                   flush=True)

@@ -141,7 +141,7 @@ def status_message(r: Round) -> pb.RoundStatus:
             deadline_unix=r.deadline or 0.0,
             merged_sha256=r.merged.sha256 if r.merged else "",
             merged_bytes=r.merged.bytes if r.merged else 0,
-            message=r.message,
+            message="; ".join(m for m in (r.message, r.aggregator_note()) if m),
             majority_sign=r.merged.majority_sign if r.merged else 0,
         )
 
@@ -357,6 +357,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         r, cid = self._participant_round(request.round_id, context)
         with r.lock:
             r._check_accepting(cid, new=False)
+            r._check_aggregator()  # no slot for an upload nothing could merge
         if request.wait_seconds > 0:  # a waiting call holds a thread: it counts as long-lived
             with self.gate.held("ReserveUpload", cid):
                 lease = self.manager.reserve_upload(cid, r.id, request.wait_seconds)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from tiesfed.coordinator.aggregator import AggregatorLike
-from tiesfed.coordinator.rounds import provenance
+from tiesfed.coordinator.rounds import provenance, readiness
 from tiesfed.coordinator.rounds.aggregation import release
 from tiesfed.coordinator.rounds.config import RoundConfig
 from tiesfed.coordinator.rounds.events import Merged, RoundError
@@ -183,6 +183,7 @@ def write_outputs(r: RoundState, contributors: list[str]) -> None:
 
 def attempt_outputs(r: RoundState, contributors: list[str]) -> Merged:
     """One attempt at the outputs, from an aggregator holding the committed contributions."""
+    readiness.ensure(r)  # an aggregator still starting: wait for it, fold what the round holds
     if r.agg is None and r.fold_mode != "final":  # a retry, or finalizing again: rebuild it
         r._rebuild()
     if r.fold_mode == "final" or not (r.canonical or r.agg.exact()):

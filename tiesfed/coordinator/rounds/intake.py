@@ -110,6 +110,9 @@ def take_record(r: RoundState, s: UploadSession, ev: Record) -> None:
             if s.closed:
                 raise RoundError("FAILED_PRECONDITION", s.reason)
             r._check_accepting(s.client_id, new=False)
+            if r.agg_pending:  # folded from the partial file once the aggregator is up (`readiness.attach`)
+                s.pending.append((t.name, ev.offset, ev.length))
+                return
             timed_fold(r.agg, r.metrics, t.name, t.indices, t.values, r.participants[s.client_id].weight)
             r.canonical = False
             s.folded.append((t.name, ev.offset, ev.length))
@@ -143,6 +146,8 @@ def commit(r: RoundState, s: UploadSession) -> Receipt:
             )
         if r.fold_mode == "final":
             pass  # folded in participant order when the round finalizes
+        elif r.agg_pending:
+            pass  # the aggregator is not up yet: attaching it folds the committed contributions
         elif old is None:
             if not s.live:
                 fold_file(r.agg, s.path, weight, +1, r.limits, r.metrics)

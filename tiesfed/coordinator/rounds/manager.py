@@ -20,6 +20,8 @@ from tiesfed.coordinator.metrics import NO_METRICS, Metrics
 from tiesfed.coordinator.rounds.aggregation import AggregatorFactory, default_aggregator_factory
 from tiesfed.coordinator.rounds.config import DEFAULT_MAX_ROUND_PARAMS, RoundConfig, TensorEntry
 from tiesfed.coordinator.rounds.events import RoundError
+from tiesfed.coordinator.rounds.finalize import maybe_finalize
+from tiesfed.coordinator.rounds.readiness import AggregatorReadiness, attach
 from tiesfed.coordinator.rounds.round import Round
 from tiesfed.coordinator.rounds.slots import UploadSlots
 from tiesfed.coordinator.spool import RoundSpool, iter_round_dirs
@@ -50,9 +52,13 @@ class RoundManager:
         clock: Callable[[], float] = time.time,
         signer: Optional[Identity] = None,
         metrics: Metrics = NO_METRICS,
+        readiness: Optional[AggregatorReadiness] = None,
     ) -> None:
         self.spool_dir = Path(spool_dir)
         self.metrics = metrics  # handed to every round; slot waits are reported here
+        #: not ready while the factory starts in the background (`aggregator_started` ends it)
+        self.readiness = readiness or AggregatorReadiness(ready=True)
+        metrics.aggregator(self.readiness.state)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.factory = aggregator_factory or default_aggregator_factory
         self.base_path = base_path
@@ -65,6 +71,7 @@ class RoundManager:
         self._round_kw = dict(
             base_path=base_path, shard_bytes=shard_bytes, max_chunk_bytes=max_chunk_bytes,
             abandon_after_s=abandon_after_s, clock=clock, signer=signer, metrics=metrics,
+            readiness=self.readiness,
         )
         self.rounds: dict[str, Round] = {}
         self.unrecovered: dict[str, str] = {}  # round id -> why its spool folder could not be loaded
@@ -72,6 +79,7 @@ class RoundManager:
         self._base_fp: Optional[str] = None
         self._stop = threading.Event()
         self._ticker: Optional[threading.Thread] = None
+        self._start_launched = False  # `start_aggregator` was called
 
     def recover(self) -> list[str]:
         """Load every round found in the spool."""
@@ -88,8 +96,41 @@ class RoundManager:
                 continue
             with self.lock:
                 self.rounds[r.id] = r
+                late = r.agg_pending and self.readiness.ready  # the aggregator came up meanwhile
+            if late:
+                self.attach(r)
             found.append(r.id)
         return found
+
+    def aggregator_started(self, error: Optional[BaseException] = None) -> None:
+        """The factory's background start ended (`error`: how it failed): give every round
+        waiting for it its aggregator, folding what it received meanwhile; or say why not."""
+        took = time.monotonic() - self.readiness.started
+        if error is not None:
+            self.readiness.set_failed(f"{type(error).__name__}: {error}")
+            self.metrics.aggregator("failed")
+            log.error("%s", self.readiness.note(), extra={"seconds": round(took, 3)})
+            return
+        with self.lock:  # rounds opened from here on build their aggregator at once
+            self.readiness.set_ready()
+            rounds = list(self.rounds.values())
+        self.metrics.aggregator("ready")
+        log.info("aggregator (%s) ready after %.1f s", self.readiness.what, took, extra={"seconds": round(took, 3)})
+        for r in rounds:
+            self.attach(r)
+
+    def attach(self, r: Round) -> None:
+        """`readiness.attach` for one round, then finalize it if it is due. A failure is
+        the round's alone: it stays pending, and its status says why."""
+        try:
+            attach(r)
+        except Exception as e:
+            log.exception("round %s: building its aggregator failed", r.id)
+            with r.lock:
+                r.agg_error = f"{type(e).__name__}: {e}"
+            return
+        with r.lock:
+            maybe_finalize(r)
 
     def _base_info(self, keep_base: tuple[str, ...]) -> tuple[Optional[str], Optional[list[TensorEntry]]]:
         if not self.base_path:
@@ -105,7 +146,19 @@ class RoundManager:
             ]
         return self._base_fp, manifest
 
+    def start_aggregator(self, starter: Callable[[Callable[[Optional[BaseException]], None]], None]) -> None:
+        """Have `starter` (a factory's `start_background`) start the aggregator, reporting to
+        `aggregator_started`. Rounds recovered or opened before wait for it, receiving meanwhile."""
+        self._start_launched = True
+        starter(self.aggregator_started)
+
     def open_round(self, config: RoundConfig) -> Round:
+        """Open a round (RoundError ALREADY_EXISTS if its id is taken). While the aggregator
+        starts, this waits for it: the round's aggregator is built here, at once, as before
+        the coordinator started it in the background (UNAVAILABLE if that start failed)."""
+        if self._start_launched:
+            self.readiness.wait_settled()
+            self.readiness.check()
         with self.lock:
             if config.round_id in self.rounds or RoundSpool(self.spool_dir, config.round_id).exists():
                 raise RoundError("ALREADY_EXISTS", f"round {config.round_id!r} already exists")

@@ -130,7 +130,7 @@ def restore(r: RoundState) -> None:
     with r.lock:
         r.committed = {cid: intact[cid] for cid in r.participants if cid in intact}
         if r.fold_mode != "final":
-            r._rebuild()  # the committed contributions, in participant order
+            r._rebuild()  # the committed contributions, in participant order (once the aggregator is up)
         r.state = "open"
         msg = f"round {r.id} recovered with {len(r.committed)} committed contribution(s)"
         if again:

@@ -30,6 +30,7 @@ from tiesfed.coordinator.rounds.aggregation import (
 )
 from tiesfed.coordinator.rounds.config import RoundConfig
 from tiesfed.coordinator.rounds.events import Event, EventLog, Merged, RoundError
+from tiesfed.coordinator.rounds.readiness import ALWAYS_READY, AggregatorReadiness
 from tiesfed.coordinator.rounds.uploads import UploadRegistry, UploadSession
 from tiesfed.coordinator.rounds.validation import ContributionRules, limits_for
 from tiesfed.coordinator.spool import Committed, RoundSpool
@@ -59,8 +60,11 @@ class RoundState:
         clock: Callable[[], float] = time.time,
         signer: Optional[Identity] = None,
         metrics: Metrics = NO_METRICS,
+        readiness: AggregatorReadiness = ALWAYS_READY,
     ) -> None:
         self.config = config
+        #: whether the factory can build aggregators yet (a coordinator starting Ray in the background)
+        self.readiness = readiness
         #: where progress is reported (the coordinator's Prometheus metrics; by default nowhere)
         self.metrics = metrics
         #: the coordinator's identity, which signs the merge (None: an insecure coordinator signs nothing)
@@ -99,6 +103,10 @@ class RoundState:
         self.merged: Optional[Merged] = None
         self.committed: dict[str, Committed] = {}
         self.agg: Optional[AggregatorLike] = None
+        #: the aggregator waits for the factory (`readiness`): records and commits are spooled
+        #: and folded when `readiness.attach` gives the round its aggregator
+        self.agg_pending = not readiness.ready
+        self.agg_error = ""  # why building this round's aggregator failed (it stays pending)
         #: the aggregator holds exactly the committed contributions folded in
         #: participant order (after `_rebuild`); any later fold makes it False
         self.canonical = True
@@ -115,6 +123,7 @@ class RoundState:
 
     def _new_aggregator(self) -> AggregatorLike:
         """From the factory; one that takes `replay` gets `self.replay`."""
+        self.readiness.check()
         return new_aggregator(self.factory, self.config.manifest, self.spec, self.replay)
 
     def replay(self) -> Iterator[FoldedRecord]:
@@ -164,6 +173,21 @@ class RoundState:
     def deadline_passed(self, now: Optional[float] = None) -> bool:
         return self.deadline is not None and (now if now is not None else self.clock()) >= self.deadline
 
+    def aggregator_note(self) -> str:
+        """What the round's status says about its aggregator: starting or failed (else nothing)."""
+        if self.readiness.state == "failed" or (self.agg_pending and not self.agg_error):
+            return self.readiness.note()
+        if self.agg_pending:
+            return (f"the aggregator of round {self.id!r} could not be built: {self.agg_error}; it cannot merge, "
+                    "and takes no uploads until the coordinator is restarted")
+        return ""
+
+    def _check_aggregator(self) -> None:
+        """New uploads are refused (UNAVAILABLE) while nothing could merge them."""
+        self.readiness.check()
+        if self.agg_pending and self.agg_error and self.state == "open":
+            raise RoundError("UNAVAILABLE", self.aggregator_note())
+
     def check_participant(self, client_id: str) -> None:
         if client_id not in self.participants:
             raise RoundError("PERMISSION_DENIED", f"client {client_id!r} is not on the allowlist of round {self.id!r}")
@@ -209,6 +233,8 @@ class RoundState:
             raise RoundError("FAILED_PRECONDITION", f"round {self.id!r} is {self.state}: it takes no more uploads")
         if self.state == "failed":
             raise RoundError("FAILED_PRECONDITION", f"round {self.id!r} failed: {self.message}")
+        if new:
+            self._check_aggregator()
         if new and self.config.late_policy == "reject" and self.deadline_passed():
             raise RoundError(
                 "FAILED_PRECONDITION",
@@ -227,14 +253,20 @@ class RoundState:
                         self.id, s.client_id)
             self._rebuild()
 
-    def _rebuild(self, replace: Optional[dict[str, Path]] = None) -> None:
-        """A fresh aggregator from the committed spool (with `replace` swapped in),
-        folded in participant order, then the records live uploads have folded so
-        far (they stay withdrawable). The old one is let go first: a sharded one
-        holds actors the new one needs."""
-        release(self.agg)
-        self.agg = None
-        self.agg = self._new_aggregator()
+    def _rebuild(self, replace: Optional[dict[str, Path]] = None, new: Optional[AggregatorLike] = None) -> None:
+        """A fresh aggregator (or `new`, empty) from the committed spool (with `replace`
+        swapped in), folded in participant order, then the records live uploads have
+        folded so far (they stay withdrawable). The old one is let go first: a sharded
+        one holds actors the new one needs. While the aggregator is pending nothing is
+        folded: attaching it folds all of this then."""
+        if new is None:
+            if self.agg_pending:
+                return
+            release(self.agg)
+            self.agg = None
+            self.agg = self._new_aggregator()
+        else:
+            self.agg = new
         files = {cid: c.path for cid, c in self.committed.items()}
         files.update(replace or {})
         ordered = [(files[cid], p.weight) for cid, p in self.participants.items() if cid in files]

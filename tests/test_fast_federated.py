@@ -1,0 +1,234 @@
+"""The faster federated path (issue 11): a coordinator that listens before its aggregator
+is up, uploads spooled meanwhile and folded once it is, and the client's pipelined
+producer. Behaviour, not timing: every result is compared bit for bit with the local
+engine, every stream byte for byte with the one the local engine spools.
+
+The aggregator's start is gated by an Event (in-process, no Ray); the real Ray start in
+the background is exercised by tests/test_ray_coordinator.py and deploy/local/run.sh.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import grpc
+import pytest
+
+from tests.test_federated import (  # noqa: F401  (family: the fixture)
+    CLIENTS,
+    FAST,
+    assert_identical,
+    family,
+    fetch_model,
+    load_folder,
+    local_model,
+    open_round,
+)
+from tiesfed.client.federated import FederatedError, submit
+from tiesfed.coordinator.aggregator import Aggregator
+from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
+from tiesfed.protos.v1 import CLIENT_ID_KEY, channel_options
+from tiesfed.protos.v1 import tiesfed_pb2 as pb
+from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
+
+
+class GatedFactory:
+    """An aggregator factory whose background start waits for `gate` (then succeeds, or
+    fails with `error`); the aggregators it builds are the in-process ones."""
+
+    what = "gated test aggregator"
+
+    def __init__(self, error: Optional[BaseException] = None) -> None:
+        self.gate = threading.Event()
+        self.error = error
+        self.built = 0
+        self.thread: Optional[threading.Thread] = None
+
+    def start_background(self, done: Callable[[Optional[BaseException]], None]) -> None:
+        def run() -> None:
+            self.gate.wait(120)
+            done(self.error)
+
+        self.thread = threading.Thread(target=run, name="gated-start", daemon=True)
+        self.thread.start()
+
+    def __call__(self, manifest, spec):
+        self.built += 1
+        return Aggregator(manifest, spec)
+
+
+def status(target: str, client: str = "org-a", round_id: str = "r1") -> pb.RoundStatus:
+    with grpc.insecure_channel(target, options=channel_options()) as ch:
+        return pb_grpc.CoordinatorStub(ch).GetRoundStatus(pb.GetRoundStatusRequest(round_id=round_id),
+                                                         metadata=((CLIENT_ID_KEY, client),), timeout=10)
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def gated_server(family, tmp_path: Path, factory: GatedFactory, **kw) -> CoordinatorServer:
+    """A coordinator whose round r1 (from its config, as `serve` opens it) waits for the gated start."""
+    cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool", base_model=str(family[0]),
+                            insecure=True, rounds=[{"round_id": "r1", "participants": CLIENTS}], **kw)
+    return CoordinatorServer(cfg, aggregator_factory=factory).start()
+
+
+# ----------------------------------------------------------------------------- the coordinator listens at once
+
+
+def test_status_answers_before_the_aggregator_is_up(family, tmp_path):
+    factory = GatedFactory()
+    srv = gated_server(family, tmp_path, factory, metrics_port=0)
+    try:
+        st = status(srv.target)
+        assert st.state == pb.ROUND_STATE_OPEN
+        assert "aggregator (gated test aggregator) is starting" in st.message, st.message
+        assert "spooled" in st.message
+        assert srv.manager.get("r1").agg_pending and factory.built == 0
+        import urllib.request
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_endpoint.port}/metrics").read().decode()
+        assert 'tiesfed_aggregator_state{tiesfed_aggregator_state="starting"} 1.0' in metrics
+
+        factory.gate.set()
+        assert srv.wait_ready(30)
+        wait_until(lambda: not srv.manager.get("r1").agg_pending)
+        assert status(srv.target).message == "" and factory.built == 1
+    finally:
+        factory.gate.set()
+        srv.stop(grace=0)
+
+
+def test_uploads_taken_while_the_aggregator_starts_are_folded_once_it_is(family, tmp_path):
+    """Two uploads committed and a third half received before the aggregator is up: the round
+    waits for it (even with all three in), folds them, and merges bit-identically to the engine."""
+    factory = GatedFactory()
+    srv = gated_server(family, tmp_path, factory)
+    try:
+        rnd = srv.manager.get("r1")
+        for i, c in enumerate(CLIENTS[:2]):
+            res = submit(srv.target, "r1", c, family[0], family[1][i], retry=FAST, insecure=True)
+            assert not res.duplicate
+        assert sorted(rnd.committed) == CLIENTS[:2] and rnd.agg is None and rnd.agg_pending
+
+        mid, go = threading.Event(), threading.Event()
+
+        def fault(attempt: int, i: int) -> bool:
+            if attempt == 0 and i == 6:
+                mid.set()
+                assert go.wait(60)
+            return False
+
+        third: dict = {}
+        t = threading.Thread(target=lambda: third.setdefault("r", submit(
+            srv.target, "r1", CLIENTS[2], family[0], family[1][2], retry=FAST, insecure=True, chunk_bytes=512,
+            fault=fault)))
+        t.start()
+        assert mid.wait(60)
+        wait_until(lambda: CLIENTS[2] in rnd.sessions and rnd.sessions[CLIENTS[2]].offset == 6 * 512)
+        s = rnd.sessions[CLIENTS[2]]
+        with rnd.lock:
+            pending = list(s.pending)
+            assert pending and not s.folded, "records received while starting are noted, not folded"
+
+        factory.gate.set()  # the aggregator comes up mid-upload
+        wait_until(lambda: not rnd.agg_pending)
+        with rnd.lock:
+            assert s.folded == pending and not s.pending and factory.built == 1
+        go.set()
+        t.join(60)
+        assert "r" in third and not third["r"].duplicate
+        assert rnd.wait_closed(60) and rnd.state == "finalized", rnd.message
+        want = local_model(family, tmp_path, [0, 1, 2])
+        assert_identical(fetch_model(srv, family, tmp_path), want)
+        assert_identical(load_folder(rnd.spool.model_dir), want)
+    finally:
+        factory.gate.set()
+        srv.stop(grace=0)
+
+
+def test_a_round_with_everyone_in_waits_for_the_aggregator(family, tmp_path):
+    factory = GatedFactory()
+    srv = gated_server(family, tmp_path, factory)
+    try:
+        rnd = srv.manager.get("r1")
+        for i, c in enumerate(CLIENTS):
+            submit(srv.target, "r1", c, family[0], family[1][i], retry=FAST, insecure=True)
+        time.sleep(0.5)
+        assert rnd.state == "finalizing" and rnd.merged is None and factory.built == 0
+        factory.gate.set()
+        assert rnd.wait_closed(60) and rnd.state == "finalized", rnd.message
+        assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
+    finally:
+        factory.gate.set()
+        srv.stop(grace=0)
+
+
+def test_a_restart_while_the_aggregator_starts_recovers_the_spool(family, tmp_path):
+    """Committed while pending, then the coordinator stops: the next one (its aggregator also
+    slow) recovers them from the spool and folds them once up."""
+    first = GatedFactory()
+    srv = gated_server(family, tmp_path, first)
+    try:
+        for i, c in enumerate(CLIENTS[:2]):
+            submit(srv.target, "r1", c, family[0], family[1][i], retry=FAST, insecure=True)
+    finally:
+        first.gate.set()
+        srv.stop(grace=0)
+    second = GatedFactory()
+    srv = gated_server(family, tmp_path, second)
+    try:
+        rnd = srv.manager.get("r1")
+        assert sorted(rnd.committed) == CLIENTS[:2] and rnd.agg_pending
+        second.gate.set()
+        submit(srv.target, "r1", CLIENTS[2], family[0], family[1][2], retry=FAST, insecure=True)
+        assert rnd.wait_closed(60) and rnd.state == "finalized", rnd.message
+        assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
+    finally:
+        second.gate.set()
+        srv.stop(grace=0)
+
+
+def test_an_aggregator_that_fails_to_start_is_said_and_refuses_uploads(family, tmp_path):
+    factory = GatedFactory(error=RuntimeError("no Ray here: the GCS did not start"))
+    srv = gated_server(family, tmp_path, factory, metrics_port=0)
+    try:
+        factory.gate.set()
+        with pytest.raises(Exception, match="no Ray here"):
+            srv.wait_ready(30)
+        st = status(srv.target)
+        assert "failed to start: RuntimeError: no Ray here: the GCS did not start" in st.message, st.message
+        assert "takes no uploads until it is restarted" in st.message
+        with pytest.raises(FederatedError, match="UNAVAILABLE.*failed to start.*no Ray here"):
+            submit(srv.target, "r1", "org-a", family[0], family[1][0], insecure=True,
+                   retry=type(FAST)(attempts=1, backoff_s=0.01, max_backoff_s=0.01))
+        rnd = srv.manager.get("r1")
+        assert not rnd.committed and not rnd.sessions and rnd.state == "open"
+        import urllib.request
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_endpoint.port}/metrics").read().decode()
+        assert 'tiesfed_aggregator_state{tiesfed_aggregator_state="failed"} 1.0' in metrics
+    finally:
+        srv.stop(grace=0)
+
+
+def test_a_round_opened_while_the_aggregator_starts_waits_for_it(family, tmp_path):
+    factory = GatedFactory()
+    srv = gated_server(family, tmp_path, factory)
+    try:
+        opened: dict = {}
+        t = threading.Thread(target=lambda: opened.setdefault("r", open_round(srv, "r2")))
+        t.start()
+        time.sleep(0.3)
+        assert "r" not in opened
+        factory.gate.set()
+        t.join(30)
+        assert opened["r"].agg is not None and not opened["r"].agg_pending
+    finally:
+        factory.gate.set()
+        srv.stop(grace=0)

@@ -1,0 +1,130 @@
+"""Whether the rounds' aggregator can be built yet, and a round catching up once it can.
+
+A coordinator listens at once; its aggregator (a Ray session and its shard actors)
+starts in the background. Meanwhile uploads are received, validated record by
+record and spooled as always; the records of an upload that would fold on arrival
+are noted as pending instead (`UploadSession.pending`) and committed contributions
+wait in the spool. Once the aggregator is up, `attach` builds the round's aggregator
+(outside the round's lock: actors take seconds to start) and folds, under the lock,
+exactly what a restart would: the committed contributions in participant order, then
+the records live uploads hold so far, which from then on fold on arrival. A round
+never finalizes before that: the finalizer waits for `attach` (`ensure`).
+
+If the aggregator fails to start, `AggregatorReadiness` says so (status messages,
+the metrics) and new uploads are refused with UNAVAILABLE naming the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Literal, Optional
+
+from tiesfed.coordinator.rounds.aggregation import release
+from tiesfed.coordinator.rounds.events import RoundError
+
+if TYPE_CHECKING:
+    from tiesfed.coordinator.rounds.state import RoundState
+
+log = logging.getLogger("tiesfed.coordinator")
+
+ReadyState = Literal["starting", "ready", "failed"]
+
+
+class AggregatorReadiness:
+    """starting -> ready, or starting -> failed; thread-safe. `what` names the aggregator
+    in messages (e.g. "Ray")."""
+
+    def __init__(self, ready: bool = True, what: str = "aggregator") -> None:
+        self.what = what
+        self.state: ReadyState = "ready" if ready else "starting"
+        self.error = ""
+        self.started = time.monotonic()
+        self._cond = threading.Condition()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def set_ready(self) -> None:
+        with self._cond:
+            self.state = "ready"
+            self._cond.notify_all()
+
+    def set_failed(self, error: str) -> None:
+        with self._cond:
+            self.state = "failed"
+            self.error = error
+            self._cond.notify_all()
+
+    def wait_settled(self, timeout: Optional[float] = None) -> bool:
+        """Block until the start ended, ready or failed (True), or `timeout` (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.state != "starting", timeout)
+
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        """Block until ready (True) or `timeout` (False); RoundError UNAVAILABLE once failed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.state != "starting", timeout)
+        self.check()
+        return self.ready
+
+    def check(self) -> None:
+        """RoundError UNAVAILABLE, naming the error, if the aggregator failed to start."""
+        if self.state == "failed":
+            raise RoundError("UNAVAILABLE", self.note())
+
+    def note(self) -> str:
+        """What a status says about the aggregator: nothing once it is ready."""
+        if self.state == "starting":
+            return (f"the coordinator's aggregator ({self.what}) is starting "
+                    f"({time.monotonic() - self.started:.0f} s so far): uploads are received and spooled "
+                    "now, and folded once it is up")
+        if self.state == "failed":
+            return (f"the coordinator's aggregator ({self.what}) failed to start: {self.error}; it cannot "
+                    "merge, and takes no uploads until it is restarted")
+        return ""
+
+
+#: The readiness of an aggregator that needs no starting (the in-process one).
+ALWAYS_READY = AggregatorReadiness(ready=True)
+
+
+def attach(r: "RoundState") -> bool:
+    """Give a round whose aggregator was waiting (`agg_pending`) its aggregator, folding
+    what it holds (see the module). Idempotent; returns whether this call attached it.
+    Raises what building the aggregator raises (the round stays pending)."""
+    with r.lock:
+        if not r.agg_pending:
+            return False
+        if r.fold_mode == "final" or r.state in ("finalized", "failed"):
+            r.agg_pending = False  # folded (if ever) when the round finalizes
+            return True
+    agg = r._new_aggregator()  # not under the lock: Ray actors take a while to start
+    with r.lock:
+        if not r.agg_pending:  # attached meanwhile (the finalizer and the starter both may)
+            release(agg)
+            return False
+        held = 0
+        if r.fold_mode == "arrival":
+            for s in r.sessions.values():
+                if s.live and not s.closed and s.pending:
+                    held += len(s.pending)
+                    s.folded.extend(s.pending)
+                    s.pending = []
+        r.agg = agg
+        r.agg_pending = False
+        r._rebuild(new=agg)  # committed contributions in participant order, then the live records
+        log.info("round %s: aggregator ready; folded %d committed contribution(s) and %d record(s) received "
+                 "while it started", r.id, len(r.committed), held,
+                 extra={"round": r.id, "committed": len(r.committed), "records": held})
+        return True
+
+
+def ensure(r: "RoundState") -> None:
+    """Before a round finalizes: wait for the aggregator, then attach it (RoundError
+    UNAVAILABLE if it failed to start)."""
+    if r.agg_pending:
+        r.readiness.wait_ready()
+        attach(r)
