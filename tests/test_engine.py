@@ -216,3 +216,47 @@ def test_non_finite_task_vector_is_rejected(family, tmp_path):
         cfg = MergeConfig(base_model=str(base_dir), models=[ModelEntry(model=str(badp))], options=MergeOptions(k=k))
         with pytest.raises(ValueError, match=r"layers\.0\.norm\.weight.*non-finite"):
             merge(cfg, tmp_path / f"out{k}", progress=False)
+
+
+@pytest.mark.parametrize("opts", [{}, {"trim": "tensor"}, {"k": 5, "min_support": 2}, {"disjoint": "max"},
+                                  {"method": "task_arithmetic"}, {"zero_sign": "positive", "election": "count"}],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_block_size_changes_no_bit(family, tmp_path, monkeypatch, opts):
+    """Folding and finalizing a tensor in blocks (the memory bound) gives the very
+    same bytes and report as one block per tensor."""
+    import tiesfed.engine.tensor as tensor
+
+    cfg = MergeConfig(base_model=str(family[2]), models=[ModelEntry(model=str(p)) for p in family[3]],
+                      options=MergeOptions(**opts))
+    whole = merge(cfg, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(tensor, "BLOCK", 37)
+    blocks = merge(cfg, tmp_path / "blocks", progress=False)
+    a, b = load_folder(tmp_path / "whole"), load_folder(tmp_path / "blocks")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    strip = lambda r: {**r.to_json(), "wall_seconds": 0, "output": ""}  # noqa: E731
+    assert strip(whole) == strip(blocks)
+
+
+@pytest.mark.parametrize("k", [20.0, 0.5, 100.0])
+def test_global_trim_keeps_what_a_client_uploads(family, k):
+    """The merge pass settles each model's threshold from one histogram pass and the
+    threshold bucket's candidates: the threshold and the survivors equal the
+    client's (two histogram passes, then the trim)."""
+    from tiesfed.client.contribution import TrimStats, contribution_threshold, iter_contribution
+    from tiesfed.core.methods import get_method
+
+    cfg = MergeConfig(base_model=str(family[2]), models=[ModelEntry(model=str(p)) for p in family[3]],
+                      options=MergeOptions(k=k))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        report = merge(cfg, out, progress=False, overwrite=True)
+    trim = get_method("ties").trim_spec(cfg.options)
+    for i, path in enumerate(family[3]):
+        stats = TrimStats()
+        with ModelReader(family[2]) as b, ModelReader(path) as ft:
+            thr = contribution_threshold(b, ft, trim)
+            list(iter_contribution(b, ft, trim, model_key=str(i), threshold=thr, stats=stats))
+        m = report.models[i]
+        assert (m.threshold, m.nnz) == (thr, stats.nnz)
+        assert m.kept_norm_share == pytest.approx(stats.kept_norm_share, rel=1e-5)

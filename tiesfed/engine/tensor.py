@@ -40,6 +40,11 @@ class TensorResult:
     pending: Optional[Pending]
 
 
+#: elements folded and finalized at once: bounds the accumulators (24 bytes per
+#: element with the default options) whatever the tensor's size
+BLOCK = 1 << 22
+
+
 def merge_tensor(
     name: str,
     theta0: torch.Tensor,
@@ -48,39 +53,72 @@ def merge_tensor(
     reports: Sequence[ModelReport],
     spec: FinalizeSpec,
     lam: float,
+    block: Optional[int] = None,
 ) -> TensorResult:
-    numel = theta0.numel()
-    acc = new_accumulator(numel, spec, theta0.device, track_exact=False)
-    for p, w in zip(parts, weights):
-        fold(acc, p.indices, p.values, w)
+    """Merge one tensor, `block` elements at a time (each part's indices are sorted,
+    so a block's share of a part is a slice). Every operation is per element or
+    a sum of counts, so the result does not depend on `block`."""
+    block = block or BLOCK
+    flat0 = theta0.reshape(-1)
+    numel = flat0.numel()
     pending = Pending.gather(name, theta0, parts)
-    if spec.combine != "disjoint":
-        idx, val = dense_to_sparse(finalize(acc, spec))
-        return TensorResult(apply_sparse(theta0, idx, val, lam), 0, None, pending)
-
-    gamma = elect(acc, spec)
-    held = pending.positions.to(theta0.device) if pending is not None else None
-    for i, (p, report) in enumerate(zip(parts, reports)):
-        c, pos, neg = conflict_counts(gamma, p.indices, p.values)
-        if held is not None:  # the held positions are counted when they settle
+    held = pending.positions.to(flat0.device) if pending is not None else None
+    gamma_held = torch.zeros(held.numel() if held is not None else 0, dtype=torch.int8, device=flat0.device)
+    theta = torch.empty_like(flat0)
+    balance = 0
+    tied, if_negative = [], []
+    for lo in range(0, max(numel, 1), block):
+        hi = min(lo + block, numel)
+        shares = [_share(p, lo, hi) for p in parts]
+        acc = new_accumulator(hi - lo, spec, flat0.device, track_exact=False)
+        for (idx, val), w in zip(shares, weights):
+            fold(acc, idx, val, w)
+        if spec.combine != "disjoint":
+            theta[lo:hi] = apply_sparse(flat0[lo:hi], *dense_to_sparse(finalize(acc, spec)), lam)
+            continue
+        gamma = elect(acc, spec)
+        for (idx, val), report in zip(shares, reports):
+            _count_conflicts(report, gamma, idx, val, +1)
+        balance += sign_balance(gamma)
+        theta[lo:hi] = apply_sparse(flat0[lo:hi], *dense_to_sparse(finalize(acc, spec, 1, gamma)), lam)
+        if held is not None:
+            a, b = _span(held, lo, hi)
+            gamma_held[a:b] = gamma[held[a:b] - lo]
+        if spec.zero_sign == "majority":
+            here = flat_nonzero(tie_mask(acc, gamma))
+            if held is not None and here.numel():
+                here = here[~member(here + lo, held)]
+            if here.numel():
+                theta_n = apply_sparse(flat0[lo:hi], *dense_to_sparse(finalize(acc, spec, -1, gamma)), lam)
+                tied.append(here + lo)
+                if_negative.append(theta_n[here])
+    if held is not None:  # the held positions are counted when they settle
+        balance -= sign_balance(gamma_held)
+        for i, report in enumerate(reports):
             idx, val = pending.entries(i)
-            c2, pos2, neg2 = conflict_counts(gamma, held[idx.to(held.device)], val)
-            c, pos, neg = c - c2, pos - pos2, neg - neg2
-        report.conflicts += c
-        report.pos_at_ties += pos
-        report.neg_at_ties += neg
-    balance = sign_balance(gamma) - (sign_balance(gamma[held]) if held is not None else 0)
-    idx, val = dense_to_sparse(finalize(acc, spec, majority=1, gamma=gamma))
-    theta = apply_sparse(theta0, idx, val, lam)
+            _count_conflicts(report, gamma_held, idx.to(flat0.device), val, -1)
     tie = None
-    if spec.zero_sign == "majority":
-        tied = flat_nonzero(tie_mask(acc, gamma))
-        if held is not None and tied.numel():
-            tied = tied[~member(tied, held)]
-        if tied.numel():
-            idx_n, val_n = dense_to_sparse(finalize(acc, spec, majority=-1, gamma=gamma))
-            theta_n = apply_sparse(theta0, idx_n, val_n, lam)
-            flat0 = theta0.reshape(-1)
-            tie = Tie(name, tied.cpu(), theta_n.reshape(-1)[tied].cpu(), flat0[tied].cpu())
-    return TensorResult(theta, balance, tie, pending)
+    if tied:
+        at = torch.cat(tied)
+        tie = Tie(name, at.cpu(), torch.cat(if_negative).cpu(), flat0[at].cpu())
+    return TensorResult(theta.reshape(theta0.shape), balance, tie, pending)
 
+
+def _span(sorted_idx: torch.Tensor, lo: int, hi: int) -> tuple[int, int]:
+    """The slice of sorted flat indices that falls in [lo, hi)."""
+    ends = torch.searchsorted(sorted_idx, torch.tensor([lo, hi], dtype=sorted_idx.dtype, device=sorted_idx.device))
+    return int(ends[0]), int(ends[1])
+
+
+def _share(part: Trimmed, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A part's survivors inside [lo, hi), indexed from lo."""
+    a, b = _span(part.indices, lo, hi)
+    return part.indices[a:b] - lo, part.values[a:b]
+
+
+def _count_conflicts(report: ModelReport, gamma: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
+                     sign: int) -> None:
+    c, pos, neg = conflict_counts(gamma, idx, val)
+    report.conflicts += sign * c
+    report.pos_at_ties += sign * pos
+    report.neg_at_ties += sign * neg
