@@ -64,7 +64,7 @@ from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
 cfg = MergeConfig(base_model={base!r}, models=[ModelEntry(model=p) for p in {fts!r}],
                   options=MergeOptions(k={k}, lam={lam}))
 rep = merge(cfg, {out!r}, progress=False, overwrite=True)
-RESULT = {{"upload_bits_per_param": rep.upload_bits_per_param}}
+RESULT = {{}}
 """
 
 
@@ -145,12 +145,15 @@ def main(argv=None) -> None:
     print(f"\ntiesfed peak RSS = {idle['peak_rss_mib']:.0f} MiB after imports + {per_elem:.0f} bytes x "
           f"largest tensor ({largest / 1e6:.1f}M elements)")
     print(f"max |tiesfed - naive| over all tensors: {diff:.3g}")
-    print(f"tiesfed upload size: {ours['upload_bits_per_param']:.2f} bits/param ({args.dtype} values)")
 
     print("\n## codec and trim (one model)\n")
     print("| k % | trim M params/s | fp32 bits/param | fp16 bits/param | bf16 bits/param | encode M params/s (fp16) |")
     print("|---:|---:|---:|---:|---:|---:|")
     codec = codec_table(base, fts[0])
+    # the local merge encodes nothing; what a client would upload is the codec's size at this k
+    wire = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[args.dtype]
+    ours["upload_bits_per_param"] = next((sizes[wire][0] for k, _, sizes in codec if k == args.k), float("nan"))
+    print(f"tiesfed upload size: {ours['upload_bits_per_param']:.2f} bits/param ({args.dtype} values)")
     for k, trim_rate, sizes in codec:
         print(f"| {k} | {trim_rate:.1f} | {sizes['fp32'][0]:.2f} | {sizes['fp16'][0]:.2f} | "
               f"{sizes['bf16'][0]:.2f} | {sizes['fp16'][1]:.0f} |")

@@ -166,11 +166,12 @@ def test_cli_merge_report_and_side_files(family, tmp_path):
     res = CliRunner().invoke(
         main,
         ["merge", str(base_dir), *map(str, paths), "-o", str(out), "--k", "30", "--lambda", "1.2",
-         "--report", str(tmp_path / "r.json"), "--shard-size", "8KB", "-q"],
+         "--report", str(tmp_path / "r.json"), "--shard-size", "8KB", "-q", "--upload-size"],
     )
     assert res.exit_code == 0, res.output
     assert "sign conflicts" in res.output
     rep = json.loads((tmp_path / "r.json").read_text())
+    assert 0 < rep["upload_bits_per_param"] < 32 and all(m["upload_bytes"] > 0 for m in rep["models"])
     assert rep["options"]["k"] == 30 and len(rep["models"]) == 3
     assert all(0 < m["conflict_rate"] < 1 for m in rep["models"])
     assert json.loads((out / "config.json").read_text())["model_type"] == "toy"
