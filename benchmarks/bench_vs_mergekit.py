@@ -272,13 +272,17 @@ def hf_config(cfg: dict) -> dict:
     }
 
 
+def family_name(cfg: dict) -> str:
+    return f"family-v{cfg['vocab']}-h{cfg['hidden']}-i{cfg['inter']}-l{cfg['layers']}"
+
+
 def family(work: Path, cfg: dict, log=print) -> tuple[Path, list[Path]]:
     """Base + 3 fine-tunes (fp32, sharded, cached under work/family-...), each with a config.json."""
     import torch
 
     from benchmarks.common import llama_shapes, write_family
 
-    root = work / f"family-v{cfg['vocab']}-h{cfg['hidden']}-i{cfg['inter']}-l{cfg['layers']}"
+    root = work / family_name(cfg)
     t0 = time.perf_counter()
     shapes = llama_shapes(cfg["vocab"], cfg["hidden"], cfg["inter"], cfg["layers"])
     base, fts = write_family(root, N_MODELS, torch.float32, shapes)
@@ -684,8 +688,8 @@ def render_block(data: dict) -> str:
         notes.append("Goals: " + "; ".join(f"{g[0]}: {'PASS' if g[1] else 'FAIL'} ({g[2]})" for g in ok) + ".")
     notes.append(f"*{c['params'] / 1e6:.1f}M-parameter Llama-shaped fp32 family (vocab {c['vocab']}, hidden "
                  f"{c['hidden']}, inter {c.get('inter', '?')}, {c['layers']} layers), base + {N_MODELS} fine-tunes, "
-                 f"k = 20; each tool in a fresh process, best wall of {c['repeat']}; {meta['cpus']} CPU cores, torch {meta['torch']}, "
-                 f"{meta['date'][:10]}; `python benchmarks/bench_vs_mergekit.py`.*")
+                 f"k = 20; each tool in a fresh process, best wall of {c['repeat']}; {meta['cpus']} CPU cores, "
+                 f"torch {meta['torch']}, {meta['date'][:10]}; `python benchmarks/bench_vs_mergekit.py`.*")
     from benchmarks.figures import _para
 
     return "\n".join(parts) + "\n" + "\n\n".join(_para(n) for n in notes)
@@ -694,7 +698,6 @@ def render_block(data: dict) -> str:
 # ---------------------------------------------------------------- scale mode
 
 SCALE_SIZES = (30e6, 134e6, 400e6, 1e9)
-BYTES_PER_PARAM_ON_DISK = 4 * (N_MODELS + 1) + 4 * 2  # the family + two merged outputs, fp32
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -757,22 +760,25 @@ def run_scale(args, env: dict) -> dict:
     sizes = [float(s) for s in args.sizes.split(",")] if args.sizes else list(SCALE_SIZES)
     free = shutil.disk_usage(work).free
     note = None
-    # families are kept between runs; count what a size still needs
+    # families stay cached under --work: a size needs its family (unless there) and one merged output
     kept = []
     for s in sizes:
         cfg = shapes_for(s)
-        need = count_params(cfg) * BYTES_PER_PARAM_ON_DISK
+        params = count_params(cfg)
+        root = Path(args.work) / family_name(cfg)
+        need = 4 * params * (0 if (root / "family.json").exists() else N_MODELS + 1) + 4 * params
         if need > free:
             note = (f"{s / 1e6:.0f}M skipped: needs {need / 1e9:.1f} GB on {work}'s disk, "
                     f"{free / 1e9:.1f} GB free; the largest size that fits was measured")
             print(note, flush=True)
             continue
+        free -= need - 4 * params
         kept.append(s)
     rows = []
     for s in kept:
         cfg = shapes_for(s)
         params = count_params(cfg)
-        base, fts = family(work, cfg)
+        base, fts = family(Path(args.work), cfg)  # shared with the comparison runs' cache
         for scope in ("default", "tensor"):
             runs = []
             for _ in range(args.repeat):
