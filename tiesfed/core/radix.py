@@ -51,9 +51,8 @@ def coarse_histogram(bits: torch.Tensor) -> torch.Tensor:
 
 def fine_histogram(bits: torch.Tensor, bucket: int) -> torch.Tensor:
     """Counts by the low 12 bits of those `bits` inside coarse `bucket` (others ignored)."""
-    key = bits - (bucket << FINE_BITS)
-    inside = torch.bincount(key.clamp_(-1, FINE_BINS) + 1, minlength=FINE_BINS + 2)
-    return inside[1:-1].cpu()
+    members = select(bits, (bits >> FINE_BITS) == bucket)
+    return torch.bincount(members & (FINE_BINS - 1), minlength=FINE_BINS).cpu()
 
 
 def nonfinite(coarse: torch.Tensor) -> int:
