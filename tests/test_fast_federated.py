@@ -41,9 +41,10 @@ class GatedFactory:
 
     what = "gated test aggregator"
 
-    def __init__(self, error: Optional[BaseException] = None) -> None:
+    def __init__(self, error: Optional[BaseException] = None, build_s: float = 0.0) -> None:
         self.gate = threading.Event()
         self.error = error
+        self.build_s = build_s  # how long building one takes (shard actors starting)
         self.built = 0
         self.thread: Optional[threading.Thread] = None
 
@@ -57,6 +58,7 @@ class GatedFactory:
 
     def __call__(self, manifest, spec):
         self.built += 1
+        time.sleep(self.build_s)
         return Aggregator(manifest, spec)
 
 
@@ -154,7 +156,9 @@ def test_uploads_taken_while_the_aggregator_starts_are_folded_once_it_is(family,
 
 
 def test_a_round_with_everyone_in_waits_for_the_aggregator(family, tmp_path):
-    factory = GatedFactory()
+    """The finalizer waits for the aggregator; it and the starter both attach it, one build only
+    (two at once could each hold half the cluster's CPUs, waiting for the other half)."""
+    factory = GatedFactory(build_s=0.5)
     srv = gated_server(family, tmp_path, factory)
     try:
         rnd = srv.manager.get("r1")
@@ -164,6 +168,7 @@ def test_a_round_with_everyone_in_waits_for_the_aggregator(family, tmp_path):
         assert rnd.state == "finalizing" and rnd.merged is None and factory.built == 0
         factory.gate.set()
         assert rnd.wait_closed(60) and rnd.state == "finalized", rnd.message
+        assert factory.built == 1
         assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
     finally:
         factory.gate.set()

@@ -93,33 +93,45 @@ ALWAYS_READY = AggregatorReadiness(ready=True)
 
 def attach(r: "RoundState") -> bool:
     """Give a round whose aggregator was waiting (`agg_pending`) its aggregator, folding
-    what it holds (see the module). Idempotent; returns whether this call attached it.
-    Raises what building the aggregator raises (the round stays pending)."""
-    with r.lock:
-        if not r.agg_pending:
-            return False
-        if r.fold_mode == "final" or r.state in ("finalized", "failed"):
-            r.agg_pending = False  # folded (if ever) when the round finalizes
+    what it holds (see the module). Idempotent, and one build at a time (the finalizer
+    and the starter both may call it; the second waits for the first); returns whether
+    this call attached it. Raises what building the aggregator raises (it stays pending)."""
+    while True:
+        with r.lock:
+            if not r.agg_pending:
+                return False
+            if r.fold_mode == "final" or r.state in ("finalized", "failed"):
+                r.agg_pending = False  # folded (if ever) when the round finalizes
+                return True
+            busy = r.attaching
+            if busy is None:  # ours to build: two at once could hold every CPU of the cluster
+                r.attaching = busy = threading.Event()
+                break
+        busy.wait()
+    try:
+        agg = r._new_aggregator()  # not under the lock: Ray actors take a while to start
+        with r.lock:
+            if r.state in ("finalized", "failed"):  # aborted meanwhile: nothing to fold
+                release(agg)
+                r.agg_pending = False
+                return False
+            held = 0
+            if r.fold_mode == "arrival":
+                for s in r.sessions.values():
+                    if s.live and not s.closed and s.pending:
+                        held += len(s.pending)
+                        s.folded.extend(s.pending)
+                        s.pending = []
+            r.agg_pending = False
+            r._rebuild(new=agg)  # committed contributions in participant order, then the live records
+            log.info("round %s: aggregator ready; folded %d committed contribution(s) and %d record(s) "
+                     "received while it started", r.id, len(r.committed), held,
+                     extra={"round": r.id, "committed": len(r.committed), "records": held})
             return True
-    agg = r._new_aggregator()  # not under the lock: Ray actors take a while to start
-    with r.lock:
-        if not r.agg_pending:  # attached meanwhile (the finalizer and the starter both may)
-            release(agg)
-            return False
-        held = 0
-        if r.fold_mode == "arrival":
-            for s in r.sessions.values():
-                if s.live and not s.closed and s.pending:
-                    held += len(s.pending)
-                    s.folded.extend(s.pending)
-                    s.pending = []
-        r.agg = agg
-        r.agg_pending = False
-        r._rebuild(new=agg)  # committed contributions in participant order, then the live records
-        log.info("round %s: aggregator ready; folded %d committed contribution(s) and %d record(s) received "
-                 "while it started", r.id, len(r.committed), held,
-                 extra={"round": r.id, "committed": len(r.committed), "records": held})
-        return True
+    finally:
+        with r.lock:
+            r.attaching = None
+        busy.set()
 
 
 def ensure(r: "RoundState") -> None:

@@ -107,6 +107,7 @@ class RoundState:
         #: and folded when `readiness.attach` gives the round its aggregator
         self.agg_pending = not readiness.ready
         self.agg_error = ""  # why building this round's aggregator failed (it stays pending)
+        self.attaching: Optional[threading.Event] = None  # set while `readiness.attach` builds it
         #: the aggregator holds exactly the committed contributions folded in
         #: participant order (after `_rebuild`); any later fold makes it False
         self.canonical = True
