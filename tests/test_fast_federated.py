@@ -17,10 +17,11 @@ from typing import Callable, Optional
 import grpc
 import pytest
 
-from tests.test_federated import (  # noqa: F401  (family: the fixture)
+from tests.test_federated import (  # noqa: F401  (coordinator, family: the fixtures)
     CLIENTS,
     FAST,
     assert_identical,
+    coordinator,
     family,
     fetch_model,
     load_folder,
@@ -237,3 +238,127 @@ def test_a_round_opened_while_the_aggregator_starts_waits_for_it(family, tmp_pat
     finally:
         factory.gate.set()
         srv.stop(grace=0)
+
+
+# ----------------------------------------------------------------------------- the client's pipeline
+
+
+@pytest.mark.parametrize("options,chunk", [({}, 1 << 20), ({}, 300), ({"trim": "tensor", "value_dtype": "float16"}, 4096),
+                                           ({"method": "dare_ties", "k": 50}, 1000)])
+def test_the_pipelined_client_sends_the_stream_one_thread_writes(family, coordinator, options, chunk):
+    """The bytes committed at the coordinator are, byte for byte, the stream `write_contribution`
+    makes of `iter_contribution` in one thread (the local engine's trim), whatever the chunking."""
+    import io
+
+    from tiesfed.client.contribution import (
+        VALUE_DTYPES,
+        contribution_header,
+        contribution_threshold,
+        iter_contribution,
+        write_contribution,
+    )
+    from tiesfed.core.methods import get_method
+    from tiesfed.core.options import MergeOptions
+    from tiesfed.io.model_io import ModelReader
+
+    def one_thread(i: int, client: str) -> bytes:
+        trim = get_method(opts.method).trim_spec(opts)
+        dtype = VALUE_DTYPES[opts.value_dtype] if opts.value_dtype else None
+        with ModelReader(family[0]) as b, ModelReader(family[1][i]) as ft:
+            threshold = contribution_threshold(b, ft, trim)
+            header = contribution_header(family[2], str(i), trim, threshold=threshold, round_id="r1",
+                                         client_id=client)
+            buf = io.BytesIO()
+            write_contribution(buf, header, iter_contribution(b, ft, trim, model_key=str(i), value_dtype=dtype,
+                                                              threshold=threshold))
+        return buf.getvalue()
+
+    srv = coordinator()
+    opts = MergeOptions(**options)
+    rnd = open_round(srv, options=opts)
+    for i, c in enumerate(CLIENTS):
+        res = submit(srv.target, "r1", c, family[0], family[1][i], retry=FAST, insecure=True, chunk_bytes=chunk)
+        want = one_thread(i, c)
+        got = rnd.committed[c].path.read_bytes()
+        assert got == want, f"{c}: {len(got)} bytes sent, {len(want)} expected"
+        assert res.bytes == len(want) and res.bytes_sent == len(want)
+
+
+def test_a_trim_error_mid_model_stops_the_upload_uncommitted(family, coordinator, tmp_path, monkeypatch):
+    """NaN in the last tensor, found by the trim thread after earlier tensors were encoded and
+    sent: the error is raised by submit as it is, nothing is committed, and the same client's
+    honest upload then merges bit-identically."""
+    import tiesfed.client.submit as submit_module
+
+    sent_some = threading.Event()
+    real = submit_module.iter_contribution
+
+    def held_after_the_first(*a, **kw):  # the rest of the model is trimmed once chunks went out
+        it = real(*a, **kw)
+        yield next(it)
+        assert sent_some.wait(30)
+        yield from it
+
+    def fault(attempt: int, i: int) -> bool:
+        if i == 3:
+            sent_some.set()
+        return False
+    from tests.helpers import make_model
+    from tiesfed.core.options import MergeOptions
+    from tiesfed.io.model_io import ModelReader
+
+    with ModelReader(family[1][0]) as r:
+        tensors = {n: r.get(n).clone() for n in r.names}
+    last = [n for n, t in tensors.items() if t.is_floating_point()][-1]
+    tensors[last].view(-1)[3] = float("nan")
+    bad = make_model(tmp_path / "nan-model", tensors)
+
+    srv = coordinator()
+    opts = MergeOptions(trim="tensor")  # per tensor: NaN is found in the trim pass, mid-model
+    rnd = open_round(srv, options=opts)
+    monkeypatch.setattr(submit_module, "iter_contribution", held_after_the_first)
+    monkeypatch.setattr(submit_module._SpoolPipe, "FLUSH", 64)  # a toy model's records are sendable at once
+    with pytest.raises(ValueError, match=f"tensor '{last}' .* non-finite values"):
+        submit(srv.target, "r1", "org-a", family[0], bad, retry=FAST, insecure=True, chunk_bytes=256, fault=fault)
+    monkeypatch.undo()
+    with rnd.lock:
+        assert "org-a" not in rnd.committed
+        s = rnd.sessions.get("org-a")
+        assert s is not None and s.offset >= 3 * 256, "earlier tensors were sent before the error"
+        assert not s.ended
+    for i, c in enumerate(CLIENTS):
+        submit(srv.target, "r1", c, family[0], family[1][i], retry=FAST, insecure=True)
+    assert rnd.wait_closed(60) and rnd.state == "finalized", rnd.message
+    assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2], options=opts))
+
+
+def test_prefetch_bounds_the_producer_and_stops_it():
+    from tiesfed.client.pipeline import Prefetch
+
+    made: list[int] = []
+    closed = threading.Event()
+
+    def source():
+        try:
+            for i in range(1000):
+                made.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    with Prefetch(source, 2, "test-prefetch") as items:
+        assert next(items) == 0
+        time.sleep(0.3)
+        assert len(made) <= 4, "the producer ran ahead of its bound"  # queue 2 + one handed + one in hand
+    assert closed.wait(5) and len(made) <= 5
+
+    def failing():
+        yield 1
+        raise KeyError("boom")
+
+    with Prefetch(failing, 1, "test-prefetch") as items:
+        assert next(items) == 1
+        with pytest.raises(KeyError, match="boom"):
+            next(items)
+        with pytest.raises(StopIteration):
+            next(items)

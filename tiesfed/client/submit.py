@@ -1,7 +1,13 @@
 """Submit: trim, encode and upload this client's contribution, resumably.
 
-A producer thread encodes tensor by tensor into a local spool file while the
-sender streams that file in chunks, so memory is one tensor plus one chunk.
+Three stages overlap: a trim thread reads the models and trims tensor by tensor
+(`iter_contribution`), an encode thread encodes each trimmed tensor into a local
+spool file, and the sender streams that file in chunks. At most `PIPELINE_DEPTH`
+trimmed tensors wait between the first two, so memory is the trim's working set
+(one tensor's base, fine-tuned and task-vector values) plus at most
+`PIPELINE_DEPTH` + 1 sparse tensors (indices and values: about 2.4 bytes per
+parameter of the tensor at k = 20%, fp32) plus one chunk. The stream is the same,
+byte for byte, as one thread writing it.
 After a broken connection it backs off, asks the coordinator how many bytes it
 holds (and their sha256), and resumes from there out of the local spool.
 
@@ -39,8 +45,8 @@ from tiesfed.client.contribution import (
     contribution_header,
     contribution_threshold,
     iter_contribution,
-    write_contribution,
 )
+from tiesfed.client.pipeline import Prefetch
 from tiesfed.client.progress import Prefixed, Stages
 from tiesfed.core.methods import get_method
 from tiesfed.io.files import sha256_file
@@ -48,7 +54,7 @@ from tiesfed.io.model_io import (
     ModelReader,
     check_compatible,
 )
-from tiesfed.protos.codec import SparseTensor
+from tiesfed.protos.codec import SparseTensor, StreamWriter
 from tiesfed.protos.v1 import (
     MAX_CHUNK_BYTES,
     UPLOAD_LEASE_KEY,
@@ -58,6 +64,8 @@ from tiesfed.trust import signing
 from tiesfed.trust.identity import Identity
 
 DEFAULT_CHUNK_BYTES = 1 << 20
+#: Trimmed tensors that may wait for the encoder (see the module's docstring).
+PIPELINE_DEPTH = 2
 
 #: Test hook of `submit`: called as fault(attempt, chunk_index) before each chunk is
 #: sent; returning True breaks the connection there (the call is cancelled).
@@ -215,18 +223,33 @@ def submit(
             stats = TrimStats()
             stages = Stages(enabled=progress)
 
+            stop = threading.Event()  # the sender is done (or gave up): stop producing
+
+            def trimmed() -> Iterator[dict | SparseTensor]:
+                """The trim thread: the stream's header, then its tensors (reading, task vector, trim)."""
+                stage = Prefixed(stages, f"{client_id}: ")
+                # before the header, which declares it: the local engine's stream, byte for byte
+                threshold = contribution_threshold(b, ft, trim, keep_base=opts.keep_base, device=device,
+                                                   progress=stage)
+                yield contribution_header(fp, me.model_key, trim, threshold=threshold, round_id=round_id,
+                                          client_id=client_id)
+                tensors = iter_contribution(b, ft, trim, model_key=me.model_key, keep_base=opts.keep_base,
+                                            device=device, value_dtype=value_dtype, stats=stats,
+                                            progress=stage, threshold=threshold)
+                yield from within_bound(tensors, spec.max_abs_value, round_id)
+
             def produce() -> None:
+                """The encode thread: encodes what the trim thread hands over into the spool pipe."""
                 try:
-                    stage = Prefixed(stages, f"{client_id}: ")
-                    # before the header, which declares it: the local engine's stream, byte for byte
-                    threshold = contribution_threshold(b, ft, trim, keep_base=opts.keep_base, device=device,
-                                                       progress=stage)
-                    header = contribution_header(fp, me.model_key, trim, threshold=threshold, round_id=round_id,
-                                                 client_id=client_id)
-                    tensors = iter_contribution(b, ft, trim, model_key=me.model_key, keep_base=opts.keep_base,
-                                                device=device, value_dtype=value_dtype, stats=stats,
-                                                progress=stage, threshold=threshold)
-                    write_contribution(pipe, header, within_bound(tensors, spec.max_abs_value, round_id))
+                    with Prefetch(trimmed, PIPELINE_DEPTH, f"trim-{client_id}") as items:
+                        header = next(items)
+                        assert isinstance(header, dict)
+                        writer = StreamWriter(pipe, header)
+                        for t in items:
+                            if stop.is_set():
+                                return
+                            writer.write(t)
+                        writer.close()
                     pipe.finish()
                 except BaseException as e:  # handed to the sender, which raises it
                     pipe.fail(e)
@@ -239,6 +262,7 @@ def submit(
                 seal = manifest_signer(conn.identity, spec, client_id)
                 result = _send(conn, round_id, pipe, chunk_bytes, retry, progress, fault, seal)
             finally:
+                stop.set()
                 producer.join()
         result.stats = stats
         result.seconds = time.perf_counter() - started
