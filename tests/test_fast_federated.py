@@ -362,3 +362,31 @@ def test_prefetch_bounds_the_producer_and_stops_it():
             next(items)
         with pytest.raises(StopIteration):
             next(items)
+
+
+def test_read_ahead_receives_while_the_taker_works_in_order():
+    """The coordinator's upload read-ahead: at most `depth` chunks ahead, then the stream's
+    own end or error, in order; `stop` lets a reader blocked on a full queue go."""
+    from tiesfed.coordinator.streams import ReadAhead
+
+    pulled: list[int] = []
+
+    def stream():
+        for i in range(5):
+            pulled.append(i)
+            yield i
+        raise ConnectionError("client gone")
+
+    ahead = ReadAhead(stream(), 2, "test-read-ahead")
+    wait_until(lambda: len(pulled) >= 3)
+    time.sleep(0.2)
+    assert len(pulled) == 3, "read more than depth + the one in hand ahead"
+    assert [next(ahead) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(ConnectionError, match="client gone"):
+        next(ahead)
+    assert next(ahead, None) is None
+
+    endless = ReadAhead(iter(range(10**9)), 1, "test-read-ahead-stop")
+    assert next(endless) == 0
+    endless.stop()
+    assert next(endless, None) is None

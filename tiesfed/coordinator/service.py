@@ -34,7 +34,7 @@ from tiesfed.coordinator.rounds import (
     RoundManager,
 )
 from tiesfed.coordinator.rounds.provenance import options_json
-from tiesfed.coordinator.streams import StreamGate
+from tiesfed.coordinator.streams import ReadAhead, StreamGate
 from tiesfed.core.options import validation_message
 from tiesfed.protos.v1 import (
     ADMIN_TOKEN_KEY,
@@ -57,6 +57,8 @@ STATE = {
     "failed": pb.ROUND_STATE_FAILED,
 }
 WATCH_POLL_S = 1.0
+#: Upload chunks received ahead of the one being taken (memory: this many chunks per active upload).
+UPLOAD_READ_AHEAD = 2
 DOWNLOAD_CHUNK = 1 << 20
 
 
@@ -385,6 +387,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             r = self.manager.get(first.round_id)
             s = r.begin_upload(cid, first.offset, peer=caller.peer)
             receipt = None
+            # the next chunks are received while this thread writes, decodes, checks and folds
+            ahead = ReadAhead(request_iterator, UPLOAD_READ_AHEAD, f"upload-{cid}")
             try:
                 chunk = first
                 while True:
@@ -394,7 +398,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     progress(len(chunk.data))  # empty chunks are not progress
                     if receipt is not None:
                         break
-                    chunk = next(request_iterator, None)
+                    chunk = next(ahead, None)
                     if chunk is None:
                         break
             except RoundError:
@@ -405,6 +409,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 if context.is_active():
                     raise
                 return pb.UploadReceipt()
+            finally:
+                ahead.stop()
             paused = r.detach(s)
             return receipt_message(receipt if receipt is not None else paused)
 

@@ -7,10 +7,14 @@ while its pool (total) and the caller's own count (per client id) are under
 their caps; the caps add up to well below the server's worker threads, so a
 short call always finds one. An excess call is refused at once with
 RESOURCE_EXHAUSTED naming the limit, instead of queueing for a thread.
+
+`ReadAhead` reads an upload's stream on a thread of its own, a few chunks ahead of
+the worker thread that takes them.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import Counter
 from contextlib import contextmanager
@@ -82,3 +86,62 @@ class StreamGate:
             yield
         finally:
             self.leave(kind, client_id)
+
+
+class ReadAhead:
+    """A call's request stream read on a thread of its own, at most `depth` messages ahead,
+    so that receiving the next chunk of an upload overlaps taking this one (writing it,
+    decoding and validating its records, folding them). Memory: `depth` messages.
+
+    Messages, then the end or the error that ended the stream, come out in order, as
+    from the stream itself. `stop` lets the reader go; it does not wait for it, since it
+    may be blocked in the stream until the call ends, which it then sees and exits."""
+
+    _END = object()
+
+    def __init__(self, stream: Iterator, depth: int, name: str) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._done = False
+        threading.Thread(target=self._read, args=(stream,), name=name, daemon=True).start()
+
+    def _read(self, stream: Iterator) -> None:
+        try:
+            for message in stream:
+                if not self._put((message, None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as e:  # the stream broke: the taker raises it where it would have
+            self._put((self._END, e))
+
+    def _put(self, entry: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> "ReadAhead":
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        message, error = self._q.get()
+        if message is not self._END:
+            return message
+        self._done = True
+        if error is not None:
+            raise error
+        raise StopIteration
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._done = True
+        while True:  # what was read ahead is let go now
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                return
