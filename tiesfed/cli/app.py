@@ -52,12 +52,14 @@ def main() -> None:
 @click.option("--shard-size", default="5GB", show_default=True, help="output shard size, e.g. 2GB or 500MB")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the report as JSON")
 @click.option("--overwrite", is_flag=True, help="replace the weights of an existing output folder")
+@click.option("--max-memory", help="memory budget for tensor data, e.g. 4GB (default: half the machine's); "
+              "a tensor that does not fit is streamed in blocks, with the same result")
 @click.option("--upload-size", is_flag=True,
               help="also encode each model's contribution as a client would upload it, to report its size "
                    "(bits/param; one more pass per model)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
-def merge(base, models, out_dir, config_path, weights, device, shard_size, report_path, overwrite, upload_size,
-          quiet, **opts) -> None:
+def merge(base, models, out_dir, config_path, weights, device, shard_size, report_path, overwrite, max_memory,
+          upload_size, quiet, **opts) -> None:
     """Merge fine-tuned MODELS of BASE locally (same pipeline as the federated path)."""
     from tiesfed.engine import merge as run_merge
 
@@ -85,6 +87,7 @@ def merge(base, models, out_dir, config_path, weights, device, shard_size, repor
         report = run_merge(
             cfg, out_dir, device=device, shard_bytes=parse_size(shard_size), progress=not quiet,
             report_path=report_path, overwrite=overwrite, measure_upload=upload_size,
+            max_memory=parse_size(max_memory) if max_memory else None,
         )
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None

@@ -90,7 +90,16 @@ def dare_seed(seed: int, model_key: str, tensor_name: str) -> int:
 def trim_dare(tau: torch.Tensor, fraction: float, seed: int) -> Survivors:
     """DARE: keep each entry with probability `fraction`, rescale by 1/fraction.
     The mask is drawn on the CPU so CPU and CUDA runs agree."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return trim_dare_block(tau, fraction, dare_generator(seed))
+
+
+def dare_generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def trim_dare_block(tau: torch.Tensor, fraction: float, gen: torch.Generator) -> Survivors:
+    """DARE on the next block of a tensor: `gen`'s stream continues from the previous
+    block, and the CPU generator draws the same numbers in blocks as in one call."""
     keep = torch.rand(tau.numel(), generator=gen) < fraction
     idx, val = survivors(tau, keep.to(tau.device))
     return idx, val / fraction

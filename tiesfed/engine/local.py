@@ -16,11 +16,12 @@ overhead, whatever the model's size and the number of models.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -43,6 +44,7 @@ from tiesfed.io.model_io import (
     ModelError,
     ModelReader,
     ShardedWriter,
+    TensorInfo,
     check_compatible,
     check_out_dir,
     copy_side_files,
@@ -62,6 +64,7 @@ def merge(
     work_dir: Optional[str | Path] = None,
     overwrite: bool = False,
     measure_upload: bool = False,
+    max_memory: Optional[int] = None,
 ) -> MergeReport:
     """Merge `config.models` into `config.base_model`, writing an HF-style folder.
 
@@ -70,7 +73,10 @@ def merge(
     parameters once. An `out_dir` that already holds model weights is refused
     before any work unless `overwrite` (the CLI's --overwrite). `measure_upload`
     also encodes each model's contribution, as a client would upload it, to report
-    its size (one more pass per model)."""
+    its size (one more pass per model). `max_memory` (bytes; default: half the
+    machine's memory) bounds the tensor data held at once: a tensor that does not
+    fit is read, trimmed, merged and written in blocks of its elements, with the
+    same result."""
     started = time.perf_counter()
     opts = config.options
     method = get_method(opts.method)
@@ -99,14 +105,16 @@ def merge(
             stack.callback(bar.close)
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiesfed-", dir=work_dir)))
 
+        block = block_elements(max_memory, trimmers)
         if any(t.needs_histogram for t in trimmers):
             bar.stage("histogram", params)
             for t in tensors:
-                theta0 = base.get(t.name).to(device)
-                for ft, trimmer in zip(fts, trimmers):
-                    if trimmer.needs_histogram:
-                        trimmer.histogram(t.name, task_vector(theta0, ft.get(t.name).to(device)))
-                bar.update(t.numel)
+                for lo, hi in _blocks(t.numel, block):
+                    theta0 = _read(base, t, lo, hi, device)
+                    for ft, trimmer in zip(fts, trimmers):
+                        if trimmer.needs_histogram:
+                            trimmer.histogram(t.name, task_vector(theta0, _read(ft, t, lo, hi, device)))
+                    bar.update(hi - lo)
 
         bar.stage("merge", params)
         plan = [(t.name, tuple(t.shape), t.dtype) for t in base.manifest()]
@@ -116,24 +124,35 @@ def merge(
         )
         balance, ties, pending = 0, [], []
         for t in base.manifest():
-            theta0 = base.get(t.name)
+            blocks = _blocks(t.numel, block)
             if t.name not in merged_names:
-                writer.write(t.name, theta0)
+                for lo, hi in blocks:
+                    _write(writer, t, _read(base, t, lo, hi, "cpu"), len(blocks))
                 continue
-            theta0 = theta0.to(device)
-            parts = [trimmer.trim_tensor(t.name, task_vector(theta0, ft.get(t.name).to(device)), t.dtype)
-                     for ft, trimmer in zip(fts, trimmers)]
-            try:
-                res = merge_tensor(t.name, theta0, parts, weights, reports, spec, opts.lam)
-            except OverflowError as e:
-                raise ModelError(f"tensor {t.name!r}: {e}") from None
-            balance += res.balance
-            if res.tie is not None:
-                ties.append(res.tie.spill(work / f"tie-{len(ties)}.pt"))
-            if res.pending is not None:
-                pending.append(res.pending.spill(work / f"pending-{len(pending)}.pt"))
-            writer.write(t.name, res.theta)
-            bar.update(t.numel)
+            for ft, trimmer in zip(fts, trimmers):
+                if trimmer.tensor_topk and len(blocks) > 1:  # this tensor's own threshold first
+                    for lo, hi in blocks:
+                        trimmer.tensor_histogram(t.name, task_vector(_read(base, t, lo, hi, device),
+                                                                     _read(ft, t, lo, hi, device)))
+                trimmer.start_tensor(t.name, t.numel, len(blocks))
+            for lo, hi in blocks:
+                theta0 = _read(base, t, lo, hi, device)
+                parts = [trimmer.trim_block(t.name, task_vector(theta0, _read(ft, t, lo, hi, device)), t.dtype)
+                         for ft, trimmer in zip(fts, trimmers)]
+                try:
+                    res = merge_tensor(t.name, theta0, parts, weights, reports, spec, opts.lam, offset=lo)
+                except OverflowError as e:
+                    raise ModelError(f"tensor {t.name!r}: {e}") from None
+                del parts
+                balance += res.balance
+                if res.tie is not None:
+                    ties.append(res.tie.spill(work / f"tie-{len(ties)}.pt"))
+                if res.pending is not None:
+                    pending.append(res.pending.spill(work / f"pending-{len(pending)}.pt"))
+                _write(writer, t, res.theta, len(blocks))
+                bar.update(hi - lo)
+            for trimmer in trimmers:
+                trimmer.end_tensor(t.name)
 
         tied_params = 0
         for path in pending:  # every threshold is exact now
@@ -185,6 +204,50 @@ def merge(
     if report_path:
         result.write_json(report_path)
     return result
+
+
+#: interpreter, libraries and one accumulator block: what a budget must leave room for
+FIXED_BYTES = 640 << 20
+
+
+def default_max_memory() -> int:
+    """Half the machine's physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def block_elements(max_memory: Optional[int], trimmers: Sequence[ModelTrimmer]) -> int:
+    """Elements of one tensor processed at once under `max_memory` bytes: per element
+    the base, the output, one model's raw block, τ and its bit patterns (~24 bytes in
+    all), and every model's survivors (12 bytes each when all survive)."""
+    budget = default_max_memory() if max_memory is None else max_memory
+    kept = sum(1.0 if t.keep_all or t.trim.kind != "topk" else t.trim.fraction for t in trimmers)
+    per_element = 24 + 12 * kept
+    room = budget - FIXED_BYTES
+    if room < per_element * (1 << 20):
+        need = (FIXED_BYTES + per_element * (1 << 20)) / 2**30
+        raise ValueError(f"--max-memory {budget / 2**30:.2f} GiB is too small for this merge: give at least "
+                         f"{need:.2f} GiB")
+    return int(room // per_element)
+
+
+def _blocks(numel: int, block: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + block, numel)) for lo in range(0, max(numel, 1), block)]
+
+
+def _read(reader: ModelReader, t: TensorInfo, lo: int, hi: int, device: str) -> torch.Tensor:
+    """A whole tensor (its shape kept) or a flat block of it."""
+    whole = reader.get(t.name) if (lo, hi) == (0, t.numel) else reader.get_range(t.name, lo, hi)
+    return whole.to(device)
+
+
+def _write(writer: ShardedWriter, t: TensorInfo, data: torch.Tensor, blocks: int) -> None:
+    if blocks == 1:
+        writer.write(t.name, data.reshape(t.shape))
+    else:
+        writer.write_part(t.name, data.reshape(-1))
 
 
 class _Count:

@@ -54,10 +54,13 @@ def merge_tensor(
     spec: FinalizeSpec,
     lam: float,
     block: Optional[int] = None,
+    offset: int = 0,
 ) -> TensorResult:
-    """Merge one tensor, `block` elements at a time (each part's indices are sorted,
-    so a block's share of a part is a slice). Every operation is per element or
-    a sum of counts, so the result does not depend on `block`."""
+    """Merge one tensor, or the block of one that starts at element `offset`, `block`
+    elements at a time (each part's indices are sorted, so a block's share of a part
+    is a slice). Every operation is per element or a sum of counts, so the result
+    does not depend on `block`. Ties and held positions come back as flat indices
+    of the whole tensor."""
     block = block or BLOCK
     flat0 = theta0.reshape(-1)
     numel = flat0.numel()
@@ -100,7 +103,9 @@ def merge_tensor(
     tie = None
     if tied:
         at = torch.cat(tied)
-        tie = Tie(name, at.cpu(), torch.cat(if_negative).cpu(), flat0[at].cpu())
+        tie = Tie(name, at.cpu() + offset, torch.cat(if_negative).cpu(), flat0[at].cpu())
+    if pending is not None:
+        pending.positions += offset
     return TensorResult(theta.reshape(theta0.shape), balance, tie, pending)
 
 

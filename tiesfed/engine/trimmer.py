@@ -21,8 +21,8 @@ import torch
 
 from tiesfed.client.contribution import TrimStats, cast_values, global_topk, sum_sq, wire_dtype
 from tiesfed.core import radix
-from tiesfed.core.compact import select
-from tiesfed.core.trim import GlobalThreshold, TrimSpec, dare_seed, keep_count, trim_dare
+from tiesfed.core.compact import flat_nonzero, select
+from tiesfed.core.trim import GlobalThreshold, TrimSpec, dare_generator, dare_seed, keep_count, trim_dare_block
 
 _EMPTY_IDX = torch.empty(0, dtype=torch.int64)
 _EMPTY_VAL = torch.empty(0, dtype=torch.float32)
@@ -44,7 +44,15 @@ class NonFiniteError(ValueError):
 
 
 class ModelTrimmer:
-    """Trims one model's task vector tensor by tensor, and keeps its statistics."""
+    """Trims one model's task vector tensor by tensor (or block by block), and keeps
+    its statistics.
+
+    Per tensor: `start_tensor`, then `trim_block` for its blocks in order, then
+    `end_tensor`. A tensor in one block takes the plain per-tensor top-k; a tensor in
+    several needs its own threshold first (`tensor_histogram` over its blocks), and its
+    boundary bucket's members become candidates as with the global trim. After the
+    pass, `settle` decides every candidate, in pass order.
+    """
 
     def __init__(self, trim: TrimSpec, model_key: str, path: str, params: int,
                  value_dtype: Optional[torch.dtype]) -> None:
@@ -58,33 +66,67 @@ class ModelTrimmer:
             self.select = None  # k = 100%: every nonzero survives
         self.keep_all = trim.kind == "none" or trim.fraction >= 1.0 or (global_topk(trim) and self.select is None)
         self._threshold: Optional[int] = None
+        self._tensor: Optional[_TensorCut] = None  # per-tensor top-k over several blocks
+        self._hist: Optional[torch.Tensor] = None
+        self._cuts: dict[str, list[int]] = {}  # name -> [kth bits, how many at kth still to keep]
+        self._dare: Optional[torch.Generator] = None
 
     @property
     def needs_histogram(self) -> bool:
         return self.select is not None
+
+    @property
+    def tensor_topk(self) -> bool:
+        return self.trim.kind == "topk" and self.trim.scope == "tensor" and not self.keep_all
 
     def histogram(self, name: str, tau: torch.Tensor) -> None:
         """First pass (global top-k only): count |τ| coarsely; reject NaN and inf."""
         if self.select.add_coarse(tau):
             raise self._nonfinite(name)
 
-    def trim_tensor(self, name: str, tau: torch.Tensor, dtype: torch.dtype) -> Trimmed:
-        """The merge pass: this tensor's survivors (and candidates, for global top-k)."""
+    def tensor_histogram(self, name: str, tau: torch.Tensor) -> None:
+        """Before a per-tensor top-k over several blocks: count this block's |τ|."""
+        hist = radix.coarse_histogram(radix.abs_bits(tau))
+        if radix.nonfinite(hist):
+            raise self._nonfinite(name)
+        self._hist = hist if self._hist is None else self._hist + hist
+
+    def start_tensor(self, name: str, numel: int, blocks: int) -> None:
+        if self.trim.kind == "dare":
+            self._dare = dare_generator(dare_seed(self.trim.seed, self.model_key, name))
+        self._tensor = None
+        if self.tensor_topk and blocks > 1:
+            keep = keep_count(numel, self.trim.fraction)
+            if keep >= numel:
+                self._tensor = _TensorCut(keep, _ALL, 0)
+            elif keep <= 0:
+                self._tensor = _TensorCut(keep, _NONE, 0)
+            else:
+                self._tensor = _TensorCut(keep, *radix.locate(self._hist, numel - keep + 1))
+            self._hist = None
+
+    def trim_block(self, name: str, tau: torch.Tensor, dtype: torch.dtype) -> Trimmed:
+        """This block's survivors (and candidates), indexed from the block's start."""
         flat = tau.reshape(-1)
         bits = radix.abs_bits(flat)
-        if self.select is None and not radix.finite(bits):
+        if self.select is None and self._tensor is None and not radix.finite(bits):
             raise self._nonfinite(name)
         cand_idx, cand_val = _EMPTY_IDX, _EMPTY_VAL
+        cut = self._tensor
         if self.trim.kind == "dare":
-            idx, val = trim_dare(flat, self.trim.fraction, dare_seed(self.trim.seed, self.model_key, name))
+            idx, val = trim_dare_block(flat, self.trim.fraction, self._dare)
             kept = flat.index_select(0, idx)  # the norm statistic is of τ, not of DARE's rescaled values
         else:
-            if self.keep_all:
+            if self.keep_all or (cut is not None and cut.bucket == _ALL):
                 idx, _ = radix.at_least(bits, 0)
+            elif cut is not None and cut.bucket == _NONE:
+                idx = _EMPTY_IDX
+            elif cut is not None:
+                idx, cand_idx, cand_val = self._split_at_bucket(flat, bits, cut.bucket, cut)
             elif self.select is None:
                 idx = self._top_count(bits)
             else:
-                idx, cand_idx, cand_val = self._split_at_bucket(flat, bits)
+                idx, cand_idx, cand_val = self._split_at_bucket(flat, bits, self.select.bucket, None)
             val = kept = flat.index_select(0, idx).to(torch.float32)
         self.stats.numel += flat.numel()
         self.stats.norm_sq_total += sum_sq(flat)
@@ -92,6 +134,16 @@ class ModelTrimmer:
         self.stats.nnz += idx.numel()
         idx, val = cast_values(idx, val, self._wire_dtype(dtype), name)
         return Trimmed(idx, val, cand_idx, cand_val)
+
+    def end_tensor(self, name: str) -> None:
+        """A per-tensor top-k over several blocks: fix its exact boundary."""
+        cut, self._tensor = self._tensor, None
+        if cut is None or cut.bucket < 0:
+            return
+        low, _ = radix.locate(cut.fine, cut.inner)
+        kth = radix.join(cut.bucket, low)
+        above = cut.above + int(cut.fine[low + 1 :].sum())
+        self._cuts[name] = [kth, cut.keep - above]
 
     def threshold_bits(self) -> int:
         """After the merge pass: the exact global threshold as a |τ| bit pattern."""
@@ -102,10 +154,19 @@ class ModelTrimmer:
 
     def settle(self, name: str, positions: torch.Tensor, values: torch.Tensor,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The candidates (local `positions`, float32 `values`) that reach the threshold."""
+        """The candidates (ascending `positions`, float32 `values`) that survive; called
+        in pass order, so a per-tensor cut keeps the lowest positions at its boundary."""
         if positions.numel() == 0:
             return positions, values
-        keep = radix.abs_bits(values) >= max(self.threshold_bits(), 1)
+        bits = radix.abs_bits(values)
+        if name in self._cuts:
+            cut = self._cuts[name]
+            keep = bits > cut[0]
+            at = flat_nonzero(bits == cut[0])[: max(cut[1], 0)]
+            keep[at] = True
+            cut[1] -= at.numel()
+        else:
+            keep = bits >= max(self.threshold_bits(), 1)
         pos, val = positions[keep], values[keep]
         self.stats.norm_sq_kept += sum_sq(val)
         self.stats.nnz += pos.numel()
@@ -119,13 +180,19 @@ class ModelTrimmer:
             return _EMPTY_IDX
         return radix.top_count(bits, keep)
 
-    def _split_at_bucket(self, flat: torch.Tensor, bits: torch.Tensor):
-        bucket = self.select.bucket
+    def _split_at_bucket(self, flat: torch.Tensor, bits: torch.Tensor, bucket: int,
+                         cut: Optional["_TensorCut"]):
         idx, got = radix.at_least(bits, radix.bucket_start(bucket))
         member = got < radix.bucket_start(bucket + 1)
-        self.select.add_fine_bits(select(got, member))
-        if bucket == 0:  # zeros rank in bucket 0 too, though they never survive
-            self.select.add_zeros(flat.numel() - idx.numel())
+        members = select(got, member)
+        zeros = flat.numel() - idx.numel() if bucket == 0 else 0  # zeros rank in bucket 0, never survive
+        if cut is None:
+            self.select.add_fine_bits(members)
+            self.select.add_zeros(zeros)
+        else:
+            cut.fine += torch.bincount(members & (radix.FINE_BINS - 1), minlength=radix.FINE_BINS).cpu()
+            cut.fine[0] += zeros
+            cut.above += idx.numel() - members.numel()
         cand_idx = select(idx, member)
         return select(idx, ~member), cand_idx, flat.index_select(0, cand_idx).to(torch.float32)
 
@@ -134,4 +201,20 @@ class ModelTrimmer:
 
     def _nonfinite(self, name: str) -> NonFiniteError:
         return NonFiniteError(f"tensor {name!r} of {self.path} has non-finite values (NaN or inf)")
+
+
+@dataclass
+class _TensorCut:
+    """A per-tensor top-k over several blocks: keep count, the boundary's coarse
+    bucket (or _ALL, _NONE) and the rank in it, the bucket's fine histogram, and how
+    many lie above the bucket."""
+
+    keep: int
+    bucket: int
+    inner: int
+    fine: torch.Tensor = field(default_factory=lambda: torch.zeros(radix.FINE_BINS, dtype=torch.int64))
+    above: int = 0
+
+
+_ALL, _NONE = -1, -2  # a _TensorCut's bucket when k keeps every element or none
 

@@ -193,22 +193,37 @@ class ModelReader:
         if mmap:
             return self._get_mmap(info)
         out = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes == 0:
-            return out
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
         _, b, _ = self.byte_range(name)
+        self._read_into(info, out.reshape(-1), b)
+        return out
+
+    def get_range(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the flattened tensor, read straight from their byte
+        range: a block of a tensor too large to hold whole."""
+        info = self.info(name)
+        if not 0 <= lo <= hi <= info.numel:
+            raise ModelError(f"tensor {name!r} in model {self.path}: range [{lo}, {hi}) outside [0, {info.numel})")
+        out = torch.empty(hi - lo, dtype=info.dtype)
+        _, b, _ = self.byte_range(name)
+        self._read_into(info, out, b + lo * out.element_size())
+        return out
+
+    def _read_into(self, info: TensorInfo, out: torch.Tensor, start: int) -> None:
+        nbytes = out.numel() * out.element_size()
+        if nbytes == 0:
+            return
+        buf = memoryview(out.view(torch.uint8).numpy()).cast("B")
         fd = self._fd(info.file)
         pos = 0
         try:
-            while pos < info.nbytes:
-                want = min(info.nbytes - pos, 1 << 30)
-                got = _pread_into(fd, buf[pos : pos + want], b + pos)
+            while pos < nbytes:
+                want = min(nbytes - pos, 1 << 30)
+                got = _pread_into(fd, buf[pos : pos + want], start + pos)
                 if got <= 0:
-                    raise ModelError(f"tensor {name!r} in model {self.path}: file {info.file} ends early")
+                    raise ModelError(f"tensor {info.name!r} in model {self.path}: file {info.file} ends early")
                 pos += got
         except OSError as e:
-            raise ModelError(f"tensor {name!r} in model {self.path}: cannot read {info.file}: {e}") from e
-        return out
+            raise ModelError(f"tensor {info.name!r} in model {self.path}: cannot read {info.file}: {e}") from e
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)

@@ -132,6 +132,7 @@ class ShardedWriter:
         self._tmp = [self.out_dir / f".{fn}.tmp-{tag}" for fn in self.shard_names]
         self._files: list = []
         self._next = 0
+        self._part = 0  # bytes of the next tensor written so far (write_part)
         self._closed = False
         try:
             for si, (members, tmp) in enumerate(zip(shards, self._tmp)):
@@ -174,6 +175,23 @@ class ShardedWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next planned tensor (plan order, exact shape and dtype)."""
+        s = self._expect(name, tensor.dtype)
+        if tuple(tensor.shape) != s.shape:
+            raise ModelError(f"tensor {name!r} for {self.out_dir}: shape {list(tensor.shape)}, planned {list(s.shape)}")
+        if self._part:
+            raise ModelError(f"tensor {name!r} for {self.out_dir}: written in parts already; finish with write_part")
+        self._put(s, tensor)
+
+    def write_part(self, name: str, part: torch.Tensor) -> None:
+        """The next elements (flat, in order) of the next planned tensor: a tensor too
+        large to hold whole is written block by block, and counts as written once
+        every element is."""
+        s = self._expect(name, part.dtype)
+        if self._part + part.numel() * part.element_size() > s.nbytes:
+            raise ModelError(f"tensor {name!r} for {self.out_dir}: parts exceed its {_numel(s.shape)} elements")
+        self._put(s, part)
+
+    def _expect(self, name: str, dtype: torch.dtype) -> _Slot:
         self._check_open()
         if self._next >= len(self._slots):
             raise ModelError(f"tensor {name!r}: every planned tensor of {self.out_dir} is already written")
@@ -181,23 +199,28 @@ class ShardedWriter:
         if name != s.name:
             why = "is not in the plan" if name not in self._by_name else "is out of plan order"
             raise ModelError(f"tensor {name!r} {why} for {self.out_dir}: expected {s.name!r} next")
-        if tuple(tensor.shape) != s.shape:
-            raise ModelError(f"tensor {name!r} for {self.out_dir}: shape {list(tensor.shape)}, planned {list(s.shape)}")
-        if tensor.dtype != s.dtype:
-            raise ModelError(f"tensor {name!r} for {self.out_dir}: dtype {tensor.dtype}, planned {s.dtype}")
+        if dtype != s.dtype:
+            raise ModelError(f"tensor {name!r} for {self.out_dir}: dtype {dtype}, planned {s.dtype}")
+        return s
+
+    def _put(self, s: _Slot, tensor: torch.Tensor) -> None:
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.cpu()  # the one extra copy
         t = t.contiguous()  # a no-op if it already was (and it is, after .cpu())
-        f = self._files[s.shard]
-        if s.nbytes:
+        nbytes = t.numel() * t.element_size()
+        if nbytes:
             raw = t.reshape(-1).view(torch.uint8).numpy()
             mv = memoryview(raw).cast("B")
-            f.seek(s.offset)
-            for i in range(0, s.nbytes, _IO_CHUNK):
+            f = self._files[s.shard]
+            f.seek(s.offset + self._part)
+            for i in range(0, nbytes, _IO_CHUNK):
                 f.write(mv[i : i + _IO_CHUNK])
-        s.written = True
-        self._next += 1
+        self._part += nbytes
+        if self._part == s.nbytes:
+            s.written = True
+            self._next += 1
+            self._part = 0
 
     def patch(self, name: str, flat_indices: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite elements (by flat index) of an already written tensor in place.
