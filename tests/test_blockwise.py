@@ -163,3 +163,29 @@ def test_budget_splits_a_large_tensor(tmp_path):
     assert local.block_elements(budget, trimmers) < 2048 * 1024
     merge(cfg, tmp_path / "budget", progress=False, max_memory=budget)
     _same(tmp_path / "whole", tmp_path / "budget")
+
+
+def test_apply_merged_in_blocks_equals_whole(tmp_path, monkeypatch):
+    """A client's fetch (and a shard actor's model write) applies τ_m block by block
+    for tensors over the block size: the same bytes."""
+    import tiesfed.io.materialize as materialize
+    from tiesfed.protos.codec import SparseTensor, StreamWriter
+
+    base_dir, _ = _family(tmp_path, TOY_SPEC, 1, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    path = tmp_path / "merged.tfs"
+    with ModelReader(base_dir) as base:
+        with open(path, "wb") as f:
+            w = StreamWriter(f, {"kind": "merged", "lambda": 1.3, "base_fingerprint": "fp", "method": "ties"})
+            for t in base.manifest():
+                if not t.dtype.is_floating_point:
+                    continue
+                idx = torch.sort(torch.randperm(t.numel, generator=g)[: t.numel // 3]).values
+                w.write(SparseTensor(name=t.name, shape=tuple(t.shape), indices=idx,
+                                     values=torch.randn(idx.numel(), generator=g) * 0.01))
+            w.close()
+        materialize.apply_merged(base, path, tmp_path / "whole")
+        monkeypatch.setattr(materialize, "APPLY_BLOCK", 37)
+        materialize.apply_merged(base, path, tmp_path / "blocks")
+    _same(tmp_path / "whole", tmp_path / "blocks")
+    assert not torch.equal(_load(tmp_path / "whole")["embed.weight"], _load(base_dir)["embed.weight"])

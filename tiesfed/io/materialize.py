@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Optional
 
+import torch
+
 from tiesfed.core.apply import apply_sparse
 from tiesfed.io.model_io import (
     DEFAULT_SHARD_BYTES,
@@ -38,6 +40,11 @@ def merged_index(
     return header, where
 
 
+#: elements of one tensor applied and written at once: a tensor larger than this is
+#: streamed in blocks (read from the base's byte range, written with write_part)
+APPLY_BLOCK = 1 << 25
+
+
 def write_theta(
     base: ModelReader,
     f: BinaryIO,
@@ -47,23 +54,44 @@ def write_theta(
     writer: ShardedWriter,
     merged_path: str | Path,
     progress: Optional[Callable[[int], None]] = None,
+    block: Optional[int] = None,
 ) -> None:
     """Write θ₀ + λ·τ_m for `names` (in the writer's plan order); tensors without
-    a record keep their base value. `progress(numel)` after each tensor."""
+    a record keep their base value. `progress(numel)` after each tensor. A tensor
+    over `block` elements is done block by block (apply is per element: the same
+    bits), so memory holds one block of the base, not the tensor."""
+    block = block or APPLY_BLOCK
     for name in names:
-        theta = base.get(name)
-        if name in where:
-            st = read_record_at(f, *where[name])
-            if tuple(st.shape) != tuple(theta.shape):
-                raise ModelError(f"{merged_path}: tensor {name!r} has shape {list(st.shape)}, "
-                                 f"base has {list(theta.shape)}")
-            try:
-                theta = apply_sparse(theta, st.indices, st.values, lam)
-            except OverflowError as e:
-                raise ModelError(f"{merged_path}: tensor {name!r}: {e}") from None
-        writer.write(name, theta)
+        info = base.info(name)
+        st = read_record_at(f, *where[name]) if name in where else None
+        if st is not None and tuple(st.shape) != tuple(info.shape):
+            raise ModelError(f"{merged_path}: tensor {name!r} has shape {list(st.shape)}, "
+                             f"base has {list(info.shape)}")
+        if info.numel <= block:
+            writer.write(name, _apply(base.get(name), st, 0, lam, name, merged_path))
+        else:
+            for lo in range(0, info.numel, block):
+                hi = min(lo + block, info.numel)
+                writer.write_part(name, _apply(base.get_range(name, lo, hi), st, lo, lam, name, merged_path))
         if progress:
-            progress(theta.numel())
+            progress(info.numel)
+
+
+def _apply(theta0: torch.Tensor, st, lo: int, lam: float, name: str, merged_path) -> torch.Tensor:
+    """θ₀ (a whole tensor, or the block of one starting at element `lo`) plus λ·τ_m."""
+    if st is None:
+        return theta0
+    idx = st.indices
+    if lo or theta0.numel() != st.numel:
+        ends = torch.searchsorted(idx, torch.tensor([lo, lo + theta0.numel()], dtype=idx.dtype))
+        a, b = int(ends[0]), int(ends[1])
+        idx, values = idx[a:b] - lo, st.values[a:b]
+    else:
+        values = st.values
+    try:
+        return apply_sparse(theta0, idx, values, lam)
+    except OverflowError as e:
+        raise ModelError(f"{merged_path}: tensor {name!r}: {e}") from None
 
 
 def apply_merged(
