@@ -189,3 +189,40 @@ def test_apply_merged_in_blocks_equals_whole(tmp_path, monkeypatch):
         materialize.apply_merged(base, path, tmp_path / "blocks")
     _same(tmp_path / "whole", tmp_path / "blocks")
     assert not torch.equal(_load(tmp_path / "whole")["embed.weight"], _load(base_dir)["embed.weight"])
+
+
+@pytest.mark.parametrize("trim_kw", [dict(kind="topk", fraction=0.2), dict(kind="topk", fraction=0.2, scope="tensor"),
+                                     dict(kind="topk", fraction=0.013, scope="tensor"), dict(kind="dare", fraction=0.4, seed=5),
+                                     dict(kind="none", fraction=1.0), dict(kind="topk", fraction=1.0)],
+                         ids=lambda d: "-".join(str(v) for v in d.values()))
+@pytest.mark.parametrize("quantize", [False, True])
+def test_client_trims_large_tensors_in_blocks(tmp_path, monkeypatch, trim_kw, quantize):
+    """A client reads a tensor over its block size in blocks: the upload is byte-identical."""
+    import io
+
+    import tiesfed.client.contribution as contribution
+    from tiesfed.core.trim import TrimSpec
+
+    base, tuned = random_family(TOY_SPEC, 1, seed=11, dtype=torch.float32)
+    if quantize:  # many equal |τ|: ties at every boundary
+        tuned = [{n: base[n] + torch.round((t[n] - base[n]) * 200) / 200 for n in t} for t in tuned]
+    b = make_model(tmp_path / "base", {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in base.items()})
+    f = make_model(tmp_path / "ft", {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in tuned[0].items()})
+    trim = TrimSpec(**trim_kw)
+
+    def upload() -> tuple[bytes, object]:
+        stats = contribution.TrimStats()
+        buf = io.BytesIO()
+        with ModelReader(b) as rb, ModelReader(f) as rf:
+            thr = contribution.contribution_threshold(rb, rf, trim)
+            contribution.write_contribution(buf, contribution.contribution_header("fp", "0", trim, threshold=thr),
+                                            contribution.iter_contribution(rb, rf, trim, model_key="0",
+                                                                           threshold=thr, stats=stats))
+        return buf.getvalue(), stats
+
+    whole, s1 = upload()
+    monkeypatch.setattr(contribution, "CLIENT_BLOCK", 41)
+    blocks, s2 = upload()
+    assert whole == blocks
+    assert (s1.nnz, s1.threshold) == (s2.nnz, s2.threshold)
+    assert s1.kept_norm_share == pytest.approx(s2.kept_norm_share, rel=1e-5)

@@ -23,12 +23,16 @@ import torch
 
 from tiesfed.client.progress import StageProgress
 from tiesfed.core import radix
+from tiesfed.core.compact import select
 from tiesfed.core.trim import (
     GlobalThreshold,
     TrimSpec,
+    dare_generator,
     dare_seed,
+    keep_count,
     task_vector,
     trim_dare,
+    trim_dare_block,
     trim_none,
     trim_tensor_exact,
     trim_threshold,
@@ -67,6 +71,89 @@ def _task_vector(base: ModelReader, ft: ModelReader, name: str, device: str, che
     return tau
 
 
+#: elements of one tensor trimmed at once: a larger tensor is read from its byte range
+#: in blocks, so memory holds a block of the dense task vector plus the survivors
+CLIENT_BLOCK = 1 << 25
+
+
+def _tau_blocks(base: ModelReader, ft: ModelReader, t: TensorInfo, device: str,
+                block: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first element, flat τ) for the whole tensor, or for each block of a large one."""
+    block = block or CLIENT_BLOCK
+    if t.numel <= block:
+        yield 0, task_vector(base.get(t.name).to(device), ft.get(t.name).to(device))
+        return
+    for lo in range(0, t.numel, block):
+        hi = min(lo + block, t.numel)
+        yield lo, task_vector(base.get_range(t.name, lo, hi).to(device), ft.get_range(t.name, lo, hi).to(device))
+
+
+def _trim_in_blocks(base: ModelReader, ft: ModelReader, t: TensorInfo, trim: TrimSpec, keep_all: bool,
+                    threshold: Optional[float], model_key: str, device: str, stats: "TrimStats"):
+    """A tensor too large for one block: the same survivors as trimming it whole
+    (DARE's stream continues across blocks; the per-tensor top-k histograms the
+    blocks first and settles its boundary bucket's members at the end)."""
+    idx_parts, val_parts, cand = [], [], []
+    bucket = inner = keep = zeros = 0
+    exact = trim.kind == "topk" and not keep_all and threshold is None
+    gen = dare_generator(dare_seed(trim.seed, model_key, t.name)) if trim.kind == "dare" else None
+    if exact:
+        keep = keep_count(t.numel, trim.fraction)
+        hist = torch.zeros(radix.COARSE_BINS, dtype=torch.int64)
+        for _, tau in _tau_blocks(base, ft, t, device):
+            hist += radix.coarse_histogram(radix.abs_bits(tau))
+        if radix.nonfinite(hist):
+            raise _nonfinite(t.name, ft)
+        if keep >= t.numel:
+            exact, keep_all = False, True
+        elif keep > 0:
+            bucket, inner = radix.locate(hist, t.numel - keep + 1)
+    for lo, tau in _tau_blocks(base, ft, t, device):
+        bits = radix.abs_bits(tau)
+        if not exact and threshold is None and not radix.finite(bits):
+            raise _nonfinite(t.name, ft)
+        stats.norm_sq_total += sum_sq(tau)
+        if gen is not None:
+            idx, val = trim_dare_block(tau, trim.fraction, gen)
+            stats.norm_sq_kept += sum_sq(tau.index_select(0, idx))
+        elif exact and keep <= 0:
+            continue
+        elif exact:
+            idx, got = radix.at_least(bits, radix.bucket_start(bucket))
+            member = got < radix.bucket_start(bucket + 1)
+            zeros += tau.numel() - idx.numel() if bucket == 0 else 0
+            at = select(idx, member)
+            cand.append((at + lo, select(got, member), tau.index_select(0, at)))
+            idx = select(idx, ~member)
+            val = tau.index_select(0, idx)
+        else:
+            idx, _ = radix.at_least(bits, radix.pattern(threshold) if threshold else 0)
+            val = tau.index_select(0, idx)
+        if gen is None:
+            stats.norm_sq_kept += sum_sq(val)
+        idx_parts.append(idx + lo)
+        val_parts.append(val.to(torch.float32))
+    if cand:
+        pos, bits, vals = (torch.cat(c) for c in zip(*cand))
+        ranked = torch.sort(bits).values
+        kth = 0 if inner <= zeros else int(ranked[inner - zeros - 1])
+        over = bits > kth
+        need = keep - sum(p.numel() for p in idx_parts) - int(torch.count_nonzero(over))
+        order = torch.argsort(pos)  # the boundary's ties go to the lowest positions
+        at_kth = order[bits[order] == kth][: max(need, 0)] if kth else order[:0]
+        chosen = over.clone()
+        chosen[at_kth] = True
+        stats.norm_sq_kept += sum_sq(vals[chosen])
+        idx_parts.append(pos[chosen])
+        val_parts.append(vals[chosen])
+    idx = torch.cat(idx_parts) if idx_parts else torch.empty(0, dtype=torch.int64)
+    val = torch.cat(val_parts) if val_parts else torch.empty(0, dtype=torch.float32)
+    if cand:
+        idx, perm = torch.sort(idx)
+        val = val[perm]
+    return idx, val
+
+
 def _nonfinite(name: str, ft: ModelReader) -> ValueError:
     return ValueError(f"tensor {name!r} of {ft.path} has non-finite values (NaN or inf)")
 
@@ -94,15 +181,17 @@ def global_threshold(
     if progress:
         progress.stage("histogram 1/2", params)
     for t in tensors:
-        if select.add_coarse(_task_vector(base, ft, t.name, device, check=False)):
-            raise _nonfinite(t.name, ft)
+        for _, tau in _tau_blocks(base, ft, t, device):
+            if select.add_coarse(tau):
+                raise _nonfinite(t.name, ft)
         if progress:
             progress.update(t.numel)
     select.close_coarse()
     if progress:
         progress.stage("histogram 2/2", params)
     for t in tensors:
-        select.add_fine(_task_vector(base, ft, t.name, device, check=False))
+        for _, tau in _tau_blocks(base, ft, t, device):
+            select.add_fine(tau)
         if progress:
             progress.update(t.numel)
     return select.value
@@ -169,6 +258,15 @@ def iter_contribution(
     if progress:
         progress.stage("trim+encode", sum(t.numel for t in tensors))
     for t in tensors:
+        if t.numel > CLIENT_BLOCK:
+            stats.numel += t.numel
+            idx, val = _trim_in_blocks(base, ft, t, trim, keep_all, threshold, model_key, device, stats)
+            stats.nnz += idx.numel()
+            idx, val = cast_values(idx, val, value_dtype or wire_dtype(t.dtype), t.name)
+            if progress:
+                progress.update(t.numel)
+            yield SparseTensor(name=t.name, shape=tuple(t.shape), indices=idx.cpu(), values=val.cpu())
+            continue
         tau = _task_vector(base, ft, t.name, device, check=threshold is None)
         if trim.kind == "dare":
             idx, val = trim_dare(tau, trim.fraction, dare_seed(trim.seed, model_key, t.name))
