@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Optional
 
 from tiesfed.coordinator.ray_shards import ReplayItem, ShardedAggregator
+from tiesfed.coordinator.shard_plan import num_shards_for
 from tiesfed.coordinator.shard_pool import init_ray
 from tiesfed.core.accumulators import FinalizeSpec
 
@@ -27,8 +28,8 @@ class RayAggregatorFactory:
     """Callable `(manifest, spec, replay=None) -> ShardedAggregator`.
 
     num_shards None: one per GPU (with GPU actors) or per CPU of the cluster,
-    capped so that shards are not tiny. Actors ask for a fraction of a CPU by
-    default so that several rounds can be open at once on a small machine.
+    capped so that shards are not tiny (`default_shards`). Actors ask for a fraction
+    of a CPU by default so that several rounds can be open at once on a small machine.
     """
 
     ray_address: Optional[str] = None
@@ -92,13 +93,25 @@ class RayAggregatorFactory:
         return ShardedAggregator(
             manifest,
             spec,
-            num_shards=self.num_shards,
+            num_shards=self.num_shards or self.default_shards(manifest),
             num_gpus_per_actor=self.num_gpus_per_actor,
             num_cpus_per_actor=self.num_cpus_per_actor,
             max_restarts=self.max_restarts,
             replay=replay,
             on_rebuild=self.on_rebuild,
         )
+
+    def default_shards(self, manifest: list[tuple[str, int]]) -> Optional[int]:
+        """CPU actors: one per CPU of the cluster (not one per `num_cpus_per_actor`, which
+        is what an actor reserves), capped so that shards are not tiny; each is a process
+        that takes seconds of CPU to start, and folds no faster for sharing a core. GPU
+        actors: None (the pool's one per GPU)."""
+        if self.num_gpus_per_actor > 0:
+            return None
+        import ray
+
+        cpus = {k: v for k, v in ray.cluster_resources().items() if k != "GPU"}
+        return num_shards_for(cpus, sum(n for _, n in manifest), num_cpus_per_actor=1.0)
 
     def close(self) -> None:
         """Shut Ray down if this factory started it (on the thread that started it, after
