@@ -85,6 +85,8 @@ def merge(
     value_dtype = VALUE_DTYPES[opts.value_dtype] if opts.value_dtype else None
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)  # before any reading, not after
+    if device.startswith("mps"):
+        raise ValueError("--device mps: the accumulators need float64, which mps lacks; use cpu or cuda")
 
     with ExitStack() as stack:
         base = stack.enter_context(ModelReader(config.base_model))
@@ -105,7 +107,7 @@ def merge(
             stack.callback(bar.close)
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiesfed-", dir=work_dir)))
 
-        block = block_elements(max_memory, trimmers)
+        block = block_elements(_device_budget(max_memory, device), trimmers)
         if any(t.needs_histogram for t in trimmers):
             bar.stage("histogram", params)
             for t in tensors:
@@ -216,6 +218,14 @@ def default_max_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):
         return 8 << 30
+
+
+def _device_budget(max_memory: Optional[int], device: str) -> Optional[int]:
+    """On a GPU the budget is also bounded by its free memory (80% of it)."""
+    if not device.startswith("cuda"):
+        return max_memory
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return min(default_max_memory() if max_memory is None else max_memory, int(0.8 * free) + FIXED_BYTES)
 
 
 def block_elements(max_memory: Optional[int], trimmers: Sequence[ModelTrimmer]) -> int:
