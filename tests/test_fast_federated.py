@@ -390,3 +390,24 @@ def test_read_ahead_receives_while_the_taker_works_in_order():
     assert next(endless) == 0
     endless.stop()
     assert next(endless, None) is None
+
+
+def test_download_digests_as_it_writes_a_stale_partial_is_fetched_again(family, coordinator, tmp_path):
+    """The fetch's sha256 is taken as the file grows (and over the prefix a resume keeps): a partial
+    file whose bytes are not the merge's fails it and is downloaded again from zero."""
+    from tiesfed.client.federated import Connection, download
+
+    srv = coordinator()
+    rnd = open_round(srv)
+    for i, c in enumerate(CLIENTS):
+        submit(srv.target, "r1", c, family[0], family[1][i], retry=FAST, insecure=True)
+    assert rnd.wait_closed(60) and rnd.state == "finalized"
+    merged = rnd.merged.path.read_bytes()
+    part = tmp_path / "merged.part"
+    with Connection(srv.target, "org-b", FAST, insecure=True) as conn:
+        part.write_bytes(merged[:777])
+        got, attempts = download(conn, "r1", part, rnd.merged.sha256, rnd.merged.bytes)
+        assert (got, attempts) == (len(merged) - 777, 1) and part.read_bytes() == merged
+        part.write_bytes(b"\0" * 777)  # stale: not the merge's first bytes
+        got, attempts = download(conn, "r1", part, rnd.merged.sha256, rnd.merged.bytes)
+        assert (got, attempts) == (len(merged) - 777 + len(merged), 2) and part.read_bytes() == merged

@@ -10,6 +10,7 @@ its manifest or its signature stops the fetch with nothing left in `out_dir`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,7 +31,6 @@ from tiesfed.client.connection import (
     spec_options,
 )
 from tiesfed.client.progress import Stages
-from tiesfed.io.files import sha256_file
 from tiesfed.io.materialize import apply_merged
 from tiesfed.io.model_io import (
     DEFAULT_SHARD_BYTES,
@@ -157,6 +157,7 @@ def download(conn: Connection, round_id: str, path: Path, sha256: str, total: in
             total=total, initial=pos, unit="B", unit_scale=True, disable=not progress, desc=f"download {round_id}"
         ) as bar:
             f.truncate(pos)
+            digest = _prefix_digest(f, pos)  # the file's sha256, kept as it grows: no second read
             f.seek(pos)
             while pos < total:
                 started_at = pos
@@ -173,6 +174,7 @@ def download(conn: Connection, round_id: str, path: Path, sha256: str, total: in
                             raise FederatedError(f"download of round {round_id!r}: chunk at {ch.offset}, expected {pos}")
                         if ch.data:
                             f.write(ch.data)
+                            digest.update(ch.data)
                             pos += len(ch.data)
                             got += len(ch.data)
                             bar.update(len(ch.data))
@@ -190,10 +192,23 @@ def download(conn: Connection, round_id: str, path: Path, sha256: str, total: in
                     failures += 1
             f.flush()
             os.fsync(f.fileno())
-        if sha256_file(path) == sha256:
+        if digest.hexdigest() == sha256:
             return got, whole + 1 + failures
         path.unlink()
     raise FederatedError(f"download of round {round_id!r}: sha256 mismatch after a fresh download", "DATA_LOSS")
+
+
+def _prefix_digest(f, n: int) -> "hashlib._Hash":
+    """sha256 of the first `n` bytes of the open file `f` (a partial download resumed)."""
+    h = hashlib.sha256()
+    f.seek(0)
+    while n > 0:
+        b = f.read(min(n, 1 << 20))
+        if not b:
+            break
+        h.update(b)
+        n -= len(b)
+    return h
 
 
 def partial_name(round_id: str) -> str:
