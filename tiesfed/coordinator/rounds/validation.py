@@ -92,7 +92,8 @@ class ContributionRules:
             raise RoundError(
                 "INVALID_ARGUMENT", f"tensor {t.name!r} has shape {list(t.shape)}, the round's base has {list(e.shape)}"
             )
-        if t.nnz and (peak := float(t.values.abs().max())) > self.max_abs_value:
+        mag = t.values.abs() if t.nnz else None  # once: the bound and the threshold both look at it
+        if mag is not None and (peak := float(mag.max())) > self.max_abs_value:
             raise RoundError(
                 "INVALID_ARGUMENT",
                 f"tensor {t.name!r} carries |value| {peak:g}, over the max_abs_value "
@@ -100,10 +101,9 @@ class ContributionRules:
             )
         trim = self.trims[s.client_id]
         over = f"over the budget of {trim.kind} trim at {100 * trim.fraction:g}%"
-        if s.threshold is not None and t.nnz:
-            mag = t.values.abs()
+        if s.threshold is not None and mag is not None:
             floor = torch.tensor(s.threshold, dtype=torch.float32).to(mag.dtype)  # monotonic rounding
-            if bool((mag < floor).any()):
+            if bool(mag.min() < floor):
                 raise RoundError(
                     "INVALID_ARGUMENT",
                     f"tensor {t.name!r} of {s.client_id!r} carries |value| {float(mag.min()):g}: "
