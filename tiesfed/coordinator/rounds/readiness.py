@@ -109,7 +109,9 @@ def attach(r: "RoundState") -> bool:
                 break
         busy.wait()
     try:
+        started = time.monotonic()
         agg = r._new_aggregator()  # not under the lock: Ray actors take a while to start
+        built = time.monotonic() - started
         with r.lock:
             if r.state in ("finalized", "failed"):  # aborted meanwhile: nothing to fold
                 release(agg)
@@ -124,9 +126,10 @@ def attach(r: "RoundState") -> bool:
                         s.pending = []
             r.agg_pending = False
             r._rebuild(new=agg)  # committed contributions in participant order, then the live records
-            log.info("round %s: aggregator ready; folded %d committed contribution(s) and %d record(s) "
-                     "received while it started", r.id, len(r.committed), held,
-                     extra={"round": r.id, "committed": len(r.committed), "records": held})
+            log.info("round %s: aggregator ready (built in %.1f s); folded %d committed contribution(s) and %d "
+                     "record(s) received while it started", r.id, built, len(r.committed), held,
+                     extra={"round": r.id, "committed": len(r.committed), "records": held,
+                            "seconds": round(built, 3)})
             return True
     finally:
         with r.lock:
