@@ -106,11 +106,12 @@ class Measured:
 
     def __init__(self, cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None):
         self.cmd = [str(c) for c in cmd]
-        self.log = Path(log)
+        self.log = Path(log).resolve()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._res = self.log.with_suffix(".rusage.json")
         self._res.unlink(missing_ok=True)
         self.started = time.time()
+        cwd = cwd or self.log.parent  # never a checkout: `python -m` would import its tiesfed/ first
         with open(self.log, "wb") as f:
             self.proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(self._res), *self.cmd],
                                          stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -180,7 +181,7 @@ def tool_env(tiesfed_src: str | None = None) -> dict:
 def tiesfed_source(env: dict) -> dict:
     """Where the measured tiesfed comes from: its folder, git commit and whether the tree differs from it."""
     code = "import tiesfed, os; print(os.path.dirname(os.path.dirname(os.path.abspath(tiesfed.__file__))))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
     src = out.stdout.strip()
     info = {"path": src}
     git = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
@@ -447,7 +448,7 @@ def ensure_pki(work: Path, env: dict) -> Path:
              ["pki", "issue", str(pki / "ca"), "--server", "127.0.0.1,localhost", "-o", str(pki / "server")]]
     steps += [["pki", "issue", str(pki / "ca"), "--client", c, "-o", str(pki / c)] for c in CLIENTS]
     for s in steps:
-        subprocess.run([*tf, *s], check=True, env=env, capture_output=True)
+        subprocess.run([*tf, *s], check=True, env=env, capture_output=True, cwd=work)
     done.write_text("ok\n")
     return pki
 
@@ -755,6 +756,7 @@ def render_scale(data: dict) -> str:
 
 def run_scale(args, env: dict) -> dict:
     """tiesfed merge (defaults and tensor scope) on families of growing size; wall, peak RSS, fits."""
+    args.work = str(Path(args.work).resolve())
     work = Path(args.work) / "scale"
     work.mkdir(parents=True, exist_ok=True)
     sizes = [float(s) for s in args.sizes.split(",")] if args.sizes else list(SCALE_SIZES)
@@ -806,7 +808,7 @@ def meta_info() -> dict:
 
 def run_all(args, log=print) -> dict:
     env = tool_env(getattr(args, "tiesfed_src", None))
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     exe = None if args.skip_mergekit else ensure_mergekit(Path(args.mergekit_venv), log)
     cfg = shapes_for(args.params)
@@ -866,9 +868,10 @@ def report(data: dict, print=print) -> None:
     src = data["meta"].get("tiesfed", {})
     print(f"\n## tiesfed vs mergekit {MERGEKIT_VERSION}: {c['params'] / 1e6:.1f}M params, base + {N_MODELS} "
           f"fine-tunes, fp32, k = {c['k']:g}; {data['meta']['cpus']} CPU cores; best wall of {c['repeat']}\n")
-    if src.get("commit"):
-        dirty = " + uncommitted changes to tiesfed/" if src["dirty"] else ""
-        print(f"tiesfed: {src['path']} at {src['commit']}{dirty}\n")
+    if src.get("path"):
+        dirty = " + uncommitted changes to tiesfed/" if src.get("dirty") else ""
+        at = f" at {src['commit']}{dirty}" if src.get("commit") else " (not a git checkout)"
+        print(f"tiesfed: {src['path']}{at}\n")
     if data.get("mergekit_yaml"):
         print("mergekit config (mergekit-ties.yml):\n")
         print("```yaml\n" + data["mergekit_yaml"] + "```")
