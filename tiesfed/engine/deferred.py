@@ -33,8 +33,20 @@ from tiesfed.report import ModelReport
 Entries = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+class Spilled:
+    """A record that waits on disk, not in memory, until the pass is over."""
+
+    def spill(self, path: Path) -> Path:
+        torch.save(self.__dict__, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path):
+        return cls(**torch.load(path))
+
+
 @dataclass
-class Tie:
+class Tie(Spilled):
     """Tied parameters of one tensor and the outputs each majority would give."""
 
     name: str
@@ -42,17 +54,9 @@ class Tie:
     if_negative: torch.Tensor
     if_zero: torch.Tensor
 
-    def spill(self, path: Path) -> Path:
-        torch.save(self.__dict__, path)
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> "Tie":
-        return cls(**torch.load(path))
-
 
 @dataclass
-class Pending:
+class Pending(Spilled):
     """Held positions of one tensor (sorted flat indices), their base values, and per
     model the survivors already known there and the candidates (local indices)."""
 
@@ -78,14 +82,6 @@ class Pending:
 
     def entries(self, model: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.known[model]
-
-    def spill(self, path: Path) -> Path:
-        torch.save(self.__dict__, path)
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> "Pending":
-        return cls(**torch.load(path))
 
     def settle(self, trimmers: Sequence, weights: Sequence[float], reports: Sequence[ModelReport],
                spec: FinalizeSpec) -> tuple[int, int]:
