@@ -187,7 +187,7 @@ def test_cli_yaml_config(family, tmp_path):
     base, tuned, base_dir, paths = family
     cfg = tmp_path / "merge.yaml"
     cfg.write_text(
-        "merge_method: ties\n"
+        "method: ties\n"  # tiesfed's own format (mergekit's names `merge_method`)
         f"base_model: {base_dir}\n"
         "parameters:\n  density: 0.3\n  lambda: 0.9\n"
         "models:\n"

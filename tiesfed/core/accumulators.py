@@ -190,7 +190,9 @@ def fold(
     # Split by the contribution's own sign without compacting: the other sign adds
     # +0.0, which leaves a sum's bits alone (no sum here is ever -0.0), and is far
     # cheaper than boolean indexing.
-    pos, neg = raw > 0, raw < 0
+    # A negative weight (mergekit allows them) flips the value's sign before the vote:
+    # the weighted value is what votes, counts and sums, as in mergekit.
+    pos, neg = (raw > 0, raw < 0) if weight >= 0 else (raw < 0, raw > 0)
     zero = torch.zeros((), dtype=val.dtype, device=dev)
     check = acc.exact
     exact = _add_checked(acc.s_pos, idx, torch.where(pos, val, zero), check)
@@ -287,7 +289,8 @@ def finalize(acc: Accumulator, spec: FinalizeSpec, majority: int = 1, gamma: Opt
     if spec.combine == "sum":
         return (acc.s_pos + acc.s_neg).to(torch.float32)
     if spec.combine == "average":
-        total = acc.weight_total if acc.weight_total > 0 else 1.0
+        # mergekit's rule: a total weight of (nearly) zero divides by 1
+        total = acc.weight_total if acc.weight_total > 0 or abs(acc.weight_total) >= 1e-8 else 1.0
         return ((acc.s_pos + acc.s_neg) / total).to(torch.float32)
 
     gamma = resolve_sign(elect(acc, spec) if gamma is None else gamma, spec, majority)
@@ -316,8 +319,13 @@ def _disjoint(acc: Accumulator, spec: FinalizeSpec, pos: torch.Tensor, neg: torc
             divisor = torch.where(pos, acc.w_pos, acc.w_neg)
         else:
             divisor = torch.where(pos, acc.c_pos, acc.c_neg).to(merged.dtype)
-        merged = merged / divisor.clamp_min(torch.finfo(merged.dtype).tiny)
-        merged = torch.where(divisor > 0, merged, torch.zeros_like(merged))
+        if acc.w_pos is not None:
+            # mergekit's rule, also for negative weights: an agreeing weight sum of 0 divides by 1
+            # (with positive weights it is 0 only where nothing agrees, and the sum is 0 there)
+            merged = merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        else:
+            merged = merged / divisor.clamp_min(torch.finfo(merged.dtype).tiny)
+            merged = torch.where(divisor > 0, merged, torch.zeros_like(merged))
     return merged
 
 

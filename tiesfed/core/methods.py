@@ -76,7 +76,16 @@ class Average(TaskArithmetic):
         return FinalizeSpec(combine="average", weighted=weighted)
 
 
-METHODS: dict[str, MergeMethod] = {m.name: m() for m in (Ties, DareTies, TaskArithmetic, Average)}
+class DareLinear(TaskArithmetic):
+    """DARE's random drop with rescale, then τ_m = Σ w_t τ̂_t (mergekit's `dare_linear`)."""
+
+    name = "dare_linear"
+
+    def trim_spec(self, opts: MergeOptions, density: Optional[float] = None) -> TrimSpec:
+        return TrimSpec(kind="dare", fraction=_fraction(opts, density), seed=opts.seed)
+
+
+METHODS: dict[str, MergeMethod] = {m.name: m() for m in (Ties, DareTies, TaskArithmetic, Average, DareLinear)}
 
 
 def get_method(name: str) -> MergeMethod:

@@ -7,7 +7,7 @@ naming the field, before any tensor is read.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import (
     BaseModel,
@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-Method = Literal["ties", "task_arithmetic", "average", "dare_ties"]
+Method = Literal["ties", "task_arithmetic", "average", "dare_ties", "dare_linear"]
 TrimScope = Literal["global", "tensor"]
 Election = Literal["mass", "count"]
 ZeroSign = Literal["majority", "positive"]
@@ -70,6 +70,17 @@ class ModelEntry(BaseModel):
     model: str
     weight: float = Field(1.0, gt=0)
     density: Optional[float] = Field(None, gt=0, le=1, description="fraction kept; overrides k")
+    #: mergekit format only: the weight and density settings of this model, highest precedence
+    #: first (its own, then the merge's), each a number, a gradient over the layers or a list of
+    #: `{filter, value}`; resolved per tensor (`tiesfed.core.tensor_params`), and override the above
+    weight_settings: Optional[tuple[Any, ...]] = None
+    density_settings: Optional[tuple[Any, ...]] = None
+    weight_default: Optional[float] = None
+    density_default: Optional[float] = None
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.weight_settings is not None or self.density_settings is not None
 
 
 class MergeConfig(BaseModel):
@@ -80,6 +91,12 @@ class MergeConfig(BaseModel):
     base_model: str
     models: list[ModelEntry] = Field(min_length=1)
     options: MergeOptions = MergeOptions()
+    #: dtype the inputs are cast to when read (mergekit's `dtype`); default: as stored
+    dtype: Optional[ValueDtype] = None
+    #: dtype of the merged float tensors (mergekit's `out_dtype`); default: `dtype`, else the base's
+    out_dtype: Optional[ValueDtype] = None
+    #: which file format this came from: "tiesfed" or "mergekit" (reported, and names the semantics)
+    semantics: Literal["tiesfed", "mergekit"] = "tiesfed"
 
     @model_validator(mode="before")
     @classmethod
@@ -89,8 +106,9 @@ class MergeConfig(BaseModel):
             return data
         data = dict(data)
         options = dict(data.pop("options", {}) or {})
-        if "merge_method" in data:
-            options["method"] = data.pop("merge_method")
+        for key in ("merge_method", "method"):
+            if key in data:
+                options["method"] = data.pop(key)
         options.update(data.pop("parameters", {}) or {})
         if "density" in options:  # mergekit's global density is a fraction
             options["k"] = float(options.pop("density")) * 100
@@ -104,5 +122,4 @@ class MergeConfig(BaseModel):
             models.append(m)
         data["models"] = models
         data["options"] = options
-        data.pop("dtype", None)  # output keeps the base's dtypes
         return data

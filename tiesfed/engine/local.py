@@ -34,7 +34,8 @@ from tiesfed.client.contribution import (
 from tiesfed.client.progress import StageProgress, Stages, stages
 from tiesfed.core.accumulators import majority_sign
 from tiesfed.core.methods import get_method
-from tiesfed.core.options import MergeConfig
+from tiesfed.core.options import MergeConfig, ModelEntry
+from tiesfed.core.tensor_params import layer_count, position, resolve
 from tiesfed.core.trim import task_vector
 from tiesfed.engine.deferred import Pending, Tie
 from tiesfed.engine.tensor import merge_tensor
@@ -80,9 +81,12 @@ def merge(
     started = time.perf_counter()
     opts = config.options
     method = get_method(opts.method)
-    weighted = any(m.weight != 1.0 for m in config.models)
+    weighted = any(m.weight != 1.0 or m.weight_settings is not None for m in config.models)
     spec = method.finalize_spec(opts, weighted)
     value_dtype = VALUE_DTYPES[opts.value_dtype] if opts.value_dtype else None
+    compute = VALUE_DTYPES[config.dtype] if config.dtype else None  # inputs cast to it when read
+    out_dtype = VALUE_DTYPES[config.out_dtype] if config.out_dtype else compute
+    per_tensor = any(m.per_tensor for m in config.models)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)  # before any reading, not after
     if device.startswith("mps"):
@@ -99,7 +103,12 @@ def merge(
         trims = [method.trim_spec(opts, m.density) for m in config.models]
         trimmers = [ModelTrimmer(trim, str(i), m.model, params, value_dtype)
                     for i, (m, trim) in enumerate(zip(config.models, trims))]
+        if config.semantics == "mergekit":
+            for trimmer in trimmers:
+                trimmer.min_keep = 1  # mergekit's magnitude trim keeps max(1, int(density·n))
         weights = [m.weight for m in config.models]
+        layers = layer_count(t.name for t in tensors)
+        tensor_weights: dict[str, list[float]] = {}  # per-tensor weights, where they differ from `weights`
         reports = [ModelReport(model=m.model, weight=m.weight, density=0.0, kept_norm_share=1.0, nnz=0)
                    for m in config.models]
         bar = stages(progress)
@@ -112,14 +121,14 @@ def merge(
             bar.stage("histogram", params)
             for t in tensors:
                 for lo, hi in _blocks(t.numel, block):
-                    theta0 = _read(base, t, lo, hi, device)
+                    theta0 = _read(base, t, lo, hi, device, compute)
                     for ft, trimmer in zip(fts, trimmers):
                         if trimmer.needs_histogram:
-                            trimmer.histogram(t.name, task_vector(theta0, _read(ft, t, lo, hi, device)))
+                            trimmer.histogram(t.name, task_vector(theta0, _read(ft, t, lo, hi, device, compute)))
                     bar.update(hi - lo)
 
         bar.stage("merge", params)
-        plan = [(t.name, tuple(t.shape), t.dtype) for t in base.manifest()]
+        plan = [(t.name, tuple(t.shape), _out_dtype(t.dtype, out_dtype)) for t in base.manifest()]
         writer = stack.enter_context(
             ShardedWriter(out_dir, plan, max_shard_bytes=shard_bytes, metadata={"tiesfed_method": opts.method},
                           overwrite=overwrite)
@@ -129,20 +138,29 @@ def merge(
             blocks = _blocks(t.numel, block)
             if t.name not in merged_names:
                 for lo, hi in blocks:
-                    _write(writer, t, _read(base, t, lo, hi, "cpu"), len(blocks))
+                    _write(writer, t, _read(base, t, lo, hi, "cpu", compute), len(blocks), out_dtype)
                 continue
+            w_t = weights
+            if per_tensor:
+                at = position(t.name, layers)
+                w_t = [_tensor_weight(m, t.name, at) for m in config.models]
+                if w_t != weights:
+                    tensor_weights[t.name] = w_t
+                for m, trimmer in zip(config.models, trimmers):
+                    trimmer.set_fraction(_tensor_density(m, t.name, at))
             for ft, trimmer in zip(fts, trimmers):
                 if trimmer.tensor_topk and len(blocks) > 1:  # this tensor's own threshold first
                     for lo, hi in blocks:
-                        trimmer.tensor_histogram(t.name, task_vector(_read(base, t, lo, hi, device),
-                                                                     _read(ft, t, lo, hi, device)))
+                        trimmer.tensor_histogram(t.name, task_vector(_read(base, t, lo, hi, device, compute),
+                                                                     _read(ft, t, lo, hi, device, compute)))
                 trimmer.start_tensor(t.name, t.numel, len(blocks))
             for lo, hi in blocks:
-                theta0 = _read(base, t, lo, hi, device)
-                parts = [trimmer.trim_block(t.name, task_vector(theta0, _read(ft, t, lo, hi, device)), t.dtype)
+                theta0 = _read(base, t, lo, hi, device, compute)
+                parts = [trimmer.trim_block(t.name, task_vector(theta0, _read(ft, t, lo, hi, device, compute)),
+                                            theta0.dtype)
                          for ft, trimmer in zip(fts, trimmers)]
                 try:
-                    res = merge_tensor(t.name, theta0, parts, weights, reports, spec, opts.lam, offset=lo)
+                    res = merge_tensor(t.name, theta0, parts, w_t, reports, spec, opts.lam, offset=lo)
                 except OverflowError as e:
                     raise ModelError(f"tensor {t.name!r}: {e}") from None
                 del parts
@@ -151,7 +169,7 @@ def merge(
                     ties.append(res.tie.spill(work / f"tie-{len(ties)}.pt"))
                 if res.pending is not None:
                     pending.append(res.pending.spill(work / f"pending-{len(pending)}.pt"))
-                _write(writer, t, res.theta, len(blocks))
+                _write(writer, t, res.theta, len(blocks), out_dtype)
                 bar.update(hi - lo)
             for trimmer in trimmers:
                 trimmer.end_tensor(t.name)
@@ -159,7 +177,7 @@ def merge(
         tied_params = 0
         for path in pending:  # every threshold is exact now
             held = Pending.load(path)
-            b, tied = held.settle(trimmers, weights, reports, spec)
+            b, tied = held.settle(trimmers, tensor_weights.get(held.name, weights), reports, spec)
             balance += b
             tied_params += tied
             held.spill(path)
@@ -167,7 +185,8 @@ def merge(
         for path in pending:
             held = Pending.load(path)
             try:
-                writer.patch(held.name, held.positions, held.merged(weights, spec, majority, opts.lam))
+                writer.patch(held.name, held.positions,
+                             held.merged(tensor_weights.get(held.name, weights), spec, majority, opts.lam))
             except OverflowError as e:
                 raise ModelError(f"tensor {held.name!r}: {e}") from None
         for path in ties:
@@ -247,13 +266,38 @@ def _blocks(numel: int, block: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + block, numel)) for lo in range(0, max(numel, 1), block)]
 
 
-def _read(reader: ModelReader, t: TensorInfo, lo: int, hi: int, device: str) -> torch.Tensor:
-    """A whole tensor (its shape kept) or a flat block of it."""
+def _read(reader: ModelReader, t: TensorInfo, lo: int, hi: int, device: str,
+          cast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A whole tensor (its shape kept) or a flat block of it; float tensors cast to `cast`."""
     whole = reader.get(t.name) if (lo, hi) == (0, t.numel) else reader.get_range(t.name, lo, hi)
+    if cast is not None and whole.is_floating_point():
+        whole = whole.to(cast)
     return whole.to(device)
 
 
-def _write(writer: ShardedWriter, t: TensorInfo, data: torch.Tensor, blocks: int) -> None:
+def _out_dtype(stored: torch.dtype, out: Optional[torch.dtype]) -> torch.dtype:
+    return out if out is not None and stored.is_floating_point else stored
+
+
+def _tensor_weight(m: ModelEntry, name: str, t: float) -> float:
+    if m.weight_settings is None:
+        return m.weight
+    w = resolve(name, m.weight_settings, t, m.weight_default)
+    if w is None:
+        raise ValueError(f"model {m.model}: no weight for tensor {name!r} (no filter matches)")
+    return w
+
+
+def _tensor_density(m: ModelEntry, name: str, t: float) -> Optional[float]:
+    if m.density_settings is None:
+        return m.density
+    d = resolve(name, m.density_settings, t, m.density_default)
+    return None if d is None else min(max(d, 0.0), 1.0)
+
+
+def _write(writer: ShardedWriter, t: TensorInfo, data: torch.Tensor, blocks: int,
+           out: Optional[torch.dtype] = None) -> None:
+    data = data.to(_out_dtype(data.dtype, out)) if out is not None else data
     if blocks == 1:
         writer.write(t.name, data.reshape(t.shape))
     else:

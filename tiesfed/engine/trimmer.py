@@ -70,6 +70,23 @@ class ModelTrimmer:
         self._hist: Optional[torch.Tensor] = None
         self._cuts: dict[str, list[int]] = {}  # name -> [kth bits, how many at kth still to keep]
         self._dare: Optional[torch.Generator] = None
+        #: this tensor's fraction (mergekit's per-tensor density: `set_fraction`), else the spec's
+        self.fraction = trim.fraction
+        self._keep_all_spec = self.keep_all
+        #: fewest kept by a per-tensor top-k with a fraction > 0 (mergekit keeps at least one)
+        self.min_keep = 0
+
+    def set_fraction(self, fraction: Optional[float]) -> None:
+        """Before a tensor (and its histogram): its own fraction kept, or None for the spec's.
+        Only for per-tensor trims (tensor top-k, DARE, keep-all): a global threshold has one fraction."""
+        self.fraction = self.trim.fraction if fraction is None else fraction
+        if self.select is None:
+            self.keep_all = self._keep_all_spec if fraction is None else (
+                self.trim.kind == "none" or self.fraction >= 1.0)
+
+    def _keep(self, numel: int) -> int:
+        keep = keep_count(numel, self.fraction)
+        return max(keep, min(self.min_keep, numel)) if self.fraction > 0 else keep
 
     @property
     def needs_histogram(self) -> bool:
@@ -96,7 +113,7 @@ class ModelTrimmer:
             self._dare = dare_generator(dare_seed(self.trim.seed, self.model_key, name))
         self._tensor = None
         if self.tensor_topk and blocks > 1:
-            keep = keep_count(numel, self.trim.fraction)
+            keep = self._keep(numel)
             if keep >= numel:
                 self._tensor = _TensorCut(keep, _ALL, 0)
             elif keep <= 0:
@@ -114,7 +131,7 @@ class ModelTrimmer:
         cand_idx, cand_val = _EMPTY_IDX, _EMPTY_VAL
         cut = self._tensor
         if self.trim.kind == "dare":
-            idx, val = trim_dare_block(flat, self.trim.fraction, self._dare)
+            idx, val = trim_dare_block(flat, self.fraction, self._dare)
             kept = flat.index_select(0, idx)  # the norm statistic is of τ, not of DARE's rescaled values
         else:
             if self.keep_all or (cut is not None and cut.bucket == _ALL):
@@ -173,7 +190,7 @@ class ModelTrimmer:
         return cast_values(pos, val, self._wire_dtype(dtype), name)
 
     def _top_count(self, bits: torch.Tensor) -> torch.Tensor:
-        keep = keep_count(bits.numel(), self.trim.fraction)
+        keep = self._keep(bits.numel())
         if keep >= bits.numel():
             return radix.at_least(bits, 0)[0]
         if keep <= 0:

@@ -10,12 +10,18 @@ from pathlib import Path
 import yaml
 
 from tiesfed.core.options import MergeConfig
+from tiesfed.io.mergekit_config import from_mergekit, is_mergekit
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    """Read a merge YAML; relative model paths are taken from the YAML's folder."""
+def load_config(path: str | Path, cwd: Path | None = None) -> MergeConfig:
+    """Read a merge YAML. mergekit's format (it names `merge_method`) gets mergekit's
+    defaults and semantics, and its relative paths are taken from the working
+    directory (`cwd`), as mergekit does; tiesfed's own format (`method:`) keeps the
+    paper's defaults, and its relative paths are taken from the YAML's folder."""
     path = Path(path)
     raw = yaml.safe_load(path.read_text())
+    if is_mergekit(raw):
+        return from_mergekit(raw, cwd)
     cfg = MergeConfig.model_validate(raw)
 
     def resolve(p: str) -> str:
