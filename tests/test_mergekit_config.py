@@ -313,3 +313,21 @@ def test_dtype_and_out_dtype(family, tmp_path):
     got = run(tmp_path, raw, "bf16-out32")
     assert got["embed.weight"].dtype == torch.float32
     assert torch.equal(got["embed.weight"].to(torch.bfloat16), want["embed.weight"])
+
+
+def test_cli_runs_a_mergekit_config_and_names_a_bad_field(family, tmp_path):
+    from click.testing import CliRunner
+
+    from tiesfed.cli.app import main
+
+    base, tuned, base_dir, paths = family
+    models = [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.4}} for p in paths]
+    y = tmp_path / "mk.yml"
+    y.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(base_dir), "models": models}))
+    res = CliRunner().invoke(main, ["merge", "--config", str(y), "-o", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert_close(load_folder(tmp_path / "out"),
+                 reference(base, tuned, models, {}, consensus=True, sparsify=True, normalize=True))
+    y.write_text(yaml.safe_dump({"merge_method": "slerp", "base_model": str(base_dir), "models": models}))
+    res = CliRunner().invoke(main, ["merge", "--config", str(y), "-o", str(tmp_path / "out2"), "-q"])
+    assert res.exit_code != 0 and "merge_method" in res.output and "Traceback" not in res.output

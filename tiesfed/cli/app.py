@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from tiesfed.cli.common import device_option, flag_message, parse_size, parse_weights
 from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
 from tiesfed.io.merge_config import load_config
+from tiesfed.io.mergekit_config import MergekitConfigError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,7 +26,9 @@ def main() -> None:
 @click.argument("base", required=False)
 @click.argument("models", nargs=-1)
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="mergekit-style YAML")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="merge YAML: mergekit's format (merge_method: ...; mergekit's defaults and semantics) or "
+              "tiesfed's own (method: ...; the paper's defaults)")
 @click.option("--method", type=click.Choice(["ties", "task_arithmetic", "average", "dare_ties"]),
               help="merge method (default ties: trim, elect sign, disjoint mean)")
 @click.option("--k", type=float, help="percent of each task vector kept (default 20)")
@@ -83,6 +86,8 @@ def merge(base, models, out_dir, config_path, weights, device, shard_size, repor
             )
     except ValidationError as e:
         raise click.UsageError(flag_message(e, click.get_current_context(), {"lambda": "lam"})) from None
+    except MergekitConfigError as e:
+        raise click.UsageError(f"{config_path}: {e}") from None
     try:
         report = run_merge(
             cfg, out_dir, device=device, shard_bytes=parse_size(shard_size), progress=not quiet,
