@@ -331,3 +331,26 @@ def test_cli_runs_a_mergekit_config_and_names_a_bad_field(family, tmp_path):
     y.write_text(yaml.safe_dump({"merge_method": "slerp", "base_model": str(base_dir), "models": models}))
     res = CliRunner().invoke(main, ["merge", "--config", str(y), "-o", str(tmp_path / "out2"), "-q"])
     assert res.exit_code != 0 and "merge_method" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_per_tensor_settings_in_blocks_give_the_whole_tensor_result(family, tmp_path, monkeypatch, method):
+    """A tensor streamed in blocks (the memory bound) gets the same bytes with per-tensor
+    densities and weights, negative ones and a cast dtype."""
+    import tiesfed.engine.local as local
+    import tiesfed.engine.tensor as tensor
+
+    _, _, base_dir, paths = family
+    raw = {"merge_method": method, "base_model": str(base_dir), "dtype": "bfloat16", "out_dtype": "float32",
+           "parameters": {"density": [0.2, 0.7, 0.4]},
+           "models": [{"model": str(paths[0]), "parameters": {"weight": [1.0, 0.3]}},
+                      {"model": str(paths[1]), "parameters": {"weight": -0.6, "density": 0.5}},
+                      {"model": str(paths[2]), "parameters": {"weight": 0.8}}]}
+    whole = run(tmp_path, raw, "whole")
+    with monkeypatch.context() as m:
+        m.setattr(local, "block_elements", lambda *a: 23)
+        m.setattr(tensor, "BLOCK", 7)
+        blocks = run(tmp_path, raw, "blocks")
+    assert whole.keys() == blocks.keys()
+    for n in whole:
+        assert whole[n].dtype == blocks[n].dtype and torch.equal(whole[n], blocks[n]), n
