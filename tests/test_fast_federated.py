@@ -108,17 +108,24 @@ def test_status_answers_before_the_aggregator_is_up(family, tmp_path):
         srv.stop(grace=0)
 
 
-def test_uploads_taken_while_the_aggregator_starts_are_folded_once_it_is(family, tmp_path):
+@pytest.mark.parametrize("buffer", [1 << 30, 0, 3000])  # every record kept decoded, none, some
+def test_uploads_taken_while_the_aggregator_starts_are_folded_once_it_is(family, tmp_path, buffer):
     """Two uploads committed and a third half received before the aggregator is up: the round
-    waits for it (even with all three in), folds them, and merges bit-identically to the engine."""
+    folds them once it is (records kept decoded as they are, the others read back from the
+    spool), and merges bit-identically to the engine."""
     factory = GatedFactory()
-    srv = gated_server(family, tmp_path, factory)
+    srv = gated_server(family, tmp_path, factory, pending_buffer_bytes=buffer)
     try:
         rnd = srv.manager.get("r1")
         for i, c in enumerate(CLIENTS[:2]):
             res = submit(srv.target, "r1", c, family[0], family[1][i], retry=FAST, insecure=True)
             assert not res.duplicate
         assert sorted(rnd.committed) == CLIENTS[:2] and rnd.agg is None and rnd.agg_pending
+        with rnd.lock:
+            kept = [t for recs in rnd.held.values() for *_, t in recs if t is not None]
+            assert sorted(rnd.held) == CLIENTS[:2] and 0 <= rnd.held_bytes <= buffer
+            assert rnd.held_bytes == sum(t.indices.nbytes + t.values.nbytes for t in kept)
+            assert bool(kept) == (buffer > 0)
 
         mid, go = threading.Event(), threading.Event()
 
@@ -143,7 +150,8 @@ def test_uploads_taken_while_the_aggregator_starts_are_folded_once_it_is(family,
         factory.gate.set()  # the aggregator comes up mid-upload
         wait_until(lambda: not rnd.agg_pending)
         with rnd.lock:
-            assert s.folded == pending and not s.pending and factory.built == 1
+            assert s.folded == [(n, o, ln) for n, o, ln, _ in pending] and not s.pending and factory.built == 1
+            assert not rnd.held and rnd.held_bytes == 0
         go.set()
         t.join(60)
         assert "r" in third and not third["r"].duplicate
@@ -411,3 +419,26 @@ def test_download_digests_as_it_writes_a_stale_partial_is_fetched_again(family, 
         part.write_bytes(b"\0" * 777)  # stale: not the merge's first bytes
         got, attempts = download(conn, "r1", part, rnd.merged.sha256, rnd.merged.bytes)
         assert (got, attempts) == (len(merged) - 777 + len(merged), 2) and part.read_bytes() == merged
+
+
+def test_a_contribution_replaced_while_the_aggregator_starts_folds_the_new_one(family, tmp_path):
+    factory = GatedFactory()
+    srv = gated_server(family, tmp_path, factory)
+    try:
+        rnd = srv.manager.get("r1")
+        submit(srv.target, "r1", "org-a", family[0], family[1][0], retry=FAST, insecure=True)
+        with rnd.lock:
+            first = rnd.held_bytes
+            assert first > 0 and "org-a" in rnd.held
+        res = submit(srv.target, "r1", "org-a", family[0], family[1][3], retry=FAST, insecure=True)
+        assert res.replaced
+        with rnd.lock:  # the first one's records are let go; the replacement is read from the spool
+            assert "org-a" not in rnd.held and rnd.held_bytes == 0
+        for i, c in enumerate(CLIENTS[1:], 1):
+            submit(srv.target, "r1", c, family[0], family[1][i], retry=FAST, insecure=True)
+        factory.gate.set()
+        assert rnd.wait_closed(60) and rnd.state == "finalized", rnd.message
+        assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [3, 1, 2]))
+    finally:
+        factory.gate.set()
+        srv.stop(grace=0)

@@ -108,6 +108,11 @@ class CoordinatorConfig(BaseModel):
     max_active_uploads: int = Field(2, ge=1, description="uploads read at once: memory is the accumulators "
                                     "plus this many records in flight, whatever the number of clients")
     max_chunk_bytes: int = Field(MAX_CHUNK_BYTES, gt=0, le=MAX_CHUNK_BYTES)
+    pending_buffer_bytes: int = Field(
+        1 << 30, ge=0, description="while the aggregator (Ray) starts, records received are kept decoded, up "
+        "to this many bytes per round, so that folding them once it is up need not read and decode them again "
+        "from the spool (the rest is)"
+    )
     abandon_after_s: float = Field(300.0, gt=0, description="an interrupted upload is dropped after this idle time")
     stall_after_s: float = Field(120.0, gt=0, description="an upload stream holding a slot without progress "
                                  "for this long is cancelled (the client resumes it)")
@@ -294,6 +299,7 @@ class CoordinatorServer:
             shard_bytes=config.shard_bytes,
             max_active_uploads=config.max_active_uploads,
             max_chunk_bytes=config.max_chunk_bytes,
+            pending_buffer_bytes=config.pending_buffer_bytes,
             abandon_after_s=config.abandon_after_s,
             stall_after_s=config.stall_after_s,
             lease_s=config.lease_s,

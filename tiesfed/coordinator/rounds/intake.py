@@ -110,8 +110,8 @@ def take_record(r: RoundState, s: UploadSession, ev: Record) -> None:
             if s.closed:
                 raise RoundError("FAILED_PRECONDITION", s.reason)
             r._check_accepting(s.client_id, new=False)
-            if r.agg_pending:  # folded from the partial file once the aggregator is up (`readiness.attach`)
-                s.pending.append((t.name, ev.offset, ev.length))
+            if r.agg_pending:  # folded once the aggregator is up (`readiness.attach`)
+                r._hold(s, t.name, ev.offset, ev.length, t)
                 return
             timed_fold(r.agg, r.metrics, t.name, t.indices, t.values, r.participants[s.client_id].weight)
             r.canonical = False
@@ -133,6 +133,8 @@ def commit(r: RoundState, s: UploadSession) -> Receipt:
         r._check_accepting(cid, new=False)
         old = r.committed.get(cid)
         if old is not None and old.sha256 == sha:
+            r._release_held(s.pending)
+            s.pending = []
             r.uploads.close(s, "duplicate of the committed contribution")
             s.remove_partial()
             r._emit("UPLOAD_DUPLICATE", client_id=cid, sha256=sha, bytes=s.offset,
@@ -146,8 +148,10 @@ def commit(r: RoundState, s: UploadSession) -> Receipt:
             )
         if r.fold_mode == "final":
             pass  # folded in participant order when the round finalizes
-        elif r.agg_pending:
-            pass  # the aggregator is not up yet: attaching it folds the committed contributions
+        elif r.agg_pending:  # not up yet: attaching it folds the committed contributions
+            r._release_held(r.held.pop(cid, []))  # a replaced contribution's records are not folded
+            if s.live:
+                r.held[cid], s.pending = s.pending, []  # every record of it, in stream order
         elif old is None:
             if not s.live:
                 fold_file(r.agg, s.path, weight, +1, r.limits, r.metrics)

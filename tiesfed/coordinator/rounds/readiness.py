@@ -21,8 +21,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Literal, Optional
 
-from tiesfed.coordinator.rounds.aggregation import release
+from tiesfed.coordinator.metrics import timed_fold
+from tiesfed.coordinator.rounds.aggregation import fold_file, release
 from tiesfed.coordinator.rounds.events import RoundError
+from tiesfed.protos.codec import read_record_at
 
 if TYPE_CHECKING:
     from tiesfed.coordinator.rounds.state import RoundState
@@ -102,6 +104,7 @@ def attach(r: "RoundState") -> bool:
                 return False
             if r.fold_mode == "final" or r.state in ("finalized", "failed"):
                 r.agg_pending = False  # folded (if ever) when the round finalizes
+                _let_go(r)
                 return True
             busy = r.attaching
             if busy is None:  # ours to build: two at once could hold every CPU of the cluster
@@ -116,16 +119,10 @@ def attach(r: "RoundState") -> bool:
             if r.state in ("finalized", "failed"):  # aborted meanwhile: nothing to fold
                 release(agg)
                 r.agg_pending = False
+                _let_go(r)
                 return False
-            held = 0
-            if r.fold_mode == "arrival":
-                for s in r.sessions.values():
-                    if s.live and not s.closed and s.pending:
-                        held += len(s.pending)
-                        s.folded.extend(s.pending)
-                        s.pending = []
-            r.agg_pending = False
-            r._rebuild(new=agg)  # committed contributions in participant order, then the live records
+            r.agg, r.agg_pending = agg, False
+            held = _fold_held(r, agg)
             log.info("round %s: aggregator ready (built in %.1f s); folded %d committed contribution(s) and %d "
                      "record(s) received while it started", r.id, built, len(r.committed), held,
                      extra={"round": r.id, "committed": len(r.committed), "records": held,
@@ -135,6 +132,52 @@ def attach(r: "RoundState") -> bool:
         with r.lock:
             r.attaching = None
         busy.set()
+
+
+def _fold_held(r: "RoundState", agg) -> int:
+    """Fold what the round holds into its new aggregator (lock held): the committed
+    contributions in participant order, then the records of live uploads, which from now
+    on count as folded (withdrawable). A record kept decoded is folded as it is; one that
+    was not (the buffer was full), or a contribution recovered from the spool, is read
+    back from its file. Returns the number of records received while it started."""
+    records = 0
+    for cid, p in r.participants.items():
+        c = r.committed.get(cid)
+        if c is None:
+            continue
+        held = r.held.pop(cid, None)
+        if held is None:  # recovered from the spool, or folded at commit (commit mode)
+            fold_file(agg, c.path, p.weight, +1, r.limits, r.metrics)
+            continue
+        records += len(held)
+        _fold_records(r, agg, c.path, held, p.weight)
+    live = False
+    for s in list(r.sessions.values()):
+        if s.live and not s.closed and s.pending:
+            records += len(s.pending)
+            _fold_records(r, agg, s.path, s.pending, r.participants[s.client_id].weight)
+            s.folded.extend((name, off, length) for name, off, length, _ in s.pending)
+            s.pending = []
+            live = True
+    _let_go(r)
+    r.canonical = not live
+    return records
+
+
+def _fold_records(r: "RoundState", agg, path, records: list, weight: float) -> None:
+    with open(path, "rb") as f:
+        for name, off, length, t in records:
+            if t is None:
+                t = read_record_at(f, off, length, r.limits)
+            timed_fold(agg, r.metrics, name, t.indices, t.values, weight)
+
+
+def _let_go(r: "RoundState") -> None:
+    """No record is held any more: their memory goes back."""
+    r.held.clear()
+    for s in r.sessions.values():
+        s.pending = [(name, off, length, None) for name, off, length, _ in s.pending]
+    r.held_bytes = 0
 
 
 def ensure(r: "RoundState") -> None:

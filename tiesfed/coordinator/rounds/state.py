@@ -56,6 +56,7 @@ class RoundState:
         base_path: Optional[str] = None,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
+        pending_buffer_bytes: int = 1 << 30,
         abandon_after_s: float = 300.0,
         clock: Callable[[], float] = time.time,
         signer: Optional[Identity] = None,
@@ -108,6 +109,11 @@ class RoundState:
         self.agg_pending = not readiness.ready
         self.agg_error = ""  # why building this round's aggregator failed (it stays pending)
         self.attaching: Optional[threading.Event] = None  # set while `readiness.attach` builds it
+        #: while pending: the records of contributions committed meanwhile (client -> its session's
+        #: `pending`), and the bytes of decoded records kept in memory for the fold (`readiness`)
+        self.held: dict[str, list] = {}
+        self.held_bytes = 0
+        self.pending_buffer_bytes = pending_buffer_bytes
         #: the aggregator holds exactly the committed contributions folded in
         #: participant order (after `_rebuild`); any later fold makes it False
         self.canonical = True
@@ -247,12 +253,29 @@ class RoundState:
         """Un-fold what `s` folded and drop it (lock held). If some sum was not
         exact, un-folding is not an exact inverse: rebuild from the spool, so the
         round is bit-identical to one that never saw the upload, whatever it held."""
+        self._release_held(s.pending)
+        s.pending = []
         folded = bool(s.live and s.folded and not s.closed)
         self.uploads.withdraw(s, why, self.agg, self.participants[s.client_id].weight)
         if folded and self.agg is not None and not self.agg.exact():
             log.warning("round %s: the withdrawn upload of %s made sums inexact: rebuilding from the spool",
                         self.id, s.client_id)
             self._rebuild()
+
+    def _hold(self, s: UploadSession, name: str, offset: int, length: int, tensor) -> None:
+        """A record validated while the aggregator is pending (lock held): noted, and kept
+        decoded while the round's `pending_buffer_bytes` allow (else read again later)."""
+        size = tensor.indices.nbytes + tensor.values.nbytes
+        if self.held_bytes + size > self.pending_buffer_bytes:
+            tensor, size = None, 0
+        self.held_bytes += size
+        s.pending.append((name, offset, length, tensor))
+
+    def _release_held(self, records: list) -> None:
+        """Records held for a fold that will not happen (lock held): their memory goes back."""
+        for *_, t in records:
+            if t is not None:
+                self.held_bytes -= t.indices.nbytes + t.values.nbytes
 
     def _rebuild(self, replace: Optional[dict[str, Path]] = None, new: Optional[AggregatorLike] = None) -> None:
         """A fresh aggregator (or `new`, empty) from the committed spool (with `replace`

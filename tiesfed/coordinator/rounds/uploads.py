@@ -42,7 +42,9 @@ class UploadSession:
     threshold: Optional[float] = None  # the global top-k threshold its header declares
     above: int = 0  # values strictly above that threshold (global top-k)
     folded: list = field(default_factory=list)  # (name, offset, length) in the partial file
-    pending: list = field(default_factory=list)  # the same, validated while the aggregator was not up yet
+    #: records validated while the aggregator was not up yet: (name, offset, length, the decoded
+    #: record or None where the round's buffer was full); see `readiness`
+    pending: list = field(default_factory=list)
     compare: Optional[Committed] = None  # refuse policy: the committed stream to match
     attached: bool = False
     last_active: float = 0.0
