@@ -442,3 +442,52 @@ def test_a_contribution_replaced_while_the_aggregator_starts_folds_the_new_one(f
     finally:
         factory.gate.set()
         srv.stop(grace=0)
+
+
+def test_a_ray_start_that_fails_is_tried_again_then_reported(monkeypatch):
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("Ray is up in this process already")
+    from tiesfed.coordinator import ray_factory
+
+    calls: list[int] = []
+
+    def overloaded(address=None, log_to_driver=True):
+        calls.append(1)
+        raise RuntimeError("The current node timed out during startup")
+
+    monkeypatch.setattr(ray_factory, "init_ray", overloaded)
+    monkeypatch.setattr(ray_factory, "START_BACKOFF_S", 0.0)
+    got: list = []
+    ended = threading.Event()
+    factory = ray_factory.RayAggregatorFactory()
+    factory.start_background(lambda e: (got.append(e), ended.set()))
+    assert ended.wait(30)
+    assert len(calls) == ray_factory.START_ATTEMPTS
+    assert isinstance(got[0], RuntimeError) and "timed out during startup" in str(got[0])
+    factory.close()
+    assert not ray.is_initialized()
+
+
+def test_a_round_whose_aggregator_cannot_be_built_says_so_and_keeps_what_it_holds(family, tmp_path):
+    class Broken(GatedFactory):
+        def __call__(self, manifest, spec):
+            self.built += 1
+            raise RuntimeError("no shard actor fits this cluster")
+
+    factory = Broken()
+    srv = gated_server(family, tmp_path, factory)
+    try:
+        rnd = srv.manager.get("r1")
+        submit(srv.target, "r1", "org-a", family[0], family[1][0], retry=FAST, insecure=True)
+        factory.gate.set()
+        wait_until(lambda: rnd.agg_error != "")
+        assert rnd.agg_pending and rnd.agg is None and "org-a" in rnd.held  # nothing half-folded, nothing lost
+        st = status(srv.target)
+        assert "could not be built: RuntimeError: no shard actor fits this cluster" in st.message, st.message
+        with pytest.raises(FederatedError, match="UNAVAILABLE.*could not be built"):
+            submit(srv.target, "r1", "org-b", family[0], family[1][1], insecure=True,
+                   retry=type(FAST)(attempts=1, backoff_s=0.01, max_backoff_s=0.01))
+    finally:
+        factory.gate.set()
+        srv.stop(grace=0)

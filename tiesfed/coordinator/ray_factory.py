@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Optional
 
@@ -21,6 +22,11 @@ from tiesfed.coordinator.shard_pool import init_ray
 from tiesfed.core.accumulators import FinalizeSpec
 
 log = logging.getLogger("tiesfed.coordinator")
+
+#: Tries at starting Ray in the background, `START_BACKOFF_S` × the attempt apart: on an
+#: overloaded host its start can time out once and succeed the next time.
+START_ATTEMPTS = 3
+START_BACKOFF_S = 5.0
 
 
 @dataclass
@@ -59,7 +65,8 @@ class RayAggregatorFactory:
                  ray.cluster_resources())
 
     def start_background(self, done: Callable[[Optional[BaseException]], None]) -> None:
-        """`start()` on a thread of its own, then `done(None)` (or `done(error)`) on it.
+        """`start()` on a thread of its own (`START_ATTEMPTS` tries), then `done(None)` (or
+        `done(error)`) on it.
         Ray already up: at once, on this thread. The thread then stays parked until
         `close`, which has it shut Ray down (see the module)."""
         import ray
@@ -69,11 +76,21 @@ class RayAggregatorFactory:
             return
 
         def run() -> None:
-            try:
-                self.start()
-            except BaseException as e:  # reported, not raised: the coordinator serves on and says so
-                done(e)
-                return
+            for attempt in range(1, START_ATTEMPTS + 1):
+                try:
+                    self.start()
+                    break
+                except Exception as e:  # e.g. "the node timed out during startup" on an overloaded host
+                    if attempt == START_ATTEMPTS:
+                        done(e)  # reported, not raised: the coordinator serves on and says so
+                        return
+                    log.warning("Ray did not start (attempt %d of %d): %s; trying again in %g s", attempt,
+                                START_ATTEMPTS, e, START_BACKOFF_S * attempt)
+                    self._abandon()
+                    time.sleep(START_BACKOFF_S * attempt)
+                except BaseException as e:
+                    done(e)
+                    return
             try:
                 done(None)
             finally:
@@ -121,6 +138,15 @@ class RayAggregatorFactory:
             self._release.set()
             owner.join()
         self._shutdown()
+
+    def _abandon(self) -> None:
+        """What a failed start left behind goes (a start is then tried afresh)."""
+        import ray
+
+        try:
+            ray.shutdown()
+        except Exception:
+            log.debug("ray.shutdown after a failed start", exc_info=True)
 
     def _shutdown(self) -> None:
         with self._lock:

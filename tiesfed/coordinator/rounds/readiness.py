@@ -121,8 +121,12 @@ def attach(r: "RoundState") -> bool:
                 r.agg_pending = False
                 _let_go(r)
                 return False
+            try:
+                held = _fold_held(r, agg)
+            except BaseException:  # nothing half-folded stays: the round waits for another attach
+                release(agg)
+                raise
             r.agg, r.agg_pending = agg, False
-            held = _fold_held(r, agg)
             log.info("round %s: aggregator ready (built in %.1f s); folded %d committed contribution(s) and %d "
                      "record(s) received while it started", r.id, built, len(r.committed), held,
                      extra={"round": r.id, "committed": len(r.committed), "records": held,
@@ -145,20 +149,19 @@ def _fold_held(r: "RoundState", agg) -> int:
         c = r.committed.get(cid)
         if c is None:
             continue
-        held = r.held.pop(cid, None)
+        held = r.held.get(cid)
         if held is None:  # recovered from the spool, or folded at commit (commit mode)
             fold_file(agg, c.path, p.weight, +1, r.limits, r.metrics)
             continue
         records += len(held)
         _fold_records(r, agg, c.path, held, p.weight)
-    live = False
-    for s in list(r.sessions.values()):
-        if s.live and not s.closed and s.pending:
-            records += len(s.pending)
-            _fold_records(r, agg, s.path, s.pending, r.participants[s.client_id].weight)
-            s.folded.extend((name, off, length) for name, off, length, _ in s.pending)
-            s.pending = []
-            live = True
+    live = [s for s in r.sessions.values() if s.live and not s.closed and s.pending]
+    for s in live:
+        records += len(s.pending)
+        _fold_records(r, agg, s.path, s.pending, r.participants[s.client_id].weight)
+    for s in live:  # folded: from now on they are withdrawn by un-folding
+        s.folded.extend((name, off, length) for name, off, length, _ in s.pending)
+        s.pending = []
     _let_go(r)
     r.canonical = not live
     return records
