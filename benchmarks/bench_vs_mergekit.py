@@ -437,18 +437,19 @@ CLIENTS = [f"client-{i}" for i in range(N_MODELS)]
 
 
 def ensure_pki(work: Path, env: dict) -> Path:
-    """A throwaway CA, a server identity for 127.0.0.1/localhost and one per client (cached)."""
+    """A throwaway CA, a server identity for 127.0.0.1/localhost and one per client (cached): what
+    `tiesfed pki init` / `tiesfed pki issue` write, made in this process (not timed either way)."""
+    from tiesfed.trust import pki as ca
+
     pki = work / "pki"
     done = pki / "done"
     if done.exists():
         return pki
     shutil.rmtree(pki, ignore_errors=True)
-    tf = tiesfed_cmd()
-    steps = [["pki", "init", str(pki / "ca")],
-             ["pki", "issue", str(pki / "ca"), "--server", "127.0.0.1,localhost", "-o", str(pki / "server")]]
-    steps += [["pki", "issue", str(pki / "ca"), "--client", c, "-o", str(pki / c)] for c in CLIENTS]
-    for s in steps:
-        subprocess.run([*tf, *s], check=True, env=env, capture_output=True, cwd=work)
+    ca.init_ca(pki / "ca")
+    ca.issue(pki / "ca", pki / "server", server_names=["127.0.0.1", "localhost"])
+    for c in CLIENTS:
+        ca.issue(pki / "ca", pki / c, client_id=c)
     done.write_text("ok\n")
     return pki
 
@@ -723,10 +724,12 @@ def scale_fits(rows: list[dict]) -> dict:
         if not rs:
             continue
         wa, wb = fit_line([r["params"] for r in rs], [r["wall_s"] for r in rs])
+        ca, cb = fit_line([r["params"] for r in rs], [r.get("cpu_s", float("nan")) for r in rs])
         ra, rb = fit_line([r["largest"] for r in rs], [r["peak_rss_mib"] * 2**20 for r in rs])
         fits[scope] = {"wall_fixed_s": wa, "wall_s_per_mparam": wb * 1e6,
+                       "cpu_fixed_s": ca, "cpu_s_per_mparam": cb * 1e6,
                        "rss_fixed_mib": ra / 2**20, "rss_bytes_per_largest_element": rb,
-                       "extrapolated": {name: {"params": p, "largest": lt, "wall_s": wa + wb * p,
+                       "extrapolated": {name: {"params": p, "largest": lt, "wall_s": wa + wb * p, "cpu_s": ca + cb * p,
                                                "peak_rss_gib": (ra + rb * lt) / 2**30}
                                         for name, (p, lt) in EXTRAPOLATE.items()}}
     return fits
@@ -734,21 +737,26 @@ def scale_fits(rows: list[dict]) -> dict:
 
 def render_scale(data: dict) -> str:
     rows = data["rows"]
-    out = ["| params | largest tensor | trim scope | wall s | peak RSS MB | M params/s (3 models) |",
-           "|---:|---:|---|---:|---:|---:|"]
+    out = ["| params | largest tensor | trim scope | wall s | CPU s | peak RSS MB | M params/s (3 models, wall) |",
+           "|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
+        cpu = f"{r['cpu_s']:.1f}" if "cpu_s" in r else "–"
         out.append(f"| {r['params'] / 1e6:.0f}M | {r['largest'] / 1e6:.1f}M | {r['scope']} | {r['wall_s']:.1f} | "
-                   f"{r['peak_rss_mib'] * 2**20 / 1e6:.0f} | {r['params'] * N_MODELS / r['wall_s'] / 1e6:.1f} |")
-    out += ["", "Extrapolation (fp32, 3 fine-tunes; wall linear in parameters, peak RSS = fixed + bytes × the "
-            "largest tensor's elements, least squares over the rows above; Llama-2 shapes):", "",
-            "| scope | fit: wall | fit: peak RSS | 7B wall | 7B peak RSS | 70B wall | 70B peak RSS |",
-            "|---|---|---|---:|---:|---:|---:|"]
+                   f"{cpu} | {r['peak_rss_mib'] * 2**20 / 1e6:.0f} | "
+                   f"{r['params'] * N_MODELS / r['wall_s'] / 1e6:.1f} |")
+    out += ["", "Extrapolation (fp32, 3 fine-tunes; wall and CPU time (user + sys) linear in parameters, peak RSS = "
+            "fixed + bytes × the largest tensor's elements; least squares over the rows above; Llama-2 shapes):", "",
+            "| scope | fit: wall | fit: CPU | fit: peak RSS | 7B wall | 7B CPU | 7B peak RSS | 70B wall | 70B CPU | "
+            "70B peak RSS |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for scope, f in data["fits"].items():
         e = f["extrapolated"]
         out.append(f"| {scope} | {f['wall_fixed_s']:.1f} s + {f['wall_s_per_mparam']:.3f} s/M params | "
-                   f"{f['rss_fixed_mib']:.0f} MiB + {f['rss_bytes_per_largest_element']:.0f} B × largest | "
-                   f"{e['7B']['wall_s'] / 60:.0f} min | {e['7B']['peak_rss_gib']:.1f} GiB | "
-                   f"{e['70B']['wall_s'] / 60:.0f} min | {e['70B']['peak_rss_gib']:.1f} GiB |")
+                   f"{f.get('cpu_fixed_s', float('nan')):.1f} s + {f.get('cpu_s_per_mparam', float('nan')):.3f} s/M "
+                   f"params | {f['rss_fixed_mib']:.0f} MiB + {f['rss_bytes_per_largest_element']:.0f} B × largest | "
+                   f"{e['7B']['wall_s'] / 60:.0f} min | {e['7B'].get('cpu_s', float('nan')) / 60:.0f} min | "
+                   f"{e['7B']['peak_rss_gib']:.1f} GiB | {e['70B']['wall_s'] / 60:.0f} min | "
+                   f"{e['70B'].get('cpu_s', float('nan')) / 60:.0f} min | {e['70B']['peak_rss_gib']:.1f} GiB |")
     if data.get("note"):
         out += ["", data["note"]]
     return "\n".join(out)
@@ -788,7 +796,8 @@ def run_scale(args, env: dict) -> dict:
                 shutil.rmtree(runs[-1]["out"], ignore_errors=True)
             r = best(runs)
             row = {"params": params, "config": cfg, "largest": largest_tensor(cfg), "scope": scope,
-                   "wall_s": r["wall_s"], "walls": r["walls"], "peak_rss_mib": r["peak_rss_mib"]}
+                   "wall_s": r["wall_s"], "walls": r["walls"], "cpu_s": r["user_s"] + r["sys_s"],
+                   "peak_rss_mib": r["peak_rss_mib"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = {**meta_info(), "tiesfed": tiesfed_source(env)}
@@ -914,6 +923,13 @@ def report(data: dict, print=print) -> None:
             print(f"coordinator finalize (merge of the {N_MODELS} folded contributions, written): "
                   f"{tp['finalize_s']:.2f} s, "
                   f"{tp['finalize_mparams_s']:.1f} M params/s × {N_MODELS}")
+    cpu = [f"{k} {data[k]['user_s'] + data[k]['sys_s']:.1f}" for k in ("mergekit", "tensor", "default")
+           if data.get(k) and "user_s" in data[k]]
+    if f:
+        procs = [f["coordinator"], *f["submits"], f["fetch"]]
+        cpu.append(f"federated {sum(p['user_s'] + p['sys_s'] for p in procs):.1f} (all 5 processes)")
+    if cpu:
+        print("CPU s (user + sys, less sensitive than wall time to other jobs): " + ", ".join(cpu))
     for key in ("mergekit", "tensor", "default"):
         if f"{key}_mparams_s" in tp:
             print(f"throughput {key}: {tp[f'{key}_mparams_s']:.1f} M params/s (params × {N_MODELS} models / wall)")
