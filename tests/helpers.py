@@ -133,3 +133,23 @@ def write_family(
     base_dir = make_model(root / "base", base, shards=base_shards, config={"model_type": "toy", "hidden_size": 16})
     paths = [make_model(root / f"ft{i}", t, shards=1 + i % 2) for i, t in enumerate(tuned)]
     return base, tuned, base_dir, paths
+
+
+def start_two_node_cluster(attempts: int = 3):
+    """A Ray cluster of two nodes on loopback, one CPU each. A node that does not come
+    up within Ray's fixed 30 s (seen on a loaded 2-core CI machine: the raylet never
+    registered) is shut down and the cluster started again, up to `attempts` times."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(attempts):
+        c = Cluster(initialize_head=False, connect=False)
+        try:
+            c.add_node(num_cpus=1, include_dashboard=False, object_store_memory=100 * 2**20)
+            c.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+            c.wait_for_nodes()
+            return c
+        except Exception:
+            c.shutdown()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")

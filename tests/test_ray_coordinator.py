@@ -37,9 +37,8 @@ import torch  # noqa: E402
 
 ray = pytest.importorskip("ray")
 import ray._private.state as ray_state  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 
-from tests.helpers import write_family  # noqa: E402
+from tests.helpers import start_two_node_cluster, write_family  # noqa: E402
 from tiesfed.client.federated import Retry, fetch, submit  # noqa: E402
 from tiesfed.coordinator import ray_factory  # noqa: E402
 from tiesfed.coordinator.ray_factory import RayAggregatorFactory  # noqa: E402
@@ -76,31 +75,12 @@ STOPPED = (0,)
 # ----------------------------------------------------------------------------- fixtures and helpers
 
 
-def _start_cluster(attempts: int = 2) -> Cluster:
-    """Two nodes; a node that does not come up within Ray's 30 s (seen once on a loaded
-    2-core CI machine: the raylet never started) is shut down and started again once."""
-    for attempt in range(attempts):
-        c = Cluster(
-            initialize_head=False, connect=False,
-        )
-        try:
-            c.add_node(num_cpus=1, include_dashboard=False, object_store_memory=100 * 2**20)
-            c.add_node(num_cpus=1, object_store_memory=100 * 2**20)
-            c.wait_for_nodes()
-            return c
-        except Exception:
-            c.shutdown()
-            if attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """A head and one more node, one CPU each, on loopback; this process is a driver of it."""
     if ray.is_initialized():
         ray.shutdown()
-    c = _start_cluster()
+    c = start_two_node_cluster()
     try:
         ray.init(address=c.address, log_to_driver=False)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2

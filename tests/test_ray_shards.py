@@ -9,8 +9,8 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
+from tests.helpers import start_two_node_cluster  # noqa: E402
 from tiesfed.coordinator.aggregator import Aggregator  # noqa: E402
 from tiesfed.coordinator.ray_shards import (  # noqa: E402
     ShardActorLocal,
@@ -134,11 +134,9 @@ def test_starts_and_stops_its_own_ray_when_none_is_running():
 @pytest.fixture(scope="module")
 def cluster():
     """A head and one more node, one CPU each, on loopback; shut down after the module."""
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False, "object_store_memory": 100 * 2**20},
-    )
-    c.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    if ray.is_initialized():
+        ray.shutdown()
+    c = start_two_node_cluster()
     try:
         ray.init(address=c.address)
         c.wait_for_nodes()
