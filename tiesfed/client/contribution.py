@@ -23,7 +23,6 @@ import torch
 
 from tiesfed.client.progress import StageProgress
 from tiesfed.core import radix
-from tiesfed.core.compact import select
 from tiesfed.core.trim import (
     GlobalThreshold,
     TrimSpec,
@@ -119,12 +118,9 @@ def _trim_in_blocks(base: ModelReader, ft: ModelReader, t: TensorInfo, trim: Tri
         elif exact and keep <= 0:
             continue
         elif exact:
-            idx, got = radix.at_least(bits, radix.bucket_start(bucket))
-            member = got < radix.bucket_start(bucket + 1)
-            zeros += tau.numel() - idx.numel() if bucket == 0 else 0
-            at = select(idx, member)
-            cand.append((at + lo, select(got, member), tau.index_select(0, at)))
-            idx = select(idx, ~member)
+            idx, at, member_bits, z = radix.split_at_bucket(bits, bucket)
+            zeros += z
+            cand.append((at + lo, member_bits, tau.index_select(0, at)))
             val = tau.index_select(0, idx)
         else:
             idx, _ = radix.at_least(bits, radix.pattern(threshold) if threshold else 0)

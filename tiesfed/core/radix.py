@@ -51,7 +51,11 @@ def coarse_histogram(bits: torch.Tensor) -> torch.Tensor:
 
 def fine_histogram(bits: torch.Tensor, bucket: int) -> torch.Tensor:
     """Counts by the low 12 bits of those `bits` inside coarse `bucket` (others ignored)."""
-    members = select(bits, (bits >> FINE_BITS) == bucket)
+    return low_histogram(select(bits, (bits >> FINE_BITS) == bucket))
+
+
+def low_histogram(members: torch.Tensor) -> torch.Tensor:
+    """Counts by the low 12 bits of patterns already known to share one coarse bucket."""
     return torch.bincount(members & (FINE_BINS - 1), minlength=FINE_BINS).cpu()
 
 
@@ -83,6 +87,17 @@ def at_least(bits: torch.Tensor, lowest: int) -> tuple[torch.Tensor, torch.Tenso
     Zeros never qualify: in TIES they neither vote nor count."""
     idx = flat_nonzero(bits >= max(lowest, 1))
     return idx, bits.index_select(0, idx)
+
+
+def split_at_bucket(bits: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Around a threshold known only to lie in coarse `bucket`: flat indices of the
+    nonzero `bits` above the bucket (they survive), of the bucket's members (they
+    wait for the exact threshold) and the members' bits, and how many zeros the
+    bucket holds too (bucket 0 only: zeros rank there but never survive)."""
+    idx, got = at_least(bits, bucket_start(bucket))
+    member = got < bucket_start(bucket + 1)
+    zeros = bits.numel() - idx.numel() if bucket == 0 else 0
+    return select(idx, ~member), select(idx, member), select(got, member), zeros
 
 
 def top_count(bits: torch.Tensor, keep: int) -> torch.Tensor:

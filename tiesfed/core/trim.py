@@ -158,7 +158,7 @@ class GlobalThreshold:
 
     def add_fine_bits(self, members: torch.Tensor) -> None:
         """The |τ| patterns already known to lie inside `bucket` (a merge pass collects them)."""
-        self._fine += torch.bincount(members & (radix.FINE_BINS - 1), minlength=radix.FINE_BINS).cpu()
+        self._fine += radix.low_histogram(members)
 
     def add_zeros(self, count: int) -> None:
         """Zeros left out of `add_fine_bits` (they rank in bucket 0)."""

@@ -21,7 +21,7 @@ import torch
 
 from tiesfed.client.contribution import TrimStats, cast_values, global_topk, sum_sq, wire_dtype
 from tiesfed.core import radix
-from tiesfed.core.compact import flat_nonzero, select
+from tiesfed.core.compact import flat_nonzero
 from tiesfed.core.trim import GlobalThreshold, TrimSpec, dare_generator, dare_seed, keep_count, trim_dare_block
 
 _EMPTY_IDX = torch.empty(0, dtype=torch.int64)
@@ -199,19 +199,15 @@ class ModelTrimmer:
 
     def _split_at_bucket(self, flat: torch.Tensor, bits: torch.Tensor, bucket: int,
                          cut: Optional["_TensorCut"]):
-        idx, got = radix.at_least(bits, radix.bucket_start(bucket))
-        member = got < radix.bucket_start(bucket + 1)
-        members = select(got, member)
-        zeros = flat.numel() - idx.numel() if bucket == 0 else 0  # zeros rank in bucket 0, never survive
+        above, cand_idx, members, zeros = radix.split_at_bucket(bits, bucket)
         if cut is None:
             self.select.add_fine_bits(members)
             self.select.add_zeros(zeros)
         else:
-            cut.fine += torch.bincount(members & (radix.FINE_BINS - 1), minlength=radix.FINE_BINS).cpu()
+            cut.fine += radix.low_histogram(members)
             cut.fine[0] += zeros
-            cut.above += idx.numel() - members.numel()
-        cand_idx = select(idx, member)
-        return select(idx, ~member), cand_idx, flat.index_select(0, cand_idx).to(torch.float32)
+            cut.above += above.numel()
+        return above, cand_idx, flat.index_select(0, cand_idx).to(torch.float32)
 
     def _wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return self.value_dtype or wire_dtype(dtype)
