@@ -92,7 +92,7 @@ def merge(base, models, out_dir, config_path, weights, device, shard_size, repor
         report = run_merge(
             cfg, out_dir, device=device, shard_bytes=parse_size(shard_size), progress=not quiet,
             report_path=report_path, overwrite=overwrite, measure_upload=upload_size,
-            max_memory=parse_size(max_memory) if max_memory else None,
+            max_memory=parse_size(max_memory) if max_memory else None, source_config=config_path,
         )
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None

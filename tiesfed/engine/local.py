@@ -40,6 +40,7 @@ from tiesfed.core.trim import task_vector
 from tiesfed.engine.deferred import Pending, Tie
 from tiesfed.engine.tensor import merge_tensor
 from tiesfed.engine.trimmer import ModelTrimmer
+from tiesfed.io.model_card import write_local_card
 from tiesfed.io.model_io import (
     DEFAULT_SHARD_BYTES,
     ModelError,
@@ -66,6 +67,7 @@ def merge(
     overwrite: bool = False,
     measure_upload: bool = False,
     max_memory: Optional[int] = None,
+    source_config: Optional[str | Path] = None,
 ) -> MergeReport:
     """Merge `config.models` into `config.base_model`, writing an HF-style folder.
 
@@ -77,7 +79,8 @@ def merge(
     its size (one more pass per model). `max_memory` (bytes; default: half the
     machine's memory) bounds the tensor data held at once: a tensor that does not
     fit is read, trimmed, merged and written in blocks of its elements, with the
-    same result."""
+    same result. `source_config`: the YAML the config was read from (a mergekit one is kept
+    beside the model card as `mergekit_config.yml`)."""
     started = time.perf_counter()
     opts = config.options
     method = get_method(opts.method)
@@ -211,6 +214,7 @@ def merge(
                 report.upload_bytes = _upload_size(base, fts[i], trims[i], str(i), opts.keep_base, device,
                                                    value_dtype, s.threshold)
     copy_side_files(Path(base.folder), out_dir)
+    write_local_card(out_dir, Path(base.folder), config, Path(source_config) if source_config else None)
 
     result = MergeReport(
         method=opts.method,

@@ -192,6 +192,10 @@ def attempt_outputs(r: RoundState, contributors: list[str]) -> Merged:
     provenance.sign_merged(r, merged, contributors)
     if r.base_path:
         write_model(r.agg, r.base_path, merged.path, r.spool, r.shard_bytes, r.config)
+        from tiesfed.io.model_card import write_round_card  # the card: a merge of these contributions
+        write_round_card(r.spool.model_dir, Path(r.base_path),
+                         r.config.model_dump(mode="json", by_alias=True, exclude={"manifest"}),
+                         {c: r.committed[c].sha256 for c in contributors}, merged.sha256)
         log.info("round %s: merged model written to %s", r.id, r.spool.model_dir,
                  extra={"round": r.id, "path": str(r.spool.model_dir)})
     return merged
@@ -245,7 +249,8 @@ def write_merged(
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             w = StreamWriter(f, header)
-            for name, tau in agg.finalize(majority):
+            # read-only views where the aggregator has them (no copy of each tensor)
+            for name, tau in getattr(agg, "finalize_views", agg.finalize)(majority):
                 idx, val = dense_to_sparse(tau)
                 w.write(SparseTensor(name, shapes[name], idx, val))
             w.close()
