@@ -7,7 +7,8 @@ loop per element, only per tensor, per byte plane or per fixed-size chunk.
 
 Modules: ``types`` (constants, errors, limits, :class:`SparseTensor`),
 ``deflate`` (Huffman-only zlib), ``indices`` and ``values`` (the two halves of
-a payload), ``records`` (one tensor), ``stream`` (framing).  Import from the
+a payload), ``records`` (one tensor or one span of it), ``spans`` (a tensor's span records:
+order, coverage, joining), ``stream`` (framing).  Import from the
 package, not from the modules.
 
 Binary layout (all integers little endian)
@@ -32,7 +33,19 @@ Record (one tensor; also the unit produced by :func:`encode_tensor`)::
         "index":  {"codec": str, "bytes": int}
         "values": {"codec": str, "dtype": str, "bytes": int, "planes": [[str, int], ...]}
         "crc32":  int                 (zlib.crc32 of the whole payload)
+      and optionally
+        "span":   [start, count]      (the record covers flat elements [start, start + count)
+                                       of its tensor: 0 <= start, 1 <= count, start + count <= numel,
+                                       nnz <= count; its indices, and "full" and "bitmap", are
+                                       relative to start and address count elements)
     payload := index_bytes (index.bytes) value_bytes (values.bytes)
+
+A record without "span" holds its whole tensor. A tensor larger than what its
+writer holds at once travels as span records: back to back in the stream, in
+order, covering the tensor exactly once (decoders check this; see ``spans``).
+Readers hand back indices of the whole tensor (relative index + start).
+Streams without span records are byte for byte what format 1 always was; a
+reader predating spans refuses a span record by its unknown meta key.
     payload_len == index.bytes + values.bytes
 
 End marker::
@@ -77,6 +90,7 @@ from __future__ import annotations
 
 from .indices import _varint_encode as _varint_encode
 from .records import decode_tensor, encode_tensor, encoded_size_bits_per_param
+from .spans import SpanCover, join_spans
 from .stream import End, Event, Header, Record, StreamReader, StreamWriter, index_stream, read_record_at, read_stream
 from .types import DEFAULT_LIMITS, FORMAT_VERSION, MAGIC, CodecError, Limits, SparseTensor, record_prefix_size
 
@@ -87,6 +101,8 @@ __all__ = [
     "Limits",
     "DEFAULT_LIMITS",
     "SparseTensor",
+    "SpanCover",
+    "join_spans",
     "encode_tensor",
     "decode_tensor",
     "StreamWriter",

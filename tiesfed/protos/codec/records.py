@@ -35,6 +35,7 @@ from .types import (
     CodecError,
     Limits,
     SparseTensor,
+    _check_span,
     _ctx,
     _dump_json,
     _is_int,
@@ -44,6 +45,9 @@ from .types import (
 from .values import _values_decode, _values_finish, _values_jobs
 
 _META_KEYS = frozenset({"name", "shape", "numel", "nnz", "index", "values", "crc32"})
+#: optional: [start, count], the record covers flat elements [start, start + count) of
+#: its tensor and its indices are relative to start (absent: the whole tensor)
+_SPAN_KEY = "span"
 _INDEX_KEYS = frozenset({"codec", "bytes"})
 _VALUE_KEYS = frozenset({"codec", "dtype", "bytes", "planes"})
 _INDEX_CODECS = ("empty", "full", "bitmap", "varint")
@@ -106,22 +110,27 @@ def _encode_parts(
     dname = _DTYPE_NAMES[vals.dtype]
     idx = idx_t.contiguous().numpy()
     nnz = idx.size
+    domain = numel  # the elements the index codecs address: the span's, relative to its start
+    if t.count is not None:
+        domain = t.count
+        if t.start:
+            idx = idx - t.start
 
     # ---- build the compression jobs (indices candidates + value planes)
     jobs = []
     icands = []
     if nnz == 0:
         icodec, ibytes = "empty", b""
-    elif nnz == numel:
+    elif nnz == domain:
         icodec, ibytes = "full", b""
     else:
-        density = nnz / numel
+        density = nnz / domain
         if density <= _VARINT_MAX_DENSITY:
             icands.append("varint")
             jobs.append(lambda: _varint_index_encode(idx))
         if density >= _BITMAP_MIN_DENSITY:
             icands.append("bitmap")
-            jobs.append(lambda: _bitmap_encode(idx, numel))
+            jobs.append(lambda: _bitmap_encode(idx, domain))
     raw, vjobs = _values_jobs(vals, dname)
     jobs.extend(vjobs)
     results = _run_jobs(jobs, parallel=nnz >= _PARALLEL_MIN_NNZ)
@@ -144,6 +153,8 @@ def _encode_parts(
         "values": vmeta,
         "crc32": crc,
     }
+    if t.count is not None:
+        meta[_SPAN_KEY] = [t.start, t.count]
     try:
         mbytes = _dump_json(meta)
     except UnicodeEncodeError as e:
@@ -196,7 +207,7 @@ def _parse_meta(mbytes, payload_len: int, limits: Limits) -> dict:
     if not isinstance(name, str):
         raise CodecError("record meta: missing or non-string 'name'")
     c = _ctx(name)
-    keys = set(meta)
+    keys = set(meta) - {_SPAN_KEY}
     if keys != _META_KEYS:
         missing = sorted(_META_KEYS - keys)
         extra = sorted(keys - _META_KEYS)
@@ -219,11 +230,19 @@ def _parse_meta(mbytes, payload_len: int, limits: Limits) -> dict:
                 break
     if prod != numel:
         raise CodecError(f"{c}shape {shape} does not have numel={numel} elements")
+    span = meta.get(_SPAN_KEY)
+    if _SPAN_KEY in meta:
+        if not isinstance(span, list) or len(span) != 2:
+            raise CodecError(f"{c}record meta: 'span' must be [start, count]")
+        lo, hi = _check_span(span[0], span[1], numel, c, CodecError)
+    else:
+        lo, hi = 0, numel
+    domain = hi - lo
     nnz = meta["nnz"]
     if not _is_int(nnz) or nnz < 0:
         raise CodecError(f"{c}record meta: 'nnz' must be a non-negative int")
-    if nnz > numel:
-        raise CodecError(f"{c}nnz={nnz} exceeds numel={numel}")
+    if nnz > domain:
+        raise CodecError(f"{c}nnz={nnz} exceeds the {domain} elements the record covers")
     crc = meta["crc32"]
     if not _is_int(crc) or not 0 <= crc < (1 << 32):
         raise CodecError(f"{c}record meta: 'crc32' must be an int in [0, 2**32)")
@@ -238,14 +257,14 @@ def _parse_meta(mbytes, payload_len: int, limits: Limits) -> dict:
         raise CodecError(f"{c}record meta: index 'bytes' must be a non-negative int")
     if icodec == "empty" and (nnz != 0 or ibytes != 0):
         raise CodecError(f"{c}index codec 'empty' requires nnz=0 and no bytes")
-    if icodec == "full" and (nnz != numel or nnz == 0 or ibytes != 0):
-        raise CodecError(f"{c}index codec 'full' requires 0 < nnz == numel and no bytes")
+    if icodec == "full" and (nnz != domain or nnz == 0 or ibytes != 0):
+        raise CodecError(f"{c}index codec 'full' requires 0 < nnz == the elements covered, and no bytes")
     if icodec in ("bitmap", "varint"):
         if nnz == 0 or ibytes == 0:
             raise CodecError(f"{c}index codec {icodec!r} requires nnz > 0 and a non-empty stream")
-        if icodec == "bitmap" and (numel + 7) // 8 > _max_inflated(ibytes):
+        if icodec == "bitmap" and (domain + 7) // 8 > _max_inflated(ibytes):
             raise CodecError(
-                f"{c}index bitmap of {(numel + 7) // 8} bytes cannot come from {ibytes} compressed bytes"
+                f"{c}index bitmap of {(domain + 7) // 8} bytes cannot come from {ibytes} compressed bytes"
             )
 
     vm = meta["values"]
@@ -305,7 +324,10 @@ def _decode_body(mbytes, payload, limits: Limits) -> SparseTensor:
     c = _ctx(name)
     if zlib.crc32(payload) != meta["crc32"]:
         raise CodecError(f"{c}payload crc32 mismatch")
-    numel, nnz = meta["numel"], meta["nnz"]
+    nnz = meta["nnz"]
+    span = meta.get(_SPAN_KEY)
+    start, count = (0, None) if span is None else span
+    numel = meta["numel"] if span is None else count  # the elements the indices address
     im, vm = meta["index"], meta["values"]
     ib = im["bytes"]
     ipart, vpart = payload[:ib], payload[ib:]
@@ -324,7 +346,11 @@ def _decode_body(mbytes, payload, limits: Limits) -> SparseTensor:
         if nnz > cap:
             raise CodecError(f"{c}index varints: {ib} compressed bytes cannot hold nnz={nnz} varints")
         idx = _varint_decode(_inflate(ipart, cap, "index varints", name), nnz, numel, name)
-    return SparseTensor(name, tuple(meta["shape"]), torch.from_numpy(idx), vals)
+    if start:
+        if not idx.flags.writeable:
+            idx = idx.copy()
+        idx += start
+    return SparseTensor(name, tuple(meta["shape"]), torch.from_numpy(idx), vals, start, count)
 
 
 def _unpack_record_prefix(prefix, limits: Limits, where: str) -> tuple[int, int]:

@@ -1,7 +1,10 @@
 """Stream framing: header, records and a hashed end marker, written and read incrementally.
 
 Readers hold at most one record in memory; :func:`index_stream` and
-:func:`read_record_at` give random access to a seekable stream's records.
+:func:`read_record_at` give random access to a seekable stream's tensors. A tensor
+sent as span records (see `spans`) is one entry of the index (the byte range of its
+records) and one tensor of `read_stream`, joined; `read_stream(spans=True)` yields
+the records themselves.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import BinaryIO, Iterator, Union
 import torch
 
 from .records import _check_prefix_sizes, _decode_body, _encode_parts, _parse_meta, _unpack_record_prefix
+from .spans import SpanCover, join_spans
 from .types import (
     _END_BODY,
     _REC_PREFIX,
@@ -291,12 +295,16 @@ def _read_into(fileobj: BinaryIO, reader: StreamReader) -> list[Event]:
     return reader.feed(data)
 
 
-def read_stream(fileobj: BinaryIO, limits: Limits = DEFAULT_LIMITS) -> tuple[dict, Iterator[SparseTensor]]:
+def read_stream(
+    fileobj: BinaryIO, limits: Limits = DEFAULT_LIMITS, *, spans: bool = False
+) -> tuple[dict, Iterator[SparseTensor]]:
     """Read the header now; the iterator yields tensors one at a time.
 
     When exhausted the iterator has verified the end marker (count, sha256) and
-    that nothing follows it; problems raise CodecError from the iterator.
-    Memory: one record at a time.
+    that nothing follows it; problems raise CodecError from the iterator. A tensor's
+    span records are checked to cover it in order and are joined into one tensor,
+    or, with `spans`, yielded as they are. Memory: one record at a time (a joined
+    tensor: its records' indices and values).
     """
     reader = StreamReader(limits)
     while reader.header is None:
@@ -304,10 +312,20 @@ def read_stream(fileobj: BinaryIO, limits: Limits = DEFAULT_LIMITS) -> tuple[dic
     header = reader.header
 
     def tensors() -> Iterator[SparseTensor]:
+        cover = SpanCover()
+        parts: list[SparseTensor] = []
         while not reader.finished:
             for ev in _read_into(fileobj, reader):
                 if isinstance(ev, Record):
-                    yield ev.tensor
+                    done = cover.add(ev.tensor)
+                    if spans:
+                        yield ev.tensor
+                        continue
+                    parts.append(ev.tensor)
+                    if done:
+                        yield join_spans(parts)
+                        parts = []
+        cover.finish()
         if fileobj.read(1):
             raise CodecError("stream: garbage after the end marker")
 
@@ -335,7 +353,9 @@ def index_stream(
     payloads.  Checks the end marker's record count and that nothing follows
     it.  Offsets are relative to the stream start (the file position on
     entry).  The sha256 and CRCs are only verified with ``verify=True``, which
-    reads (but does not decode) every payload.  Duplicate names raise.
+    reads (but does not decode) every payload.  Duplicate names raise.  A tensor
+    sent as span records gets the byte range of all its records (they are back
+    to back, checked), which `read_record_at` reads as one tensor.
     """
     base = fileobj.tell()
     size = fileobj.seek(0, io.SEEK_END)
@@ -356,12 +376,16 @@ def index_stream(
     upd(hb)
     pos = _STREAM_PREFIX.size + hlen
     out: dict[str, tuple[int, int]] = {}
+    cover = SpanCover()
+    records = 0
+    first = pos  # where the open tensor's records start
     while True:
         tag = _read_exact(fileobj, _TAG_LEN, "record tag")
         if tag == END_TAG:
             count, digest = _END_BODY.unpack(_read_exact(fileobj, _END_BODY.size, "end marker"))
-            if count != len(out):
-                raise CodecError(f"stream end marker: count={count} but {len(out)} records were found")
+            cover.finish()
+            if count != records:
+                raise CodecError(f"stream end marker: count={count} but {records} records were found")
             if sha is not None and digest != sha.digest():
                 raise CodecError("stream end marker: sha256 mismatch")
             if fileobj.read(1):
@@ -381,6 +405,10 @@ def index_stream(
         name = meta["name"]
         if name in out:
             raise CodecError(f"{_ctx(name)}duplicate tensor name in stream")
+        if cover.open is None:
+            first = pos
+        span = meta.get("span")
+        done = cover.add_meta(name, meta["shape"], meta["numel"], *(span if span else (0, None)))
         if sha is not None:
             upd(tag)
             upd(rest)
@@ -396,26 +424,43 @@ def index_stream(
                 raise CodecError(f"{_ctx(name)}payload crc32 mismatch")
         else:
             fileobj.seek(payload_len, io.SEEK_CUR)
-        out[name] = (pos, length)
+        records += 1
         pos += length
+        if done:
+            out[name] = (first, pos - first)
 
 
 def read_record_at(
     fileobj: BinaryIO, offset: int, length: int, limits: Limits = DEFAULT_LIMITS, *, base: int = 0
 ) -> SparseTensor:
-    """Decode the record at stream offset ``offset`` (file position ``base + offset``)."""
+    """Decode the record at stream offset ``offset`` (file position ``base + offset``).
+
+    A range holding several records (a tensor's span records, as `index_stream`
+    gives them) must hold one whole tensor's records, in order: they are joined."""
     if not _is_int(offset) or not _is_int(length) or offset < 0 or length < _REC_PREFIX.size:
         raise CodecError(f"read_record_at: bad offset/length ({offset!r}, {length!r})")
-    if length > limits.max_record_bytes:
-        raise CodecError(f"read_record_at: length={length} exceeds the limits")
     fileobj.seek(base + offset)
-    pre = _read_exact(fileobj, _REC_PREFIX.size, "record prefix")
-    meta_len, payload_len = _unpack_record_prefix(pre, limits, f"record at offset {offset}")
-    if _REC_PREFIX.size + meta_len + payload_len != length:
-        raise CodecError(
-            f"record at offset {offset}: length {length} does not match its prefix "
-            f"({_REC_PREFIX.size + meta_len + payload_len})"
-        )
-    body = _read_exact(fileobj, meta_len + payload_len, "record body")
-    mv = memoryview(body)
-    return _decode_body(mv[:meta_len], mv[meta_len:], limits)
+    parts: list[SparseTensor] = []
+    cover = SpanCover()
+    pos, end = offset, offset + length
+    while pos < end:
+        if end - pos < _REC_PREFIX.size:
+            raise CodecError(f"record at offset {offset}: length {length} does not end where its records do "
+                             f"({end - pos} bytes left)")
+        pre = _read_exact(fileobj, _REC_PREFIX.size, "record prefix")
+        meta_len, payload_len = _unpack_record_prefix(pre, limits, f"record at offset {pos}")
+        size = _REC_PREFIX.size + meta_len + payload_len
+        if size > limits.max_record_bytes or pos + size > end:
+            raise CodecError(f"record at offset {offset}: length {length} does not match its prefix ({size})")
+        body = _read_exact(fileobj, meta_len + payload_len, "record body")
+        mv = memoryview(body)
+        t = _decode_body(mv[:meta_len], mv[meta_len:], limits)
+        pos += size
+        if pos == end and not parts:
+            return t  # one record: whole, or one span as it is
+        if cover.add(t) and pos < end:
+            raise CodecError(f"record at offset {offset}: length {length} runs past the last record of "
+                             f"tensor {t.name!r}")
+        parts.append(t)
+    cover.finish()
+    return join_spans(parts)

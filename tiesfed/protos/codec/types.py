@@ -11,6 +11,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -63,10 +64,16 @@ DEFAULT_LIMITS = Limits()
 
 @dataclass(frozen=True, eq=False)
 class SparseTensor:
-    """A sparse tensor: flat (row-major) indices into ``shape`` plus values.
+    """A sparse tensor, or a contiguous span of one: flat (row-major) indices into
+    ``shape`` plus values.
 
     ``indices``: int64, 1-D, strictly increasing, all ``< numel``.
     ``values``: 1-D float32/float16/bfloat16 of the same length, finite and nonzero.
+    ``count`` None: the whole tensor (``start`` is 0). Otherwise the record covers the
+    flat elements [start, start + count) only, and every index lies in it; indices are
+    always of the whole tensor (the wire stores them relative to ``start``), so folding
+    a span is folding its indices. A tensor too large to hold at once travels as
+    several span records, in order, that cover it exactly once.
     The constructor only normalises ``shape`` to a tuple of ints; call
     :meth:`validate` (``encode_tensor`` does) for the full checks.
     """
@@ -75,6 +82,8 @@ class SparseTensor:
     shape: tuple[int, ...]
     indices: torch.Tensor
     values: torch.Tensor
+    start: int = 0
+    count: Optional[int] = None
 
     def __post_init__(self) -> None:
         try:
@@ -86,6 +95,16 @@ class SparseTensor:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def stop(self) -> int:
+        """One past the last element this record covers."""
+        return self.numel if self.count is None else self.start + self.count
+
+    @property
+    def is_span(self) -> bool:
+        """Covers part of its tensor only (or says so: a span record)."""
+        return self.count is not None
 
     @property
     def nnz(self) -> int:
@@ -166,20 +185,36 @@ def _validate_input(t: SparseTensor) -> None:
     if idx.numel() != val.numel():
         raise ValueError(f"{c}{idx.numel()} indices but {val.numel()} values")
     numel = t.numel
+    lo, hi = _check_span(t.start, t.count, numel, c, ValueError)
     n = idx.numel()
-    if n > numel:
-        raise ValueError(f"{c}nnz={n} exceeds numel={numel}")
+    if n > hi - lo:
+        raise ValueError(f"{c}nnz={n} exceeds the {hi - lo} elements it covers")
     if n:
         ia = idx.detach().cpu().numpy()
-        if ia[0] < 0:
-            raise ValueError(f"{c}negative index {int(ia[0])}")
+        if ia[0] < lo:
+            raise ValueError(f"{c}negative index {int(ia[0])}" if ia[0] < 0 else f"{c}index {int(ia[0])} below the record's first element {lo}")
         if n > 1 and not bool(np.all(ia[1:] > ia[:-1])):
             raise ValueError(f"{c}indices must be strictly increasing (sorted, no repeats)")
-        if ia[-1] >= numel:
-            raise ValueError(f"{c}index {int(ia[-1])} out of range for numel={numel}")
+        if ia[-1] >= hi:
+            raise ValueError(f"{c}index {int(ia[-1])} out of range for elements [{lo}, {hi}) of numel={numel}")
         v = val.detach().cpu()
         va = (v.float() if v.dtype == torch.bfloat16 else v).numpy()  # numpy: ~40x torch's CPU isfinite
         if not bool(np.isfinite(va).all()):
             raise ValueError(f"{c}non-finite value")
         if not bool(np.all(va != 0)):
             raise ValueError(f"{c}zero value (store only nonzero entries)")
+
+
+def _check_span(start, count, numel: int, c: str, error: type[Exception]) -> tuple[int, int]:
+    """[lo, hi) of the elements a record covers; `error` names what is wrong with its span."""
+    if count is None:
+        if start != 0:
+            raise error(f"{c}start={start!r} without a count: a whole-tensor record starts at 0")
+        return 0, numel
+    if not _is_int(start) or not _is_int(count):
+        raise error(f"{c}span start and count must be ints, got {start!r} and {count!r}")
+    if start < 0 or count < 1:
+        raise error(f"{c}span [{start}, {start}+{count}): start must be >= 0 and count >= 1")
+    if start + count > numel:
+        raise error(f"{c}span [{start}, {start + count}) runs past the tensor's numel={numel}")
+    return start, start + count
