@@ -1,0 +1,186 @@
+"""The coordinator's side of a secure round, as a state machine over plain messages (no transport).
+
+collect adverts → close_keys → collect shares → close_shares → collect masked uploads →
+close_masked → collect unmask replies → finish. What it holds: public keys, sealed boxes it
+cannot open, support bitmaps, and ONE running sum of masked vectors (each upload is added
+the moment it arrives and not kept). Unmasking reconstructs the self-mask seeds of the
+uploaders and the mask keys of the sharers that did not upload, removes their masks, and
+decodes the sum into an `Accumulator` that `finalize` merges as on every other path.
+
+A message that does not fit the current step is refused with a SecAggError and changes
+nothing. Fewer than t clients at any step fail the round before anything is unmasked.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from tiesfed.core.accumulators import Accumulator
+from tiesfed.core.secagg.decode import decode_sums, secure_finalize
+from tiesfed.core.secagg.encode import quantise_weight
+from tiesfed.core.secagg.ring import RingError, ring_add, ring_sub
+from tiesfed.core.secagg.shamir import ShamirError, combine, share_from_bytes
+from tiesfed.core.secagg.support import pack_support, union_support, unpack_support
+from tiesfed.trust.secagg.keys import SecAggError, check_advert, load_public, public_bytes
+from tiesfed.trust.secagg.messages import (
+    KeyAdvert,
+    KeyList,
+    MaskedUpload,
+    MaskRequest,
+    ShareUpload,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from tiesfed.trust.secagg.params import SecAggRound
+from tiesfed.trust.secagg.prg import MASK_INFO, mask, pair_key, pair_sign, self_seed_key
+
+PHASES = ("keys", "shares", "masked", "unmask", "done")
+
+
+class SecAggServer:
+    """The coordinator in one secure round. `ca_pem`: when given, adverts are checked on
+    arrival too (the clients check them regardless)."""
+
+    def __init__(self, rnd: SecAggRound, ca_pem: Optional[bytes] = None) -> None:
+        self.round = rnd
+        self._ca = ca_pem
+        self._layout = rnd.layout
+        self._phase = 0
+        self._adverts: dict[str, KeyAdvert] = {}
+        self._keyed: tuple[str, ...] = ()
+        self._uploads: dict[str, ShareUpload] = {}
+        self._supports: dict[str, torch.Tensor] = {}
+        self._sharers: tuple[str, ...] = ()
+        self.support: torch.Tensor = torch.zeros(0, dtype=torch.int64)
+        self._sum: Optional[np.ndarray] = None
+        self._uploaded: list[str] = []
+        self._survivors: tuple[str, ...] = ()
+        self._replies: dict[str, UnmaskReply] = {}
+
+    def _in(self, phase: str, what: str) -> None:
+        if PHASES[self._phase] != phase:
+            raise SecAggError(f"round {self.round.round_id!r}: {what} arrived in phase "
+                              f"{PHASES[self._phase]!r}, expected {phase!r}")
+
+    @property
+    def phase(self) -> str:
+        return PHASES[self._phase]
+
+    # ------------------------------------------------------------------ keys
+    def receive_advert(self, adv: KeyAdvert) -> None:
+        self._in("keys", f"keys from {adv.client_id!r}")
+        if adv.client_id in self._adverts:
+            raise SecAggError(f"client {adv.client_id!r} advertised keys twice")
+        if self._ca is not None:
+            check_advert(self.round.round_id, adv.client_id, adv.c_pk, adv.s_pk, adv.cert_pem, adv.signature,
+                         self._ca)
+        self._adverts[adv.client_id] = adv
+
+    def close_keys(self) -> KeyList:
+        self._in("keys", "closing the key phase")
+        self._keyed = self.round.require(self._adverts, "advertised keys")
+        self._phase += 1
+        return KeyList(self.round.round_id, tuple(self._adverts[c] for c in self._keyed))
+
+    # ------------------------------------------------------------------ support + shares
+    def receive_shares(self, up: ShareUpload) -> None:
+        who = up.client_id
+        self._in("shares", f"shares from {who!r}")
+        if who not in self._keyed or who in self._uploads:
+            raise SecAggError(f"shares from {who!r}: not in the key list, or sent twice")
+        want = set(self._keyed) - {who}
+        if set(up.boxes) != want:
+            raise SecAggError(f"shares from {who!r} are addressed to {sorted(up.boxes)}, expected {sorted(want)}")
+        try:
+            support = unpack_support(up.support, self.round.numel)
+        except RingError as e:
+            raise SecAggError(f"support of {who!r}: {e}") from None
+        self._uploads[who] = up
+        self._supports[who] = support
+
+    def close_shares(self) -> dict[str, MaskRequest]:
+        """U1 (who shared), the union support U, and each sharer's inbox of boxes."""
+        self._in("shares", "closing the share phase")
+        sharers = self.round.require(self._uploads, "shared their keys")
+        self._sharers = sharers
+        self.support = union_support([self._supports[c] for c in sharers])
+        self._supports.clear()  # only U is needed from here on
+        packed = pack_support(self.support, self.round.numel)
+        self._phase += 1
+        self._sum = np.zeros(self._layout.width * self.support.numel(), dtype=np.uint64)
+        out = {v: MaskRequest(self.round.round_id, sharers, packed,
+                              {u: self._uploads[u].boxes[v] for u in sharers if u != v}) for v in sharers}
+        self._uploads.clear()
+        return out
+
+    # ------------------------------------------------------------------ masked upload
+    def receive_masked(self, up: MaskedUpload) -> None:
+        """Add one masked vector to the running sum; the vector itself is not kept."""
+        who = up.client_id
+        self._in("masked", f"masked upload from {who!r}")
+        if who not in self._sharers or who in self._uploaded:
+            raise SecAggError(f"masked upload from {who!r}: not a sharer, or sent twice")
+        assert self._sum is not None
+        try:
+            y = self._layout.from_bytes(up.masked, self._sum.size)
+        except RingError as e:
+            raise SecAggError(f"masked upload from {who!r}: {e}") from None
+        ring_add(self._sum, y, self._layout)
+        self._uploaded.append(who)
+
+    def close_masked(self) -> UnmaskRequest:
+        self._in("masked", "closing the upload phase")
+        self._survivors = self.round.require(self._uploaded, "uploaded masked vectors")
+        self._phase += 1
+        return UnmaskRequest(self.round.round_id, self._survivors)
+
+    # ------------------------------------------------------------------ unmasking
+    def receive_unmask(self, rep: UnmaskReply) -> None:
+        who = rep.client_id
+        self._in("unmask", f"unmasking shares from {who!r}")
+        if who not in self._survivors or who in self._replies:
+            raise SecAggError(f"unmasking shares from {who!r}: not a survivor, or sent twice")
+        dropped = set(self._sharers) - set(self._survivors)
+        if set(rep.seed_shares) != set(self._survivors) or set(rep.key_shares) != dropped:
+            raise SecAggError(f"unmasking shares from {who!r} do not cover exactly the survivors' seeds "
+                              "and the dropped clients' keys")
+        self._replies[who] = rep
+
+    def finish(self) -> Accumulator:
+        """Remove every mask and decode the sum of the survivors' contributions."""
+        self._in("unmask", "finishing")
+        repliers = self.round.require(self._replies, "sent unmasking shares")
+        lay, rid, t = self._layout, self.round.round_id, self.round.threshold
+        x = {c: i + 1 for i, c in enumerate(self._keyed)}
+        assert self._sum is not None
+        total, count = self._sum.copy(), self._sum.size
+
+        def secret(v: str, field: str) -> bytes:
+            shares = [(x[r], share_from_bytes(getattr(self._replies[r], field)[v])) for r in repliers]
+            try:
+                return combine(shares, t, 32)
+            except ShamirError as e:
+                raise SecAggError(f"cannot reconstruct the {field[:-7]} of {v!r}: {e}") from None
+
+        for v in self._survivors:
+            ring_sub(total, mask(self_seed_key(secret(v, "seed_shares"), rid, v), count, lay), lay)
+        for d in (c for c in self._sharers if c not in self._survivors):
+            sk = X25519PrivateKey.from_private_bytes(secret(d, "key_shares"))
+            if public_bytes(sk) != self._adverts[d].s_pk:
+                raise SecAggError(f"the reconstructed mask key of {d!r} is not the one it advertised")
+            for u in self._survivors:
+                m = mask(pair_key(sk, load_public(self._adverts[u].s_pk, u), MASK_INFO, rid, u, d), count, lay)
+                (ring_sub if pair_sign(u, d) > 0 else ring_add)(total, m, lay)
+        weights_q = [quantise_weight(self.round.weight(c), lay) for c in self._survivors]
+        acc = decode_sums(total, self.support, self.round.numel, self.round.spec, lay, weights_q)
+        self._phase += 1
+        self._sum = None
+        return acc
+
+    def merged(self, acc: Accumulator) -> torch.Tensor:
+        """The merged task vector (min_support and the zero-sign rule as on every path)."""
+        return secure_finalize(acc, self.round.spec)
