@@ -110,6 +110,13 @@ def test_masks_are_uniform_on_the_ring(clients):
         assert abs(ones - n / 2) < 5 * (n / 4) ** 0.5, bit
 
 
+def test_mask_ranges_are_slices_of_the_whole_mask():
+    lay = RingLayout.of(FinalizeSpec(), FixedPoint(1.0, 5))
+    whole = mask(b"\x03" * 32, 1001, lay)
+    for start, count in ((0, 1), (1, 10), (2, 7), (999, 2), (500, 0), (333, 333)):
+        assert np.array_equal(mask(b"\x03" * 32, count, lay, start), whole[start:start + count]), (start, count)
+
+
 def test_share_boxes_open_only_for_their_recipient():
     key = b"\x07" * 32
     box = seal(key, b"shares", "r1", "org-a", "org-b")

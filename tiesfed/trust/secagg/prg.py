@@ -42,11 +42,18 @@ def self_seed_key(seed: bytes, round_id: str, client_id: str) -> bytes:
     return hkdf(seed, SELF_INFO, round_id, client_id)
 
 
-def mask(key: bytes, count: int, layout: RingLayout) -> np.ndarray:
-    """`count` uniform elements of Z_{2^b}: AES-256-CTR(key) keystream as uint64."""
-    enc = Cipher(algorithms.AES(key), modes.CTR(b"\x00" * 16)).encryptor()
-    stream = enc.update(bytes(8 * count)) + enc.finalize()
-    return layout.reduce(np.frombuffer(stream, dtype="<u8").astype(np.uint64))
+def mask(key: bytes, count: int, layout: RingLayout, start: int = 0) -> np.ndarray:
+    """Elements start..start+count of the mask: AES-256-CTR(key) keystream as uint64 mod 2^b.
+
+    CTR is seekable, so a range of the ring vector (a chunk of the upload, a shard's part of U)
+    gets its part of the mask without generating what comes before it.
+    """
+    if start < 0 or count < 0:
+        raise ValueError("mask range must be non-negative")
+    block, skip = divmod(8 * start, 16)
+    enc = Cipher(algorithms.AES(key), modes.CTR(block.to_bytes(16, "big"))).encryptor()
+    stream = enc.update(bytes(skip + 8 * count)) + enc.finalize()
+    return layout.reduce(np.frombuffer(stream[skip:], dtype="<u8").astype(np.uint64))
 
 
 def pair_sign(me: str, peer: str) -> int:
