@@ -24,6 +24,7 @@ from tiesfed.core.secagg import (
     pack_support,
     quantise,
     quantise_weight,
+    release_support,
     ring_add,
     ring_sub,
     secure_finalize,
@@ -185,6 +186,9 @@ def test_support_bitmap_round_trip_and_union():
     a, b = torch.tensor([0, 5, 9]), torch.tensor([5, 6, 99])
     assert torch.equal(unpack_support(pack_support(a, 100), 100), a)
     assert union_support([a, b]).tolist() == [0, 5, 6, 9, 99]
+    assert release_support([a, b], 2, 100).tolist() == [5]
+    assert release_support([a, b, b], 2, 100).tolist() == [5, 6, 99]
+    assert torch.equal(release_support([a, b], 1, 100), union_support([a, b]))
     with pytest.raises(RingError):
         unpack_support(pack_support(a, 100), 200)
     with pytest.raises(RingError):

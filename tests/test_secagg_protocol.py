@@ -17,7 +17,7 @@ from tests.test_secagg_crypto import ORGS, make_pki
 from tiesfed.core.accumulators import FinalizeSpec, fold, new_accumulator
 from tiesfed.core.secagg import FixedPoint, RingError, decode_sums, quantise, quantise_weight, secure_finalize
 from tiesfed.core.secagg.encode import dequantise, encode_lanes, weight_value
-from tiesfed.core.secagg.support import union_support
+from tiesfed.core.secagg.support import release_support, union_support
 from tiesfed.protos.codec import CodecError, read_stream
 from tiesfed.trust.secagg import SecAggClient, SecAggError, SecAggRound, SecAggServer, from_bytes, to_bytes
 from tiesfed.trust.secagg.messages import KeyList, MaskedUpload, MaskRequest, UnmaskRequest
@@ -128,6 +128,25 @@ def test_dropouts_on_both_sides_of_the_upload(ids):
     rnd = make_round(5, 3)
     acc, merged, _ = run(ids, rnd, ORGS, drop_before_upload=("org-b",), drop_after_upload=("org-d",))
     assert_same(acc, merged, *plain(rnd, [c for c in ORGS if c != "org-b"]))
+
+
+def test_release_rule_keeps_positions_fewer_than_m_touched_out_of_every_sum(ids):
+    """min_release = 2: U holds only positions two or more sharers touched, so no sum the coordinator
+    unmasks is one organisation's value; the merge with min_support = 2 is the plain round's."""
+    rnd = make_round(5, 3, min_release=2)
+    acc, merged, server = run(ids, rnd, ORGS)
+    quantised = [quantise(*contribution(k), rnd.fixed) for k in range(5)]
+    u = release_support([i for i, _ in quantised], 2, NUMEL)
+    assert torch.equal(server.support, u)
+    assert 0 < u.numel() < union_support([i for i, _ in quantised]).numel()
+    ref = new_accumulator(NUMEL, rnd.spec)
+    for i, q in quantised:
+        keep = torch.isin(i, u)
+        fold(ref, i[keep], dequantise(q[keep], rnd.fixed))
+    support = acc.c_pos + acc.c_neg
+    assert bool(((support == 0) | (support >= 2)).all())
+    assert_same(acc, merged, ref, secure_finalize(ref, rnd.spec))
+    assert torch.equal(merged, plain(make_round(5, 3), ORGS)[1])
 
 
 def test_fewer_than_t_uploads_fail_loudly_before_any_unmasking(ids):

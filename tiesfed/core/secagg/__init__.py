@@ -10,10 +10,10 @@ from tiesfed.core.secagg.decode import decode_sums, secure_finalize
 from tiesfed.core.secagg.encode import encode_lanes, quantise, quantise_weight
 from tiesfed.core.secagg.ring import FixedPoint, RingError, RingLayout, ring_add, ring_sub
 from tiesfed.core.secagg.shamir import PRIME, ShamirError, combine, split
-from tiesfed.core.secagg.support import pack_support, union_support, unpack_support
+from tiesfed.core.secagg.support import pack_support, release_support, union_support, unpack_support
 
 __all__ = [
     "PRIME", "FixedPoint", "RingError", "RingLayout", "ShamirError", "combine", "decode_sums", "encode_lanes",
-    "pack_support", "quantise", "quantise_weight", "ring_add", "ring_sub", "secure_finalize", "split",
+    "pack_support", "quantise", "release_support", "quantise_weight", "ring_add", "ring_sub", "secure_finalize", "split",
     "union_support", "unpack_support",
 ]

@@ -45,3 +45,14 @@ def union_support(supports: list[torch.Tensor]) -> torch.Tensor:
     if not supports:
         return torch.zeros(0, dtype=torch.int64)
     return torch.unique(torch.cat([s.to(torch.int64) for s in supports]), sorted=True)
+
+
+def release_support(supports: list[torch.Tensor], min_release: int, numel: int) -> torch.Tensor:
+    """U under the release rule: the positions at least `min_release` supports cover
+    (`union_support` for 1)."""
+    if min_release <= 1:
+        return union_support(supports)
+    counts = torch.zeros(numel, dtype=torch.int32)
+    for s in supports:
+        counts.index_add_(0, s.to(torch.int64), torch.ones(s.numel(), dtype=torch.int32))
+    return torch.nonzero(counts >= min_release).reshape(-1)

@@ -128,7 +128,11 @@ class SecAggClient:
             held[sender] = (share_from_bytes(plain[4:4 + SHARE_BYTES]), share_from_bytes(plain[4 + SHARE_BYTES:]))
         support = unpack_support(req.support, self.round.numel)
         lay = self._layout
-        y = encode_lanes(self._idx, self._q, self._qw, support, lay)
+        idx, q = self._idx, self._q
+        if self.round.min_release > 1:  # the release rule: positions too few touched stay out
+            keep = torch.isin(idx, support)
+            idx, q = idx[keep], q[keep]
+        y = encode_lanes(idx, q, self._qw, support, lay)
         self._advance("masked_input")
         self._held.update(held)
         self._sharers = sharers

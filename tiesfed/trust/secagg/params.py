@@ -15,7 +15,9 @@ from tiesfed.trust.secagg.keys import SecAggError
 class SecAggRound:
     """round_id; numel: the flat parameter space; threshold: t of Shamir and the fewest clients
     the round proceeds with; fixed: the fixed-point contract; spec: how the sums finalize;
-    weights: each client's public weight (weighted specs; 1.0 when absent)."""
+    weights: each client's public weight (weighted specs; 1.0 when absent);
+    min_release: the release rule, U holds only positions at least this many sharers' supports
+    cover, so no masked sum is taken over a position fewer organisations touched (1: U is the union)."""
 
     round_id: str
     numel: int
@@ -23,6 +25,7 @@ class SecAggRound:
     fixed: FixedPoint
     spec: FinalizeSpec = FinalizeSpec()
     weights: Mapping[str, float] = field(default_factory=dict)
+    min_release: int = 1
 
     def __post_init__(self) -> None:
         if not valid_id(self.round_id):
@@ -32,6 +35,8 @@ class SecAggRound:
         if not (isinstance(self.threshold, int) and 2 <= self.threshold <= self.fixed.max_clients):
             raise SecAggError(f"threshold must be in 2..max_clients ({self.fixed.max_clients}), "
                               f"got {self.threshold!r}")
+        if not (isinstance(self.min_release, int) and 1 <= self.min_release <= self.threshold):
+            raise SecAggError(f"min_release must be in 1..threshold ({self.threshold}), got {self.min_release!r}")
         self.layout  # noqa: B018  (refuses a spec or bound the ring cannot carry, up front)
 
     @property

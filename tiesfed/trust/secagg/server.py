@@ -24,7 +24,7 @@ from tiesfed.core.secagg.decode import decode_sums, secure_finalize
 from tiesfed.core.secagg.encode import quantise_weight
 from tiesfed.core.secagg.ring import RingError, ring_add, ring_sub
 from tiesfed.core.secagg.shamir import ShamirError, combine, share_from_bytes
-from tiesfed.core.secagg.support import pack_support, union_support, unpack_support
+from tiesfed.core.secagg.support import pack_support, release_support, unpack_support
 from tiesfed.trust.secagg.keys import SecAggError, check_advert, load_public, public_bytes
 from tiesfed.trust.secagg.messages import (
     KeyAdvert,
@@ -107,7 +107,8 @@ class SecAggServer:
         self._in("shares", "closing the share phase")
         sharers = self.round.require(self._uploads, "shared their keys")
         self._sharers = sharers
-        self.support = union_support([self._supports[c] for c in sharers])
+        self.support = release_support([self._supports[c] for c in sharers], self.round.min_release,
+                                       self.round.numel)
         self._supports.clear()  # only U is needed from here on
         packed = pack_support(self.support, self.round.numel)
         self._phase += 1
