@@ -14,6 +14,7 @@ from tiesfed.cli.common import device_option, flag_message, parse_size, parse_we
 from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
 from tiesfed.io.merge_config import load_config
 from tiesfed.io.mergekit_config import MergekitConfigError
+from tiesfed.io.shard_size import parse_shard_size
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,7 +53,12 @@ def main() -> None:
 @click.option("--keep-base", multiple=True, help="glob of tensors left at the base value (repeatable)")
 @click.option("--device", default="cpu", show_default=True, callback=device_option,
               help="where to trim and fold: cpu, cuda, cuda:N or mps")
-@click.option("--shard-size", default="5GB", show_default=True, help="output shard size, e.g. 2GB or 500MB")
+@click.option("--shard-size", default="5GB", show_default=True,
+              help="largest output shard: 5GB, 500MB, 5GiB, 1e9 (bytes), or mergekit's 5B, 500M, 10K (billions, "
+              "millions, thousands of bytes)")
+@click.option("--allow-architecture-mismatch", is_flag=True,
+              help="merge models whose config.json names another architecture than the base's (e.g. model_type, "
+              "hidden_size); the error without it lists what differs")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the report as JSON")
 @click.option("--overwrite", is_flag=True, help="replace the weights of an existing output folder")
 @click.option("--max-memory", help="memory budget for tensor data, e.g. 4GB (default: half the machine's); "
@@ -61,12 +67,16 @@ def main() -> None:
               help="also encode each model's contribution as a client would upload it, to report its size "
                    "(bits/param; one more pass per model)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
-def merge(base, models, out_dir, config_path, weights, device, shard_size, report_path, overwrite, max_memory,
-          upload_size, quiet, **opts) -> None:
+def merge(base, models, out_dir, config_path, weights, device, shard_size, allow_architecture_mismatch, report_path,
+          overwrite, max_memory, upload_size, quiet, **opts) -> None:
     """Merge fine-tuned MODELS of BASE locally (same pipeline as the federated path)."""
     from tiesfed.engine import merge as run_merge
 
     given = {k: v for k, v in opts.items() if v is not None and v != ()}
+    try:
+        shard_bytes = parse_shard_size(shard_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--shard-size") from None
     try:
         if config_path:
             cfg = load_config(config_path)
@@ -90,9 +100,10 @@ def merge(base, models, out_dir, config_path, weights, device, shard_size, repor
         raise click.UsageError(f"{config_path}: {e}") from None
     try:
         report = run_merge(
-            cfg, out_dir, device=device, shard_bytes=parse_size(shard_size), progress=not quiet,
+            cfg, out_dir, device=device, shard_bytes=shard_bytes, progress=not quiet,
             report_path=report_path, overwrite=overwrite, measure_upload=upload_size,
             max_memory=parse_size(max_memory) if max_memory else None, source_config=config_path,
+            allow_architecture_mismatch=allow_architecture_mismatch,
         )
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None

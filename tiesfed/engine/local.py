@@ -68,6 +68,7 @@ def merge(
     measure_upload: bool = False,
     max_memory: Optional[int] = None,
     source_config: Optional[str | Path] = None,
+    allow_architecture_mismatch: bool = False,
 ) -> MergeReport:
     """Merge `config.models` into `config.base_model`, writing an HF-style folder.
 
@@ -80,7 +81,8 @@ def merge(
     machine's memory) bounds the tensor data held at once: a tensor that does not
     fit is read, trimmed, merged and written in blocks of its elements, with the
     same result. `source_config`: the YAML the config was read from (a mergekit one is kept
-    beside the model card as `mergekit_config.yml`)."""
+    beside the model card as `mergekit_config.yml`). `allow_architecture_mismatch`: merge models
+    whose config.json names another architecture than the base's (refused by default)."""
     started = time.perf_counter()
     opts = config.options
     method = get_method(opts.method)
@@ -99,7 +101,7 @@ def merge(
         base = stack.enter_context(ModelReader(config.base_model))
         fts = [stack.enter_context(ModelReader(m.model)) for m in config.models]
         for ft in fts:
-            check_compatible(base, ft, opts.keep_base)
+            check_compatible(base, ft, opts.keep_base, allow_architecture_mismatch)
         tensors = mergeable(base.manifest(), opts.keep_base)
         merged_names = {t.name for t in tensors}
         params = sum(t.numel for t in tensors)

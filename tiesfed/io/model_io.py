@@ -1,14 +1,15 @@
 """Model I/O: read and write Hugging Face style safetensors models a tensor at a time.
 
-The code lives in three modules, one job each: `safetensors_format` (dtype
+The code lives in modules with one job each: `safetensors_format` (dtype
 tables, header parsing, `TensorInfo`, `ModelError`), `reader` (`ModelReader`,
-compatibility, fingerprint) and `writer` (`ShardedWriter`, shard layout, side
-files). This module keeps the one import path the rest of tiesfed uses.
+fingerprint), `torch_bin` (PyTorch checkpoints), `compat` (whether a model fits
+its base) and `writer` (`ShardedWriter`, shard layout, side files). This module keeps the one import path the rest of tiesfed uses.
 """
 
 from __future__ import annotations
 
-from tiesfed.io.reader import ModelReader, check_compatible, fingerprint, mergeable
+from tiesfed.io.compat import check_compatible, mergeable
+from tiesfed.io.reader import ModelReader, fingerprint
 from tiesfed.io.safetensors_format import (
     DEFAULT_SHARD_BYTES,
     DTYPE_TO_ST,

@@ -2,20 +2,19 @@
 
 Nothing here ever holds a whole model. `ModelReader` parses only the headers at
 open and hands out one tensor at a time (read straight from its byte range,
-or memory-mapped through `safetensors.safe_open` on request); `fingerprint`
-hashes raw bytes in bounded chunks. `check_compatible` and `mergeable` decide,
-from headers alone, whether and which tensors a merge may touch.
+or memory-mapped through `safetensors.safe_open` on request; a PyTorch
+checkpoint's tensors are memory-mapped by `torch_bin`); `fingerprint` hashes
+raw bytes in bounded chunks. Whether two models fit together is `compat`'s job.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
 import threading
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -30,8 +29,9 @@ from tiesfed.io.safetensors_format import (
     TensorInfo,
     _read_header,
 )
+from tiesfed.io.torch_bin import BIN_FILE, BIN_INDEX_FILE, load_bin, read_bin_index
 
-__all__ = ["ModelReader", "check_compatible", "fingerprint", "mergeable"]
+__all__ = ["ModelReader", "fingerprint"]
 
 _pread_lock = threading.Lock()
 
@@ -53,17 +53,22 @@ class ModelReader:
     `path` may be: a folder with ``model.safetensors``; a folder with sharded
     files and ``model.safetensors.index.json``; a folder holding exactly one
     ``*.safetensors``; or a single ``.safetensors`` file. Only headers are read
-    at open. Use as a context manager (or call `close`).
+    at open. Without safetensors, a PyTorch checkpoint: ``pytorch_model.bin``,
+    sharded with ``pytorch_model.bin.index.json``, or a single ``.bin`` file,
+    memory-mapped and weights-only (`torch_bin`). Use as a context manager (or call `close`).
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         p = self.path
-        files: list[Path]
+        files: list[Path] = []
+        bins: list[Path] = []
         weight_map: Optional[dict[str, str]] = None
         if p.is_file():
-            if p.suffix != ".safetensors":
-                raise ModelError(f"{p}: not a .safetensors file (only safetensors models are supported)")
+            if p.suffix == ".bin":
+                bins = [p]
+            elif p.suffix != ".safetensors":
+                raise ModelError(f"{p}: not a .safetensors or PyTorch .bin file")
             self.folder = p.parent
             files = [p]
         elif p.is_dir():
@@ -72,6 +77,11 @@ class ModelReader:
                 files = [p / SINGLE_FILE]
             elif (p / INDEX_FILE).is_file():
                 files, weight_map = self._read_index(p / INDEX_FILE)
+            elif (p / BIN_FILE).is_file():
+                files = bins = [p / BIN_FILE]
+            elif (p / BIN_INDEX_FILE).is_file():
+                weight_map = read_bin_index(p / BIN_INDEX_FILE)
+                files = bins = [p / n for n in sorted(set(weight_map.values()))]
             else:
                 st = sorted(q.name for q in p.glob("*.safetensors") if q.is_file())
                 if len(st) == 1:
@@ -84,7 +94,8 @@ class ModelReader:
                     if st:
                         found = f"{len(st)} .safetensors files ({', '.join(st[:5])}{', ...' if len(st) > 5 else ''}) but no {INDEX_FILE}"
                     elif others:
-                        found = f"no .safetensors file, only {', '.join(others[:5])} (convert the model to safetensors)"
+                        found = (f"no .safetensors file or {BIN_FILE}, only {', '.join(others[:5])} (convert the "
+                                 "model to safetensors)")
                     else:
                         found = "no .safetensors file"
                     raise ModelError(f"{p}: not a model folder: found {found}")
@@ -96,8 +107,22 @@ class ModelReader:
         self._infos: dict[str, TensorInfo] = {}
         self._ranges: dict[str, tuple[int, int]] = {}  # absolute byte range in its file
         self.metadata: dict[str, str] = {}
+        #: a PyTorch checkpoint's tensors, memory-mapped (None for safetensors)
+        self._bin: Optional[dict[str, torch.Tensor]] = None
         order: list[tuple[int, int, str]] = []
-        for fi, f in enumerate(files):
+        if bins:
+            self._bin = {}
+            for fi, f in enumerate(bins):
+                for pos, (name, t) in enumerate(load_bin(f).items()):
+                    if weight_map is not None and weight_map.get(name) != f.name:
+                        continue
+                    if name in self._infos:
+                        raise ModelError(f"{p}: tensor {name!r} appears in both {self._infos[name].file.name} and "
+                                         f"{f.name}")
+                    self._bin[name] = t
+                    self._infos[name] = TensorInfo(name, tuple(t.shape), t.dtype, f)
+                    order.append((fi, pos, name))
+        for fi, f in enumerate(files if not bins else []):
             entries, meta, start = _read_header(f)
             if fi == 0:
                 self.metadata = dict(meta)
@@ -114,7 +139,7 @@ class ModelReader:
             missing = [n for n in weight_map if n not in self._infos]
             if missing:
                 raise ModelError(
-                    f"{p}: {INDEX_FILE} lists {len(missing)} tensor(s) absent from their shard, e.g. "
+                    f"{p}: {BIN_INDEX_FILE if bins else INDEX_FILE} lists {len(missing)} tensor(s) absent from their shard, e.g. "
                     + ", ".join(f"{n!r} (in {weight_map[n]})" for n in missing[:5])
                 )
         order.sort()
@@ -157,15 +182,43 @@ class ModelReader:
     def manifest(self) -> list[TensorInfo]:
         return [self._infos[n] for n in self.names]
 
+    def alias(self, name: str, target: str) -> None:
+        """Make `name` read as `target` (a tied tensor the checkpoint stores once)."""
+        t = self.info(target)
+        self._infos[name] = TensorInfo(name, t.shape, t.dtype, t.file)
+        if target in self._ranges:
+            self._ranges[name] = self._ranges[target]
+        if self._bin is not None:
+            self._bin[name] = self._bin[target]
+        if name not in self.names:
+            self.names.append(name)
+
+    def hide(self, name: str) -> None:
+        """Leave out `name` (a tied duplicate the checkpoint stores twice)."""
+        info = self._infos.pop(name)
+        self._ranges.pop(name, None)
+        if self._bin is not None:
+            self._bin.pop(name, None)
+        self.names.remove(name)
+        self.total_float_params -= info.numel if info.is_float else 0
+        self.total_bytes -= info.nbytes
+
     def byte_range(self, name: str) -> tuple[Path, int, int]:
-        """(file, absolute start, absolute end) of the tensor's raw little-endian bytes."""
+        """(file, absolute start, absolute end) of the tensor's raw little-endian bytes (safetensors only)."""
         i = self.info(name)
+        if name not in self._ranges:
+            raise ModelError(f"tensor {name!r} in model {self.path}: a PyTorch checkpoint has no raw byte range")
         b, e = self._ranges[name]
         return i.file, b, e
 
     def iter_raw(self, name: str, chunk_bytes: int = _IO_CHUNK) -> Iterator[memoryview]:
         """The tensor's raw bytes in chunks of at most `chunk_bytes` (one reused buffer:
         consume each chunk before asking for the next)."""
+        if self._bin is not None:
+            raw = memoryview(self._bin_tensor(name).reshape(-1).view(torch.uint8).numpy()).cast("B")
+            for at in range(0, len(raw), max(1, chunk_bytes)):
+                yield raw[at : at + chunk_bytes]
+            return
         file, b, e = self.byte_range(name)
         buf = bytearray(max(1, min(chunk_bytes, e - b)))
         mv = memoryview(buf)
@@ -190,6 +243,9 @@ class ModelReader:
         process's (file-backed, reclaimable) RSS grows to the model's size.
         """
         info = self.info(name)
+        if self._bin is not None:
+            t = self._bin_tensor(name)
+            return t if mmap else t.clone()
         if mmap:
             return self._get_mmap(info)
         out = torch.empty(info.shape, dtype=info.dtype)
@@ -203,10 +259,20 @@ class ModelReader:
         info = self.info(name)
         if not 0 <= lo <= hi <= info.numel:
             raise ModelError(f"tensor {name!r} in model {self.path}: range [{lo}, {hi}) outside [0, {info.numel})")
+        if self._bin is not None:
+            return self._bin_tensor(name).reshape(-1)[lo:hi].clone()
         out = torch.empty(hi - lo, dtype=info.dtype)
         _, b, _ = self.byte_range(name)
         self._read_into(info, out, b + lo * out.element_size())
         return out
+
+    def _bin_tensor(self, name: str) -> torch.Tensor:
+        """A checkpoint's tensor, contiguous (a strided view is copied), still memory-mapped."""
+        assert self._bin is not None
+        try:
+            return self._bin[name].contiguous()
+        except RuntimeError as e:  # a mapped page that cannot be read: the file changed or was cut
+            raise ModelError(f"tensor {name!r} in model {self.path}: cannot read: {e}") from e
 
     def _read_into(self, info: TensorInfo, out: torch.Tensor, start: int) -> None:
         nbytes = out.numel() * out.element_size()
@@ -280,49 +346,6 @@ class ModelReader:
         return f"ModelReader({str(self.path)!r}, {len(self.names)} tensors, {len(self.files)} file(s))"
 
 
-# ----------------------------------------------------------------------------- compatibility
-
-_MAX_PROBLEMS = 20
-
-
-def check_compatible(base: ModelReader, other: ModelReader, keep_base: Sequence[str] = ()) -> None:
-    """Raise ModelError listing every way `other` does not fit `base`.
-
-    Problems: a base tensor missing in `other`, a different shape, a tensor
-    `other` has that base lacks, a float tensor that became non-float (or the
-    reverse). fp32 vs bf16 is fine (task vectors are computed in fp32). A
-    tensor whose name matches a glob in `keep_base` is exempt: the merge keeps
-    it at the base value.
-    """
-
-    def kept(n: str) -> bool:
-        return any(fnmatch.fnmatch(n, g) for g in keep_base)
-
-    problems: list[str] = []
-    for n in base.names:
-        if kept(n):
-            continue
-        b = base.info(n)
-        if n not in other:
-            problems.append(f"{n!r}: missing")
-            continue
-        o = other.info(n)
-        if o.shape != b.shape:
-            problems.append(f"{n!r}: shape {list(o.shape)}, base has {list(b.shape)}")
-        if o.is_float != b.is_float:
-            problems.append(f"{n!r}: dtype {DTYPE_TO_ST[o.dtype]}, base has {DTYPE_TO_ST[b.dtype]}")
-    for n in other.names:
-        if n not in base and not kept(n):
-            problems.append(f"{n!r}: not in the base model")
-    if problems:
-        more = len(problems) - _MAX_PROBLEMS
-        lines = problems[:_MAX_PROBLEMS] + ([f"... and {more} more"] if more > 0 else [])
-        raise ModelError(
-            f"model {other.path} does not match base {base.path} ({len(problems)} problem(s)):\n  "
-            + "\n  ".join(lines)
-        )
-
-
 # ----------------------------------------------------------------------------- fingerprint
 
 
@@ -342,7 +365,3 @@ def fingerprint(reader: ModelReader, chunk_bytes: int = _IO_CHUNK) -> str:
     return "sha256:" + h.hexdigest()
 
 
-
-def mergeable(infos: Sequence[TensorInfo], keep_base: Sequence[str] = ()) -> list[TensorInfo]:
-    """The tensors a merge touches: float tensors not pinned to the base by a glob."""
-    return [t for t in infos if t.is_float and not any(fnmatch.fnmatch(t.name, g) for g in keep_base)]
