@@ -132,6 +132,11 @@ def coordinator() -> None:
 @click.option("--ray-address", help="join this Ray cluster (default: start a local Ray)")
 @click.option("--num-shards", type=int, help="shard actors per round (default: one per CPU, or GPU)")
 @click.option("--num-gpus-per-actor", type=float, help="GPUs per shard actor (fractions allowed)")
+@click.option("--actor-memory", help="memory budget of one shard actor, e.g. 3GB: a round gets as many actors "
+              "as its accumulators need (default: the cluster's memory per CPU, at most 4 GiB)")
+@click.option("--sum-dtype", type=click.Choice(["float64", "float32"]),
+              help="accumulator sums: float64 (default, exact) or float32 (8 bytes a parameter less; the merge "
+              "then depends on the commit order within float32 rounding)")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="write the bound port here (for scripts)")
 @click.option("--exit-when-done", is_flag=True,
               help="exit once every round is finished and every participant fetched the merge")
@@ -143,8 +148,8 @@ def coordinator() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="debug logging (round events are logged at INFO anyway)")
 def serve(config_path, listen, spool_dir, base_model, shard_size, tls_dir, crl, insecure, admin_token,
           max_active_uploads, abandon_after, round_configs, round_id, clients, weights, quorum, deadline, late_policy, replace_policy, options,
-          aggregator, ray_address, num_shards, num_gpus_per_actor, port_file, exit_when_done, metrics_port,
-          metrics_host, log_format, verbose) -> None:
+          aggregator, ray_address, num_shards, num_gpus_per_actor, actor_memory, sum_dtype, port_file,
+          exit_when_done, metrics_port, metrics_host, log_format, verbose) -> None:
     """Serve federated rounds over gRPC until interrupted (with --tls, or else --insecure on loopback)."""
     from tiesfed.coordinator.rounds import RoundConfig, RoundError
     from tiesfed.coordinator.server import CoordinatorConfig, load_coordinator_config
@@ -163,11 +168,13 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, tls_dir, crl, 
                            ("abandon_after_s", abandon_after), ("aggregator", aggregator),
                            ("ray_address", ray_address), ("num_shards", num_shards),
                            ("num_gpus_per_actor", num_gpus_per_actor), ("metrics_port", metrics_port),
-                           ("metrics_host", metrics_host)):
+                           ("metrics_host", metrics_host), ("sum_dtype", sum_dtype)):
             if value is not None:
                 upd[key] = Path(value) if key in ("spool_dir", "tls_dir", "crl") else value
         if shard_size:
             upd["shard_bytes"] = parse_size(shard_size)
+        if actor_memory:
+            upd["actor_memory"] = parse_size(actor_memory)
         rounds = list(cfg.rounds)
         for path in round_configs:
             rounds.append(RoundConfig.model_validate(yaml.safe_load(Path(path).read_text())))

@@ -16,6 +16,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Optional
 
+from tiesfed.coordinator.memory import (
+    actor_bytes,
+    check_cluster,
+    default_actor_memory,
+    shards_for_budget,
+)
 from tiesfed.coordinator.ray_shards import ReplayItem, ShardedAggregator
 from tiesfed.coordinator.shard_plan import num_shards_for
 from tiesfed.coordinator.shard_pool import init_ray
@@ -34,8 +40,13 @@ class RayAggregatorFactory:
     """Callable `(manifest, spec, replay=None) -> ShardedAggregator`.
 
     num_shards None: one per GPU (with GPU actors) or per CPU of the cluster,
-    capped so that shards are not tiny (`default_shards`). Actors ask for a fraction
-    of a CPU by default so that several rounds can be open at once on a small machine.
+    capped so that shards are not tiny (`default_shards`); then raised, whatever the
+    rule gave, until each actor's accumulators fit `actor_memory` bytes (None: sized
+    from the cluster, `memory.default_actor_memory`). CPU actors ask Ray for the memory
+    they will hold (`memory=`), so Ray places them where it is; a round the cluster
+    cannot hold is refused with the numbers (`memory.MemoryBudgetError`). Actors ask
+    for a fraction of a CPU by default so that several rounds can be open at once on a
+    small machine, less where the memory budget asks for more actors than CPUs.
     """
 
     ray_address: Optional[str] = None
@@ -43,6 +54,8 @@ class RayAggregatorFactory:
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 0.5
     max_restarts: int = 3
+    #: per-actor memory budget in bytes (None: from the cluster)
+    actor_memory: Optional[int] = None
     #: told how many shard actors each recovery rebuilt (the coordinator's restart counter)
     on_rebuild: Optional[Callable[[int], None]] = None
     what: ClassVar[str] = "Ray"  # in status messages
@@ -107,16 +120,43 @@ class RayAggregatorFactory:
         replay: Optional[Callable[[], Iterable[ReplayItem]]] = None,
     ) -> ShardedAggregator:
         self.start()
+        num_shards, cpus_each, memory = self.layout(manifest, spec)
         return ShardedAggregator(
             manifest,
             spec,
-            num_shards=self.num_shards or self.default_shards(manifest),
+            num_shards=num_shards,
             num_gpus_per_actor=self.num_gpus_per_actor,
-            num_cpus_per_actor=self.num_cpus_per_actor,
+            num_cpus_per_actor=cpus_each,
             max_restarts=self.max_restarts,
             replay=replay,
             on_rebuild=self.on_rebuild,
+            memory_per_actor=memory,
         )
+
+    def layout(self, manifest: list[tuple[str, int]], spec: FinalizeSpec) -> tuple[int, float, Optional[int]]:
+        """(shards, CPUs per actor, bytes of memory per actor or None) for a round: the
+        count rule, raised to fit the memory budget, checked against the cluster."""
+        import ray
+
+        cluster = dict(ray.cluster_resources())
+        total = sum(n for _, n in manifest)
+        rule = self.num_shards or self.default_shards(manifest) or num_shards_for(
+            cluster, total, num_gpus_per_actor=self.num_gpus_per_actor)
+        budget = self.actor_memory or default_actor_memory(cluster)
+        need = shards_for_budget(total, spec, budget)
+        shards = max(rule, min(need, max(1, total)))
+        if shards > rule:
+            log.info("%d shard actors (not %d): %s parameters at %d bytes each fit a budget of %.2f GiB an actor",
+                     shards, rule, f"{total:,}", spec.bytes_per_param(), budget / (1 << 30))
+        cpus = float(cluster.get("CPU", 0) or 0)
+        cpus_each = self.num_cpus_per_actor
+        if self.num_gpus_per_actor <= 0 and cpus > 0 and shards * cpus_each > cpus:
+            cpus_each = max(0.0001, int(cpus / shards * 10_000) / 10_000)  # Ray's resource precision
+        if self.num_gpus_per_actor > 0:
+            return shards, cpus_each, None  # the accumulators live in GPU memory, not the host's
+        per_actor = actor_bytes(-(-total // shards), spec)
+        check_cluster(shards, per_actor, dict(ray.available_resources()), total, spec, budget)
+        return shards, cpus_each, per_actor
 
     def default_shards(self, manifest: list[tuple[str, int]]) -> Optional[int]:
         """CPU actors: one per CPU of the cluster (not one per `num_cpus_per_actor`, which

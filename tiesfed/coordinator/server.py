@@ -37,6 +37,7 @@ from tiesfed.coordinator.admin import TOKEN_FILE as ADMIN_TOKEN_FILE
 from tiesfed.coordinator.admin import check_token, generate_token, write_token_file
 from tiesfed.coordinator.config_names import cli_names
 from tiesfed.coordinator.listen import check_listen
+from tiesfed.coordinator.memory import parse_bytes
 from tiesfed.coordinator.metrics import CoordinatorMetrics, MetricsEndpoint
 from tiesfed.coordinator.rounds import (
     AggregatorFactory,
@@ -136,11 +137,25 @@ class CoordinatorConfig(BaseModel):
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per shard actor; fractions allowed")
     num_cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per shard actor; fractions allowed")
     max_restarts: int = Field(3, ge=0, description="restarts of a lost shard actor (rebuilt from the spool)")
+    actor_memory: Optional[int] = Field(
+        None, gt=0, description="memory budget of one shard actor, bytes or a size (3GB): a round gets as many "
+        "actors as its accumulators need at this budget, each asking Ray for its memory (default: the "
+        "cluster's memory per CPU, at most 4 GiB)")
+    sum_dtype: Literal["float64", "float32"] = Field(
+        "float64", description="dtype of the accumulator sums: float64 (exact: the same bits whatever the "
+        "arrival order, and as the local merge) or float32 (8 bytes a parameter less; results then depend on "
+        "the order contributions are committed in, within float32 rounding)")
     metrics_port: Optional[int] = Field(None, ge=0, le=65535, description="serve Prometheus metrics at "
                                         "http://metrics_host:PORT/metrics; 0 picks a free port (logged); none: off")
     metrics_host: str = Field("127.0.0.1", description="address of the metrics endpoint (plain HTTP, no "
                               "authentication: widen it only behind a firewall or a scraping proxy)")
     rounds: list[RoundConfig] = Field(default_factory=list)
+
+    @field_validator("actor_memory", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> object:
+        """A size with a unit (3GB, 2.5GiB) as well as a number of bytes."""
+        return parse_bytes(v) if isinstance(v, str) else v
 
     @model_validator(mode="before")
     @classmethod
@@ -283,6 +298,7 @@ class CoordinatorServer:
                 num_gpus_per_actor=config.num_gpus_per_actor,
                 num_cpus_per_actor=config.num_cpus_per_actor,
                 max_restarts=config.max_restarts,
+                actor_memory=config.actor_memory,
                 on_rebuild=self.metrics.shards_rebuilt,
             )
         # a factory that starts (Ray) starts in the background once the server listens: until
@@ -306,6 +322,7 @@ class CoordinatorServer:
             max_round_params=config.max_round_params or default_max_round_params(config.aggregator),
             signer=self.identity,  # signs each merge (merged.sig.json); None when insecure
             metrics=self.metrics,
+            sum_dtype=config.sum_dtype,
         )
         # no unauthenticated admin: an admin certificate with TLS; insecure, a token given or one
         # made here (written to the spool at start)

@@ -104,6 +104,8 @@ class ShardActorLocal:
         self._generation = uuid.uuid4().hex
         self._staged: Optional[torch.Tensor] = None
         self.chunk_elems = 1 << 20
+        #: entries of a slice folded at once (`_fold`)
+        self.fold_elems = 1 << 22
 
     @staticmethod
     def _pick_device(device: Optional[str]) -> str:
@@ -120,12 +122,28 @@ class ShardActorLocal:
     # -- folding
     def fold(self, local_indices: Wire, values: Wire, weight: float = 1.0, direction: int = 1) -> None:
         """Fold one slice (indices local to this shard's range; tensors or `to_wire` forms)."""
-        fold_range(self.acc, from_wire(local_indices), from_wire(values), weight, direction=direction)
+        self._fold(from_wire(local_indices), from_wire(values), weight, direction)
 
     def fold_many(self, items: Sequence[tuple[Wire, Wire, float, int]]) -> None:
         """Several small folds in one call, applied in order (same result as one by one)."""
         for li, v, w, d in items:
-            fold_range(self.acc, from_wire(li), from_wire(v), w, direction=d)
+            self._fold(from_wire(li), from_wire(v), w, d)
+
+    def _fold(self, idx: torch.Tensor, val: torch.Tensor, weight: float, direction: int) -> None:
+        """One contribution's slice, folded `fold_elems` entries at a time: the fold's
+        temporaries (about 50 bytes an entry) stay bounded whatever the slice's size.
+        Indices are unique, so every element gets the same single addition: the same bits."""
+        n = idx.numel()
+        if n <= self.fold_elems:
+            fold_range(self.acc, idx, val, weight, direction=direction)
+            return
+        contributions, weight_total = self.acc.contributions, self.acc.weight_total
+        for lo in range(0, n, self.fold_elems):
+            hi = min(n, lo + self.fold_elems)
+            fold_range(self.acc, idx[lo:hi], val[lo:hi], weight, direction=direction)
+        # one contribution, however many pieces it was folded in
+        self.acc.contributions = contributions + direction
+        self.acc.weight_total = weight_total + direction * weight
 
     def generation(self) -> str:
         """A uuid made when this instance started: changes on every actor restart."""

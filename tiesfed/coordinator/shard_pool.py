@@ -100,6 +100,8 @@ class ShardPool:
     ray_address: used only if Ray is not initialized yet; with None a local Ray
     (num_cpus = os.cpu_count(), no dashboard) is started. Either way the
     Ray session is shut down by `close()` only if this object started it.
+    memory_per_actor: bytes each actor asks Ray for (`memory=`; see `coordinator.memory`),
+    so that Ray places it on a node with that much free; None asks for nothing.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class ShardPool:
         startup_timeout_s: float = 300.0,
         call_timeout_s: float = 600.0,
         on_rebuild: Optional[Callable[[int], None]] = None,
+        memory_per_actor: Optional[int] = None,
     ) -> None:
         self.spec = spec
         self._on_rebuild = on_rebuild  # told how many shards each recovery rebuilt (the coordinator's metrics)
@@ -171,14 +174,17 @@ class ShardPool:
                 opts["scheduling_strategy"] = scheduling_strategy
             if resources:
                 opts["resources"] = dict(resources)
+            if memory_per_actor:
+                opts["memory"] = int(memory_per_actor)  # Ray places the actor where this much is free
             for s in self.plan.nonempty_shards():
                 self._actors[s] = ShardActor.options(**opts).remote(s, self.plan.shards[s], spec, None)
             refs = {s: a.generation.remote() for s, a in self._actors.items()}
             try:
                 gens = ray.get(list(refs.values()), timeout=startup_timeout_s)
             except GetTimeoutError:
+                mem = f", {opts['memory'] / (1 << 30):.2f} GiB memory" if opts.get("memory") else ""
                 raise RuntimeError(
-                    f"{len(self._actors)} shard actors ({opts['num_cpus']} CPU, {opts['num_gpus']} GPU each) "
+                    f"{len(self._actors)} shard actors ({opts['num_cpus']} CPU, {opts['num_gpus']} GPU{mem} each) "
                     f"did not start within {startup_timeout_s}s; cluster has {ray.cluster_resources()}"
                 ) from None
             self._gen: dict[int, str] = dict(zip(refs.keys(), gens))

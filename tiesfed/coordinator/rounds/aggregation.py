@@ -34,6 +34,12 @@ def default_aggregator_factory(manifest: list[tuple[str, int]], spec: FinalizeSp
     return Aggregator(manifest, spec)
 
 
+def exact_sums(spec: FinalizeSpec) -> bool:
+    """Sums kept in float64, exact for honest inputs: the result can be made independent of
+    the arrival order. float32 sums (the coordinator's sum_dtype) give that up for memory."""
+    return spec.sum_dtype == torch.float64
+
+
 def choose_fold_mode(weights: Iterable[float], spec: FinalizeSpec) -> FoldMode:
     """Fold on arrival only where un-folding is exact; see `FoldMode`."""
     if not all(exact_weight(w) for w in weights):

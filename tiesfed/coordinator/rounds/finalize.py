@@ -17,21 +17,24 @@ spool. An admin abort fails the round but keeps every committed contribution
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import BinaryIO, Callable, Optional
+
+import torch
 
 from tiesfed.coordinator.aggregator import AggregatorLike
 from tiesfed.coordinator.rounds import provenance, readiness
-from tiesfed.coordinator.rounds.aggregation import release
+from tiesfed.coordinator.rounds.aggregation import exact_sums, release
 from tiesfed.coordinator.rounds.config import RoundConfig
 from tiesfed.coordinator.rounds.events import Merged, RoundError
 from tiesfed.coordinator.rounds.state import RoundState
 from tiesfed.coordinator.spool import RoundSpool
 from tiesfed.core.accumulators import FinalizeSpec, majority_sign
-from tiesfed.io.files import sha256_file, write_atomic
+from tiesfed.io.files import write_atomic
 from tiesfed.protos.codec import SparseTensor, StreamWriter
 
 log = logging.getLogger("tiesfed.coordinator")
@@ -186,8 +189,9 @@ def attempt_outputs(r: RoundState, contributors: list[str]) -> Merged:
     readiness.ensure(r)  # an aggregator still starting: wait for it, fold what the round holds
     if r.agg is None and r.fold_mode != "final":  # a retry, or finalizing again: rebuild it
         r._rebuild()
-    if r.fold_mode == "final" or not (r.canonical or r.agg.exact()):
+    if r.fold_mode == "final" or not (r.canonical or r.agg.exact() or not exact_sums(r.spec)):
         r._rebuild()  # participant order: the result must not depend on arrival order
+    # float32 sums (sum_dtype) are inexact by choice: the result follows the commit order, no rebuild
     merged = write_merged(r.agg, contributors, r.config, r.spec, r.spool)
     provenance.sign_merged(r, merged, contributors)
     if r.base_path:
@@ -244,20 +248,39 @@ def write_merged(
         "majority_sign": majority,
         "contributors": contributors,
     }
+    if spec.sum_dtype != torch.float64:
+        header["sum_dtype"] = str(spec.sum_dtype).removeprefix("torch.")  # the result is not the exact one
     digest: dict = {}
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as raw:
+            f = HashingWriter(raw)  # the file's sha256 as it is written, not read back after
             w = StreamWriter(f, header)
             # read-only views where the aggregator has them (no copy of each tensor)
             for name, tau in getattr(agg, "finalize_views", agg.finalize)(majority):
                 idx, val = dense_to_sparse(tau)
                 w.write(SparseTensor(name, shapes[name], idx, val))
             w.close()
-        digest.update(sha=sha256_file(tmp), size=tmp.stat().st_size)
+        digest.update(sha=f.sha256.hexdigest(), size=f.size)
 
     write_atomic(spool.merged_path, write)
     return Merged(digest["sha"], digest["size"], majority, spool.merged_path)
+
+
+class HashingWriter:
+    """A binary file's `write` that also takes the sha256 and size of what was written."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        n = self._f.write(data)
+        n = len(data) if n is None else n
+        self.sha256.update(memoryview(data)[:n])
+        self.size += n
+        return n
 
 
 def write_model(

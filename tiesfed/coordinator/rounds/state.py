@@ -13,10 +13,12 @@ import hashlib
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
 
 from tiesfed.coordinator.aggregator import AggregatorLike
+from tiesfed.coordinator.memory import sum_dtype_of
 from tiesfed.coordinator.metrics import NO_METRICS, Metrics, timed_fold
 from tiesfed.coordinator.rounds.aggregation import (
     AggregatorFactory,
@@ -62,6 +64,7 @@ class RoundState:
         signer: Optional[Identity] = None,
         metrics: Metrics = NO_METRICS,
         readiness: AggregatorReadiness = ALWAYS_READY,
+        sum_dtype: str = "float64",
     ) -> None:
         self.config = config
         #: whether the factory can build aggregators yet (a coordinator starting Ray in the background)
@@ -83,7 +86,8 @@ class RoundState:
         method = get_method(opts.method)
         self.participants = {p.client_id: p for p in config.participants}
         weighted = any(p.weight != 1.0 for p in config.participants)
-        self.spec = method.finalize_spec(opts, weighted)
+        #: float32 sums (the coordinator's `sum_dtype`) halve them, at the cost of exactness
+        self.spec = replace(method.finalize_spec(opts, weighted), sum_dtype=sum_dtype_of(sum_dtype))
         self.trims = {p.client_id: method.trim_spec(opts, p.density) for p in config.participants}
         self.rules = ContributionRules(config, self.trims)
         self.manifest = self.rules.manifest
