@@ -31,7 +31,7 @@ import torch
 
 from tiesfed.client.contribution import contribution_header, write_contribution
 from tiesfed.core.accumulators import FinalizeSpec, fold, new_accumulator
-from tiesfed.core.secagg import FixedPoint, quantise
+from tiesfed.core.secagg import FixedPoint, quantise, release_support
 from tiesfed.core.secagg.encode import dequantise
 from tiesfed.core.trim import TrimSpec, trim_tensor_exact
 from tiesfed.protos.codec import SparseTensor
@@ -65,9 +65,10 @@ def cpu() -> float:
     return time.process_time()
 
 
-def secure_round(ids: list[Identity], trimmed, numel: int, t: int, fixed: FixedPoint, spec: FinalizeSpec):
+def secure_round(ids: list[Identity], trimmed, numel: int, t: int, fixed: FixedPoint, spec: FinalizeSpec,
+                 min_release: int = 1):
     """Run the protocol; per-client bytes of each message kind (client 0), CPU of masking and unmasking."""
-    rnd = SecAggRound("bench", numel, t, fixed, spec)
+    rnd = SecAggRound("bench", numel, t, fixed, spec, min_release=min_release)
     clients = [SecAggClient(i, rnd, *tv) for i, tv in zip(ids, trimmed)]
     server = SecAggServer(rnd)
     size: dict[str, int] = {}
@@ -110,6 +111,8 @@ def main() -> None:
     ap.add_argument("--k", default="5,20,50", help="comma-separated top-k percentages")
     ap.add_argument("--rho", type=float, default=0.7, help="correlation of the clients' task vectors")
     ap.add_argument("--frac-bits", type=int, default=24)
+    ap.add_argument("--min-release", type=int, default=1,
+                    help="the release rule: U = positions at least this many clients touched")
     a = ap.parse_args()
     numel = a.params
     spec = FinalizeSpec()
@@ -130,12 +133,14 @@ def main() -> None:
                 fp32 = plain_bytes(*trimmed[0], numel, kp / 100, torch.float32)
                 bf16 = plain_bytes(*trimmed[0], numel, kp / 100, torch.bfloat16)
                 acc, size, mask_s, unmask_s, u, lay = secure_round(
-                    all_ids[:n], trimmed, numel, max(2, n // 2 + 1), fixed, spec)
-                t0 = cpu()
+                    all_ids[:n], trimmed, numel, max(2, n // 2 + 1), fixed, spec, a.min_release)
+                quantised = [quantise(i, v, fixed) for i, v in trimmed]
+                u_ref = release_support([qi for qi, _ in quantised], a.min_release, numel)
+                kept = [(qi[m], dequantise(q[m], fixed)) for qi, q in quantised for m in [torch.isin(qi, u_ref)]]
                 ref = new_accumulator(numel, spec)
-                for i, v in trimmed:
-                    qi, q = quantise(i, v, fixed)
-                    fold(ref, qi, dequantise(q, fixed))
+                t0 = cpu()
+                for qi, v in kept:
+                    fold(ref, qi, v)
                 fold_s = cpu() - t0
                 assert all(torch.equal(getattr(acc, f), x) for f, x in ref.tensors().items()), "secure != plain fold"
                 keys = size["advert"] + size["key list"]
