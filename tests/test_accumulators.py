@@ -148,3 +148,25 @@ def test_counts_do_not_overflow_past_65535():
         fold(acc, idx, one)
     assert int(acc.c_pos[0]) == 70_000
     assert finalize(acc, spec).tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("zero_sign", ["majority", "positive"])
+@pytest.mark.parametrize("majority", [-1, 0, 1])
+@pytest.mark.parametrize("sum_dtype", [torch.float64, torch.float32])
+def test_fast_finalize_path_gives_the_general_bits(zero_sign, majority, sum_dtype):
+    """The common case (mass vote, unweighted mean) skips the int8 sign tensor; with exact
+    mass ties (+x and -x), untouched parameters and each zero-sign rule it gives the same
+    bits as the general path (taken when `gamma` is passed in)."""
+    spec = FinalizeSpec(zero_sign=zero_sign, sum_dtype=sum_dtype)
+    contribs = [_contrib(500, s) for s in range(3)]
+    tie_idx = torch.arange(0, 500, 9)
+    tie_val = torch.linspace(0.5, 2.0, tie_idx.numel())
+    contribs += [(tie_idx, tie_val), (tie_idx, -tie_val)]
+    acc = new_accumulator(500, spec)
+    for idx, val in contribs:
+        fold(acc, idx, val)
+    gamma = elect(acc, spec)
+    assert bool((gamma == 0).any() & tie_mask(acc, gamma).any())  # real ties, decided by the rule
+    fast = finalize(acc, spec, majority)
+    general = finalize(acc, spec, majority, gamma=gamma)
+    assert fast.dtype == torch.float32 and torch.equal(fast, general)

@@ -293,6 +293,16 @@ def finalize(acc: Accumulator, spec: FinalizeSpec, majority: int = 1, gamma: Opt
         total = acc.weight_total if acc.weight_total > 0 or abs(acc.weight_total) >= 1e-8 else 1.0
         return ((acc.s_pos + acc.s_neg) / total).to(torch.float32)
 
+    fill = 1 if spec.zero_sign == "positive" else majority
+    if (gamma is None and fill != 0 and spec.election == "mass" and acc.e_sum is None and acc.w_pos is None
+            and spec.disjoint == "mean" and spec.min_support <= 1):
+        # the common case in fewest passes: the resolved sign is positive where the mass is,
+        # or where it is 0 and the zero-sign rule fills +1 (the same bits as below)
+        score = acc.s_pos + acc.s_neg
+        pos = score >= 0 if fill > 0 else score > 0
+        del score
+        merged = torch.where(pos, acc.s_pos, acc.s_neg) / torch.where(pos, acc.c_pos, acc.c_neg).clamp_min(1)
+        return merged.to(torch.float32)
     gamma = resolve_sign(elect(acc, spec) if gamma is None else gamma, spec, majority)
     pos = gamma > 0
     if spec.disjoint == "mean" and acc.w_pos is None:

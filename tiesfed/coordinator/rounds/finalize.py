@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO, Callable, Iterator, Optional
 
 import torch
 
@@ -233,8 +235,6 @@ def write_merged(
     agg: AggregatorLike, contributors: list[str], config: RoundConfig, spec: FinalizeSpec, spool: RoundSpool
 ) -> Merged:
     """sign_balance all-reduce -> finalize -> the merged task vector as a codec stream."""
-    from tiesfed.core.apply import dense_to_sparse
-
     opts = config.options
     shapes = {t.name: t.shape for t in config.manifest}
     majority = majority_sign(agg.sign_balance()) if spec.combine == "disjoint" else 0
@@ -257,14 +257,49 @@ def write_merged(
             f = HashingWriter(raw)  # the file's sha256 as it is written, not read back after
             w = StreamWriter(f, header)
             # read-only views where the aggregator has them (no copy of each tensor)
-            for name, tau in getattr(agg, "finalize_views", agg.finalize)(majority):
-                idx, val = dense_to_sparse(tau)
-                w.write(SparseTensor(name, shapes[name], idx, val))
+            for st in sparse_ahead(getattr(agg, "finalize_views", agg.finalize)(majority), shapes):
+                w.write(st)
             w.close()
         digest.update(sha=f.sha256.hexdigest(), size=f.size)
 
     write_atomic(spool.merged_path, write)
     return Merged(digest["sha"], digest["size"], majority, spool.merged_path)
+
+
+#: Elements of two consecutive tensors up to which the next one is finalized while this
+#: one is encoded (the driver then holds both); above it, one tensor at a time.
+OVERLAP_ELEMS = 1 << 26
+
+
+def sparse_ahead(dense: Iterator[tuple[str, torch.Tensor]], shapes: dict[str, tuple[int, ...]]
+                 ) -> Iterator[SparseTensor]:
+    """The merged tensors as SparseTensors, the next one finalized and compacted on a worker
+    thread while the caller encodes and writes this one (torch and zlib release the GIL),
+    as long as both together stay within `OVERLAP_ELEMS`; the same tensors in the same order."""
+    from tiesfed.core.apply import dense_to_sparse
+
+    dense = iter(dense)
+
+    def produce() -> Optional[SparseTensor]:
+        item = next(dense, None)
+        if item is None:
+            return None
+        name, tau = item
+        idx, val = dense_to_sparse(tau)
+        return SparseTensor(name, shapes[name], idx, val)
+
+    sizes = [math.prod(s) for s in shapes.values()]
+    with ThreadPoolExecutor(1, thread_name_prefix="finalize-ahead") as pool:
+        nxt = pool.submit(produce)
+        i = 0
+        while (st := nxt.result()) is not None:
+            i += 1
+            ahead = i < len(sizes) and st.numel + sizes[i] <= OVERLAP_ELEMS
+            nxt = pool.submit(produce) if ahead else None
+            yield st
+            del st
+            if nxt is None:
+                nxt = pool.submit(produce)
 
 
 class HashingWriter:
