@@ -7,9 +7,9 @@ written under --work; each config is written there, run by `mergekit-yaml` (its 
 Per config the table shows the fraction of elements that differ, the largest |diff|,
 how many differ by more than rounding (4 ulps of the tensor's largest value) and how
 many of those sit at a cut-off tie (some model's |τ| equals its tensor's k-th largest
-|τ| and more than one element has that value: either tool may keep either). DARE draws
-its own random masks in each tool, so for dare_* only the relative L2 distance of the
-merged task vectors is meaningful (its row says so).
+|τ| and more than one element has that value: either tool may keep either). DARE and
+DELLA draw their own random masks in each tool, so for dare_* and della* only the norms
+and the relative L2 distance of the merged task vectors are meaningful (their rows say so).
 
     PYTHONPATH=. python benchmarks/mergekit_compat.py [--work DIR] [--only NAME...] [--json out.json]
 """
@@ -97,6 +97,22 @@ def configs(b32: tuple[Path, list[Path]], b16: tuple[Path, list[Path]]) -> dict[
                       "models": models(fts, [{"weight": 1.0, "density": 0.5}] * 3)},
         "dare_linear": {"merge_method": "dare_linear", "base_model": str(base),
                         "models": models(fts, [{"weight": 0.5, "density": 0.5}] * 3)},
+        "dare_ties_no_rescale": {"merge_method": "dare_ties", "base_model": str(base),
+                                 "parameters": {"rescale": False},
+                                 "models": models(fts, [{"weight": 1.0, "density": 0.5}] * 3)},
+        "ties_rescale": {"merge_method": "ties", "base_model": str(base), "parameters": {"rescale": True},
+                         "models": models(fts, [{"weight": 1.0, "density": 0.3}] * 3)},
+        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": str(base),
+                        "parameters": {"density": 0.5, "gamma": 0.05},
+                        "models": models(fts, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2, "gamma": 0.1}])},
+        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": str(base),
+                             "parameters": {"density": [0.3, 0.7], "normalize": True},
+                             "models": models(fts, [{"weight": 1.0}, {"weight": 0.7}, {"weight": 1.0,
+                                                                                        "gamma": 0.02}])},
+        "della": {"merge_method": "della", "base_model": str(base), "parameters": {"epsilon": 0.1},
+                  "models": models(fts, [{"weight": 1.0, "density": 0.5}] * 3)},
+        "della_linear": {"merge_method": "della_linear", "base_model": str(base),
+                         "models": models(fts, [{"weight": 0.5, "density": 0.5, "epsilon": 0.2}] * 3)},
     }
     del out["ties_count"]["dtype"]  # out_dtype alone: computed as stored (fp32), written as bf16
     return out
@@ -117,7 +133,9 @@ class Weights:
 
 
 def cut_ties(cfg_path: Path, name: str, base: Weights, fts: list[Weights], model_paths: list[str]) -> torch.Tensor:
-    """Elements where some model's |τ| sits at a tie at its tensor's cut (k-th largest, k = max(1, int(d·n)))."""
+    """Elements where some model's |τ| sits at a tie at its tensor's cut (k-th largest, k = max(1, int(d·n));
+    for breadcrumbs both ends of its window of ascending ranks)."""
+    from tiesfed.core.sparsify import outlier_window
     from tiesfed.core.tensor_params import layer_count, position, resolve
     from tiesfed.io.merge_config import load_config
 
@@ -133,13 +151,20 @@ def cut_ties(cfg_path: Path, name: str, base: Weights, fts: list[Weights], model
             continue
         d = resolve(name, m.density_settings or (), position(name, layers), 1.0)
         n = b.numel()
-        k = max(1, int(d * n))
-        if k >= n:
-            continue
         tau = (by_path[m.model].get(name).to(cast).float() - b).to(cast).float().abs()
-        kth = tau.reshape(-1).kthvalue(n - k + 1).values
-        if int((tau == kth).sum()) > 1:
-            tied |= tau == kth
+        if d >= 1:
+            continue
+        if m.sparsifier and m.sparsifier["method"] == "magnitude_outliers":
+            g = resolve(name, m.sparsifier["gamma"] or (), position(name, layers), m.sparsifier["gamma_default"])
+            lo, hi = outlier_window(n, d, g)
+            ranks = [j for j in (lo, hi - 1) if 0 <= j < n and hi > lo]
+        else:
+            ranks = [n - max(1, int(d * n))]
+        ascending = tau.reshape(-1).sort().values
+        for j in ranks:
+            at = ascending[j]
+            if int((tau == at).sum()) > 1:
+                tied |= tau == at
     return tied
 
 
@@ -211,7 +236,8 @@ def run(args) -> list[dict]:
             continue
         t2 = time.perf_counter()
         fam = b16 if cfg.get("base_model") == str(b16[0]) else b32
-        row = {"config": name, **compare(mk, tf, cfg_path, fam[0], fam[1], name.startswith("dare")),
+        random = name.startswith(("dare", "della"))
+        row = {"config": name, **compare(mk, tf, cfg_path, fam[0], fam[1], random),
                "mergekit_s": t1 - t0, "tiesfed_s": t2 - t1}
         rows.append(row)
         print(_line(row), flush=True)

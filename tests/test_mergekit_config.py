@@ -80,8 +80,28 @@ def mk_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta * mask.reshape(delta.shape)
 
 
-def mk_gta(base, fts, weights, densities, *, consensus: bool, sparsify: bool, normalize: bool, lam: float):
-    deltas = torch.stack([mk_magnitude(f - base, d) if sparsify else f - base for f, d in zip(fts, densities)])
+def mk_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """mergekit.sparsify.magnitude_outliers (0.1.5)."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    target, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - target - top)
+    mask = torch.zeros(n, dtype=delta.dtype)
+    mask[torch.sort(delta.abs().reshape(-1)).indices[bottom:bottom + target]] = 1
+    return delta * mask.reshape(delta.shape)
+
+
+def mk_l1(delta: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """mergekit.sparsify.rescaled_masked_tensor, l1."""
+    before, after = delta.abs().sum(), masked.abs().sum()
+    return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
+
+
+def mk_gta(base, fts, weights, densities, *, consensus: bool, sparsify, normalize: bool, lam: float):
+    """`sparsify`: True (magnitude), False, or a function (delta, density) -> sparsified delta."""
+    fn = mk_magnitude if sparsify is True else sparsify
+    deltas = torch.stack([fn(f - base, d) if sparsify else f - base for f, d in zip(fts, densities)])
     w = torch.tensor(weights, dtype=deltas.dtype).reshape(-1, *([1] * base.dim()))
     deltas = deltas * w
     if consensus:
@@ -172,10 +192,9 @@ def test_negative_weights_and_gradients_are_accepted():
     ({"slices": [{"sources": []}]}, "slices"),
     ({"merge_method": "slerp"}, "merge_method"),
     ({"merge_method": "model_stock"}, "merge_method"),
-    ({"merge_method": "della"}, "merge_method"),
-    ({"merge_method": "breadcrumbs_ties"}, "merge_method"),
+    ({"merge_method": "della", "parameters": {"density": 0.1, "epsilon": 0.2}}, "models[0].parameters.epsilon"),
+    ({"models": [{"model": "/m/a", "parameters": {"weight": 1, "epsilon": 0.1}}]}, "models[0].parameters.epsilon"),
     ({"tokenizer_source": "union"}, "tokenizer_source"),
-    ({"parameters": {"rescale": True}}, "parameters.rescale"),
     ({"parameters": {"lambda": [1, 2]}}, "parameters.lambda"),
     ({"parameters": {"foo": 1}}, "parameters.foo"),
     ({"dtype": "int8"}, "dtype"),
@@ -333,7 +352,7 @@ def test_cli_runs_a_mergekit_config_and_names_a_bad_field(family, tmp_path):
     assert res.exit_code != 0 and "merge_method" in res.output and "Traceback" not in res.output
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
 def test_per_tensor_settings_in_blocks_give_the_whole_tensor_result(family, tmp_path, monkeypatch, method):
     """A tensor streamed in blocks (the memory bound) gets the same bytes with per-tensor
     densities and weights, negative ones and a cast dtype."""
@@ -354,3 +373,123 @@ def test_per_tensor_settings_in_blocks_give_the_whole_tensor_result(family, tmp_
     assert whole.keys() == blocks.keys()
     for n in whole:
         assert whole[n].dtype == blocks[n].dtype and torch.equal(whole[n], blocks[n]), n
+
+
+def test_sparsifier_needs_whole_tensors(family, tmp_path, monkeypatch):
+    import tiesfed.engine.local as local
+
+    _, _, base_dir, paths = family
+    raw = {"merge_method": "dare_ties", "base_model": str(base_dir),
+           "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in paths]}
+    monkeypatch.setattr(local, "block_elements", lambda *a: 23)
+    with pytest.raises(ValueError, match="needs whole tensors: give a larger --max-memory"):
+        run(tmp_path, raw, "blocks")
+    assert not list((tmp_path / "blocks").glob("*.safetensors"))  # refused before any work
+
+
+# ------------------------------------------------------------------ breadcrumbs, della, DARE's rescale
+
+
+def test_loader_maps_the_sparsifiers():
+    c = from_mergekit(cfg(merge_method="breadcrumbs", parameters={"gamma": 0.05, "density": 0.5}))
+    assert c.options.method == "task_arithmetic"
+    assert c.models[0].sparsifier == {"method": "magnitude_outliers", "rescale": False, "gamma": (None, 0.05),
+                                      "gamma_default": 0.01}
+    c = from_mergekit(cfg(merge_method="della", parameters={"density": 0.5}))
+    assert (c.options.method, c.options.disjoint) == ("ties", "mean")  # della normalizes by default
+    assert c.models[0].sparsifier["method"] == "della_magprune" and c.models[0].sparsifier["rescale"] is True
+    c = from_mergekit(cfg(merge_method="della_linear", parameters={"normalize": True, "density": 0.5}))
+    assert c.options.method == "average"
+    c = from_mergekit(cfg(merge_method="dare_ties", parameters={"rescale": False}))
+    assert c.models[0].sparsifier == {"method": "random", "rescale": False} and c.options.disjoint == "sum"
+    assert from_mergekit(cfg(merge_method="dare_linear", parameters={"normalize": True})).options.method == "average"
+    assert from_mergekit(cfg()).models[0].sparsifier is None  # ties: tiesfed's own per-tensor top-k
+    assert from_mergekit(cfg(parameters={"rescale": True})).models[0].sparsifier == {"method": "magnitude",
+                                                                                    "rescale": True}
+
+
+@pytest.mark.parametrize("method, normalize", [("breadcrumbs", False), ("breadcrumbs", True),
+                                               ("breadcrumbs_ties", False), ("breadcrumbs_ties", True)])
+def test_breadcrumbs_equals_mergekits(family, tmp_path, method, normalize):
+    base, tuned, base_dir, paths = family
+    params = {"density": [0.3, 0.8], "gamma": 0.05, "normalize": normalize, "lambda": 0.9}
+    gammas = [0.05, [0.0, 0.2], 0.1]
+    models = [{"model": str(p), "parameters": {"weight": w, **({"gamma": g} if i else {})}}
+              for i, (p, w, g) in enumerate(zip(paths, [1.0, 0.6, -0.4], gammas))]
+    raw = {"merge_method": method, "base_model": str(base_dir), "parameters": params, "models": models}
+    got = run(tmp_path, raw, f"{method}-{normalize}")
+    layers = layer_count(base)
+    for name, b in base.items():
+        if not b.is_floating_point():
+            continue
+        t = mk_t(name, layers)
+        ds = [mk_setting(name, params["density"], t)] * 3
+        gs = [mk_setting(name, g, t) if i else 0.05 for i, g in enumerate(gammas)]
+        deltas = [mk_outliers(ft[name] - b, d, g) for ft, d, g in zip(tuned, ds, gs)]
+        want = mk_gta(b, [b + x for x in deltas], [1.0, 0.6, -0.4], ds, consensus=method == "breadcrumbs_ties",
+                      sparsify=False, normalize=normalize, lam=0.9)
+        assert_close({name: got[name]}, {name: want})
+
+
+def test_ties_with_rescale_equals_mergekits(family, tmp_path):
+    base, tuned, base_dir, paths = family
+    models = [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.3}} for p in paths]
+    raw = {"merge_method": "ties", "base_model": str(base_dir), "parameters": {"rescale": True}, "models": models}
+    want = reference(base, tuned, models, {}, consensus=True, normalize=True,
+                     sparsify=lambda d, k: mk_l1(d, mk_magnitude(d, k)))
+    assert_close(run(tmp_path, raw, "ties-l1"), want, rel=1e-5)
+
+
+def _taus(base, got):
+    return {n: (got[n].double() - b.double()) for n, b in base.items() if b.is_floating_point()}
+
+
+@pytest.mark.parametrize("method, params", [
+    ("della_linear", {"density": 0.4, "epsilon": 0.1}),
+    ("dare_linear", {"density": 0.4}),
+    ("dare_linear", {"density": 0.4, "rescale": False}),
+])
+def test_random_sparsifiers(family, tmp_path, method, params):
+    """One model, weight 1: the merged τ is the model's sparsified τ. Kept about `density`
+    of it, reproducibly; values τ itself, scaled to τ's L1 norm per tensor when rescaled."""
+    base, tuned, base_dir, paths = family
+    raw = {"merge_method": method, "base_model": str(base_dir), "parameters": params,
+           "models": [{"model": str(paths[0]), "parameters": {"weight": 1.0}}]}
+    got, again = _taus(base, run(tmp_path, raw, "a")), _taus(base, run(tmp_path, raw, "b"))
+    kept = total = 0
+    rescale = params.get("rescale", True)
+    for name, tau_hat in got.items():
+        assert torch.equal(tau_hat, again[name])  # seeded
+        tau = tuned[0][name].double() - base[name].double()
+        on = tau_hat != 0
+        kept += int(on.sum())
+        total += on.numel()
+        ratio = tau_hat[on] / tau[on]
+        # one scale per tensor (up to θ's fp32 rounding, relative to a small τ)
+        assert torch.allclose(ratio, ratio.median().expand_as(ratio), rtol=1e-3)
+        if rescale:
+            torch.testing.assert_close(tau_hat.abs().sum(), tau.abs().sum(), rtol=1e-4, atol=0)
+            assert ratio.median() > 1.5  # about 1/density
+        else:
+            torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=1e-3, atol=0)
+    assert abs(kept / total - 0.4) < 0.06
+
+
+def test_della_keeps_large_magnitudes_more_often():
+    from tiesfed.core.sparsify import della_probabilities, outlier_window, sparsify
+
+    tau = torch.tensor([[0.1, -0.4, 0.3, 0.2, -0.5], [5.0, 1.0, -3.0, 2.0, 4.0]])
+    p = della_probabilities(tau, 0.5, 0.2)
+    ranks = torch.tensor([[0, 3, 2, 1, 4], [4, 0, 2, 1, 3]], dtype=torch.float32)
+    torch.testing.assert_close(p, 0.3 + ranks / 4 * 0.4)  # per row, d − ε ... d + ε
+    torch.testing.assert_close(della_probabilities(torch.tensor([2.0, -1.0, 3.0]), 0.5, 0.1),
+                               torch.tensor([0.5, 0.4, 0.6]))
+    big = torch.randn(200, 400)
+    gen = torch.Generator().manual_seed(0)
+    out = sparsify(big, "della_magprune", 0.5, epsilon=0.3, generator=gen)
+    order = big.abs().argsort(dim=1)
+    kept = (out != 0).float().gather(1, order)
+    assert kept[:, :100].mean() < 0.3 < 0.7 < kept[:, -100:].mean()  # smallest kept ~0.27, largest ~0.73
+    assert outlier_window(100, 0.5, 0.1) == (40, 90) and outlier_window(100, 0.95, 0.1) == (0, 95)
+    with pytest.raises(ValueError, match="density ± epsilon"):
+        sparsify(big, "della_magprune", 0.1, epsilon=0.2, generator=gen)

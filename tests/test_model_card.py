@@ -104,6 +104,11 @@ def test_mergekit_card_keeps_the_yaml(models, tmp_path, monkeypatch):
     assert f"| {paths[0]} | per tensor: [0.2, 0.8] | 0.5 |" in text  # a gradient is shown as given
     assert f"| {paths[2]} | 1.0 | 1 |" in text  # mergekit's default density: keep all
     assert json.loads((out / "config.json").read_text())["model_type"] == "toy"  # the side files still come
+    mk.update(merge_method="breadcrumbs", parameters={"gamma": 0.02})
+    src.write_text(yaml.safe_dump(mk))
+    res = CliRunner().invoke(main, ["merge", "--config", str(src), "-o", str(tmp_path / "bc"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert f"| {paths[0]} | per tensor: [0.2, 0.8] | 0.5 (magnitude_outliers) |" in (tmp_path / "bc" / "README.md").read_text()
 
 
 def test_base_without_a_card(tmp_path):

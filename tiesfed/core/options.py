@@ -77,6 +77,9 @@ class ModelEntry(BaseModel):
     density_settings: Optional[tuple[Any, ...]] = None
     weight_default: Optional[float] = None
     density_default: Optional[float] = None
+    #: mergekit format only: mergekit's sparsifier for this model, run on each tensor before the merge
+    #: (`tiesfed.core.sparsify`): {method, rescale, and gamma/epsilon settings as the two above}
+    sparsifier: Optional[dict[str, Any]] = None
 
     @property
     def per_tensor(self) -> bool:

@@ -35,6 +35,7 @@ from tiesfed.client.progress import StageProgress, Stages, stages
 from tiesfed.core.accumulators import majority_sign
 from tiesfed.core.methods import get_method
 from tiesfed.core.options import MergeConfig, ModelEntry
+from tiesfed.core.sparsify import sparsify_entry
 from tiesfed.core.tensor_params import layer_count, position, resolve
 from tiesfed.core.trim import task_vector
 from tiesfed.engine.deferred import Pending, Tie
@@ -91,7 +92,7 @@ def merge(
     value_dtype = VALUE_DTYPES[opts.value_dtype] if opts.value_dtype else None
     compute = VALUE_DTYPES[config.dtype] if config.dtype else None  # inputs cast to it when read
     out_dtype = VALUE_DTYPES[config.out_dtype] if config.out_dtype else compute
-    per_tensor = any(m.per_tensor for m in config.models)
+    per_tensor = any(m.per_tensor or m.sparsifier for m in config.models)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)  # before any reading, not after
     if device.startswith("mps"):
@@ -105,7 +106,8 @@ def merge(
         tensors = mergeable(base.manifest(), opts.keep_base)
         merged_names = {t.name for t in tensors}
         params = sum(t.numel for t in tensors)
-        trims = [method.trim_spec(opts, m.density) for m in config.models]
+        # a model with mergekit's sparsifier is sparsified before its trim, which then keeps all
+        trims = [method.trim_spec(opts, 1.0 if m.sparsifier else m.density) for m in config.models]
         trimmers = [ModelTrimmer(trim, str(i), m.model, params, value_dtype)
                     for i, (m, trim) in enumerate(zip(config.models, trims))]
         if config.semantics == "mergekit":
@@ -122,6 +124,10 @@ def merge(
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiesfed-", dir=work_dir)))
 
         block = block_elements(_device_budget(max_memory, device), trimmers)
+        whole = [t.name for t in tensors if t.numel > block]
+        if whole and any(m.sparsifier for m in config.models):
+            raise ValueError(f"tensor {whole[0]!r} does not fit the memory budget whole, and mergekit's sparsifier "
+                             "(DARE, breadcrumbs, della) needs whole tensors: give a larger --max-memory")
         if any(t.needs_histogram for t in trimmers):
             bar.stage("histogram", params)
             for t in tensors:
@@ -152,7 +158,7 @@ def merge(
                 if w_t != weights:
                     tensor_weights[t.name] = w_t
                 for m, trimmer in zip(config.models, trimmers):
-                    trimmer.set_fraction(_tensor_density(m, t.name, at))
+                    trimmer.set_fraction(None if m.sparsifier else _tensor_density(m, t.name, at))
             for ft, trimmer in zip(fts, trimmers):
                 if trimmer.tensor_topk and len(blocks) > 1:  # this tensor's own threshold first
                     for lo, hi in blocks:
@@ -161,9 +167,11 @@ def merge(
                 trimmer.start_tensor(t.name, t.numel, len(blocks))
             for lo, hi in blocks:
                 theta0 = _read(base, t, lo, hi, device, compute)
-                parts = [trimmer.trim_block(t.name, task_vector(theta0, _read(ft, t, lo, hi, device, compute)),
+                parts = [trimmer.trim_block(t.name, _sparsified(m, i, t, at if per_tensor else 0.0, len(blocks),
+                                                                opts.seed, task_vector(theta0, _read(ft, t, lo, hi,
+                                                                                                     device, compute))),
                                             theta0.dtype)
-                         for ft, trimmer in zip(fts, trimmers)]
+                         for i, (m, ft, trimmer) in enumerate(zip(config.models, fts, trimmers))]
                 try:
                     res = merge_tensor(t.name, theta0, parts, w_t, reports, spec, opts.lam, offset=lo)
                 except OverflowError as e:
@@ -299,6 +307,18 @@ def _tensor_density(m: ModelEntry, name: str, t: float) -> Optional[float]:
         return m.density
     d = resolve(name, m.density_settings, t, m.density_default)
     return None if d is None else min(max(d, 0.0), 1.0)
+
+
+def _sparsified(m: ModelEntry, i: int, t: TensorInfo, at: float, blocks: int, seed: int,
+                tau: torch.Tensor) -> torch.Tensor:
+    """τ through the model's mergekit sparsifier, if it has one (it needs the whole tensor)."""
+    if not m.sparsifier:
+        return tau
+    assert blocks == 1, "checked before the pass"
+    density = _tensor_density(m, t.name, at)
+    out = sparsify_entry(tau.reshape(t.shape), m.sparsifier, 1.0 if density is None else density, t.name, at,
+                         seed=seed, model_key=str(i))
+    return out.reshape(-1)
 
 
 def _write(writer: ShardedWriter, t: TensorInfo, data: torch.Tensor, blocks: int,

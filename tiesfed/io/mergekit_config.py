@@ -8,7 +8,9 @@ disjoint mean dividing by the agreeing weights (`normalize`), else their sum;
 density 1.0 unless given; density and weight gradients over the layers and
 `{filter, value}` lists, resolved per tensor; `dtype` (inputs cast when read)
 and `out_dtype`; model paths as mergekit takes them, from the working
-directory. What tiesfed cannot do is refused with an error naming the field.
+directory. DARE (mergekit's L1 rescale, or none), breadcrumbs, della and a rescaled
+magnitude trim run mergekit's sparsifier (`tiesfed.core.sparsify`) on each tensor
+before the merge. What tiesfed cannot do is refused with an error naming the field.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
+from tiesfed.core.sparsify import check_della
 from tiesfed.core.tensor_params import is_number
 
 
@@ -35,7 +38,8 @@ GTA = {
     "della": ("sum", "della_magprune", True, True),
     "della_linear": (None, "della_magprune", False, True),
 }
-NOT_YET = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+#: the sparsifiers' own per-model parameters and their defaults in mergekit 0.1.5
+SPARSIFIER_PARAMS = {"magnitude_outliers": ("gamma", 0.01), "della_magprune": ("epsilon", 0.15)}
 #: mergekit methods that are not a sum of task vectors: no accumulator algebra for them
 FOREIGN = {"slerp", "nuslerp", "multislerp", "model_stock", "passthrough", "karcher", "nearswap", "ram",
            "ramplus_tl", "sce", "arcee_fusion"}
@@ -99,8 +103,8 @@ def _params(field: str, raw: object, allowed: set[str]) -> dict:
         raise _fail(field, "must be a mapping")
     for k in raw:
         if k not in allowed:
-            what = ("is mergekit's parameter of breadcrumbs/della, which tiesfed does not run yet"
-                    if k in ("gamma", "epsilon") else "is not a parameter of this merge method")
+            what = ("is a parameter of breadcrumbs (gamma) or della (epsilon) only" if k in ("gamma", "epsilon")
+                    else "is not a parameter of this merge method")
             raise _fail(f"{field}.{k}", what)
     return dict(raw)
 
@@ -125,9 +129,6 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
     if method in FOREIGN:
         raise _fail("merge_method", f"{method!r} is not a sum of task vectors, which is all tiesfed merges; "
                                     "use mergekit for it")
-    if method in NOT_YET:
-        raise _fail("merge_method", f"{method!r} is not supported by tiesfed yet (its sparsifier is not "
-                                    "implemented); use mergekit, or ties/dare_ties")
     if method not in GTA and method != "linear":
         raise _fail("merge_method", f"unknown merge method {method!r}")
     for key, what in (("slices", "slices (layer ranges)"), ("modules", "modules")):
@@ -151,10 +152,12 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
 
     linear = method == "linear"
     consensus, sparsify, normalize_default, rescale_default = GTA.get(method, (None, None, True, False))
-    shared_keys = {"normalize", "weight"} if linear else SHARED | PER_MODEL
+    own_param = SPARSIFIER_PARAMS.get(sparsify or "")
+    per_model = PER_MODEL | ({own_param[0]} if own_param else set())
+    shared_keys = {"normalize", "weight"} if linear else SHARED | per_model
     params = _params("parameters", raw.get("parameters"), shared_keys)
     for k, v in params.items():
-        params[k] = _check_setting(f"parameters.{k}", v, shared=k not in PER_MODEL)
+        params[k] = _check_setting(f"parameters.{k}", v, shared=k not in per_model)
     normalize = bool(params.get("normalize", normalize_default))
     rescale = bool(params.get("rescale", rescale_default))
     lam = float(params.get("lambda", 1.0))
@@ -175,7 +178,7 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
             if k not in ("model", "parameters"):
                 raise _fail(f"{field}.{k}", "is not a field of a model entry")
         path = _model_path(f"{field}.model", m["model"], cwd)
-        own = _params(f"{field}.parameters", m.get("parameters"), {"weight"} if linear else PER_MODEL)
+        own = _params(f"{field}.parameters", m.get("parameters"), {"weight"} if linear else per_model)
         for k, v in own.items():
             own[k] = _check_setting(f"{field}.parameters.{k}", v, shared=False)
         is_base = base is not None and (m["model"] == base_ref or Path(path) == Path(base))
@@ -185,7 +188,10 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
         if all(w is None for w in ws):
             raise _fail(f"{field}.parameters.weight", "mergekit requires a weight for every model")
         ds = (own.get("density"), params.get("density"))
-        entries.append(_entry(path, ws, ds))
+        entry = _entry(path, ws, ds)
+        if sparsify is not None and (sparsify != "magnitude" or rescale):
+            entry = entry.model_copy(update={"sparsifier": _sparsifier(field, sparsify, rescale, own, params, ds)})
+        entries.append(entry)
     if linear:
         if base is None:
             base = entries[0].model  # the reference point: its own τ is 0, its weight still counts
@@ -202,20 +208,13 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
     if not entries:
         raise _fail("models", "every model is the base: nothing to merge")
 
+    # ties' magnitude trim is tiesfed's per-tensor top-k; every other sparsifier (DARE with or without
+    # mergekit's L1 rescale, breadcrumbs, della, a rescaled magnitude trim) is mergekit's, run on each
+    # tensor's τ before the merge (`ModelEntry.sparsifier`), and the trim then keeps all it left
     if linear or consensus is None:
-        if sparsify is None:
-            opt_method = "average" if normalize else "task_arithmetic"
-        else:  # dare_linear
-            if normalize:
-                raise _fail("parameters.normalize", f"{method} with normalize: true is not supported yet")
-            opt_method = "dare_linear"
+        opt_method = "average" if normalize else "task_arithmetic"
     else:
-        opt_method = "ties" if sparsify == "magnitude" else "dare_ties"
-    if sparsify == "magnitude" and rescale:
-        raise _fail("parameters.rescale", "rescaling a magnitude trim to the task vector's L1 norm is not "
-                                          "supported yet")
-    if sparsify == "random" and not rescale:
-        raise _fail("parameters.rescale", "DARE without rescale is not supported yet")
+        opt_method = "ties"
     if "int8_mask" in params and not isinstance(params["int8_mask"], bool):
         raise _fail("parameters.int8_mask", "must be true or false")
 
@@ -225,6 +224,22 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
     )
     return MergeConfig(base_model=base, models=entries, options=options, dtype=_dtype(raw, "dtype"),
                        out_dtype=_dtype(raw, "out_dtype"), semantics="mergekit")
+
+
+def _sparsifier(field: str, method: str, rescale: bool, own: dict, params: dict, densities: tuple) -> dict:
+    """A model's mergekit sparsifier: method, rescale, and its own parameter's settings (gamma, epsilon)."""
+    out: dict[str, Any] = {"method": method, "rescale": rescale}
+    if method in SPARSIFIER_PARAMS:
+        key, default = SPARSIFIER_PARAMS[method]
+        out[key] = (own.get(key), params.get(key))
+        out[f"{key}_default"] = default
+        value, density = _constant(out[key], default), _constant(densities, 1.0)
+        if method == "della_magprune" and value is not None and density is not None:
+            try:
+                check_della(density, value)
+            except ValueError as e:
+                raise _fail(f"{field}.parameters.epsilon", str(e)) from None
+    return out
 
 
 def _entry(path: str, weights: tuple, densities: tuple) -> ModelEntry:

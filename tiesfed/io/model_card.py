@@ -146,7 +146,10 @@ def _setting(settings: Optional[tuple], plain: Optional[float], fallback: str) -
 
 
 def _local_model(m: ModelEntry, k: float, keeps_all: bool) -> CardModel:
-    density = "1 (no trim)" if keeps_all else _setting(m.density_settings, m.density, f"{k / 100:g}")
+    if m.sparsifier:  # mergekit's sparsifier runs before a keep-all trim
+        density = f"{_setting(m.density_settings, m.density, '1')} ({m.sparsifier['method']})"
+    else:
+        density = "1 (no trim)" if keeps_all else _setting(m.density_settings, m.density, f"{k / 100:g}")
     return CardModel(name=m.model, weight=_setting(m.weight_settings, m.weight, "1"), density=density)
 
 
