@@ -1,0 +1,43 @@
+"""benchmarks/bench_scale.py: its table, and a real run of the budgeted and whole-tensor merges
+on a small family (no mergekit, no round: those are the benchmark's own)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from benchmarks import bench_scale as bs
+
+META = {"cpus": 2, "torch": "2.13.0", "date": "2026-01-02T03:04:05+00:00", "loadavg_before": [0.1, 0.1, 0.1]}
+
+
+def test_table_marks_a_process_over_budget() -> None:
+    cfg = dict(bs.LLAMA3)
+    fed = {"wall_s": 100.0, "coordinator": {"peak_rss_mib": 1000.0, "user_s": 10, "sys_s": 1},
+           "submits": [{"peak_rss_mib": 3000.0, "user_s": 20, "sys_s": 2}] * 3,
+           "fetch": {"peak_rss_mib": 5000.0, "user_s": 5, "sys_s": 1},
+           "processes": [{"name": "ray::ShardActor.fold", "peak_rss_mib": 2500.0},
+                         {"name": "ray::ShardActor", "peak_rss_mib": 2600.0}, {"name": "raylet", "peak_rss_mib": 90.0}]}
+    rows = bs.federated_rows(cfg, fed, "4GB", "3GB")
+    assert [r["step"] for r in rows] == ["federated: coordinator", "federated: client submit (largest)",
+                                         "federated: client fetch", "federated: shard actor (largest of 2)"]
+    assert rows[3]["peak_rss_mib"] == 2600.0 and rows[3]["budget"] == "3GB"
+    assert rows[0]["cpu_s"] == 11 + 3 * 22 + 6
+    table = bs.render({"rows": rows, "meta": META})
+    lines = table.splitlines()
+    assert "| 727M | 263M |" in lines[2]
+    assert "| 5.24 GB | **no** |" in lines[4]  # 5000 MiB > 4 GB
+    assert "| 2.73 GB | yes |" in lines[5]  # 2600 MiB <= 3 GB
+
+
+def test_budgeted_merge_equals_whole_tensors(tmp_path: Path) -> None:
+    # 0.67 GiB leaves room for blocks of ~1.5M elements: the 2M-element embedding takes two
+    args = argparse.Namespace(work=str(tmp_path), sizes="5e6", llama3=False, budget="0.67GiB", actor_memory="1GB",
+                              whole_budget="8GB", mergekit_venv=str(tmp_path / "never"), skip_mergekit=True,
+                              skip_federated=True, tiesfed_src=None)
+    data = bs.run(args, log=lambda *a, **k: None)
+    steps = [r["step"] for r in data["rows"]]
+    assert steps == ["tiesfed merge", "tiesfed merge, whole tensors"]
+    assert data["rows"][0]["equal"] == "byte-identical to whole tensors", data["rows"]
+    assert all(r["peak_rss_mib"] > 50 for r in data["rows"])
+    assert not (tmp_path / "never").exists()
