@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from tests.helpers import write_family
-from tests.test_federated import CLIENTS, coordinator, family, open_round, send  # noqa: F401 (fixtures)
+from tests.test_federated import CLIENTS, FAST, coordinator, family, fetch, open_round, send  # noqa: F401
 from tiesfed.cli import main
 from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
 from tiesfed.engine import merge
@@ -146,5 +146,10 @@ def test_federated_round_card(family, tmp_path, coordinator):  # noqa: F811
         cfg = yaml.safe_load((out / ROUND_CONFIG).read_text())
         assert cfg["round_id"] == "r1" and cfg["options"]["lambda"] == 1.5
         assert [p["client_id"] for p in cfg["participants"]] == CLIENTS
+        # a client's fetched model gets a card too, from the merged stream (contributors, options)
+        got = tmp_path / "fetched"
+        fetch(srv.target, "r1", "org-a", str(base_dir), got, timeout=60, retry=FAST, insecure=True)
+        _, text = check_card(got, CLIENTS)
+        assert "federated TIES-Merging round `r1`" in text and "| lambda | 1.5 |" in text
     finally:
         (base_dir / "README.md").unlink()

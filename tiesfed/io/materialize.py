@@ -13,6 +13,7 @@ from typing import BinaryIO, Callable, Iterable, Optional
 import torch
 
 from tiesfed.core.apply import apply_sparse
+from tiesfed.io.model_card import write_round_card
 from tiesfed.io.model_io import (
     DEFAULT_SHARD_BYTES,
     ModelError,
@@ -114,4 +115,9 @@ def apply_merged(
                            metadata={"tiesfed_method": str(header.get("method", ""))}, overwrite=overwrite) as writer:
             write_theta(base, f, where, float(header["lambda"]), base.names, writer, merged_path, progress)
     copy_side_files(base.folder, out_dir)
+    if header.get("kind") == "merged" and isinstance(header.get("contributors"), list):
+        # the base's README would call this the base: a card naming the round (the coordinator's,
+        # written after this, adds the participants' weights and contribution digests)
+        write_round_card(out_dir, Path(base.folder), {k: header[k] for k in ("round_id", "options") if k in header},
+                         {str(c): "" for c in header["contributors"]})
     return header

@@ -117,7 +117,8 @@ def render_card(
     out += ["", "## Participants" if round_id else "## Models", ""]
     if round_id:
         out += ["| client id | weight | density | contribution sha256 |", "|---|---|---|---|"]
-        out += [f"| {_cell(m.name)} | {_cell(m.weight)} | {_cell(m.density)} | `{m.digest or ''}` |" for m in models]
+        out += [f"| {_cell(m.name)} | {_cell(m.weight)} | {_cell(m.density)} | "
+                f"{f'`{m.digest}`' if m.digest else 'n/a'} |" for m in models]
         if merged_sha256:
             out += ["", f"Merged task vector: sha256 `{merged_sha256}` (signed by the coordinator)."]
     else:
@@ -202,7 +203,10 @@ def write_round_card(out_dir: Path, base_folder: Path, round_config: dict, diges
     given = {p["client_id"]: p for p in round_config.get("participants") or [] if isinstance(p, dict)}
     models = []
     for cid in sorted(digests):
-        p = given.get(cid, {})
+        if cid not in given:  # a merged stream names its contributors only
+            models.append(CardModel(name=cid, weight="n/a", density="n/a", digest=digests[cid]))
+            continue
+        p = given[cid]
         d = p.get("density")
         density = "1 (no trim)" if keeps_all else f"{d if d is not None else k / 100:g}"
         models.append(CardModel(name=cid, weight=f"{p.get('weight', 1.0):g}", density=density, digest=digests[cid]))
