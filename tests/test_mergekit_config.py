@@ -493,3 +493,14 @@ def test_della_keeps_large_magnitudes_more_often():
     assert outlier_window(100, 0.5, 0.1) == (40, 90) and outlier_window(100, 0.95, 0.1) == (0, 95)
     with pytest.raises(ValueError, match="density ± epsilon"):
         sparsify(big, "della_magprune", 0.1, epsilon=0.2, generator=gen)
+
+
+def test_federated_merge_refuses_a_sparsifier(family, tmp_path):
+    from tiesfed.federated_merge import federated_merge
+
+    _, _, base_dir, paths = family
+    raw = {"merge_method": "breadcrumbs", "base_model": str(base_dir),
+           "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in paths]}
+    with pytest.raises(ValueError, match="local merge only"):
+        federated_merge(from_mergekit(raw), tmp_path / "out", aggregator="local")
+    assert not (tmp_path / "out").exists()

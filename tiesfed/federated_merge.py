@@ -108,6 +108,9 @@ def federated_merge(
     on loopback."""
     started = time.perf_counter()
     opts = config.options
+    if any(m.sparsifier for m in config.models):  # mergekit's per-tensor sparsifiers: not on the clients yet
+        raise ValueError("mergekit's sparsifiers (DARE's L1 rescale or none, breadcrumbs, della) run in the local "
+                         "merge only (tiesfed merge --config)")
     with ModelReader(config.base_model) as base:
         fp = fingerprint(base)
         manifest = [
