@@ -89,6 +89,16 @@ def test_bin_refused(tmp_path, content, match):
         ModelReader(tmp_path)
 
 
+def test_legacy_bin_is_read_whole_but_weights_only(tmp_path):
+    w = torch.randn(3, 4)
+    torch.save({"w": w}, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # torch < 1.6
+    with ModelReader(tmp_path) as r:
+        assert torch.equal(r.get("w"), w)
+    torch.save({"w": NotATensor()}, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(ModelError, match="needs code"):
+        ModelReader(tmp_path)
+
+
 def test_bin_garbage_and_missing_shards(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "pytorch_model.bin").write_bytes(b"not a pickle at all")
