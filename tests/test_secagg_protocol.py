@@ -48,7 +48,7 @@ def make_round(n: int, t: int, spec: FinalizeSpec = FinalizeSpec(min_support=2),
     return SecAggRound("round-1", NUMEL, t, FixedPoint(bound=1.0, max_clients=5, frac_bits=24), spec, **kw)
 
 
-def run(ids, rnd: SecAggRound, orgs, drop_before_upload=(), drop_after_upload=(), keep=None):
+def run(ids, rnd: SecAggRound, orgs, drop_before_upload=(), drop_after_upload=(), keep=None, chunk=0):
     """One secure round; `keep` collects each client's masked-upload bytes."""
     clients = {c: SecAggClient(ids[c], rnd, *contribution(ORGS.index(c))) for c in orgs}
     server = SecAggServer(rnd, ca_pem=ids["org-a"].ca_pem)
@@ -58,6 +58,11 @@ def run(ids, rnd: SecAggRound, orgs, drop_before_upload=(), drop_after_upload=()
     for c in clients.values():
         server.receive_shares(wire(c.share(keys)))
     for cid, req in server.close_shares().items():
+        if chunk:  # streamed in chunks of U, received in byte pieces of another size
+            data = b"".join(clients[cid].masked_stream(wire(req), chunk))
+            pieces = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+            server.receive_masked_stream(cid, len(data), lambda p=pieces: p)
+            continue
         up = clients[cid].masked_input(wire(req))
         if cid in drop_before_upload:
             continue  # computed, never sent: the client died before its upload arrived
@@ -98,6 +103,37 @@ def test_secure_round_equals_plain_fold_of_quantised_values(ids, n):
     assert_same(acc, merged, *plain(rnd, ORGS[:n]))
     # min_support=2 is applied: some parameter that one client alone touched stays 0
     assert bool(((acc.c_pos + acc.c_neg == 1) & (merged == 0)).any())
+
+
+def test_streamed_upload_equals_the_whole_one(ids):
+    """Clients mask U chunk by chunk (seekable masks), the coordinator folds byte pieces of another size."""
+    rnd = make_round(4, 3)
+    acc, merged, _ = run(ids, rnd, ORGS[:4], chunk=97)
+    assert_same(acc, merged, *plain(rnd, ORGS[:4]))
+
+
+def test_upload_of_the_wrong_size_changes_nothing(ids):
+    rnd = make_round(3, 2)
+    clients, server, keys = setup_keys(ids, rnd, ORGS[:3])
+    for c in clients.values():
+        server.receive_shares(c.share(keys))
+    reqs = server.close_shares()
+    ups = {cid: clients[cid].masked_input(req).masked for cid, req in reqs.items()}
+    data = ups["org-a"]
+    before = server._sum.copy()
+    with pytest.raises(SecAggError, match="U needs"):
+        server.receive_masked_stream("org-a", len(data) - 4, lambda: [data[:-4]])
+    for bad in ([data[:-4]], [data, b"\x00" * 4], [data[:1001], data[1001:-1]]):
+        with pytest.raises(SecAggError, match="does not hold"):
+            server.receive_masked_stream("org-a", len(data), lambda b=bad: b)
+        assert np.array_equal(server._sum, before)
+    for cid, d in ups.items():
+        server.receive_masked_stream(cid, len(d), lambda d=d: [d[:7], d[7:]])
+    req = server.close_masked()
+    for c in clients.values():
+        server.receive_unmask(c.unmask(req))
+    acc = server.finish()
+    assert_same(acc, server.merged(acc), *plain(rnd, ORGS[:3]))
 
 
 def test_weighted_secure_round(ids):

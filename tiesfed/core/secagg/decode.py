@@ -42,8 +42,9 @@ def decode_sums(total: np.ndarray, support: torch.Tensor, numel: int, spec: Fina
     signed = torch.from_numpy(layout.to_signed(total).copy())
     cb = layout.count_bits
     n = len(weights_q)
+    lanes = signed.reshape(m, layout.width)  # position-major, as `encode_range` writes it
     for i, lane in enumerate(layout.lanes):
-        x = signed[i * m:(i + 1) * m]
+        x = lanes[:, i]
         if lane.counted:
             count = x & ((1 << cb) - 1)
             x = x >> cb  # floor division: x = S·2^cb + C with 0 ≤ C < 2^cb

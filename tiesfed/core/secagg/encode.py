@@ -63,24 +63,24 @@ def weight_value(qw: int, layout: RingLayout) -> float:
     return float(qw) * 2.0 ** -layout.fixed.weight_frac_bits if layout.weighted else 1.0
 
 
-def encode_lanes(indices: torch.Tensor, q: torch.Tensor, qw: int, support: torch.Tensor,
-                 layout: RingLayout) -> np.ndarray:
-    """The client's ring vector: `layout.width` lanes of len(U) elements, lane after lane.
-
-    `indices`/`q` come from `quantise`, `qw` from `quantise_weight`, `support` is U
-    (sorted unique int64). Every index must lie in U.
-    """
+def support_positions(indices: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Where each of the client's (sorted) indices sits in U; an index outside U is an error."""
     u = support.to(torch.int64)
     at = torch.searchsorted(u, indices)
     if indices.numel() and (int(at.max()) >= u.numel() or not bool(torch.equal(u[at], indices))):
         raise RingError("the contribution has positions outside the union support U")
-    # fold's split: a negative weight flips which sign a value votes for
+    return at
+
+
+def lane_values(q: torch.Tensor, qw: int, layout: RingLayout) -> torch.Tensor:
+    """(nnz, width) int64: each survivor's entry in every lane, split by sign as `fold` splits it."""
+    # a negative weight flips which sign a value votes for
     pos, neg = (q > 0, q < 0) if qw >= 0 else (q < 0, q > 0)
     zero = torch.zeros((), dtype=torch.int64)
     one = torch.ones((), dtype=torch.int64)
     wq = q * qw
     cb = layout.count_bits
-    rows = []
+    cols = []
     for lane in layout.lanes:
         if lane.name in ("pos", "neg"):
             sel = pos if lane.name == "pos" else neg
@@ -92,8 +92,25 @@ def encode_lanes(indices: torch.Tensor, q: torch.Tensor, qw: int, support: torch
             x = torch.where(sel, torch.full_like(q, qw), zero)
         else:  # "raw"
             x = q
-        row = torch.zeros(u.numel(), dtype=torch.int64)
-        row[at] = x
-        rows.append(row)
-    flat = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
-    return layout.to_ring(flat.numpy())
+        cols.append(x)
+    return torch.stack(cols, dim=1) if cols else torch.zeros((q.numel(), 0), dtype=torch.int64)
+
+
+def encode_range(at: torch.Tensor, values: torch.Tensor, lo: int, hi: int, layout: RingLayout) -> np.ndarray:
+    """The ring elements of U positions lo..hi (position-major: the lanes of one position are
+    adjacent), from `support_positions` and `lane_values`; a chunk of the upload, or all of it."""
+    a, b = (int(x) for x in torch.searchsorted(at, torch.tensor([lo, hi])))
+    out = torch.zeros((hi - lo, layout.width), dtype=torch.int64)
+    out[at[a:b] - lo] = values[a:b]
+    return layout.to_ring(out.reshape(-1).numpy())
+
+
+def encode_lanes(indices: torch.Tensor, q: torch.Tensor, qw: int, support: torch.Tensor,
+                 layout: RingLayout) -> np.ndarray:
+    """The client's whole ring vector over U: `layout.width` elements per position of U.
+
+    `indices`/`q` come from `quantise`, `qw` from `quantise_weight`, `support` is U
+    (sorted unique int64). Every index must lie in U.
+    """
+    at = support_positions(indices, support)
+    return encode_range(at, lane_values(q, qw, layout), 0, support.numel(), layout)

@@ -1,6 +1,8 @@
 """The integer ring Z_{2^b} a secure round sums in, and how its width b is chosen.
 
-Every client's contribution becomes a few *lanes* of integers over the union support U:
+Every client's contribution becomes a few *lanes* of integers over the union support U
+(stored position-major, the lanes of one position adjacent, so a range of U is a range of
+the vector: a chunk of the upload, a shard's part of the sum):
 "pos"/"neg" carry the fixed-point per-sign sums S⁺, S⁻ (weighted where the spec weights),
 with the per-sign counts C⁺, C⁻ packed into their low `count_bits` bits (x = S·2^cb + C,
 0 ≤ C ≤ n < 2^cb, so one ring element carries both); "wpos"/"wneg" the quantised weight

@@ -10,11 +10,11 @@ only, so it never reveals both the self-mask seed and the mask key of the same c
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
-from tiesfed.core.secagg.encode import encode_lanes, quantise, quantise_weight
+from tiesfed.core.secagg.encode import encode_range, lane_values, quantise, quantise_weight, support_positions
 from tiesfed.core.secagg.ring import ring_add, ring_sub
 from tiesfed.core.secagg.shamir import SHARE_BYTES, share_bytes, share_from_bytes, split
 from tiesfed.core.secagg.support import pack_support, unpack_support
@@ -60,6 +60,7 @@ class SecAggClient:
         self._x: dict[str, int] = {}
         self._sharers: tuple[str, ...] = ()
         self._held: dict[str, tuple[int, int]] = {}  # sender → (share of b, share of s key)
+        self._plan: tuple[torch.Tensor, torch.Tensor, int] = (torch.zeros(0), torch.zeros(0), 0)
 
     def _advance(self, step: str) -> None:
         if STEPS[self._step] != step:
@@ -106,8 +107,8 @@ class SecAggClient:
         return ShareUpload(self.id, pack_support(self._idx, self.round.numel), boxes)
 
     # ------------------------------------------------------------------ 3. masked upload
-    def masked_input(self, req: MaskRequest) -> MaskedUpload:
-        """The lanes over U plus the self mask, plus/minus one pairwise mask per other sharer."""
+    def _accept(self, req: MaskRequest) -> None:
+        """Check the sharers, open the share boxes, place this client's survivors in U."""
         rid = self.round.round_id
         if req.round_id != rid:
             raise SecAggError(f"mask request of round {req.round_id!r}, expected {rid!r}")
@@ -127,23 +128,40 @@ class SecAggClient:
                 raise SecAggError(f"client {self.id!r}: the shares from {sender!r} are not for this client")
             held[sender] = (share_from_bytes(plain[4:4 + SHARE_BYTES]), share_from_bytes(plain[4 + SHARE_BYTES:]))
         support = unpack_support(req.support, self.round.numel)
-        lay = self._layout
         idx, q = self._idx, self._q
         if self.round.min_release > 1:  # the release rule: positions too few touched stay out
             keep = torch.isin(idx, support)
             idx, q = idx[keep], q[keep]
-        y = encode_lanes(idx, q, self._qw, support, lay)
+        at = support_positions(idx, support)
         self._advance("masked_input")
         self._held.update(held)
         self._sharers = sharers
-        count = y.size
-        ring_add(y, mask(self_seed_key(self._seed, rid, self.id), count, lay), lay)
-        for peer in sharers:
-            if peer == self.id:
-                continue
-            key = pair_key(self._keys.s_sk, load_public(self._peers[peer].s_pk, peer), MASK_INFO, rid, self.id, peer)
-            (ring_add if pair_sign(self.id, peer) > 0 else ring_sub)(y, mask(key, count, lay), lay)
-        return MaskedUpload(self.id, lay.to_bytes(y))
+        self._plan = (at, lane_values(q, self._qw, self._layout), support.numel())
+
+    def masked_input(self, req: MaskRequest) -> MaskedUpload:
+        """The lanes over U plus the self mask, plus/minus one pairwise mask per other sharer."""
+        return MaskedUpload(self.id, b"".join(self.masked_stream(req)))
+
+    def masked_stream(self, req: MaskRequest, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """`masked_input`'s bytes in pieces of `chunk` positions of U (every check done before
+        this returns): memory holds one chunk, whatever the size of U."""
+        self._accept(req)
+        return self._chunks(chunk)
+
+    def _chunks(self, chunk: int) -> Iterator[bytes]:
+        at, values, m = self._plan
+        lay, rid, w = self._layout, self.round.round_id, self._layout.width
+        keys = [(1, self_seed_key(self._seed, rid, self.id))]
+        for peer in self._sharers:
+            if peer != self.id:
+                pk = load_public(self._peers[peer].s_pk, peer)
+                keys.append((pair_sign(self.id, peer), pair_key(self._keys.s_sk, pk, MASK_INFO, rid, self.id, peer)))
+        for lo in range(0, m, max(1, chunk)):
+            hi = min(m, lo + max(1, chunk))
+            y = encode_range(at, values, lo, hi, lay)
+            for sign, key in keys:
+                (ring_add if sign > 0 else ring_sub)(y, mask(key, y.size, lay, start=lo * w), lay)
+            yield lay.to_bytes(y)
 
     # ------------------------------------------------------------------ 4. unmasking shares
     def unmask(self, req: UnmaskRequest) -> UnmaskReply:

@@ -13,7 +13,7 @@ nothing. Fewer than t clients at any step fail the round before anything is unma
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -121,17 +121,43 @@ class SecAggServer:
     # ------------------------------------------------------------------ masked upload
     def receive_masked(self, up: MaskedUpload) -> None:
         """Add one masked vector to the running sum; the vector itself is not kept."""
-        who = up.client_id
+        self.receive_masked_stream(up.client_id, len(up.masked), lambda: [up.masked])
+
+    def receive_masked_stream(self, client_id: str, size: int, source: Callable[[], Iterable[bytes]]) -> None:
+        """Add a masked vector of `size` bytes that `source()` yields in pieces of any length (a
+        spooled upload read back chunk by chunk), one piece at a time, so memory holds the sum and
+        one piece. A size that does not fit U is refused up front; a source that then yields more
+        or less than it declared is read again (it must yield the same bytes, as a spool file does)
+        and subtracted (ring addition is invertible), so a refused upload leaves the sum as it was."""
+        who = client_id
         self._in("masked", f"masked upload from {who!r}")
         if who not in self._sharers or who in self._uploaded:
             raise SecAggError(f"masked upload from {who!r}: not a sharer, or sent twice")
         assert self._sum is not None
-        try:
-            y = self._layout.from_bytes(up.masked, self._sum.size)
-        except RingError as e:
-            raise SecAggError(f"masked upload from {who!r}: {e}") from None
-        ring_add(self._sum, y, self._layout)
+        k, total = self._layout.bytes_per_element, self._sum.size
+        if size != total * k:
+            raise SecAggError(f"masked upload from {who!r}: {size} bytes, U needs {total} elements of {k} bytes")
+        applied, exact = self._fold_stream(source(), total, ring_add)
+        if not exact:
+            self._fold_stream(source(), applied, ring_sub)
+            raise SecAggError(f"masked upload from {who!r}: the stream does not hold the {size} bytes it declared")
         self._uploaded.append(who)
+
+    def _fold_stream(self, pieces: Iterable[bytes], limit: int, op: Callable[..., np.ndarray]) -> tuple[int, bool]:
+        """Apply `op` to sum[:n] and the stream's first n ≤ limit elements; (n, whether the
+        stream held exactly `limit` elements)."""
+        assert self._sum is not None
+        lay, k = self._layout, self._layout.bytes_per_element
+        at, rest = 0, b""
+        for piece in pieces:
+            rest += piece
+            n = min(len(rest) // k, limit - at)
+            if n:
+                op(self._sum[at:at + n], lay.from_bytes(rest[:n * k], n), lay)
+                at, rest = at + n, rest[n * k:]
+            if at == limit and rest:
+                return at, False
+        return at, at == limit and not rest
 
     def close_masked(self) -> UnmaskRequest:
         self._in("masked", "closing the upload phase")
