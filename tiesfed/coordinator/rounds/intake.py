@@ -18,7 +18,7 @@ from tiesfed.coordinator.rounds.events import Receipt, RoundError
 from tiesfed.coordinator.rounds.finalize import fail, maybe_finalize
 from tiesfed.coordinator.rounds.state import RoundState
 from tiesfed.coordinator.rounds.uploads import UploadSession
-from tiesfed.protos.codec import End, Header, Record
+from tiesfed.protos.codec import End, Header, Record, join_spans
 from tiesfed.trust import Peer
 
 log = logging.getLogger("tiesfed.coordinator")
@@ -102,20 +102,32 @@ def feed(r: RoundState, s: UploadSession, offset: int, data: bytes, signature: b
 
 
 def take_record(r: RoundState, s: UploadSession, ev: Record) -> None:
-    """Validate one record; fold it at once if the upload folds on arrival."""
+    """Validate one record; fold it at once if the upload folds on arrival. A tensor's
+    span records are validated one by one and folded once, joined, when its last span
+    arrives: the fold (and its count, e.g. the total weight an average divides by) is
+    that of one whole-tensor record, and the byte range of its records is what an
+    un-fold or a later fold reads back (`read_record_at` joins them again)."""
     t = ev.tensor
     r.rules.check_record(s, t)
+    offset, length = ev.offset, ev.length
+    if t.is_span:
+        s.parts.append(ev)
+        if s.cover.open is not None:
+            return  # more spans of this tensor to come
+        parts, s.parts = s.parts, []
+        t = join_spans([p.tensor for p in parts])
+        offset, length = parts[0].offset, ev.offset + ev.length - parts[0].offset
     if s.live:
         with r.lock:
             if s.closed:
                 raise RoundError("FAILED_PRECONDITION", s.reason)
             r._check_accepting(s.client_id, new=False)
             if r.agg_pending:  # folded once the aggregator is up (`readiness.attach`)
-                r._hold(s, t.name, ev.offset, ev.length, t)
+                r._hold(s, t.name, offset, length, t)
                 return
             timed_fold(r.agg, r.metrics, t.name, t.indices, t.values, r.participants[s.client_id].weight)
             r.canonical = False
-            s.folded.append((t.name, ev.offset, ev.length))
+            s.folded.append((t.name, offset, length))
 
 
 def commit(r: RoundState, s: UploadSession) -> Receipt:

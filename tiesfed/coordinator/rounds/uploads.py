@@ -2,10 +2,11 @@
 (`UploadSession`), and a round's sessions by client (`UploadRegistry`).
 
 Every chunk is appended to the partial file and fed to an incremental
-`StreamReader`, so memory per session is one record. A session records what
-the round's rules and folding need (tensors seen, nonzeros, values above the
-declared trim threshold, records folded); the round decides, under its lock,
-what happens to it.
+`StreamReader`, so memory per session is one record (a tensor sent as span
+records: the spans of the one tensor in progress, `parts`). A session records what
+the round's rules and folding need (tensors seen, the span order, nonzeros, values
+above the declared trim threshold, records folded); the round decides, under its
+lock, what happens to it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tiesfed.coordinator.rounds.aggregation import unfold_records
 from tiesfed.coordinator.rounds.config import ParticipantConfig
 from tiesfed.coordinator.rounds.events import RoundError
 from tiesfed.coordinator.spool import Committed, RoundSpool
-from tiesfed.protos.codec import CodecError, Limits, StreamReader
+from tiesfed.protos.codec import CodecError, Limits, Record, SpanCover, StreamReader
 from tiesfed.trust import Peer
 
 
@@ -38,6 +39,10 @@ class UploadSession:
     offset: int = 0
     sha: "hashlib._Hash" = field(default_factory=hashlib.sha256)
     seen: set = field(default_factory=set)
+    #: the order of span records: each tensor's back to back, covering it once
+    cover: SpanCover = field(default_factory=SpanCover)
+    parts: list[Record] = field(default_factory=list)  # span records of the tensor in progress
+    tensor_nnz: int = 0  # nonzeros of the tensor in progress (a per-tensor budget)
     nnz: int = 0
     threshold: Optional[float] = None  # the global top-k threshold its header declares
     above: int = 0  # values strictly above that threshold (global top-k)

@@ -3,8 +3,9 @@
 The codec checks each record's indices, order, values and checksums; these rules
 check it against the round: the stream header (kind, base fingerprint, trim, and a
 global top-k trim's threshold), each tensor (in the manifest, once, of the base's
-shape, within the client's budget), completeness at the end marker, and, under the
-refuse policy, identity with the committed stream. A failed rule raises
+shape, within the client's budget; a tensor sent as span records: its spans back to
+back, in order, covering it exactly once), completeness at the end marker, and, under
+the refuse policy, identity with the committed stream. A failed rule raises
 `RoundError`; the caller withdraws the upload.
 
 A global top-k trim keeps |τ| ≥ t, t the int(D·k)-th largest |τ|: ties at t all
@@ -24,7 +25,7 @@ from tiesfed.coordinator.rounds.config import RoundConfig, nnz_budget
 from tiesfed.coordinator.rounds.events import RoundError
 from tiesfed.coordinator.rounds.uploads import UploadSession
 from tiesfed.core.trim import TrimSpec, keep_count
-from tiesfed.protos.codec import Limits, SparseTensor
+from tiesfed.protos.codec import CodecError, Limits, SparseTensor
 
 
 def limits_for(config: RoundConfig) -> Limits:
@@ -80,18 +81,26 @@ class ContributionRules:
             s.threshold = float(t)
 
     def check_record(self, s: UploadSession, t: SparseTensor) -> None:
-        """One tensor: in the manifest, not seen before, the base's shape, no value below
-        a declared threshold; counts it into the session (`seen`, `nnz`, `above`) and
-        checks the client's budget."""
+        """One record (a whole tensor, or a span of one): in the manifest, not seen before,
+        the base's shape, spans in order, no value below a declared threshold; counts it
+        into the session (`seen`, `cover`, `nnz`, `above`) and checks the client's budget."""
         e = self.manifest.get(t.name)
         if e is None:
             raise RoundError("INVALID_ARGUMENT", f"tensor {t.name!r} is not in the manifest of round {self.round_id!r}")
-        if t.name in s.seen:
+        first = s.cover.open is None  # the record starts a tensor (else it continues the one in progress)
+        if first and t.name in s.seen:
             raise RoundError("INVALID_ARGUMENT", f"tensor {t.name!r} appears twice in the contribution")
         if tuple(t.shape) != tuple(e.shape):
             raise RoundError(
                 "INVALID_ARGUMENT", f"tensor {t.name!r} has shape {list(t.shape)}, the round's base has {list(e.shape)}"
             )
+        try:
+            s.cover.add(t)
+        except CodecError as err:
+            raise RoundError("INVALID_ARGUMENT", f"contribution of {s.client_id!r}: {err}") from None
+        if first:
+            s.tensor_nnz = 0
+        s.tensor_nnz += t.nnz
         mag = t.values.abs() if t.nnz else None  # once: the bound and the threshold both look at it
         if mag is not None and (peak := float(mag.max())) > self.max_abs_value:
             raise RoundError(
@@ -110,11 +119,11 @@ class ContributionRules:
                     f"a value below the declared trim threshold {s.threshold:g}",
                 )
             s.above += int((mag > floor).sum())
-        elif trim.kind == "topk" and trim.scope == "tensor" and t.nnz > (keep := keep_count(e.numel, trim.fraction)):
+        elif trim.kind == "topk" and trim.scope == "tensor" and s.tensor_nnz > (keep := keep_count(e.numel, trim.fraction)):
             raise RoundError(
                 "INVALID_ARGUMENT",
-                f"tensor {t.name!r} of {s.client_id!r} carries {t.nnz:,} nonzeros, more than int(k*n) = {keep:,} "
-                f"of its {e.numel:,}: {over} per tensor",
+                f"tensor {t.name!r} of {s.client_id!r} carries {s.tensor_nnz:,} nonzeros, more than int(k*n) = "
+                f"{keep:,} of its {e.numel:,}: {over} per tensor",
             )
         s.seen.add(t.name)
         s.nnz += t.nnz
@@ -134,7 +143,11 @@ class ContributionRules:
             )
 
     def check_complete(self, s: UploadSession) -> None:
-        """At the end marker: every tensor of the manifest arrived."""
+        """At the end marker: every tensor of the manifest arrived, the last one whole."""
+        try:
+            s.cover.finish()
+        except CodecError as err:
+            raise RoundError("INVALID_ARGUMENT", f"contribution of {s.client_id!r}: {err}") from None
         missing = [n for n in self.manifest if n not in s.seen]
         if missing:
             raise RoundError(
