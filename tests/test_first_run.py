@@ -335,8 +335,7 @@ def test_iter_contribution_stages(family, params):
     with ModelReader(family[0]) as b, ModelReader(family[1][0]) as ft:
         n = len(list(iter_contribution(b, ft, trim, model_key="0", progress=rec)))
     assert n == 5
-    assert rec.stages == [["histogram 1/2", params, params], ["histogram 2/2", params, params],
-                          ["trim+encode", params, params]]
+    assert rec.stages == [["histogram", params, params], ["trim+encode", params, params]]
 
 
 def _bars(stderr: str) -> dict[str, str]:
@@ -378,7 +377,7 @@ def test_cli_submit_bars_name_the_trim_stages(family, tmp_path, params):
     assert res.exit_code == 0, res.output
     bars = _bars(res.stderr)
     n = tqdm.format_sizeof(params)
-    for s in ("histogram 1/2", "histogram 2/2", "trim+encode"):
+    for s in ("histogram", "trim+encode"):
         assert bars[f"org-a: {s}"] == f"{n}/{n}", res.stderr
     assert "upload org-a" in bars
 

@@ -373,11 +373,13 @@ def client() -> None:
               help="where to trim: cpu, cuda, cuda:N or mps")
 @click.option("--chunk-size", default="1MiB", show_default=True, help="upload chunk size (at most 4MiB)")
 @click.option("--retries", type=int, default=8, show_default=True, help="attempts after a broken connection")
+@click.option("--max-memory", help="memory budget, e.g. 4GB (default: half the machine's); a tensor larger than "
+              "the block it allows is read, trimmed and sent in blocks, with the same result")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @WAIT
 @QUIET
 def submit_cmd(base, model, target, round_id, tls, insecure, server_name, client_id, device, chunk_size, retries,
-               as_json, wait_s, quiet) -> None:
+               max_memory, as_json, wait_s, quiet) -> None:
     """Trim MODEL's task vector against BASE and upload it to the round."""
     from tiesfed.client.federated import FederatedError, Retry, submit
     from tiesfed.io.model_io import ModelError
@@ -388,6 +390,7 @@ def submit_cmd(base, model, target, round_id, tls, insecure, server_name, client
     try:
         res = submit(target, round_id, client_id, base, model, device=device, chunk_bytes=parse_size(chunk_size),
                      retry=Retry(attempts=retries), progress=not quiet, wait_for_coordinator=wait_s,
+                     max_memory=parse_size(max_memory) if max_memory else None,
                      **_transport(tls, insecure, server_name, client_id))
     except (FederatedError, ModelError, ValueError, TrustError) as e:
         raise click.ClickException(str(e)) from None
@@ -421,10 +424,12 @@ def submit_cmd(base, model, target, round_id, tls, insecure, server_name, client
 @click.option("--retries", type=int, default=8, show_default=True, help="attempts after a broken connection")
 @click.option("--keep-merged", is_flag=True, help="keep the merged task vector as OUT/merged_task_vector.tfs")
 @click.option("--overwrite", is_flag=True, help="write into a non-empty output folder, replacing its weights")
+@click.option("--max-memory", help="memory budget, e.g. 4GB (default: half the machine's); a tensor of the base "
+              "larger than the block it allows is applied and written in blocks, with the same result")
 @WAIT
 @QUIET
 def fetch_cmd(base, out_dir, target, round_id, tls, insecure, server_name, client_id, timeout, shard_size, retries,
-              keep_merged, overwrite, wait_s, quiet) -> None:
+              keep_merged, overwrite, max_memory, wait_s, quiet) -> None:
     """Wait for the round, download the merged task vector and apply it to BASE."""
     from tiesfed.client.federated import FederatedError, Retry, fetch
     from tiesfed.io.model_io import ModelError
@@ -435,7 +440,8 @@ def fetch_cmd(base, out_dir, target, round_id, tls, insecure, server_name, clien
     try:
         res = fetch(target, round_id, client_id, base, out_dir, timeout=timeout, shard_bytes=parse_size(shard_size),
                     retry=Retry(attempts=retries), progress=not quiet, keep_merged=keep_merged, overwrite=overwrite,
-                    wait_for_coordinator=wait_s, **_transport(tls, insecure, server_name, client_id))
+                    wait_for_coordinator=wait_s, max_memory=parse_size(max_memory) if max_memory else None,
+                    **_transport(tls, insecure, server_name, client_id))
     except (FederatedError, ModelError, ValueError, TimeoutError, TrustError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"merged model of round {round_id} -> {res.out_dir} ({res.total_bytes:,} bytes downloaded, "

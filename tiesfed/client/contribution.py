@@ -2,10 +2,13 @@
 
 The same generator feeds the local merge (written to a spool file) and the
 federated upload (streamed over gRPC), so both paths trim identically.
-Global trim reads the model three times (two histogram passes, then the
-trim); memory stays at one tensor. Progress is reported per pass, each
-counting the model's parameters once ("histogram 1/2", "histogram 2/2",
-"trim+encode").
+Global trim reads the model twice: one histogram pass for the threshold
+(`threshold`; two more only where its sample misleads it), then the trim.
+Memory stays at one block: a tensor larger than the block (`block`, from the
+client's budget) is read in blocks and sent as span records, one per block,
+each holding that block's final survivors (a per-tensor top-k first settles its
+boundary in two histogram passes over the tensor). Progress is reported per
+pass, each counting the model's parameters once ("histogram", "trim+encode").
 
 A global top-k contribution declares its threshold in the stream header
 (`contribution_threshold` before `contribution_header`, the same value handed
@@ -22,9 +25,10 @@ from typing import BinaryIO, Iterable, Iterator, Literal, Optional, Sequence, Un
 import torch
 
 from tiesfed.client.progress import StageProgress
+from tiesfed.client.threshold import global_threshold as threshold_pass
 from tiesfed.core import radix
+from tiesfed.core.compact import flat_nonzero
 from tiesfed.core.trim import (
-    GlobalThreshold,
     TrimSpec,
     dare_generator,
     dare_seed,
@@ -70,8 +74,9 @@ def _task_vector(base: ModelReader, ft: ModelReader, name: str, device: str, che
     return tau
 
 
-#: elements of one tensor trimmed at once: a larger tensor is read from its byte range
-#: in blocks, so memory holds a block of the dense task vector plus the survivors
+#: elements of one tensor trimmed (and sent as one span record) at once when no budget
+#: says otherwise: a larger tensor is read from its byte range in blocks, so memory holds
+#: a block of the dense task vector plus that block's survivors (`budget.client_block`)
 CLIENT_BLOCK = 1 << 25
 
 
@@ -87,67 +92,64 @@ def _tau_blocks(base: ModelReader, ft: ModelReader, t: TensorInfo, device: str,
         yield lo, task_vector(base.get_range(t.name, lo, hi).to(device), ft.get_range(t.name, lo, hi).to(device))
 
 
-def _trim_in_blocks(base: ModelReader, ft: ModelReader, t: TensorInfo, trim: TrimSpec, keep_all: bool,
-                    threshold: Optional[float], model_key: str, device: str, stats: "TrimStats"):
-    """A tensor too large for one block: the same survivors as trimming it whole
-    (DARE's stream continues across blocks; the per-tensor top-k histograms the
-    blocks first and settles its boundary bucket's members at the end)."""
-    idx_parts, val_parts, cand = [], [], []
-    bucket = inner = keep = zeros = 0
+def _exact_cut(base: ModelReader, ft: ModelReader, t: TensorInfo, keep: int, device: str,
+               block: int) -> tuple[int, int]:
+    """A per-tensor top-k over blocks: the |τ| pattern of the keep-th largest value and
+    how many values equal to it survive (the lowest positions), from a coarse then a
+    fine histogram pass (0 < keep < numel), so each block's survivors are final."""
+    hist = torch.zeros(radix.COARSE_BINS, dtype=torch.int64)
+    for _, tau in _tau_blocks(base, ft, t, device, block):
+        hist += radix.coarse_histogram(radix.abs_bits(tau))
+    if radix.nonfinite(hist):
+        raise _nonfinite(t.name, ft)
+    bucket, inner = radix.locate(hist, t.numel - keep + 1)
+    fine = torch.zeros(radix.FINE_BINS, dtype=torch.int64)
+    for _, tau in _tau_blocks(base, ft, t, device, block):
+        fine += radix.fine_histogram(radix.abs_bits(tau), bucket)
+    low, _ = radix.locate(fine, inner)
+    above = int(hist[bucket + 1:].sum()) + int(fine[low + 1:].sum())
+    return radix.join(bucket, low), keep - above
+
+
+def _span_survivors(base: ModelReader, ft: ModelReader, t: TensorInfo, trim: TrimSpec, keep_all: bool,
+                    threshold: Optional[float], model_key: str, device: str, stats: "TrimStats",
+                    block: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """A tensor larger than `block`, block by block: (lo, hi, survivors' flat indices of
+    the whole tensor, values), each block's final, the same survivors as trimming the
+    tensor whole (DARE's stream continues across blocks; a per-tensor top-k settles its
+    boundary first, `_exact_cut`)."""
     exact = trim.kind == "topk" and not keep_all and threshold is None
     gen = dare_generator(dare_seed(trim.seed, model_key, t.name)) if trim.kind == "dare" else None
+    keep, kth, ties = 0, 0, 0
     if exact:
         keep = keep_count(t.numel, trim.fraction)
-        hist = torch.zeros(radix.COARSE_BINS, dtype=torch.int64)
-        for _, tau in _tau_blocks(base, ft, t, device):
-            hist += radix.coarse_histogram(radix.abs_bits(tau))
-        if radix.nonfinite(hist):
-            raise _nonfinite(t.name, ft)
         if keep >= t.numel:
-            exact, keep_all = False, True
+            exact = False  # keeps every nonzero, as trim_tensor_exact does (the check below sees NaN/inf)
         elif keep > 0:
-            bucket, inner = radix.locate(hist, t.numel - keep + 1)
-    for lo, tau in _tau_blocks(base, ft, t, device):
+            kth, ties = _exact_cut(base, ft, t, keep, device, block)
+    for lo, tau in _tau_blocks(base, ft, t, device, block):
         bits = radix.abs_bits(tau)
-        if not exact and threshold is None and not radix.finite(bits):
+        if not (exact and keep > 0) and threshold is None and not radix.finite(bits):
             raise _nonfinite(t.name, ft)
         stats.norm_sq_total += sum_sq(tau)
         if gen is not None:
             idx, val = trim_dare_block(tau, trim.fraction, gen)
             stats.norm_sq_kept += sum_sq(tau.index_select(0, idx))
-        elif exact and keep <= 0:
-            continue
-        elif exact:
-            idx, at, member_bits, z = radix.split_at_bucket(bits, bucket)
-            zeros += z
-            cand.append((at + lo, member_bits, tau.index_select(0, at)))
-            val = tau.index_select(0, idx)
         else:
-            idx, _ = radix.at_least(bits, radix.pattern(threshold) if threshold else 0)
-            val = tau.index_select(0, idx)
-        if gen is None:
+            if exact and keep <= 0:
+                idx = torch.empty(0, dtype=torch.int64, device=tau.device)
+            elif exact:
+                idx, _ = radix.at_least(bits, kth + 1)
+                if kth and ties > 0:
+                    at = flat_nonzero(bits == kth)[:ties]
+                    ties -= at.numel()
+                    if at.numel():
+                        idx = torch.sort(torch.cat([idx, at])).values
+            else:
+                idx, _ = radix.at_least(bits, radix.pattern(threshold) if threshold else 0)
+            val = tau.index_select(0, idx).to(torch.float32)
             stats.norm_sq_kept += sum_sq(val)
-        idx_parts.append(idx + lo)
-        val_parts.append(val.to(torch.float32))
-    if cand:
-        pos, bits, vals = (torch.cat(c) for c in zip(*cand))
-        ranked = torch.sort(bits).values
-        kth = 0 if inner <= zeros else int(ranked[inner - zeros - 1])
-        over = bits > kth
-        need = keep - sum(p.numel() for p in idx_parts) - int(torch.count_nonzero(over))
-        order = torch.argsort(pos)  # the boundary's ties go to the lowest positions
-        at_kth = order[bits[order] == kth][: max(need, 0)] if kth else order[:0]
-        chosen = over.clone()
-        chosen[at_kth] = True
-        stats.norm_sq_kept += sum_sq(vals[chosen])
-        idx_parts.append(pos[chosen])
-        val_parts.append(vals[chosen])
-    idx = torch.cat(idx_parts) if idx_parts else torch.empty(0, dtype=torch.int64)
-    val = torch.cat(val_parts) if val_parts else torch.empty(0, dtype=torch.float32)
-    if cand:
-        idx, perm = torch.sort(idx)
-        val = val[perm]
-    return idx, val
+        yield lo, lo + tau.numel(), idx + lo, val
 
 
 def _nonfinite(name: str, ft: ModelReader) -> ValueError:
@@ -167,30 +169,12 @@ def global_threshold(
     fraction: float,
     device: str = "cpu",
     progress: Optional[StageProgress] = None,
+    block: Optional[int] = None,
 ) -> Optional[float]:
-    """The paper's threshold over every mergeable parameter: two streamed passes
-    (the first also rejects NaN/inf). None when k keeps everything."""
-    params = sum(t.numel for t in tensors)
-    select = GlobalThreshold(params, fraction)
-    if select.trivial:
-        return None
-    if progress:
-        progress.stage("histogram 1/2", params)
-    for t in tensors:
-        for _, tau in _tau_blocks(base, ft, t, device):
-            if select.add_coarse(tau):
-                raise _nonfinite(t.name, ft)
-        if progress:
-            progress.update(t.numel)
-    select.close_coarse()
-    if progress:
-        progress.stage("histogram 2/2", params)
-    for t in tensors:
-        for _, tau in _tau_blocks(base, ft, t, device):
-            select.add_fine(tau)
-        if progress:
-            progress.update(t.numel)
-    return select.value
+    """The paper's threshold over every mergeable parameter, `block` elements read at
+    once: one streamed pass that also rejects NaN/inf, and a second only where a
+    sample misplaced the threshold (`threshold`). None when k keeps everything."""
+    return threshold_pass(base, ft, tensors, fraction, device, block or CLIENT_BLOCK, progress)
 
 
 #: `iter_contribution`'s default threshold: compute it (two more passes over the model).
@@ -210,6 +194,7 @@ def contribution_threshold(
     keep_base: Sequence[str] = (),
     device: str = "cpu",
     progress: Optional[StageProgress] = None,
+    block: Optional[int] = None,
 ) -> Optional[float]:
     """The threshold a global top-k trim keeps |τ| ≥ of (float32, as a Python float),
     to declare in the header and hand to `iter_contribution`; None for other trims
@@ -217,7 +202,7 @@ def contribution_threshold(
     if not global_topk(trim):
         return None
     tensors = mergeable(base.manifest(), keep_base)
-    return global_threshold(base, ft, tensors, trim.fraction, device, progress)
+    return global_threshold(base, ft, tensors, trim.fraction, device, progress, block)
 
 
 def iter_contribution(
@@ -232,36 +217,41 @@ def iter_contribution(
     stats: Optional[TrimStats] = None,
     progress: Optional[StageProgress] = None,
     threshold: Union[float, None, Literal["compute"]] = COMPUTE,
+    block: Optional[int] = None,
 ) -> Iterator[SparseTensor]:
     """Trimmed sparse task-vector tensors of `ft` against `base`, in base order.
 
     Every mergeable tensor yields one record, even an empty one, so the
-    receiver can check that the contribution is complete. Values travel in
+    receiver can check that the contribution is complete; a tensor of more than
+    `block` elements (default `CLIENT_BLOCK`) yields one span record per block
+    instead, in order, so no record holds more than a block. Values travel in
     `value_dtype`, by default the tensor's own dtype. `progress` hears of each
     pass over the model as a stage. A global top-k trim uses `threshold` as
     `contribution_threshold` gave it (its passes already checked for NaN/inf),
     or computes it.
     """
+    block = block or CLIENT_BLOCK
     stats = stats if stats is not None else TrimStats()
     tensors = mergeable(base.manifest(), keep_base)
     if not global_topk(trim):
         threshold = None
     elif threshold == COMPUTE:
-        threshold = global_threshold(base, ft, tensors, trim.fraction, device, progress)
+        threshold = global_threshold(base, ft, tensors, trim.fraction, device, progress, block)
     if global_topk(trim):
         stats.threshold = threshold
     keep_all = trim.kind == "none" or trim.fraction >= 1.0 or (trim.scope == "global" and threshold is None)
     if progress:
         progress.stage("trim+encode", sum(t.numel for t in tensors))
     for t in tensors:
-        if t.numel > CLIENT_BLOCK:
+        if t.numel > block:
             stats.numel += t.numel
-            idx, val = _trim_in_blocks(base, ft, t, trim, keep_all, threshold, model_key, device, stats)
-            stats.nnz += idx.numel()
-            idx, val = cast_values(idx, val, value_dtype or wire_dtype(t.dtype), t.name)
-            if progress:
-                progress.update(t.numel)
-            yield SparseTensor(name=t.name, shape=tuple(t.shape), indices=idx.cpu(), values=val.cpu())
+            for lo, hi, idx, val in _span_survivors(base, ft, t, trim, keep_all, threshold, model_key, device,
+                                                    stats, block):
+                stats.nnz += idx.numel()
+                idx, val = cast_values(idx, val, value_dtype or wire_dtype(t.dtype), t.name)
+                if progress:
+                    progress.update(hi - lo)
+                yield SparseTensor(t.name, tuple(t.shape), idx.cpu(), val.cpu(), lo, hi - lo)
             continue
         tau = _task_vector(base, ft, t.name, device, check=threshold is None)
         if trim.kind == "dare":

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import grpc
 from tqdm.auto import tqdm
 
+from tiesfed.client.budget import apply_block
 from tiesfed.client.connection import (
     RETRYABLE,
     Connection,
@@ -246,15 +247,20 @@ def fetch(
     insecure: bool = False,
     server_name: Optional[str] = None,
     overwrite: bool = False,
+    max_memory: Optional[int] = None,
+    block: Optional[int] = None,
 ) -> FetchResult:
     """Wait for the round, download the merged task vector, apply it to `base` into `out_dir`.
 
     An `out_dir` holding anything but this round's partial download (kept for a resume)
     is refused before anything is asked of the coordinator, unless `overwrite` (--overwrite):
-    then its weights are replaced, as `tiesfed merge --overwrite` does."""
+    then its weights are replaced, as `tiesfed merge --overwrite` does. `max_memory` (bytes)
+    sets how much of a tensor of the base is applied at once (`budget.apply_block`);
+    `block` sets it directly (tests)."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_fetch_dir(out_dir, round_id, overwrite)
+    block = block or apply_block(max_memory)
     with Connection(target, client_id, retry, tls=tls, insecure=insecure, server_name=server_name,
                     wait_s=wait_for_coordinator) as conn, ModelReader(base) as b:
         spec = conn.round_spec(round_id)
@@ -288,7 +294,7 @@ def fetch(
         with Stages(enabled=progress) as bar:
             bar.stage("write", sum(t.numel for t in b.manifest()))
             header = apply_merged(b, part, out_dir, shard_bytes=shard_bytes, expected_fingerprint=fp,
-                                  overwrite=overwrite, progress=bar.update)
+                                  overwrite=overwrite, progress=bar.update, block=block)
         if keep_merged:
             part.replace(out_dir / "merged_task_vector.tfs")
         else:

@@ -1,9 +1,9 @@
 """Progress in named stages, each counting the model's parameters once.
 
-A global trim reads the model three times (two histogram passes, then trim and
+A client's global trim reads the model twice (a histogram pass, then trim and
 encode), and the local merge then folds and writes it: rather than one bar over
 parameters × passes, each stage gets a bar of its own whose total is the
-parameters it reads, named after what it does ("histogram 1/2", "trim+encode",
+parameters it reads, named after what it does ("histogram", "trim+encode",
 "fold+write", "write").
 
     with Stages(enabled=True) as progress:

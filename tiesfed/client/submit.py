@@ -1,12 +1,14 @@
 """Submit: trim, encode and upload this client's contribution, resumably.
 
 Three stages overlap: a trim thread reads the models and trims tensor by tensor
-(`iter_contribution`), an encode thread encodes each trimmed tensor into a local
-spool file, and the sender streams that file in chunks. At most `PIPELINE_DEPTH`
-trimmed tensors wait between the first two, so memory is the trim's working set
-(one tensor's base, fine-tuned and task-vector values) plus at most
-`PIPELINE_DEPTH` + 1 sparse tensors (indices and values: about 2.4 bytes per
-parameter of the tensor at k = 20%, fp32) plus one chunk. The stream is the same,
+(`iter_contribution`), an encode thread encodes each trimmed record into a local
+spool file, and the sender streams that file in chunks. Memory follows the budget
+(`max_memory`, `client submit --max-memory`; default half the machine's): it sets
+the block (`budget.client_block`), so the trim holds one block of the base,
+fine-tuned and task-vector values and a tensor larger than the block travels as
+span records of one block each; at most `PIPELINE_DEPTH` records, and at most
+`budget.queue_bytes` of them, wait between the trim and the encoder; plus one
+chunk. Whatever the tensor's size, the peak is the block's. The stream is the same,
 byte for byte, as one thread writing it.
 After a broken connection it backs off, asks the coordinator how many bytes it
 holds (and their sha256), and resumes from there out of the local spool.
@@ -30,6 +32,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import grpc
 from tqdm.auto import tqdm
 
+from tiesfed.client.budget import client_block, queue_bytes
 from tiesfed.client.connection import (
     RETRYABLE,
     Connection,
@@ -195,8 +198,12 @@ def submit(
     insecure: bool = False,
     server_name: Optional[str] = None,
     fault: Optional[Fault] = None,
+    max_memory: Optional[int] = None,
+    block: Optional[int] = None,
 ) -> SubmitResult:
-    """Compute, trim, encode and upload this client's contribution to `round_id`."""
+    """Compute, trim, encode and upload this client's contribution to `round_id`.
+    `max_memory` (bytes) bounds what it holds (see the module's docstring); `block`
+    sets the elements per record directly instead (tests)."""
     started = time.perf_counter()
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"the upload chunk size (--chunk-size) must be at most {MAX_CHUNK_BYTES >> 20} MiB "
@@ -215,6 +222,7 @@ def submit(
         method = get_method(opts.method)
         trim = method.trim_spec(opts, me.density if me.HasField("density") else None)
         value_dtype = VALUE_DTYPES[opts.value_dtype] if opts.value_dtype else None
+        block = block or client_block(max_memory, trim)
 
         with ModelReader(base) as b, ModelReader(model) as ft:
             fp = check_base(spec, b, opts)
@@ -230,18 +238,19 @@ def submit(
                 stage = Prefixed(stages, f"{client_id}: ")
                 # before the header, which declares it: the local engine's stream, byte for byte
                 threshold = contribution_threshold(b, ft, trim, keep_base=opts.keep_base, device=device,
-                                                   progress=stage)
+                                                   progress=stage, block=block)
                 yield contribution_header(fp, me.model_key, trim, threshold=threshold, round_id=round_id,
                                           client_id=client_id)
                 tensors = iter_contribution(b, ft, trim, model_key=me.model_key, keep_base=opts.keep_base,
                                             device=device, value_dtype=value_dtype, stats=stats,
-                                            progress=stage, threshold=threshold)
+                                            progress=stage, threshold=threshold, block=block)
                 yield from within_bound(tensors, spec.max_abs_value, round_id)
 
             def produce() -> None:
                 """The encode thread: encodes what the trim thread hands over into the spool pipe."""
                 try:
-                    with Prefetch(trimmed, PIPELINE_DEPTH, f"trim-{client_id}") as items:
+                    with Prefetch(trimmed, PIPELINE_DEPTH, f"trim-{client_id}", max_bytes=queue_bytes(block, trim),
+                                  weigh=_record_bytes) as items:
                         header = next(items)
                         assert isinstance(header, dict)
                         writer = StreamWriter(pipe, header)
@@ -267,6 +276,13 @@ def submit(
         result.stats = stats
         result.seconds = time.perf_counter() - started
         return result
+
+
+def _record_bytes(item: dict | SparseTensor) -> int:
+    """What a trimmed record holds while it waits for the encoder."""
+    if isinstance(item, SparseTensor):
+        return item.indices.nbytes + item.values.nbytes
+    return 0
 
 
 def manifest_signer(identity: Optional[Identity], spec: pb.RoundSpec,

@@ -104,16 +104,18 @@ def apply_merged(
     expected_fingerprint: Optional[str] = None,
     overwrite: bool = False,
     progress: Optional[Callable[[int], None]] = None,
+    block: Optional[int] = None,
 ) -> dict:
     """θ = θ₀ + λ·τ_m for every tensor of `base`, written as an HF-style folder. Returns the header.
-    `overwrite` replaces the weights of a folder that has some; `progress(numel)` per tensor."""
+    `overwrite` replaces the weights of a folder that has some; `progress(numel)` per tensor;
+    `block`: elements of the base read and applied at once (default `APPLY_BLOCK`)."""
     out_dir = Path(out_dir)
     with open(merged_path, "rb") as f:
         header, where = merged_index(f, base, merged_path, expected_fingerprint)
         plan = [(t.name, tuple(t.shape), t.dtype) for t in base.manifest()]
         with ShardedWriter(out_dir, plan, max_shard_bytes=shard_bytes,
                            metadata={"tiesfed_method": str(header.get("method", ""))}, overwrite=overwrite) as writer:
-            write_theta(base, f, where, float(header["lambda"]), base.names, writer, merged_path, progress)
+            write_theta(base, f, where, float(header["lambda"]), base.names, writer, merged_path, progress, block)
     copy_side_files(base.folder, out_dir)
     if header.get("kind") == "merged" and isinstance(header.get("contributors"), list):
         # the base's README would call this the base: a card naming the round (the coordinator's,
