@@ -136,7 +136,7 @@ class SecAggClient:
         self._advance("masked_input")
         self._held.update(held)
         self._sharers = sharers
-        self._plan = (at, lane_values(q, self._qw, self._layout), support.numel())
+        self._plan = (at, q, support.numel())
 
     def masked_input(self, req: MaskRequest) -> MaskedUpload:
         """The lanes over U plus the self mask, plus/minus one pairwise mask per other sharer."""
@@ -149,7 +149,7 @@ class SecAggClient:
         return self._chunks(chunk)
 
     def _chunks(self, chunk: int) -> Iterator[bytes]:
-        at, values, m = self._plan
+        at, q, m = self._plan
         lay, rid, w = self._layout, self.round.round_id, self._layout.width
         keys = [(1, self_seed_key(self._seed, rid, self.id))]
         for peer in self._sharers:
@@ -158,7 +158,8 @@ class SecAggClient:
                 keys.append((pair_sign(self.id, peer), pair_key(self._keys.s_sk, pk, MASK_INFO, rid, self.id, peer)))
         for lo in range(0, m, max(1, chunk)):
             hi = min(m, lo + max(1, chunk))
-            y = encode_range(at, values, lo, hi, lay)
+            a, b = (int(i) for i in torch.searchsorted(at, torch.tensor([lo, hi])))
+            y = encode_range(at[a:b], lane_values(q[a:b], self._qw, lay), lo, hi, lay)
             for sign, key in keys:
                 (ring_add if sign > 0 else ring_sub)(y, mask(key, y.size, lay, start=lo * w), lay)
             yield lay.to_bytes(y)
