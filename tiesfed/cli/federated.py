@@ -137,6 +137,9 @@ def coordinator() -> None:
 @click.option("--sum-dtype", type=click.Choice(["float64", "float32"]),
               help="accumulator sums: float64 (default, exact) or float32 (8 bytes a parameter less; the merge "
               "then depends on the commit order within float32 rounding)")
+@click.option("--publish-first", is_flag=True, default=None,
+              help="finalize (clients fetch) once the merged stream is signed; write this coordinator's model "
+              "copy after (a failed copy no longer fails the round)")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="write the bound port here (for scripts)")
 @click.option("--exit-when-done", is_flag=True,
               help="exit once every round is finished and every participant fetched the merge")
@@ -148,7 +151,7 @@ def coordinator() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="debug logging (round events are logged at INFO anyway)")
 def serve(config_path, listen, spool_dir, base_model, shard_size, tls_dir, crl, insecure, admin_token,
           max_active_uploads, abandon_after, round_configs, round_id, clients, weights, quorum, deadline, late_policy, replace_policy, options,
-          aggregator, ray_address, num_shards, num_gpus_per_actor, actor_memory, sum_dtype, port_file,
+          aggregator, ray_address, num_shards, num_gpus_per_actor, actor_memory, sum_dtype, publish_first, port_file,
           exit_when_done, metrics_port, metrics_host, log_format, verbose) -> None:
     """Serve federated rounds over gRPC until interrupted (with --tls, or else --insecure on loopback)."""
     from tiesfed.coordinator.rounds import RoundConfig, RoundError
@@ -168,7 +171,8 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, tls_dir, crl, 
                            ("abandon_after_s", abandon_after), ("aggregator", aggregator),
                            ("ray_address", ray_address), ("num_shards", num_shards),
                            ("num_gpus_per_actor", num_gpus_per_actor), ("metrics_port", metrics_port),
-                           ("metrics_host", metrics_host), ("sum_dtype", sum_dtype)):
+                           ("metrics_host", metrics_host), ("sum_dtype", sum_dtype),
+                           ("publish_first", publish_first)):
             if value is not None:
                 upd[key] = Path(value) if key in ("spool_dir", "tls_dir", "crl") else value
         if shard_size:

@@ -141,6 +141,10 @@ class CoordinatorConfig(BaseModel):
         None, gt=0, description="memory budget of one shard actor, bytes or a size (3GB): a round gets as many "
         "actors as its accumulators need at this budget, each asking Ray for its memory (default: the "
         "cluster's memory per CPU, at most 4 GiB)")
+    publish_first: bool = Field(
+        False, description="finalize a round (clients fetch) as soon as the merged stream is signed, and write "
+        "the coordinator's own model copy after; a failed copy is retried and logged but no longer fails the "
+        "round (default: the copy is part of finalization)")
     sum_dtype: Literal["float64", "float32"] = Field(
         "float64", description="dtype of the accumulator sums: float64 (exact: the same bits whatever the "
         "arrival order, and as the local merge) or float32 (8 bytes a parameter less; results then depend on "
@@ -323,6 +327,7 @@ class CoordinatorServer:
             signer=self.identity,  # signs each merge (merged.sig.json); None when insecure
             metrics=self.metrics,
             sum_dtype=config.sum_dtype,
+            publish_first=config.publish_first,
         )
         # no unauthenticated admin: an admin certificate with TLS; insecure, a token given or one
         # made here (written to the spool at start)

@@ -33,6 +33,7 @@ from tiesfed.coordinator.rounds import provenance, readiness
 from tiesfed.coordinator.rounds.aggregation import exact_sums, release
 from tiesfed.coordinator.rounds.config import RoundConfig
 from tiesfed.coordinator.rounds.events import Merged, RoundError
+from tiesfed.coordinator.rounds.model_copy import copy_after_publish, write_copy, write_model  # noqa: F401
 from tiesfed.coordinator.rounds.state import RoundState
 from tiesfed.coordinator.spool import RoundSpool
 from tiesfed.core.accumulators import FinalizeSpec, majority_sign
@@ -175,8 +176,10 @@ def write_outputs(r: RoundState, contributors: list[str]) -> None:
         r.state = "finalized"
         r.merged = merged
         mark_verified(r)
-        release(r.agg)
-        r.agg = None  # the accumulators are no longer needed
+        agg, r.agg = r.agg, None  # the accumulators are no longer needed (but by the model copy)
+        r.model_pending = bool(r.publish_first and r.base_path)
+        if not r.model_pending:
+            release(agg)
         persist_or_log(r)
         secs = time.monotonic() - started
         log.info("round %s: merged %d contribution(s) in %.2f s: sha256 %s, %s bytes", r.id, len(contributors),
@@ -184,6 +187,8 @@ def write_outputs(r: RoundState, contributors: list[str]) -> None:
                  extra={"round": r.id, "sha256": merged.sha256, "bytes": merged.bytes, "seconds": round(secs, 3)})
         r._emit("ROUND_FINALIZED", sha256=merged.sha256, bytes=merged.bytes,
                 message="; ".join(m for m in (f"majority sign {merged.majority_sign:+d}", r.message) if m))
+    if r.model_pending:  # clients fetch the merged stream while the coordinator writes its copy
+        copy_after_publish(r, agg, merged, contributors)
 
 
 def attempt_outputs(r: RoundState, contributors: list[str]) -> Merged:
@@ -194,16 +199,13 @@ def attempt_outputs(r: RoundState, contributors: list[str]) -> Merged:
     if r.fold_mode == "final" or not (r.canonical or r.agg.exact() or not exact_sums(r.spec)):
         r._rebuild()  # participant order: the result must not depend on arrival order
     # float32 sums (sum_dtype) are inexact by choice: the result follows the commit order, no rebuild
+    started = time.monotonic()
     merged = write_merged(r.agg, contributors, r.config, r.spec, r.spool)
+    log.info("round %s: merged stream written in %.2f s", r.id, time.monotonic() - started,
+             extra={"round": r.id, "seconds": round(time.monotonic() - started, 3)})
     provenance.sign_merged(r, merged, contributors)
-    if r.base_path:
-        write_model(r.agg, r.base_path, merged.path, r.spool, r.shard_bytes, r.config)
-        from tiesfed.io.model_card import write_round_card  # the card: a merge of these contributions
-        write_round_card(r.spool.model_dir, Path(r.base_path),
-                         r.config.model_dump(mode="json", by_alias=True, exclude={"manifest"}),
-                         {c: r.committed[c].sha256 for c in contributors}, merged.sha256)
-        log.info("round %s: merged model written to %s", r.id, r.spool.model_dir,
-                 extra={"round": r.id, "path": str(r.spool.model_dir)})
+    if r.base_path and not r.publish_first:  # publish_first: written once the round is finalized
+        write_copy(r, r.agg, merged, contributors)
     return merged
 
 
@@ -316,30 +318,3 @@ class HashingWriter:
         self.sha256.update(memoryview(data)[:n])
         self.size += n
         return n
-
-
-def write_model(
-    agg: AggregatorLike | None,
-    base_path: str,
-    merged_path: Path,
-    spool: RoundSpool,
-    shard_bytes: int,
-    config: RoundConfig,
-) -> None:
-    """The full merged model: by the shard actors in parallel where the aggregator
-    can (a Ray-sharded one, base and spool on a shared filesystem), else here."""
-    from tiesfed.io.materialize import apply_merged
-    from tiesfed.io.model_io import ModelReader, copy_side_files
-
-    parallel = getattr(agg, "write_model", None)
-    if parallel is not None:
-        try:
-            parallel(base_path, str(merged_path), spool.model_dir, shard_bytes,
-                     {"tiesfed_method": config.options.method})
-            copy_side_files(Path(base_path), spool.model_dir)
-            return
-        except Exception as e:  # e.g. the base is not readable on every node
-            log.warning("round %s: parallel model write failed (%r); writing it here", config.round_id, e)
-            spool.clear_outputs(keep_merged=True)
-    with ModelReader(base_path) as base:
-        apply_merged(base, merged_path, spool.model_dir, shard_bytes=shard_bytes)

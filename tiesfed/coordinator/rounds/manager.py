@@ -55,6 +55,7 @@ class RoundManager:
         metrics: Metrics = NO_METRICS,
         readiness: Optional[AggregatorReadiness] = None,
         sum_dtype: str = "float64",
+        publish_first: bool = False,
     ) -> None:
         self.spool_dir = Path(spool_dir)
         self.metrics = metrics  # handed to every round; slot waits are reported here
@@ -74,7 +75,7 @@ class RoundManager:
             base_path=base_path, shard_bytes=shard_bytes, max_chunk_bytes=max_chunk_bytes,
             pending_buffer_bytes=pending_buffer_bytes,
             abandon_after_s=abandon_after_s, clock=clock, signer=signer, metrics=metrics,
-            readiness=self.readiness, sum_dtype=sum_dtype,
+            readiness=self.readiness, sum_dtype=sum_dtype, publish_first=publish_first,
         )
         self.rounds: dict[str, Round] = {}
         self.unrecovered: dict[str, str] = {}  # round id -> why its spool folder could not be loaded

@@ -65,6 +65,7 @@ class SavedState:
     merged: Optional[Merged]  # a finalized round's result
     lost: dict[str, str] = field(default_factory=dict)  # clients asked to upload again
     refinalize: bool = False  # failed by a finalization error: finalize again
+    model_pending: bool = False  # finalized (publish_first), the model copy unfinished
 
     @property
     def finished(self) -> bool:
@@ -86,6 +87,7 @@ class SavedState:
             merged=merged,
             lost={str(k): str(v) for k, v in lost.items()} if isinstance(lost, dict) else {},
             refinalize=state == "failed" and bool(st.get("refinalize_on_restart")),
+            model_pending=state == "finalized" and bool(st.get("model_pending")),
         )
 
 
@@ -152,3 +154,9 @@ def come_back_finished(r: RoundState, saved: SavedState) -> None:
     r._emit("ROUND_OPENED", message=f"round {r.id} recovered ({r.state})")
     r._emit("ROUND_FINALIZED" if r.state == "finalized" else "ROUND_FAILED", message=r.message,
             sha256=r.merged.sha256 if r.merged else "", bytes=r.merged.bytes if r.merged else 0)
+    if saved.model_pending and r.base_path:
+        from tiesfed.coordinator.rounds.model_copy import resume_copy
+
+        log.warning("round %s: its model copy was not finished: writing it again", r.id)
+        r.model_pending = True
+        resume_copy(r)

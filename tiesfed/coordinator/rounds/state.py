@@ -65,6 +65,7 @@ class RoundState:
         metrics: Metrics = NO_METRICS,
         readiness: AggregatorReadiness = ALWAYS_READY,
         sum_dtype: str = "float64",
+        publish_first: bool = False,
     ) -> None:
         self.config = config
         #: whether the factory can build aggregators yet (a coordinator starting Ray in the background)
@@ -129,6 +130,10 @@ class RoundState:
         self.lost: dict[str, str] = {}
         #: failed by a finalization error (not a rule): a restart finalizes again from the spool
         self.refinalize_on_restart = False
+        #: finalize (clients fetch) once the merged stream is signed, then write the model copy
+        self.publish_first = publish_first
+        #: finalized, the coordinator's model copy not written yet (persisted: a restart writes it)
+        self.model_pending = False
         #: ((size, mtime_ns, inode), monotonic time) of the merged stream's last sha256 check
         self.merged_verified: Optional[tuple[tuple[int, int, int], float]] = None
 
@@ -165,6 +170,8 @@ class RoundState:
         self.lost = {c: why for c, why in self.lost.items() if c not in self.committed}
         st = {"state": self.state, "message": self._message, "close_requested": self.close_requested,
               "lost": self.lost, "refinalize_on_restart": self.refinalize_on_restart}
+        if self.model_pending:
+            st["model_pending"] = True
         if self.merged is not None:
             st.update(merged_sha256=self.merged.sha256, merged_bytes=self.merged.bytes,
                       majority_sign=self.merged.majority_sign)
