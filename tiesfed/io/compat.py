@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from tiesfed.io.lora import LoraReader
 from tiesfed.io.reader import ModelReader
 from tiesfed.io.safetensors_format import DTYPE_TO_ST, ModelError, TensorInfo
 
@@ -141,6 +142,10 @@ def check_compatible(base: ModelReader, other: ModelReader, keep_base: Sequence[
     fp32). A tensor whose name matches a glob in `keep_base` is exempt: the merge
     keeps it at the base value.
     """
+    if isinstance(base, LoraReader):
+        raise ModelError(f"base {base.path} is a LoRA adapter: give the base model it was trained on")
+    if isinstance(other, LoraReader):
+        other.bind(base)  # a LoRA adapter reads as the base with its deltas
     _check_architecture(base, other, allow_architecture_mismatch)
     reconcile_tied(base, other)
 

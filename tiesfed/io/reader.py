@@ -58,6 +58,14 @@ class ModelReader:
     memory-mapped and weights-only (`torch_bin`). Use as a context manager (or call `close`).
     """
 
+    def __new__(cls, path: str | Path, *args, **kwargs) -> "ModelReader":
+        if cls is ModelReader:  # a peft adapter folder reads as its model (tiesfed.io.lora)
+            from tiesfed.io.lora import LoraReader, is_adapter
+
+            if is_adapter(path):
+                return super().__new__(LoraReader)
+        return super().__new__(cls)
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         p = self.path
