@@ -25,6 +25,7 @@ from typing import BinaryIO, Iterable, Iterator, Literal, Optional, Sequence, Un
 import torch
 
 from tiesfed.client.progress import StageProgress
+from tiesfed.client.scratch import Scratch, tau_in_place
 from tiesfed.client.threshold import global_threshold as threshold_pass
 from tiesfed.core import radix
 from tiesfed.core.compact import flat_nonzero
@@ -33,12 +34,10 @@ from tiesfed.core.trim import (
     dare_generator,
     dare_seed,
     keep_count,
-    task_vector,
     trim_dare,
     trim_dare_block,
     trim_none,
     trim_tensor_exact,
-    trim_threshold,
 )
 from tiesfed.io.model_io import ModelReader, TensorInfo, mergeable
 from tiesfed.protos.codec import SparseTensor, StreamWriter
@@ -68,7 +67,7 @@ class TrimStats:
 
 def _task_vector(base: ModelReader, ft: ModelReader, name: str, device: str, check: bool) -> torch.Tensor:
     """τ of one tensor; `check` (once per tensor, on the first pass) rejects NaN/inf."""
-    tau = task_vector(base.get(name).to(device), ft.get(name).to(device))
+    tau = tau_in_place(base.get(name).to(device), ft.get(name).to(device))
     if check and not radix.finite(radix.abs_bits(tau)):
         raise _nonfinite(name, ft)
     return tau
@@ -85,11 +84,11 @@ def _tau_blocks(base: ModelReader, ft: ModelReader, t: TensorInfo, device: str,
     """(first element, flat τ) for the whole tensor, or for each block of a large one."""
     block = block or CLIENT_BLOCK
     if t.numel <= block:
-        yield 0, task_vector(base.get(t.name).to(device), ft.get(t.name).to(device))
+        yield 0, tau_in_place(base.get(t.name).to(device), ft.get(t.name).to(device))
         return
     for lo in range(0, t.numel, block):
         hi = min(lo + block, t.numel)
-        yield lo, task_vector(base.get_range(t.name, lo, hi).to(device), ft.get_range(t.name, lo, hi).to(device))
+        yield lo, tau_in_place(base.get_range(t.name, lo, hi).to(device), ft.get_range(t.name, lo, hi).to(device))
 
 
 def _exact_cut(base: ModelReader, ft: ModelReader, t: TensorInfo, keep: int, device: str,
@@ -127,8 +126,9 @@ def _span_survivors(base: ModelReader, ft: ModelReader, t: TensorInfo, trim: Tri
             exact = False  # keeps every nonzero, as trim_tensor_exact does (the check below sees NaN/inf)
         elif keep > 0:
             kth, ties = _exact_cut(base, ft, t, keep, device, block)
+    scratch = Scratch()
     for lo, tau in _tau_blocks(base, ft, t, device, block):
-        bits = radix.abs_bits(tau)
+        bits = scratch.abs_bits(tau)
         if not (exact and keep > 0) and threshold is None and not radix.finite(bits):
             raise _nonfinite(t.name, ft)
         stats.norm_sq_total += sum_sq(tau)
@@ -139,14 +139,15 @@ def _span_survivors(base: ModelReader, ft: ModelReader, t: TensorInfo, trim: Tri
             if exact and keep <= 0:
                 idx = torch.empty(0, dtype=torch.int64, device=tau.device)
             elif exact:
-                idx, _ = radix.at_least(bits, kth + 1)
+                idx = scratch.at_least(bits, kth + 1)
                 if kth and ties > 0:
                     at = flat_nonzero(bits == kth)[:ties]
                     ties -= at.numel()
                     if at.numel():
                         idx = torch.sort(torch.cat([idx, at])).values
             else:
-                idx, _ = radix.at_least(bits, radix.pattern(threshold) if threshold else 0)
+                idx = scratch.at_least(bits, radix.pattern(threshold) if threshold else 0)
+            idx = idx.to(tau.device)
             val = tau.index_select(0, idx).to(torch.float32)
             stats.norm_sq_kept += sum_sq(val)
         yield lo, lo + tau.numel(), idx + lo, val
@@ -240,6 +241,7 @@ def iter_contribution(
     if global_topk(trim):
         stats.threshold = threshold
     keep_all = trim.kind == "none" or trim.fraction >= 1.0 or (trim.scope == "global" and threshold is None)
+    scratch = Scratch()
     if progress:
         progress.stage("trim+encode", sum(t.numel for t in tensors))
     for t in tensors:
@@ -258,14 +260,16 @@ def iter_contribution(
             idx, val = trim_dare(tau, trim.fraction, dare_seed(trim.seed, model_key, t.name))
         elif keep_all:
             idx, val = trim_none(tau)
-        elif threshold is not None:
-            idx, val = trim_threshold(tau, threshold)
+        elif threshold is not None:  # trim_threshold's survivors, |τ| patterns in a reused buffer
+            idx = scratch.at_least(scratch.abs_bits(tau), radix.pattern(threshold) if threshold > 0 else 0)
+            val = tau.reshape(-1).index_select(0, idx.to(tau.device)).to(torch.float32)
         else:
             idx, val = trim_tensor_exact(tau, trim.fraction)
         stats.numel += t.numel
         stats.nnz += idx.numel()
         stats.norm_sq_total += sum_sq(tau)
-        stats.norm_sq_kept += sum_sq(tau.reshape(-1).index_select(0, idx))
+        # τ's kept values: `val` itself but for DARE's rescaled ones
+        stats.norm_sq_kept += sum_sq(tau.reshape(-1).index_select(0, idx) if trim.kind == "dare" else val)
         idx, val = cast_values(idx, val, value_dtype or wire_dtype(t.dtype), t.name)
         if progress:
             progress.update(t.numel)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from tiesfed.client.progress import StageProgress
+from tiesfed.client.scratch import Scratch, tau_in_place
 from tiesfed.core import radix
 from tiesfed.core.trim import keep_count, task_vector
 from tiesfed.io.model_io import ModelReader, TensorInfo
@@ -39,13 +40,14 @@ MAX_WINDOW = 1 << 21
 
 def _blocks(base: ModelReader, ft: ModelReader, t: TensorInfo, device: str,
             block: int) -> Iterator[torch.Tensor]:
-    """Flat τ of a tensor: whole, or block by block when larger than `block`."""
+    """Flat τ of a tensor: whole, or block by block when larger than `block` (computed in
+    the fine-tuned block just read)."""
     if t.numel <= block:
-        yield task_vector(base.get(t.name).to(device), ft.get(t.name).to(device))
+        yield tau_in_place(base.get(t.name).to(device), ft.get(t.name).to(device))
         return
     for lo in range(0, t.numel, block):
         hi = min(lo + block, t.numel)
-        yield task_vector(base.get_range(t.name, lo, hi).to(device), ft.get_range(t.name, lo, hi).to(device))
+        yield tau_in_place(base.get_range(t.name, lo, hi).to(device), ft.get_range(t.name, lo, hi).to(device))
 
 
 def sample_bits(base: ModelReader, ft: ModelReader, tensors: Sequence[TensorInfo], params: int,
@@ -100,11 +102,10 @@ class WindowCounts:
         self._held: list[np.ndarray] = []  # offsets waiting for one bincount
         self._held_n = 0
 
-    def add(self, bits: torch.Tensor) -> None:
-        b = bits.cpu().numpy()
-        d = b - np.int32(self.lo)  # no overflow: 0 <= bits, lo < 2**31
-        self.below += int(np.count_nonzero(d < 0))
-        inside = d[d.view(np.uint32) < self.width]
+    def add(self, bits: torch.Tensor, scratch: Scratch) -> None:
+        d = scratch.offsets(bits, self.lo)
+        self.below += int(np.count_nonzero(scratch.below(d, 0)))
+        inside = d[scratch.below(d.view(np.uint32), self.width)]  # a copy: the buffers are reused
         if inside.size:
             self._held.append(inside)
             self._held_n += inside.size
@@ -142,14 +143,15 @@ def global_threshold(
     if rank <= 0:
         return None
     win = WindowCounts(*window(sample_bits(base, ft, tensors, params, device, block), rank / params))
+    scratch = Scratch()
     if progress:
         progress.stage("histogram", params)
     for t in tensors:
         for tau in _blocks(base, ft, t, device, block):
-            bits = radix.abs_bits(tau)
+            bits = scratch.abs_bits(tau)
             if not radix.finite(bits):
                 raise ValueError(f"tensor {t.name!r} of {ft.path} has non-finite values (NaN or inf)")
-            win.add(bits)
+            win.add(bits, scratch)
         if progress:
             progress.update(t.numel)
     found = win.pattern_at(rank)
