@@ -231,3 +231,14 @@ def test_cli_and_yaml_name_the_settings_alike(tmp_path):
     res = CliRunner().invoke(main, ["coordinator", "serve", "--insecure", "--spool", str(tmp_path / "s"),
                                     "--sum-dtype", "float16"])
     assert res.exit_code == 2 and "float16" in res.output and not (tmp_path / "s").exists()
+
+
+def test_actor_lets_its_accumulators_go_before_the_model_write():
+    spec = FinalizeSpec()
+    plan = plan_shards(MANIFEST, 2)
+    a = ShardActorLocal(0, plan.shards[0], spec)
+    a.stage(1)
+    assert a.release_state() == plan.shard_size(0) * spec.bytes_per_param()
+    assert a.acc.numel == 0 and a.take()[1] is None
+    a.reset()  # usable again only after a reset
+    assert a.acc.numel == plan.shard_size(0)

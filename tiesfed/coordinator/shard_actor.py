@@ -225,6 +225,15 @@ class ShardActorLocal:
         out, self._staged = self._staged, None
         return self._generation, (None if out is None else to_wire(out))
 
+    def release_state(self) -> int:
+        """Let the accumulators and any staged output go (the merged stream is written:
+        the model write needs neither). Returns the bytes freed. Only `reset` makes the
+        actor usable again."""
+        freed = sum(t.numel() * t.element_size() for t in self.acc.tensors().values())
+        self.acc = new_accumulator(0, self.spec, self.device)
+        self._staged = None
+        return freed
+
     def write_model_part(self, base_path: str, merged_path: str, names: list[str], out_file: str,
                          metadata: dict[str, str]) -> int:
         """Write θ₀ + λ·τ_m of `names` as one safetensors file (the base and the

@@ -140,6 +140,7 @@ class ShardPool:
         self._owns_ray = False
         self._actors: dict[int, "ray.actor.ActorHandle"] = {}
         self._closed = False
+        self._spent = False  # the actors let their accumulators go (`write_model`): `reset` first
         if not ray.is_initialized():
             init_ray(ray_address)
             self._owns_ray = True
@@ -218,6 +219,8 @@ class ShardPool:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("ShardedAggregator is closed")
+        if self._spent:
+            raise RuntimeError("ShardedAggregator has let its accumulators go (after write_model): build a new one")
 
     # ------------------------------------------------------------------ fold
     def fold(self, name: str, indices: torch.Tensor, values: torch.Tensor, weight: float = 1.0,
@@ -380,6 +383,7 @@ class ShardPool:
         outstanding calls finish, every shard is emptied, optionally switching
         to another FinalizeSpec. From here on `replay()` must yield only the
         contributions folded after this call."""
+        self._spent = False  # every shard gets fresh accumulators below
         self._check_open()
         self._pending, self._pending_bytes = {}, {}  # unsent folds of the old round
         self._reap()  # failures of the old round no longer matter: every shard is emptied

@@ -111,10 +111,16 @@ class ShardedAggregator(ShardPool):
         """The full merged model, written by the shard actors in parallel: the base's
         tensors are packed in order into output shards (at most `shard_bytes`, and at
         least one per actor when the model is big enough) and each actor writes some.
-        Needs the base and the spool on a filesystem every actor's node can read."""
+        Needs the base and the spool on a filesystem every actor's node can read.
+        The actors first let their accumulators go (the merged stream holds the result),
+        so an actor's peak is its accumulators or its share of the write, not both;
+        the aggregator is then spent: a later fold or finalize needs a new one."""
         from tiesfed.io.model_io import INDEX_FILE, ModelReader, pack_shards, shard_name
 
         self._check_open()
+        self._reap()  # nothing is in flight into the state about to go
+        ray.get([a.release_state.remote() for a in self._actors.values()], timeout=self._call_timeout)
+        self._spent = True
         with ModelReader(base_path) as base:
             infos = base.manifest()
         total = sum(t.nbytes for t in infos)
