@@ -66,9 +66,14 @@ def main() -> None:
 @click.option("--upload-size", is_flag=True,
               help="also encode each model's contribution as a client would upload it, to report its size "
                    "(bits/param; one more pass per model)")
+@click.option("--lora-rank", type=click.IntRange(min=1),
+              help="also write the merge as a peft LoRA adapter of this rank (truncated SVD of the merged ΔW per "
+              "target module of the LoRA inputs)")
+@click.option("--lora-out", type=click.Path(file_okay=False),
+              help="folder of the --lora-rank adapter (default: OUT/adapter)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 def merge(base, models, out_dir, config_path, weights, device, shard_size, allow_architecture_mismatch, report_path,
-          overwrite, max_memory, upload_size, quiet, **opts) -> None:
+          overwrite, max_memory, upload_size, lora_rank, lora_out, quiet, **opts) -> None:
     """Merge fine-tuned MODELS of BASE locally (same pipeline as the federated path)."""
     from tiesfed.engine import merge as run_merge
 
@@ -103,7 +108,7 @@ def merge(base, models, out_dir, config_path, weights, device, shard_size, allow
             cfg, out_dir, device=device, shard_bytes=shard_bytes, progress=not quiet,
             report_path=report_path, overwrite=overwrite, measure_upload=upload_size,
             max_memory=parse_size(max_memory) if max_memory else None, source_config=config_path,
-            allow_architecture_mismatch=allow_architecture_mismatch,
+            allow_architecture_mismatch=allow_architecture_mismatch, lora_rank=lora_rank, lora_out=lora_out,
         )
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None

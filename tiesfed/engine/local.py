@@ -41,6 +41,7 @@ from tiesfed.core.trim import task_vector
 from tiesfed.engine.deferred import Pending, Tie
 from tiesfed.engine.tensor import merge_tensor
 from tiesfed.engine.trimmer import ModelTrimmer
+from tiesfed.io.lora_out import AdapterPlan
 from tiesfed.io.model_card import write_local_card
 from tiesfed.io.model_io import (
     DEFAULT_SHARD_BYTES,
@@ -70,6 +71,8 @@ def merge(
     max_memory: Optional[int] = None,
     source_config: Optional[str | Path] = None,
     allow_architecture_mismatch: bool = False,
+    lora_rank: Optional[int] = None,
+    lora_out: Optional[str | Path] = None,
 ) -> MergeReport:
     """Merge `config.models` into `config.base_model`, writing an HF-style folder.
 
@@ -83,7 +86,9 @@ def merge(
     fit is read, trimmed, merged and written in blocks of its elements, with the
     same result. `source_config`: the YAML the config was read from (a mergekit one is kept
     beside the model card as `mergekit_config.yml`). `allow_architecture_mismatch`: merge models
-    whose config.json names another architecture than the base's (refused by default)."""
+    whose config.json names another architecture than the base's (refused by default). `lora_rank`: also
+    write the merge as a peft LoRA adapter of that rank into `lora_out` (default `out_dir`/adapter), over
+    the LoRA inputs' target modules (`io.lora_out`)."""
     started = time.perf_counter()
     opts = config.options
     method = get_method(opts.method)
@@ -103,6 +108,8 @@ def merge(
         fts = [stack.enter_context(ModelReader(m.model)) for m in config.models]
         for ft in fts:
             check_compatible(base, ft, opts.keep_base, allow_architecture_mismatch)
+        adapter = None if lora_rank is None else AdapterPlan(fts, lora_rank, Path(lora_out or out_dir / "adapter"),
+                                                             overwrite)
         tensors = mergeable(base.manifest(), opts.keep_base)
         merged_names = {t.name for t in tensors}
         params = sum(t.numel for t in tensors)
@@ -210,6 +217,8 @@ def merge(
             elif majority == 0:
                 writer.patch(tie.name, tie.indices, tie.if_zero)
         writer.close()
+        if adapter is not None:
+            adapter.write(base, out_dir, str(config.base_model))
 
         fill = 1 if opts.zero_sign == "positive" else majority
         for i, (trimmer, report) in enumerate(zip(trimmers, reports)):

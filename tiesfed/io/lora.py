@@ -10,7 +10,7 @@ so a merge or a federated client trims it as any task vector, with no full copy 
 The arithmetic is peft's `merge_and_unload()` (peft 0.21, `autocast_adapter_dtype`
 default, `safe_merge=False`), so a merge of the adapter equals, bit for bit, the merge
 of the merged model: Δ = transpose(B @ A) * s in float32, then ``W += Δ`` in W's dtype
-(one rounding for bf16). A window of one row is widened to two (a one-row product takes
+(one rounding for a bf16 Linear; an Embedding's Δ is rounded to W's dtype before). A window of one row is widened to two (a one-row product takes
 another matmul kernel whose sums round differently). What peft merges differently, or
 what tiesfed cannot model as a weight delta (DoRA, LoRA biases, trained biases, trainable
 tokens, target parameters, layer replication, other peft types), is refused by name.
@@ -78,6 +78,12 @@ def _pattern(patterns: dict, module: str, default):
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def _add(w: torch.Tensor, mod: LoraModule, delta: torch.Tensor) -> None:
+    """W += Δ in W's dtype, as peft's merge does: a Linear adds the float32 Δ (one rounding),
+    an Embedding rounds Δ to W's dtype first."""
+    w += delta.to(w.dtype) if mod.embedding else delta
 
 
 class LoraReader(ModelReader):
@@ -227,7 +233,7 @@ class LoraReader(ModelReader):
         else:
             return base.get(name, mmap=mmap)
         if name in self.modules:
-            w += self.delta(name)  # in W's dtype, as peft's merge does
+            _add(w, self.modules[name], self.delta(name))
         return w
 
     def get_range(self, name: str, lo: int, hi: int) -> torch.Tensor:
@@ -246,7 +252,7 @@ class LoraReader(ModelReader):
         else:
             w0 = base.get_range(name, r0 * cols, r1 * cols)
         w = w0.reshape(r1 - r0, cols)
-        w += self.delta(name, r0, r1)
+        _add(w, self.modules[name], self.delta(name, r0, r1))
         return w.reshape(-1)[lo - r0 * cols : hi - r0 * cols].clone()
 
     def iter_raw(self, name: str, chunk_bytes: int = _IO_CHUNK) -> Iterator[memoryview]:
