@@ -81,12 +81,13 @@ def plain_fold(pairs, weights, spec):
     return acc
 
 
-@pytest.mark.parametrize("name", list(SPECS))
-def test_secure_sums_equal_fold_of_quantised_values_bit_for_bit(name):
+@pytest.mark.parametrize("name,negative", [(k, False) for k in SPECS] + [(k, True) for k, v in SPECS.items() if v.weighted])
+def test_secure_sums_equal_fold_of_quantised_values_bit_for_bit(name, negative):
+    """Every sum-based spec; weighted ones also with a negative weight (mergekit allows them)."""
     spec = SPECS[name]
     n = 5
     contribs = clients(n, seed=1)
-    weights = [0.5, 1.0, 0.75, 0.3, 0.9] if spec.weighted else [1.0] * n
+    weights = [0.5, -0.6 if negative else 1.0, 0.75, 0.3, 0.9] if spec.weighted else [1.0] * n
     fixed = FixedPoint(bound=1.0, max_clients=8, frac_bits=20)
     acc, layout, q, qws = secure_sum(contribs, weights, spec, fixed)
     ref = plain_fold([(i, dequantise(qv, fixed)) for i, qv in q], [weight_value(w, layout) for w in qws], spec)
