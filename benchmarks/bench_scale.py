@@ -97,32 +97,36 @@ def run(args, log=print) -> dict:
     if args.llama3:
         cfgs.append(dict(LLAMA3))
     budget = ["--max-memory", args.budget]
+    steps = set(args.steps.split(","))
     rows: list[dict] = []
     for cfg in cfgs:
         base, fts = family(work, cfg, log)
         here = runs / f"p{count_params(cfg)}"
-        r = run_tiesfed_merge("default", base, fts, here, env, extra=tuple(budget), tag="-budget")
-        rows.append(_row(cfg, "tiesfed merge", args.budget, r))
-        log(json.dumps(rows[-1]), flush=True)
-        if cfg is not cfgs[-1]:
-            shutil.rmtree(r["out"], ignore_errors=True)
+        last, r = cfg is cfgs[-1], None
+        if "merge" in steps or (last and steps & {"whole", "federated"}):
+            r = run_tiesfed_merge("default", base, fts, here, env, extra=tuple(budget), tag="-budget")
+            rows.append(_row(cfg, "tiesfed merge", args.budget, r))
+            log(json.dumps(rows[-1]), flush=True)
+        if not last:
+            if r:
+                shutil.rmtree(r["out"], ignore_errors=True)
             continue
         # the largest family: whole tensors, mergekit, a federated round
-        whole = run_tiesfed_merge("default", base, fts, here, env, extra=("--max-memory", args.whole_budget),
-                                  tag="-whole")
-        same = same_files(Path(r["out"]), Path(whole["out"]))
-        rows[-1]["equal"] = "byte-identical to whole tensors" if same else "DIFFERS from whole tensors"
-        rows.append(_row(cfg, "tiesfed merge, whole tensors", args.whole_budget, whole,
-                         "(the reference)"))
-        log(json.dumps(rows[-1]), flush=True)
-        shutil.rmtree(whole["out"], ignore_errors=True)
-        if not args.skip_mergekit:
+        if "whole" in steps:
+            whole = run_tiesfed_merge("default", base, fts, here, env, extra=("--max-memory", args.whole_budget),
+                                      tag="-whole")
+            same = same_files(Path(r["out"]), Path(whole["out"]))
+            rows[-1]["equal"] = "byte-identical to whole tensors" if same else "DIFFERS from whole tensors"
+            rows.append(_row(cfg, "tiesfed merge, whole tensors", args.whole_budget, whole, "(the reference)"))
+            log(json.dumps(rows[-1]), flush=True)
+            shutil.rmtree(whole["out"], ignore_errors=True)
+        if "mergekit" in steps and not args.skip_mergekit:
             exe = ensure_mergekit(Path(args.mergekit_venv), log)
             mk = run_mergekit(exe, base, fts, here, env)
             rows.append(_row(cfg, "mergekit 0.1.5 (baseline)", "–", mk))
             log(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(mk["out"], ignore_errors=True)
-        if not args.skip_federated:
+        if "federated" in steps and not args.skip_federated:
             fed = run_federated(base, fts, here, work, env, aggregator="ray",
                                 coordinator_args=("--actor-memory", args.actor_memory),
                                 submit_args=tuple(budget), fetch_args=tuple(budget), sample_tree=True,
@@ -135,10 +139,14 @@ def run(args, log=print) -> dict:
             for x in fed_rows:
                 log(json.dumps(x), flush=True)
             shutil.rmtree(fed["out"], ignore_errors=True)
-        shutil.rmtree(r["out"], ignore_errors=True)
+        if r:
+            shutil.rmtree(r["out"], ignore_errors=True)
     from benchmarks.bench_vs_mergekit import meta_info
 
-    return {"rows": rows, "budget": args.budget, "actor_memory": args.actor_memory,
+    earlier = []
+    for f in args.add_json or []:
+        earlier += json.loads(Path(f).read_text())["rows"]
+    return {"rows": earlier + rows, "budget": args.budget, "actor_memory": args.actor_memory,
             "meta": {**meta_info(), "tiesfed": tiesfed_source(env)}}
 
 
@@ -169,6 +177,11 @@ def main(argv=None) -> int:
     ap.add_argument("--actor-memory", default="3GB", help="the coordinator's --actor-memory (default 3GB)")
     ap.add_argument("--whole-budget", default="16GB", help="a budget that holds whole tensors (the reference run)")
     ap.add_argument("--mergekit-venv", default=str(DEFAULT_VENV), help="venv holding mergekit 0.1.5 (made if needed)")
+    ap.add_argument("--steps", default="merge,whole,mergekit,federated",
+                    help="which steps to run (comma separated; the largest family's merge runs when whole or "
+                         "federated needs it)")
+    ap.add_argument("--add-json", action="append", metavar="JSON",
+                    help="rows of an earlier run (its --json) to put first in the table")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--skip-federated", action="store_true")
     ap.add_argument("--tiesfed-src", metavar="DIR", help="a checkout whose tiesfed/ to measure")

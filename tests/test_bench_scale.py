@@ -34,7 +34,8 @@ def test_budgeted_merge_equals_whole_tensors(tmp_path: Path) -> None:
     # 0.67 GiB leaves room for blocks of ~1.5M elements: the 2M-element embedding takes two
     args = argparse.Namespace(work=str(tmp_path), sizes="5e6", llama3=False, budget="0.67GiB", actor_memory="1GB",
                               whole_budget="8GB", mergekit_venv=str(tmp_path / "never"), skip_mergekit=True,
-                              skip_federated=True, tiesfed_src=None)
+                              skip_federated=True, tiesfed_src=None,
+                              steps="merge,whole,mergekit,federated", add_json=None)
     data = bs.run(args, log=lambda *a, **k: None)
     steps = [r["step"] for r in data["rows"]]
     assert steps == ["tiesfed merge", "tiesfed merge, whole tensors"]
