@@ -110,6 +110,35 @@ def test_merge_of_adapters_equals_merge_of_merged_models(family, tmp_path, opts)
     assert any(not torch.equal(got[n], v) for n, v in tensors(base).items())  # the merge did something
 
 
+def test_blockwise_merge_of_adapters(tmp_path):
+    """Under a --max-memory that splits the targets into blocks (get_range: B[rows] @ A, a block
+    starting and ending mid-row), adapters still merge to what their merged models do."""
+    from tiesfed.engine.local import FIXED_BYTES
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=1100, intermediate_size=1100, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    ads = [adapter(model, tmp_path / f"ad{i}", seed=i, target_modules=["q_proj", "down_proj"]) for i in range(2)]
+    ref = [merged_and_unloaded(base, a, type(model), torch.float32, tmp_path / f"ref{i}") for i, a in enumerate(ads)]
+    budget = FIXED_BYTES + (30 << 20)
+    # two models at k = 20 hold 24 + 12·0.4 bytes per element: a block of ~1.09M elements < 1100² = 1.21M
+    assert (30 << 20) // (24 + 12 * 0.4) < 1100 * 1100
+
+    def run(models: list[Path], out: Path) -> dict[str, torch.Tensor]:
+        merge(MergeConfig(base_model=str(base), models=[ModelEntry(model=str(m)) for m in models]), out,
+              progress=False, max_memory=budget)
+        return tensors(out)
+
+    got, want = run(ads, tmp_path / "a"), run(ref, tmp_path / "r")
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], tensors(base)[
+        "model.layers.0.self_attn.q_proj.weight"])
+
+
 @pytest.mark.parametrize("cfg", [{"use_rslora": True},
                                  {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"layers.1.self_attn.q_proj": 3}}])
 def test_rslora_and_patterns(tmp_path, cfg):
