@@ -139,6 +139,25 @@ def test_blockwise_merge_of_adapters(tmp_path):
         "model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_bin_adapter(tmp_path):
+    """An adapter saved as adapter_model.bin (safe_serialization=False) reads the same."""
+    model = build("llama")
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    st = adapter(model, tmp_path / "st", seed=2)
+    pt = tmp_path / "pt"
+    pt.mkdir()
+    (pt / "adapter_config.json").write_bytes((st / "adapter_config.json").read_bytes())
+    from safetensors.torch import load_file
+    torch.save(load_file(st / "adapter_model.safetensors"), pt / "adapter_model.bin")
+    with ModelReader(base) as b, ModelReader(st) as a, ModelReader(pt) as c:
+        check_compatible(b, a)
+        check_compatible(b, c)
+        assert a.modules and set(a.modules) == set(c.modules)
+        for n in a.names:
+            assert torch.equal(a.get(n), c.get(n)), n
+
+
 @pytest.mark.parametrize("cfg", [{"use_rslora": True},
                                  {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"layers.1.self_attn.q_proj": 3}}])
 def test_rslora_and_patterns(tmp_path, cfg):

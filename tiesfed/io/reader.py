@@ -58,8 +58,8 @@ class ModelReader:
     memory-mapped and weights-only (`torch_bin`). Use as a context manager (or call `close`).
     """
 
-    def __new__(cls, path: str | Path, *args, **kwargs) -> "ModelReader":
-        if cls is ModelReader:  # a peft adapter folder reads as its model (tiesfed.io.lora)
+    def __new__(cls, path: str | Path | None = None, *args, **kwargs) -> "ModelReader":
+        if cls is ModelReader and path is not None:  # a peft adapter folder reads as its model (tiesfed.io.lora)
             from tiesfed.io.lora import LoraReader, is_adapter
 
             if is_adapter(path):
