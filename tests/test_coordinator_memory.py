@@ -242,3 +242,15 @@ def test_actor_lets_its_accumulators_go_before_the_model_write():
     assert a.acc.numel == 0 and a.take()[1] is None
     a.reset()  # usable again only after a reset
     assert a.acc.numel == plan.shard_size(0)
+
+
+def test_the_readme_table_comes_from_bytes_per_param():
+    from benchmarks.coordinator_memory import option_sets, render_nodes, render_table
+
+    table = render_table(3 * GiB)
+    for label, spec in option_sets():
+        row = next(ln for ln in table.splitlines() if ln.startswith(f"| {label} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1:3] == [str(spec.bytes_per_param()), str(actor_bytes_per_param(spec))]
+        assert cells[3].endswith(f", {shards_for_budget(8_030_261_248, spec, 3 * GiB)}")
+    assert "| Llama-3-70B | float64 | 736 | 36 |" in render_nodes(3 * GiB, 64 * GiB)
