@@ -102,15 +102,17 @@ def feed(r: RoundState, s: UploadSession, offset: int, data: bytes, signature: b
 
 
 def take_record(r: RoundState, s: UploadSession, ev: Record) -> None:
-    """Validate one record; fold it at once if the upload folds on arrival. A tensor's
-    span records are validated one by one and folded once, joined, when its last span
-    arrives: the fold (and its count, e.g. the total weight an average divides by) is
-    that of one whole-tensor record, and the byte range of its records is what an
-    un-fold or a later fold reads back (`read_record_at` joins them again)."""
+    """Validate one record; fold it at once if the upload folds on arrival. A span record
+    is folded as it comes (its indices are the tensor's: the same sums, element by
+    element and in the same order, as the whole record), so memory holds one span;
+    except where the merge divides by the total weight of the folds (`average`), which
+    counts each fold: there a tensor's spans are folded once, joined, when the last
+    arrives, and the byte range of its records is what an un-fold or a later fold reads
+    back (`read_record_at` joins them again)."""
     t = ev.tensor
     r.rules.check_record(s, t)
     offset, length = ev.offset, ev.length
-    if t.is_span:
+    if t.is_span and r.spec.combine == "average":
         s.parts.append(ev)
         if s.cover.open is not None:
             return  # more spans of this tensor to come
