@@ -11,6 +11,7 @@ from tiesfed.core.accumulators import (
     fold,
     majority_sign,
     new_accumulator,
+    range_balance,
     sign_balance,
     tie_mask,
     unfold,
@@ -170,3 +171,14 @@ def test_fast_finalize_path_gives_the_general_bits(zero_sign, majority, sum_dtyp
     fast = finalize(acc, spec, majority)
     general = finalize(acc, spec, majority, gamma=gamma)
     assert fast.dtype == torch.float32 and torch.equal(fast, general)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_range_balance_is_the_sign_balance_of_the_vote(spec):
+    contribs = [_contrib(500, s) for s in range(4)]
+    tie_idx = torch.arange(0, 500, 7)
+    contribs += [(tie_idx, torch.ones(tie_idx.numel())), (tie_idx, -torch.ones(tie_idx.numel()))]
+    acc = new_accumulator(500, spec)
+    for i, (idx, val) in enumerate(contribs):
+        fold(acc, idx, val, weight=[1.0, 2.0, 0.5, 1.0, 1.0, 1.0][i] if spec.weighted else 1.0)
+    assert range_balance(acc, spec) == sign_balance(elect(acc, spec))

@@ -15,12 +15,11 @@ import torch
 from tiesfed.core.accumulators import (
     Accumulator,
     FinalizeSpec,
-    elect,
     finalize,
     fold,
     majority_sign,
     new_accumulator,
-    sign_balance,
+    range_balance,
 )
 
 
@@ -61,7 +60,7 @@ class Aggregator:
     def sign_balance(self) -> int:
         if self.spec.combine != "disjoint":
             return 0
-        return sum(sign_balance(elect(acc, self.spec)) for acc in self._acc.values())
+        return sum(range_balance(acc, self.spec) for acc in self._acc.values())
 
     def exact(self) -> bool:
         return all(acc.exact for acc in self._acc.values())

@@ -29,17 +29,14 @@ from tiesfed.coordinator.shard_plan import Piece
 from tiesfed.core.accumulators import (
     Accumulator,
     FinalizeSpec,
-    elect,
     new_accumulator,
+    range_balance,
 )
 from tiesfed.core.accumulators import (
     finalize as finalize_range,
 )
 from tiesfed.core.accumulators import (
     fold as fold_range,
-)
-from tiesfed.core.accumulators import (
-    sign_balance as sign_balance_range,
 )
 
 __all__ = ["ShardActor", "ShardActorLocal", "Wire", "from_wire", "to_wire"]
@@ -180,7 +177,7 @@ class ShardActorLocal:
     def sign_balance(self) -> int:
         if self.spec.combine != "disjoint":
             return 0
-        return sum(sign_balance_range(elect(self._view(a, b), self.spec)) for a, b in self._chunks(0, self.numel))
+        return sum(range_balance(self._view(a, b), self.spec) for a, b in self._chunks(0, self.numel))
 
     # -- output
     def _compute(self, majority: int, weight_totals: Optional[Mapping[str, float]]) -> torch.Tensor:

@@ -262,6 +262,15 @@ def sign_balance(gamma: torch.Tensor) -> int:
     return int(gamma.to(torch.int64).sum().item())
 
 
+def range_balance(acc: Accumulator, spec: FinalizeSpec) -> int:
+    """`sign_balance(elect(acc, spec))` without the int8 sign tensor in the common case
+    (mass vote on the sums): positives minus negatives of S⁺ + S⁻, the same integer."""
+    if spec.election == "count" or acc.e_sum is not None:
+        return sign_balance(elect(acc, spec))
+    score = acc.s_pos + acc.s_neg
+    return int(torch.count_nonzero(score > 0)) - int(torch.count_nonzero(score < 0))
+
+
 def majority_sign(balance: int) -> int:
     """The paper's rule for γ = 0: the sign of Σ_p γ_p over the whole model."""
     return (balance > 0) - (balance < 0)
