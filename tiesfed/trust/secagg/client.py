@@ -184,3 +184,8 @@ class SecAggClient:
         """This client's Shamir share position (1..n), once the key list is known."""
         return self._x.get(self.id)
 
+
+    @property
+    def support_size(self) -> int:
+        """|U|, once the mask request is accepted (`masked_stream`)."""
+        return self._plan[2]

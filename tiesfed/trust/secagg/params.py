@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -56,3 +57,25 @@ class SecAggRound:
             raise SecAggError(f"round {self.round_id!r}: {len(out)} clients {what}, more than the ring's "
                               f"max_clients = {self.fixed.max_clients}")
         return out
+
+
+def public_json(rnd: SecAggRound) -> str:
+    """The round's public numbers as the coordinator announces them (GetSecureSpec); the spec
+    and the weights are not in it: clients take them from the round spec's options and
+    participants, as the plain round's clients do."""
+    f = rnd.fixed
+    return json.dumps({"numel": rnd.numel, "threshold": rnd.threshold, "bound": f.bound,
+                       "max_clients": f.max_clients, "frac_bits": f.frac_bits, "weight_bound": f.weight_bound,
+                       "weight_frac_bits": f.weight_frac_bits, "min_release": rnd.min_release}, sort_keys=True)
+
+
+def from_public_json(round_id: str, text: str, spec: FinalizeSpec, weights: Mapping[str, float]) -> SecAggRound:
+    """The `SecAggRound` a client rebuilds from `public_json` (a malformed one is a SecAggError)."""
+    try:
+        p = json.loads(text)
+        fixed = FixedPoint(bound=float(p["bound"]), max_clients=int(p["max_clients"]), frac_bits=int(p["frac_bits"]),
+                           weight_bound=float(p["weight_bound"]), weight_frac_bits=int(p["weight_frac_bits"]))
+        return SecAggRound(round_id, int(p["numel"]), int(p["threshold"]), fixed, spec, dict(weights),
+                           int(p["min_release"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SecAggError(f"round {round_id!r}: secure-aggregation parameters {text[:200]!r} are not valid: {e}") from None
