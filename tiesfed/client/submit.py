@@ -227,6 +227,11 @@ def submit(
         with ModelReader(base) as b, ModelReader(model) as ft:
             fp = check_base(spec, b, opts)
             check_compatible(b, ft, opts.keep_base)
+            from tiesfed.client.secure import secure_spec, submit_secure  # issue 13: the round says if it is secure
+
+            if (secure := secure_spec(conn, round_id)) is not None:
+                return submit_secure(conn, spec, secure, b, ft, trim, opts, me.model_key, device=device,
+                                     value_dtype=value_dtype, block=block, chunk_bytes=chunk_bytes, started=started)
             pipe = _SpoolPipe(Path(tmp) / f"{round_id}-{client_id}.tfs")
             stats = TrimStats()
             stages = Stages(enabled=progress)

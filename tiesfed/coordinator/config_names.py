@@ -24,7 +24,8 @@ import yaml
 ALIASES = {"spool": "spool_dir", "base": "base_model", "tls": "tls_dir", "abandon_after": "abandon_after_s"}
 #: Shorthand round keys (with `round` and `clients`) -> RoundConfig fields.
 ROUND_KEYS = {"weights": None, "quorum": "quorum", "deadline": "deadline_s", "late_policy": "late_policy",
-              "replace_policy": "replace_policy", "options": "options", "option": None}
+              "replace_policy": "replace_policy", "options": "options", "option": None,
+              "secure_aggregation": "secure_aggregation", "secagg": "secagg"}
 
 
 def _list(value: Any, what: str) -> list:

@@ -46,6 +46,7 @@ from tiesfed.coordinator.rounds import (
 )
 from tiesfed.coordinator.rounds.config import DEFAULT_MAX_ROUND_PARAMS
 from tiesfed.coordinator.rounds.readiness import AggregatorReadiness
+from tiesfed.coordinator.secure.servicer import add_secure_aggregation
 from tiesfed.coordinator.service import CoordinatorService
 from tiesfed.coordinator.spool import SpoolLock
 from tiesfed.coordinator.streams import Cap, StreamGate
@@ -390,6 +391,7 @@ class CoordinatorServer:
         service = CoordinatorService(self.manager, self.admin_token, self.gate, tls=self.identity is not None,
                                      revocation=self.revocation)
         pb_grpc.add_CoordinatorServicer_to_server(service, server)
+        self.secure = add_secure_aggregation(service, server, self.identity.ca_pem if self.identity else None)
         try:
             if self.identity is not None:
                 port = server.add_secure_port(self.config.listen, server_credentials(self.identity))

@@ -8,6 +8,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from tiesfed.coordinator.rounds.events import RoundError
+from tiesfed.coordinator.secure.settings import SecureSettings, check_secure
 from tiesfed.coordinator.spool import check_id
 from tiesfed.core.methods import get_method
 from tiesfed.core.options import MergeOptions
@@ -106,6 +107,9 @@ class RoundConfig(BaseModel):
         None, gt=0, description="largest |value| an upload may carry; default: the most that keeps "
         f"|λ|·(weights)·bound within half the range of the narrowest float dtype, at most {DEFAULT_MAX_ABS_VALUE:g}",
     )
+    secure_aggregation: bool = Field(False, description="the coordinator learns only the sums (issue 13; "
+                                     "docs/secure-aggregation.md): clients follow the round spec")
+    secagg: Optional[SecureSettings] = Field(None, description="a secure round's public parameters")
 
     @model_validator(mode="before")
     @classmethod
@@ -156,6 +160,7 @@ class RoundConfig(BaseModel):
             raise ValueError(f"participants listed twice: {', '.join(dup)}")
         if self.quorum is not None and self.quorum > len(ids):
             raise ValueError(f"quorum {self.quorum} exceeds the {len(ids)} participants")
+        check_secure(self)
         return self
 
     def resolved(

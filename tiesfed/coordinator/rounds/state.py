@@ -247,6 +247,9 @@ class RoundState:
     # ------------------------------------------------------------------ shared by the flows
 
     def _check_accepting(self, client_id: str, new: bool) -> None:
+        if self.config.secure_aggregation:  # its contributions go through the SecureAggregation service
+            raise RoundError("FAILED_PRECONDITION", f"round {self.id!r} is a secure-aggregation round: it takes "
+                             "masked vectors through the SecureAggregation service (tiesfed client submit)")
         if self.state in ("finalizing", "finalized"):
             raise RoundError("FAILED_PRECONDITION", f"round {self.id!r} is {self.state}: it takes no more uploads")
         if self.state == "failed":

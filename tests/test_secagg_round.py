@@ -1,0 +1,272 @@
+"""Secure aggregation over the real gRPC service (issue 13): a coordinator and clients as
+processes over mutual TLS, the secure round against the plain one on the same inputs.
+
+The family's task vectors are multiples of 2^-12, so the round's fixed point (2^-24) holds
+them exactly: "after the same quantisation" is the identity here, and the secure merge
+equals the plain round's bit for bit. Clients are real `tiesfed client submit` processes,
+or (to stop one at a chosen phase and SIGKILL it) a script running the same `SecureFlow`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from tests.helpers import make_model
+from tests.test_federated import FAST, assert_identical, load_folder
+from tiesfed.client.federated import fetch, submit
+from tiesfed.coordinator.rounds import RoundConfig
+from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
+from tiesfed.protos.v1 import channel_options
+from tiesfed.protos.v1 import secagg_pb2 as spb
+from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
+from tiesfed.protos.v1 import tiesfed_pb2 as pb
+from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
+from tiesfed.trust.identity import Identity, secure_channel
+from tiesfed.trust.secagg.messages import KeyAdvert, to_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENTS = ["org-a", "org-b", "org-c"]
+SPEC = {"embed.weight": (64, 16), "layers.0.q.weight": (16, 16), "layers.0.norm.weight": (16,)}
+PHASE_S = 5.0  # a phase waits this long for a client that does not come
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+       "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+
+
+def grid(t: torch.Tensor, bits: int = 12) -> torch.Tensor:
+    return torch.round(t * 2**bits) / 2**bits
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """A base and three fine-tunes whose task vectors are exact multiples of 2^-12 (|τ| < 0.1)."""
+    root = tmp_path_factory.mktemp("secfam")
+    g = torch.Generator().manual_seed(13)
+    base = {n: grid(torch.randn(s, generator=g)) for n, s in SPEC.items()}
+    shared = {n: torch.randn(s, generator=g) for n, s in SPEC.items()}
+    tuned = []
+    for i in range(len(CLIENTS)):
+        sign = 1.0 if i % 2 == 0 else -1.0
+        tuned.append({n: base[n] + grid((0.02 * (shared[n] * sign + torch.randn(SPEC[n], generator=g))).clamp(-0.09, 0.09))
+                      for n in SPEC})
+    base_dir = make_model(root / "base", base, shards=1, config={"model_type": "toy", "hidden_size": 16})
+    return base_dir, [make_model(root / f"ft{i}", t, shards=1) for i, t in enumerate(tuned)]
+
+
+def secure_config(clients=CLIENTS, threshold=2, round_id="r1") -> RoundConfig:
+    return RoundConfig(round_id=round_id, participants=list(clients), secure_aggregation=True,
+                       secagg={"bound": 0.125, "threshold": threshold, "phase_s": PHASE_S})
+
+
+@pytest.fixture
+def secure_server(tmp_path, family, pki):
+    """An in-process coordinator over mutual TLS (real gRPC) with one secure round r1."""
+    started = []
+
+    def start(config: RoundConfig) -> CoordinatorServer:
+        cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool", base_model=str(family[0]),
+                                tls_dir=pki.server, aggregator="local", rounds=[config])
+        srv = CoordinatorServer(cfg).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop(grace=0)
+
+
+def plain_round(family, tmp_path, models: list[int]) -> dict[str, torch.Tensor]:
+    """The plain federated round (insecure, in-process) of the same clients and models."""
+    cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / f"plain-{len(models)}-{models[-1]}",
+                            base_model=str(family[0]), aggregator="local", insecure=True, rounds=[
+                                RoundConfig(round_id="p1", participants=CLIENTS, quorum=len(models))])
+    with CoordinatorServer(cfg) as srv:
+        for m in models:
+            submit(srv.target, "p1", CLIENTS[m], family[0], family[1][m], retry=FAST, insecure=True)
+        r = srv.manager.get("p1")
+        if r.state == "open":
+            r.close()
+        out = tmp_path / f"plain-out-{time.monotonic_ns()}"
+        fetch(srv.target, "p1", "org-a", family[0], out, timeout=60, retry=FAST, insecure=True)
+    return load_folder(out)
+
+
+def client_process(pki, family, target: str, i: int, stop_after: str = "") -> subprocess.Popen:
+    """`tiesfed client submit` for client i; with `stop_after` a script that runs the same
+    SecureFlow up to that phase, prints it and waits to be killed."""
+    if not stop_after:
+        cmd = [sys.executable, "-m", "tiesfed.cli", "client", "submit", str(family[0]), str(family[1][i]),
+               "--tls", str(pki.client(CLIENTS[i])), "--target", target, "--round", "r1"]
+    else:
+        cmd = [sys.executable, "-c", STOPPING_CLIENT, target, str(pki.client(CLIENTS[i])), str(family[0]),
+               str(family[1][i]), stop_after]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+STOPPING_CLIENT = """
+import sys, time
+from tiesfed.client.connection import Connection, spec_options
+from tiesfed.client.secure import SecureFlow, flat_contribution, secagg_round, secure_spec
+from tiesfed.core.methods import get_method
+from tiesfed.io.model_io import ModelReader
+target, tls, base, model, stop_after = sys.argv[1:]
+with Connection(target, tls=tls) as conn, ModelReader(base) as b, ModelReader(model) as ft:
+    spec = conn.round_spec("r1")
+    opts = spec_options(spec)
+    me = next(p for p in spec.participants if p.client_id == conn.client_id)
+    trim = get_method(opts.method).trim_spec(opts, None)
+    idx, val = flat_contribution(spec, b, ft, trim, opts, me.model_key)
+    flow = SecureFlow(conn, secagg_round(spec, secure_spec(conn, "r1"), opts), idx, val)
+    for phase in ("keys", "shares", "masked", "unmask"):
+        getattr(flow, phase)()
+        if phase == stop_after:
+            print("STOPPED", phase, flush=True)
+            time.sleep(600)
+"""
+
+
+def wait_line(p: subprocess.Popen, want: str, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    line = p.stdout.readline()
+    assert want in line, f"{line!r}; stderr: {p.stderr.read() if p.poll() is not None else ''}"
+    assert time.monotonic() < end
+
+
+def finish(p: subprocess.Popen, timeout: float = 90.0) -> tuple[int, str]:
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    return p.returncode, err
+
+
+def secure_status(target: str, pki, client: str = "org-a") -> spb.SecAggStatus:
+    with secure_channel(target, Identity.load(pki.client(client)), options=channel_options()) as ch:
+        return spb_grpc.SecureAggregationStub(ch).Status(spb.SecureSpecRequest(round_id="r1"), timeout=10)
+
+
+def fetch_secure(target: str, pki, family, tmp_path) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"fetched-{time.monotonic_ns()}"
+    fetch(target, "r1", None, family[0], out, timeout=60, retry=FAST, tls=pki.client("org-a"))
+    return load_folder(out)
+
+
+# ----------------------------------------------------------------------------- the wire
+
+
+def test_committed_secagg_stubs_are_current(tmp_path):
+    pytest.importorskip("grpc_tools")
+    from grpc_tools import protoc
+
+    proto = "tiesfed/protos/v1/secagg.proto"
+    rc = protoc.main(["grpc_tools.protoc", f"-I{ROOT}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
+                      f"--grpc_python_out={tmp_path}", str(ROOT / proto)])
+    assert rc == 0
+    for name in ("secagg_pb2.py", "secagg_pb2.pyi", "secagg_pb2_grpc.py"):
+        fresh = (tmp_path / "tiesfed/protos/v1" / name).read_bytes()
+        assert fresh == (ROOT / "tiesfed/protos/v1" / name).read_bytes(), f"{name} is stale: regenerate (see {proto})"
+
+
+# ----------------------------------------------------------------------------- rounds
+
+
+def test_secure_round_over_cli_processes_equals_the_plain_round(family, tmp_path, pki):
+    """`tiesfed coordinator serve --secure-aggregation` and three `tiesfed client submit`
+    processes: the fetched merge equals the plain round's bit for bit."""
+    port_file = tmp_path / "port"
+    coord = subprocess.Popen(
+        [sys.executable, "-m", "tiesfed.cli", "coordinator", "serve", "--tls", str(pki.server), "--spool",
+         str(tmp_path / "spool"), "--base", str(family[0]), "--aggregator", "local", "--listen", "127.0.0.1:0",
+         "--round", "r1", "--clients", ",".join(CLIENTS), "--secure-aggregation", "--port-file", str(port_file)],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 60
+        while not port_file.exists():
+            assert coord.poll() is None and time.monotonic() < end, coord.stderr.read() if coord.poll() else "timeout"
+            time.sleep(0.1)
+        target = f"127.0.0.1:{port_file.read_text().strip()}"
+        procs = [client_process(pki, family, target, i) for i in range(3)]
+        for p in procs:
+            rc, err = finish(p)
+            assert rc == 0, err
+        got = fetch_secure(target, pki, family, tmp_path)
+    finally:
+        coord.send_signal(signal.SIGTERM)
+        finish(coord, 30)
+    want = plain_round(family, tmp_path, [0, 1, 2])
+    assert_identical(got, want)
+
+
+@pytest.mark.parametrize("stop_after, counted", [("masked", [0, 1, 2]), ("shares", [0, 1])])
+def test_a_client_killed_mid_round(family, tmp_path, pki, secure_server, stop_after, counted):
+    """org-c is SIGKILLed after its masked upload (the doc: it stays counted, its self mask is
+    rebuilt from the others' shares) or after sharing, before uploading (left out): the
+    round completes and equals the plain round over the clients it counts."""
+    srv = secure_server(secure_config())
+    procs = [client_process(pki, family, srv.target, i) for i in range(2)]
+    stopping = client_process(pki, family, srv.target, 2, stop_after)
+    wait_line(stopping, f"STOPPED {stop_after}")
+    stopping.send_signal(signal.SIGKILL)
+    stopping.wait()
+    for p in procs:
+        rc, err = finish(p)
+        assert rc == 0, err
+    r = srv.manager.get("r1")
+    assert r.wait_closed(60) and r.state == "finalized", r.message
+    assert r.message.endswith(", ".join(CLIENTS[i] for i in counted))
+    assert_identical(fetch_secure(srv.target, pki, family, tmp_path), plain_round(family, tmp_path, counted))
+
+
+def test_fewer_than_t_survivors_fail_the_round_with_a_clear_status(family, tmp_path, pki, secure_server):
+    srv = secure_server(secure_config(threshold=3))
+    procs = [client_process(pki, family, srv.target, i) for i in range(2)]
+    stopping = client_process(pki, family, srv.target, 2, "shares")
+    wait_line(stopping, "STOPPED shares")
+    stopping.send_signal(signal.SIGKILL)
+    stopping.wait()
+    for p in procs:
+        rc, err = finish(p)
+        assert rc != 0 and "fewer than the threshold t = 3" in err, err
+    r = srv.manager.get("r1")
+    assert r.wait_closed(10) and r.state == "failed"
+    assert "only 2 client(s) uploaded masked vectors, fewer than the threshold t = 3" in r.message
+    assert "missing: org-c" in r.message
+    st = secure_status(srv.target, pki)
+    assert st.phase == "failed" and "fewer than the threshold" in st.message
+    assert not r.spool.merged_path.exists()
+    with secure_channel(srv.target, Identity.load(pki.client("org-a")), options=channel_options()) as ch:
+        status = pb_grpc.CoordinatorStub(ch).GetRoundStatus(pb.GetRoundStatusRequest(round_id="r1"), timeout=10)
+    assert status.state == pb.ROUND_STATE_FAILED and "fewer than the threshold t = 3" in status.message
+
+
+def test_a_message_naming_another_client_is_refused(family, pki, secure_server):
+    """org-a's certificate, a KeyAdvert (or a share upload) naming org-b: PERMISSION_DENIED,
+    and the round has taken nothing; a plain upload to the secure round is refused too."""
+    srv = secure_server(secure_config())
+    bob = Identity.load(pki.client("org-b"))
+    forged = KeyAdvert("org-b", b"c" * 32, b"s" * 32, bob.cert_pem, b"x" * 64)
+    with secure_channel(srv.target, Identity.load(pki.client("org-a")), options=channel_options()) as ch:
+        stub = spb_grpc.SecureAggregationStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Step(spb.SecAggStep(round_id="r1", phase="keys", payload=to_bytes(forged)), timeout=10)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "naming 'org-b' sent by 'org-a'" in e.value.details()
+        # org-a's own id but org-b's certificate inside: refused as well
+        forged = KeyAdvert("org-a", b"c" * 32, b"s" * 32, bob.cert_pem, b"x" * 64)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Step(spb.SecAggStep(round_id="r1", phase="keys", payload=to_bytes(forged)), timeout=10)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        st = stub.Status(spb.SecureSpecRequest(round_id="r1"), timeout=10)
+        assert st.phase == "keys" and list(st.arrived) == [] and list(st.waiting_for) == CLIENTS
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.CoordinatorStub(ch).ReserveUpload(pb.ReserveUploadRequest(round_id="r1"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "secure-aggregation round" in e.value.details()

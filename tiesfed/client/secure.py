@@ -1,0 +1,191 @@
+"""A client's side of a secure round (issue 13) over gRPC: `tiesfed client submit` runs it
+when the round's spec says the round is secure, with no flag of its own.
+
+The trimmed contribution comes from the same trimmer as a plain upload (`iter_contribution`,
+the same threshold, the same value dtype), flattened to the round's parameter space (the
+manifest's tensors concatenated in order); then `SecAggClient` runs the protocol: keys →
+support and shares → the masked vector (streamed in chunks, one chunk of U in memory) →
+unmasking shares. Its secrets live in this process only: a client restarted mid-round is a
+dropout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Callable, Iterator, Optional, TypeVar
+
+import grpc
+import torch
+
+from tiesfed.client.connection import RETRYABLE, Connection, FederatedError, log
+from tiesfed.client.contribution import TrimStats, contribution_threshold, iter_contribution
+from tiesfed.core.methods import get_method
+from tiesfed.core.options import MergeOptions
+from tiesfed.core.trim import TrimSpec
+from tiesfed.io.model_io import ModelReader
+from tiesfed.protos.v1 import MAX_CHUNK_BYTES
+from tiesfed.protos.v1 import secagg_pb2 as spb
+from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
+from tiesfed.protos.v1 import tiesfed_pb2 as pb
+from tiesfed.trust.secagg import SecAggClient, SecAggError, from_bytes, to_bytes
+from tiesfed.trust.secagg.messages import KeyList, MaskRequest, UnmaskRequest
+from tiesfed.trust.secagg.params import SecAggRound, from_public_json
+
+#: Seconds one Poll waits on the coordinator before asking again.
+POLL_S = 5.0
+T = TypeVar("T")
+
+
+def secure_spec(conn: Connection, round_id: str) -> Optional[spb.SecureSpec]:
+    """The round's secure parameters, or None for a plain round (or a coordinator without the service)."""
+    try:
+        s = _call(conn, "GetSecureSpec", spb.SecureSpecRequest(round_id=round_id))
+    except FederatedError as e:
+        if e.code == "UNIMPLEMENTED":
+            return None
+        raise
+    return s if s.secure else None
+
+
+def _call(conn: Connection, name: str, request, timeout: float = 60.0):
+    """A unary SecureAggregation call, retried on transient errors as `Connection.call` does."""
+    method = getattr(spb_grpc.SecureAggregationStub(conn.channel), name)
+    for n in range(conn.retry.attempts + 1):
+        try:
+            return method(request, metadata=conn.metadata, timeout=timeout)
+        except grpc.RpcError as e:
+            if e.code() not in RETRYABLE or n == conn.retry.attempts:
+                raise FederatedError.from_rpc(e, f"{name} for {conn.client_id!r} at {conn.target}") from None
+            conn.retry.sleep(n)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def secagg_round(spec: pb.RoundSpec, secure: spb.SecureSpec, opts: MergeOptions) -> SecAggRound:
+    """The round's `SecAggRound` as this client derives it: the public numbers the coordinator
+    announces, the finalize spec from the round's options and the weights from its participants."""
+    weights = {p.client_id: p.weight or 1.0 for p in spec.participants}
+    fin = get_method(opts.method).finalize_spec(opts, any(w != 1.0 for w in weights.values()))
+    rnd = from_public_json(spec.round_id, secure.params_json, fin, weights)
+    numel = sum(int(torch.tensor(list(t.shape), dtype=torch.int64).prod()) for t in spec.manifest)
+    if rnd.numel != numel:
+        raise FederatedError(f"round {spec.round_id!r}: the secure parameters count {rnd.numel} parameters, "
+                             f"the manifest {numel}", "FAILED_PRECONDITION")
+    return rnd
+
+
+def flat_contribution(spec: pb.RoundSpec, base: ModelReader, ft: ModelReader, trim: TrimSpec, opts: MergeOptions,
+                      model_key: str, *, device: str = "cpu", value_dtype: Optional[torch.dtype] = None,
+                      block: Optional[int] = None, stats: Optional[TrimStats] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trimmed task vector as (flat int64 indices, values) over the round's parameter space:
+    the very records a plain upload would carry, each tensor's indices shifted by its offset."""
+    from tiesfed.client.submit import within_bound
+
+    offsets, at = {}, 0
+    for t in spec.manifest:
+        offsets[t.name] = at
+        at += int(torch.tensor(list(t.shape), dtype=torch.int64).prod())
+    threshold = contribution_threshold(base, ft, trim, keep_base=opts.keep_base, device=device, block=block)
+    idx, val = [], []
+    for st in within_bound(iter_contribution(base, ft, trim, model_key=model_key, keep_base=opts.keep_base,
+                                             device=device, value_dtype=value_dtype, stats=stats,
+                                             threshold=threshold, block=block),
+                           spec.max_abs_value, spec.round_id):
+        idx.append(st.indices.to(torch.int64) + offsets[st.name])
+        val.append(st.values.to(torch.float64))
+    if not idx:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64)
+    return torch.cat(idx), torch.cat(val)
+
+
+class SecureFlow:
+    """One client's secure round over `conn`, one method per phase (`run` does them all)."""
+
+    def __init__(self, conn: Connection, rnd: SecAggRound, indices: torch.Tensor, values: torch.Tensor,
+                 chunk_bytes: int = 1 << 20) -> None:
+        if conn.identity is None:
+            raise FederatedError("a secure round needs mutual TLS (--tls): each client signs its keys with its "
+                                 "certificate key", "FAILED_PRECONDITION")
+        try:
+            self.client = SecAggClient(conn.identity, rnd, indices, values)
+        except (SecAggError, ValueError) as e:
+            raise FederatedError(f"round {rnd.round_id!r}: {e}", "INVALID_ARGUMENT") from None
+        self.conn, self.round, self.chunk_bytes = conn, rnd, min(chunk_bytes, MAX_CHUNK_BYTES)
+        self.sent = 0
+        self.sha256 = hashlib.sha256()
+
+    def _step(self, phase: str, payload: bytes) -> None:
+        _call(self.conn, "Step", spb.SecAggStep(round_id=self.round.round_id, phase=phase, payload=payload))
+        self.sent += len(payload)
+
+    def _poll(self, phase: str, kind: Callable[..., T]) -> T:
+        """Wait for `phase` to close (the coordinator's deadline bounds it) and read what it closed to."""
+        while True:
+            rep = _call(self.conn, "Poll", spb.SecAggPoll(round_id=self.round.round_id, phase=phase,
+                                                          wait_seconds=POLL_S), timeout=POLL_S + 60)
+            if rep.ready:
+                msg = from_bytes(rep.payload)
+                if not isinstance(msg, kind):
+                    raise FederatedError(f"the coordinator answered phase {phase!r} with a {type(msg).__name__}")
+                return msg
+
+    def keys(self) -> None:
+        self._step("keys", to_bytes(self.client.advertise()))
+
+    def shares(self) -> None:
+        self._step("shares", to_bytes(self.client.share(self._poll("keys", KeyList))))
+
+    def masked(self) -> None:
+        """The masked vector over U, streamed chunk by chunk."""
+        req = self._poll("shares", MaskRequest)
+        lay = self.round.layout
+        per = lay.width * lay.bytes_per_element
+        pieces = self.client.masked_stream(req, max(1, self.chunk_bytes // per))
+        total = per * self.client.support_size
+        rid = self.round.round_id
+
+        def chunks() -> Iterator[spb.MaskedChunk]:
+            at = 0
+            yield spb.MaskedChunk(round_id=rid, offset=0, data=b"", total_bytes=total)
+            for piece in pieces:
+                self.sha256.update(piece)
+                yield spb.MaskedChunk(round_id=rid, offset=at, data=piece, total_bytes=total)
+                at += len(piece)
+
+        stub = spb_grpc.SecureAggregationStub(self.conn.channel)
+        try:  # not retried: the pieces are masked once (a new attempt would need the same stream again)
+            stub.UploadMasked(chunks(), metadata=self.conn.metadata, timeout=600)
+        except grpc.RpcError as e:
+            raise FederatedError.from_rpc(e, f"UploadMasked for {self.conn.client_id!r}") from None
+        self.sent += total
+
+    def unmask(self) -> None:
+        self._step("unmask", to_bytes(self.client.unmask(self._poll("masked", UnmaskRequest))))
+
+    def run(self) -> None:
+        started = time.monotonic()
+        for phase in (self.keys, self.shares, self.masked, self.unmask):
+            try:
+                phase()
+            except SecAggError as e:  # a check of what the coordinator relayed failed
+                raise FederatedError(f"round {self.round.round_id!r}: secure aggregation refused: {e}",
+                                     "FAILED_PRECONDITION") from None
+        log.info("secure round %s: %s sent its masked vector and unmasking shares (%d bytes, %.1f s)",
+                 self.round.round_id, self.conn.client_id, self.sent, time.monotonic() - started)
+
+
+def submit_secure(conn: Connection, spec: pb.RoundSpec, secure: spb.SecureSpec, base: ModelReader, ft: ModelReader,
+                  trim: TrimSpec, opts: MergeOptions, model_key: str, *, device: str, value_dtype: Optional[torch.dtype],
+                  block: Optional[int], chunk_bytes: int, started: float):
+    """`submit`'s secure branch: trim as a plain upload would, then run the protocol. Returns a
+    `SubmitResult` (sha256: of the masked vector sent; bytes: everything sent)."""
+    from tiesfed.client.submit import SubmitResult
+
+    rnd = secagg_round(spec, secure, opts)
+    stats = TrimStats()
+    idx, val = flat_contribution(spec, base, ft, trim, opts, model_key, device=device, value_dtype=value_dtype,
+                                 block=block, stats=stats)
+    flow = SecureFlow(conn, rnd, idx, val, chunk_bytes)
+    flow.run()
+    return SubmitResult(spec.round_id, conn.client_id, flow.sha256.hexdigest(), flow.sent, flow.sent,
+                        int(idx.numel()), 1, stats=stats, seconds=time.perf_counter() - started, signed=True)

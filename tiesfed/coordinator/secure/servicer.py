@@ -1,0 +1,119 @@
+"""tiesfed.v1.SecureAggregation: the secure round's RPCs, beside the Coordinator service on
+the same server. Every call is authenticated as the Coordinator's calls are (its `_caller`:
+the verified certificate, revocation, expiry, the round's allowlist), and every protocol
+message must name the caller's own id. Sessions are made on a secure round's first call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Iterator, Optional
+
+import grpc
+
+from tiesfed.coordinator.rounds import Round, RoundError
+from tiesfed.coordinator.secure.session import SecureSession, started_marker
+from tiesfed.coordinator.service import CoordinatorService, rpc
+from tiesfed.protos.v1 import secagg_pb2 as spb
+from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
+from tiesfed.trust.secagg.params import public_json
+
+log = logging.getLogger("tiesfed.coordinator")
+
+
+class SecureAggregationService(spb_grpc.SecureAggregationServicer):
+    """The servicer; `service` is the Coordinator servicer whose caller checks it reuses."""
+
+    def __init__(self, service: CoordinatorService, ca_pem: Optional[bytes]) -> None:
+        self.service = service
+        self.manager = service.manager
+        self.ca_pem = ca_pem
+        self.sessions: dict[str, SecureSession] = {}
+        self.lock = threading.Lock()
+        self.fail_interrupted()
+
+    def fail_interrupted(self) -> None:
+        """Secure rounds a restart found mid-protocol fail: their keys and sums were in memory only."""
+        for r in list(self.manager.rounds.values()):
+            if r.config.secure_aggregation and r.state == "open" and started_marker(r).exists():
+                from tiesfed.coordinator.rounds.finalize import fail
+
+                with r.lock:
+                    fail(r, "secure aggregation: the coordinator restarted during the protocol, whose state is "
+                         "kept in memory only; open a new round")
+
+    def _session(self, round_id: str, context: grpc.ServicerContext) -> tuple[SecureSession, str, Optional[str]]:
+        """(the round's session, the caller's id, its certificate's fingerprint: None when insecure)."""
+        caller = self.service._caller(context)
+        r: Round = self.manager.get(round_id)
+        r.check_participant(caller.client_id)
+        if not r.config.secure_aggregation:
+            raise RoundError("FAILED_PRECONDITION", f"round {round_id!r} is not a secure-aggregation round")
+        with self.lock:
+            s = self.sessions.get(r.id)
+            if s is None:
+                if r.state != "open":
+                    raise RoundError("FAILED_PRECONDITION", f"round {r.id!r} is {r.state}: {r.message}")
+                s = self.sessions[r.id] = SecureSession(r, self.ca_pem)
+        return s, caller.client_id, caller.peer.fingerprint if caller.peer is not None else None
+
+    @rpc
+    def GetSecureSpec(self, request, context):
+        caller = self.service._caller(context)
+        r = self.manager.get(request.round_id)
+        r.check_participant(caller.client_id)
+        if not r.config.secure_aggregation:
+            return spb.SecureSpec(round_id=r.id, secure=False)
+        s, _, _ = self._session(r.id, context)
+        return spb.SecureSpec(round_id=r.id, secure=True, params_json=public_json(s.params))
+
+    @rpc
+    def Step(self, request, context):
+        s, cid, fp = self._session(request.round_id, context)
+        phase = s.step(cid, request.phase, request.payload, fp)
+        return spb.SecAggAck(phase=phase)
+
+    @rpc
+    def Poll(self, request, context):
+        s, cid, _ = self._session(request.round_id, context)
+        out = s.poll(cid, request.phase, request.wait_seconds)
+        return spb.SecAggReply(ready=out is not None, payload=out or b"", phase=s.status()["phase"])
+
+    @rpc
+    def UploadMasked(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None:
+            raise RoundError("INVALID_ARGUMENT", "empty masked upload stream")
+        s, cid, _ = self._session(first.round_id, context)
+
+        def chunks() -> Iterator[tuple[int, bytes]]:
+            chunk = first
+            while chunk is not None:
+                if chunk.round_id and chunk.round_id != s.round.id:
+                    raise RoundError("INVALID_ARGUMENT", "chunks of one masked upload name different rounds")
+                yield chunk.offset, chunk.data
+                chunk = next(request_iterator, None)
+
+        s.upload(cid, first.total_bytes, chunks())
+        return spb.SecAggAck(phase=s.status()["phase"])
+
+    @rpc
+    def Status(self, request, context):
+        s, _, _ = self._session(request.round_id, context)
+        st = s.status()
+        return spb.SecAggStatus(round_id=s.round.id, phase=st["phase"], arrived=st["arrived"],
+                                waiting_for=st["waiting_for"], phase_deadline_unix=st["deadline"],
+                                message=st["message"], threshold=st["threshold"])
+
+    def stop(self) -> None:
+        for s in list(self.sessions.values()):
+            s.stop()
+
+
+def add_secure_aggregation(service: CoordinatorService, server: grpc.Server,
+                           ca_pem: Optional[bytes]) -> SecureAggregationService:
+    """Register the SecureAggregation service on `server` (the Coordinator's)."""
+    secure = SecureAggregationService(service, ca_pem)
+    spb_grpc.add_SecureAggregationServicer_to_server(secure, server)
+    return secure

@@ -1,0 +1,256 @@
+"""The coordinator's side of one secure round over gRPC: a `SecAggServer` behind a lock,
+its phases closed by quorum or deadline, and the round failed (its status says why) when
+fewer than t clients are left.
+
+Phases: keys → shares → masked → unmask → done. A phase closes once every client it
+expects has sent its message, or `phase_s` after it opened (the key phase's clock starts
+at the first advert), with whoever arrived; the protocol then refuses fewer than t, and the
+round fails with that message before anything is unmasked. What the phase closes to (the
+key list, each client's mask request, the unmask request) waits in an outbox for the
+clients' polls. The masked vectors are spooled to a file while they stream in (they are
+uniform bytes), folded into the one running sum, and deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+from tiesfed.coordinator.rounds.events import RoundError
+from tiesfed.coordinator.rounds.finalize import fail
+from tiesfed.coordinator.rounds.state import RoundState
+from tiesfed.coordinator.secure.publish import FlatAggregator, publish
+from tiesfed.coordinator.secure.settings import effective, secagg_round
+from tiesfed.trust.certs import fingerprint
+from tiesfed.trust.secagg import SecAggError, SecAggServer
+from tiesfed.trust.secagg.messages import KeyAdvert, Message, ShareUpload, UnmaskReply, from_bytes, to_bytes
+
+log = logging.getLogger("tiesfed.coordinator")
+
+PHASES = ("keys", "shares", "masked", "unmask", "done")
+#: What a client sends in each phase (the masked vector has its own stream).
+STEP_TYPES: dict[str, type] = {"keys": KeyAdvert, "shares": ShareUpload, "unmask": UnmaskReply}
+#: Marks a secure round whose protocol started: its state lives in memory only, so a restarted
+#: coordinator fails such a round instead of running it again with fresh keys.
+STARTED_MARKER = "secagg-started"
+READ_PIECE = 1 << 20
+
+
+def started_marker(r: RoundState) -> Path:
+    return r.spool.merged_path.parent / STARTED_MARKER
+
+
+class SecureSession:
+    """One secure round's protocol state on the coordinator (thread-safe)."""
+
+    def __init__(self, r: RoundState, ca_pem: Optional[bytes], clock: Callable[[], float] = time.time) -> None:
+        self.round = r
+        self.params = secagg_round(r.config)
+        self.phase_s = float(effective(r.config).phase_s)
+        self.server = SecAggServer(self.params, ca_pem)
+        self.clock = clock
+        self.cond = threading.Condition()
+        self.phase = "keys"
+        self.expected: set[str] = set(r.participants)
+        self.arrived: list[str] = []
+        self.opened_at: Optional[float] = None
+        self.outbox: dict[str, Union[bytes, dict[str, bytes]]] = {}
+        self.failed = ""
+        self.uploading: set[str] = set()
+        self.adverts: dict[str, KeyAdvert] = {}
+        self.counted: set[str] = set()  # whose masked vectors are in the sum
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drive, name=f"secagg-{r.id}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ arrivals
+    def step(self, client_id: str, phase: str, payload: bytes, cert_fingerprint: Optional[str]) -> str:
+        """One client message of `phase`; its sender must be the caller (`client_id`, the
+        certificate's). Refused messages change nothing."""
+        want = STEP_TYPES.get(phase)
+        if want is None:
+            raise RoundError("INVALID_ARGUMENT", f"phase {phase!r} takes no step message (steps: "
+                             f"{', '.join(STEP_TYPES)}; the masked vector goes through UploadMasked)")
+        try:
+            msg: Message = from_bytes(payload)
+        except SecAggError as e:
+            raise RoundError("INVALID_ARGUMENT", f"{phase} message from {client_id!r}: {e}") from None
+        if not isinstance(msg, want):
+            raise RoundError("INVALID_ARGUMENT", f"phase {phase!r} takes a {want.__name__}, got {type(msg).__name__}")
+        if msg.client_id != client_id:
+            raise RoundError("PERMISSION_DENIED", f"a {want.__name__} naming {msg.client_id!r} sent by "
+                             f"{client_id!r}: a client speaks only for its own certificate's id")
+        if isinstance(msg, KeyAdvert) and cert_fingerprint is not None and fingerprint(msg.cert_pem) != cert_fingerprint:
+            raise RoundError("PERMISSION_DENIED", f"the key advertisement of {client_id!r} carries a certificate "
+                             "other than the one it connected with")
+        with self.cond:
+            self._check_phase(client_id, phase)
+            try:
+                {"keys": self.server.receive_advert, "shares": self.server.receive_shares,
+                 "unmask": self.server.receive_unmask}[phase](msg)
+            except SecAggError as e:
+                raise RoundError("INVALID_ARGUMENT", str(e)) from None
+            if isinstance(msg, KeyAdvert):
+                self.adverts[client_id] = msg
+                if self.opened_at is None:
+                    self.opened_at = self.clock()
+                    started_marker(self.round).touch()
+            self._arrive(client_id)
+        return self.phase
+
+    def _check_phase(self, client_id: str, phase: str) -> None:
+        if self.failed:
+            raise RoundError("FAILED_PRECONDITION", f"round {self.round.id!r} failed: {self.failed}")
+        if phase != self.phase:
+            raise RoundError("FAILED_PRECONDITION", f"round {self.round.id!r} is in phase {self.phase!r}, "
+                             f"not {phase!r}")
+        if client_id not in self.expected:
+            raise RoundError("FAILED_PRECONDITION", f"client {client_id!r} is not in phase {phase!r} of round "
+                             f"{self.round.id!r} (it missed an earlier phase)")
+        if client_id in self.arrived:
+            raise RoundError("ALREADY_EXISTS", f"client {client_id!r} already sent its {phase} message")
+
+    def _arrive(self, client_id: str) -> None:
+        self.arrived.append(client_id)
+        log.info("round %s: secure %s from %s (%d of %d)", self.round.id, self.phase, client_id, len(self.arrived),
+                 len(self.expected))
+        self.cond.notify_all()
+
+    def upload(self, client_id: str, total: int, chunks: Iterator[tuple[int, bytes]]) -> None:
+        """The masked vector: spooled as it arrives, checked for size, folded into the running sum."""
+        with self.cond:
+            self._check_phase(client_id, "masked")
+            need = self.params.layout.width * self.params.layout.bytes_per_element * self.server.support.numel()
+            if total != need:
+                raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r}: {total} bytes declared, "
+                                 f"U needs {need}")
+            if client_id in self.uploading:
+                raise RoundError("ALREADY_EXISTS", f"client {client_id!r} is already uploading its masked vector")
+            self.uploading.add(client_id)
+        path = started_marker(self.round).parent / f"secagg-{client_id}.masked"
+        try:
+            got = 0
+            with open(path, "wb") as f:
+                for offset, data in chunks:
+                    if offset != got or got + len(data) > total:
+                        raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r}: a chunk at {offset} "
+                                         f"after {got} bytes, of {total}")
+                    f.write(data)
+                    got += len(data)
+            if got != total:
+                raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r} ended after {got} of "
+                                 f"{total} bytes")
+
+            def source() -> Iterator[bytes]:
+                with open(path, "rb") as f:
+                    while piece := f.read(READ_PIECE):
+                        yield piece
+
+            with self.cond:
+                self._check_phase(client_id, "masked")
+                try:
+                    self.server.receive_masked_stream(client_id, total, source)
+                except SecAggError as e:
+                    raise RoundError("INVALID_ARGUMENT", str(e)) from None
+                self._arrive(client_id)
+        finally:
+            path.unlink(missing_ok=True)
+            with self.cond:
+                self.uploading.discard(client_id)
+
+    # ------------------------------------------------------------------ what clients read
+    def poll(self, client_id: str, phase: str, wait_s: float) -> Optional[bytes]:
+        """What `phase` closed to for this client (None: not closed within `wait_s`)."""
+        if phase not in ("keys", "shares", "masked"):
+            raise RoundError("INVALID_ARGUMENT", f"nothing to poll in phase {phase!r} (keys, shares, masked)")
+        end = time.monotonic() + max(0.0, min(wait_s, 30.0))
+        with self.cond:
+            while phase not in self.outbox and not self.failed:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+            if self.failed:
+                raise RoundError("FAILED_PRECONDITION", f"round {self.round.id!r} failed: {self.failed}")
+            out = self.outbox[phase]
+            if isinstance(out, dict):
+                if client_id not in out:
+                    raise RoundError("FAILED_PRECONDITION", f"client {client_id!r} is not among the sharers of "
+                                     f"round {self.round.id!r} (it missed the share phase)")
+                return out[client_id]
+            return out
+
+    def status(self) -> dict:
+        with self.cond:
+            deadline = self.opened_at + self.phase_s if self.opened_at is not None and self.phase != "done" else 0.0
+            return {"phase": "failed" if self.failed else self.phase, "arrived": sorted(self.arrived),
+                    "waiting_for": sorted(self.expected - set(self.arrived)) if self.phase != "done" else [],
+                    "deadline": deadline, "message": self.failed or self.round.message,
+                    "threshold": self.params.threshold}
+
+    # ------------------------------------------------------------------ closing phases
+    def _drive(self) -> None:
+        while not self._stop.is_set():
+            with self.cond:
+                self.cond.wait(0.2)
+                if self.failed or self.phase == "done" or self.round.state != "open":
+                    if self.round.state == "failed" and not self.failed:  # an admin abort
+                        self.failed = self.round.message
+                        self.cond.notify_all()
+                    if self.phase == "done" or self.failed:
+                        return
+                    continue
+                everyone = self.expected <= set(self.arrived)
+                late = self.opened_at is not None and self.clock() >= self.opened_at + self.phase_s
+                if not (everyone or late):
+                    continue
+                try:
+                    result = self._close()
+                except SecAggError as e:
+                    missing = sorted(self.expected - set(self.arrived))
+                    self.failed = f"{e}" + (f" (missing: {', '.join(missing)})" if missing else "")
+                    log.warning("round %s: secure aggregation failed: %s", self.round.id, self.failed)
+                    self.cond.notify_all()
+                    with self.round.lock:
+                        if self.round.state == "open":
+                            fail(self.round, f"secure aggregation: {self.failed}")
+                    return
+                self.cond.notify_all()
+            if result is not None:  # outside the session's lock: writing the merge takes a while
+                publish(self.round, result, [self.adverts[c] for c in sorted(self.counted)])
+                return
+
+    def _close(self) -> Optional[FlatAggregator]:
+        """Close the current phase (lock held); the aggregator to publish after the last."""
+        phase, arrived = self.phase, list(self.arrived)
+        result = None
+        if phase == "keys":
+            kl = self.server.close_keys()
+            self.outbox["keys"] = to_bytes(kl)
+            nxt = {a.client_id for a in kl.adverts}
+        elif phase == "shares":
+            reqs = self.server.close_shares()
+            self.outbox["shares"] = {c: to_bytes(m) for c, m in reqs.items()}
+            nxt = set(reqs)
+        elif phase == "masked":
+            ur = self.server.close_masked()
+            self.outbox["masked"] = to_bytes(ur)
+            nxt = set(ur.survivors)
+            self.counted = set(ur.survivors)
+        else:
+            acc = self.server.finish()
+            result = FlatAggregator(acc, self.round.config.manifest or [], self.round.spec)
+            nxt = set()
+        dropped = sorted(self.expected - set(arrived))
+        log.info("round %s: secure phase %s closed with %d client(s)%s", self.round.id, phase, len(arrived),
+                 f"; missing: {', '.join(dropped)}" if dropped else "")
+        self.phase = PHASES[PHASES.index(phase) + 1]
+        self.expected, self.arrived = nxt, []
+        self.opened_at = self.clock()
+        return result
+
+    def stop(self) -> None:
+        self._stop.set()
