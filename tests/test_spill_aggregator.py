@@ -1,0 +1,166 @@
+"""SpillAggregator: spill files replayed block by block give the resident Aggregator's bits."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiesfed.coordinator.aggregator import Aggregator
+from tiesfed.coordinator.spill_aggregator import (
+    DIR_PREFIX,
+    SpillAggregator,
+    SpillAggregatorFactory,
+    block_elems_for,
+)
+from tiesfed.core.accumulators import FinalizeSpec, majority_sign
+from tiesfed.protos.codec import SpanCover, join_spans
+
+SPECS = [
+    FinalizeSpec(),
+    FinalizeSpec(election="count"),
+    FinalizeSpec(disjoint="sum"),
+    FinalizeSpec(disjoint="max"),
+    FinalizeSpec(weighted=True),
+    FinalizeSpec(weighted=True, weight_semantics="peft"),
+    FinalizeSpec(combine="sum", weighted=True),
+    FinalizeSpec(combine="average"),
+    FinalizeSpec(zero_sign="positive"),
+    FinalizeSpec(min_support=2),
+    FinalizeSpec(sum_dtype=torch.float32),
+    FinalizeSpec(weighted=True, sum_dtype=torch.float32),
+]
+
+
+def _record(g: torch.Generator, numel: int, density: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = torch.rand(numel, generator=g) < density
+    idx = keep.nonzero().flatten()
+    vals = torch.randn(idx.numel(), generator=g).to(dtype)
+    vals = torch.where(vals == 0, torch.ones_like(vals), vals)  # records carry nonzero values
+    return idx, vals
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spec=st.sampled_from(SPECS),
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=6),
+    block=st.integers(1, 257),
+    n_records=st.integers(0, 8),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    unfold=st.booleans(),
+)
+def test_bit_identical_to_resident(tmp_path_factory, spec, sizes, block, n_records, seed, dtype, unfold):
+    g = torch.Generator().manual_seed(seed)
+    manifest = [(f"t{i}", n) for i, n in enumerate(sizes)]
+    res = Aggregator(manifest, spec)
+    spill = SpillAggregator(manifest, spec, block_elems=block, buffer_bytes=int(seed % 3) * 200,
+                            spill_root=tmp_path_factory.mktemp("spill"))
+    weights = [1.0, 0.5, 2.0, -0.75, 1.0 / 3.0] if spec.weighted else [1.0]
+    folded = []
+    for r in range(n_records):
+        name, numel = manifest[int(torch.randint(len(manifest), (1,), generator=g))]
+        idx, vals = _record(g, numel, float(torch.rand(1, generator=g)), dtype)
+        w = weights[r % len(weights)]
+        for agg in (res, spill):
+            agg.fold(name, idx, vals, w)
+        folded.append((name, idx, vals, w))
+        if unfold and spec.invertible and folded and r % 3 == 2:  # withdraw an earlier one
+            name, idx, vals, w = folded.pop(0)
+            for agg in (res, spill):
+                agg.fold(name, idx, vals, w, direction=-1)
+    assert spill.exact() == res.exact()
+    assert spill.sign_balance() == res.sign_balance()
+    majority = majority_sign(res.sign_balance())
+    want = list(res.finalize(majority))
+    got = list(spill.finalize(majority))
+    assert [n for n, _ in got] == [n for n, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert _same(a, b)
+    # the records the coordinator writes: whole tensors up to a block, spans above, same values
+    shapes = {n: (s,) for n, s in manifest}
+    cover = SpanCover(unique=True)
+    parts: list = []
+    joined = []
+    for rec in spill.finalize_records(majority, shapes):
+        assert rec.count is None or manifest[int(rec.name[1:])][1] > block  # spans only for large tensors
+        parts.append(rec)
+        if cover.add(rec):
+            joined.append(join_spans(parts))
+            parts = []
+    cover.finish()
+    assert [t.name for t in joined] == [n for n, _ in want]
+    for t, (_, dense) in zip(joined, want):
+        back = torch.zeros(dense.numel(), dtype=torch.float32)
+        back[t.indices] = t.values
+        assert _same(back, dense)
+    spill.close()
+    assert not spill.dir.exists()
+
+
+def test_bad_input_changes_nothing(tmp_path):
+    spec = FinalizeSpec(disjoint="max")
+    spill = SpillAggregator([("a", 10)], spec, block_elems=4, spill_root=tmp_path)
+    with pytest.raises(KeyError, match="not in the round's manifest"):
+        spill.fold("b", torch.tensor([1]), torch.tensor([1.0]))
+    with pytest.raises(IndexError, match="out of range"):
+        spill.fold("a", torch.tensor([3, 10]), torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="not invertible"):
+        spill.fold("a", torch.tensor([3]), torch.tensor([1.0]), direction=-1)
+    assert spill.disk_bytes() == 0
+    assert spill.sign_balance() == 0
+    assert [t.tolist() for _, t in spill.finalize(1)] == [[0.0] * 10]
+
+
+def test_rebuilt_aggregator_starts_empty_and_stale_dirs_go(tmp_path):
+    factory = SpillAggregatorFactory(tmp_path, block_elems=8)
+    spec = FinalizeSpec()
+    a = factory([("w", 20)], spec)
+    a.fold("w", torch.tensor([0, 9, 19]), torch.tensor([1.0, -2.0, 3.0]))
+    a.flush()
+    assert a.disk_bytes() > 0
+    b = factory([("w", 20)], spec)  # a rebuild: its own, empty directory
+    assert b.dir != a.dir and b.disk_bytes() == 0
+    assert all(v == 0 for _, t in b.finalize(1) for v in t.tolist())
+    dead = tmp_path / f"{DIR_PREFIX}999999999-x"  # a killed coordinator's leftovers
+    dead.mkdir()
+    SpillAggregatorFactory(tmp_path)
+    assert not dead.exists() and a.dir.exists() and b.dir.exists()
+    a.close()
+    b.close()
+
+
+def test_block_from_budget():
+    spec = FinalizeSpec()
+    assert block_elems_for(spec, 1 << 30) == 1 << 23  # 1 GiB / (24 + 48) bytes, a power of two
+    assert block_elems_for(spec, 1) == 1 << 16
+    assert block_elems_for(FinalizeSpec(weighted=True), 1 << 40) == 1 << 24
+
+
+def test_large_tensor_as_spans(tmp_path):
+    """A tensor over a block is written as span records, one per block piece, in order."""
+    spec = FinalizeSpec()
+    manifest = [("small", 5), ("big", 1000), ("tail", 7)]
+    spill = SpillAggregator(manifest, spec, block_elems=128, spill_root=tmp_path)
+    res = Aggregator(manifest, spec)
+    g = torch.Generator().manual_seed(3)
+    for name, n in itertools.islice(itertools.cycle(manifest), 9):
+        idx, vals = _record(g, n, 0.4, torch.float32)
+        spill.fold(name, idx, vals)
+        res.fold(name, idx, vals)
+    m = majority_sign(res.sign_balance())
+    recs = list(spill.finalize_records(m, {n: (s,) for n, s in manifest}))
+    big = [r for r in recs if r.name == "big"]
+    assert len(big) == math.ceil((5 + 1000) / 128) - 0 and all(r.count is not None for r in big)
+    assert [r.name for r in recs if r.count is None] == ["small", "tail"]
+    dense = dict(res.finalize(m))["big"]
+    t = join_spans(big)
+    assert torch.equal(t.indices, dense.nonzero().flatten()) and torch.equal(t.values, dense[t.indices])
