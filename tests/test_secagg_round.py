@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -22,7 +23,7 @@ import torch
 
 from tests.helpers import make_model
 from tests.test_federated import FAST, assert_identical, load_folder
-from tiesfed.client.federated import fetch, submit
+from tiesfed.client.federated import FederatedError, fetch, submit
 from tiesfed.coordinator.rounds import RoundConfig
 from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
 from tiesfed.protos.v1 import channel_options
@@ -71,8 +72,8 @@ def secure_server(tmp_path, family, pki):
     """An in-process coordinator over mutual TLS (real gRPC) with one secure round r1."""
     started = []
 
-    def start(config: RoundConfig) -> CoordinatorServer:
-        cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool", base_model=str(family[0]),
+    def start(config: RoundConfig, base: Path | None = None) -> CoordinatorServer:
+        cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool", base_model=str(base or family[0]),
                                 tls_dir=pki.server, aggregator="local", rounds=[config])
         srv = CoordinatorServer(cfg).start()
         started.append(srv)
@@ -109,6 +110,21 @@ def client_process(pki, family, target: str, i: int, stop_after: str = "") -> su
         cmd = [sys.executable, "-c", STOPPING_CLIENT, target, str(pki.client(CLIENTS[i])), str(family[0]),
                str(family[1][i]), stop_after]
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def submit_threads(pki, family, target: str, clients: list[int], models=None) -> list:
+    """`submit` for each client on a thread of its own (real gRPC and mTLS, in this process);
+    each one's result, or the exception it raised."""
+    models = models or family[1]
+
+    def one(i: int):
+        try:
+            return submit(target, "r1", None, family[0], models[i], retry=FAST, tls=pki.client(CLIENTS[i]))
+        except Exception as e:
+            return e
+
+    with ThreadPoolExecutor(len(clients)) as pool:
+        return list(pool.map(one, clients))
 
 
 STOPPING_CLIENT = """
@@ -212,14 +228,13 @@ def test_a_client_killed_mid_round(family, tmp_path, pki, secure_server, stop_af
     rebuilt from the others' shares) or after sharing, before uploading (left out): the
     round completes and equals the plain round over the clients it counts."""
     srv = secure_server(secure_config())
-    procs = [client_process(pki, family, srv.target, i) for i in range(2)]
     stopping = client_process(pki, family, srv.target, 2, stop_after)
-    wait_line(stopping, f"STOPPED {stop_after}")
-    stopping.send_signal(signal.SIGKILL)
-    stopping.wait()
-    for p in procs:
-        rc, err = finish(p)
-        assert rc == 0, err
+    with ThreadPoolExecutor(1) as pool:
+        results = pool.submit(submit_threads, pki, family, srv.target, [0, 1])
+        wait_line(stopping, f"STOPPED {stop_after}")
+        stopping.send_signal(signal.SIGKILL)
+        stopping.wait()
+        assert all(not isinstance(x, Exception) for x in results.result(120)), results.result()
     r = srv.manager.get("r1")
     assert r.wait_closed(60) and r.state == "finalized", r.message
     assert r.message.endswith(", ".join(CLIENTS[i] for i in counted))
@@ -228,14 +243,14 @@ def test_a_client_killed_mid_round(family, tmp_path, pki, secure_server, stop_af
 
 def test_fewer_than_t_survivors_fail_the_round_with_a_clear_status(family, tmp_path, pki, secure_server):
     srv = secure_server(secure_config(threshold=3))
-    procs = [client_process(pki, family, srv.target, i) for i in range(2)]
     stopping = client_process(pki, family, srv.target, 2, "shares")
-    wait_line(stopping, "STOPPED shares")
-    stopping.send_signal(signal.SIGKILL)
-    stopping.wait()
-    for p in procs:
-        rc, err = finish(p)
-        assert rc != 0 and "fewer than the threshold t = 3" in err, err
+    with ThreadPoolExecutor(1) as pool:
+        results = pool.submit(submit_threads, pki, family, srv.target, [0, 1])
+        wait_line(stopping, "STOPPED shares")
+        stopping.send_signal(signal.SIGKILL)
+        stopping.wait()
+        for x in results.result(120):
+            assert isinstance(x, FederatedError) and "fewer than the threshold t = 3" in str(x), x
     r = srv.manager.get("r1")
     assert r.wait_closed(10) and r.state == "failed"
     assert "only 2 client(s) uploaded masked vectors, fewer than the threshold t = 3" in r.message
@@ -270,3 +285,25 @@ def test_a_message_naming_another_client_is_refused(family, pki, secure_server):
         with pytest.raises(grpc.RpcError) as e:
             pb_grpc.CoordinatorStub(ch).ReserveUpload(pb.ReserveUploadRequest(round_id="r1"), timeout=10)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "secure-aggregation round" in e.value.details()
+
+
+def test_secure_round_is_within_the_stated_tolerance_of_the_plain_round(tmp_path, pki, secure_server):
+    """Task vectors off the fixed-point grid: each value moves by at most 2^-25 (f = 24), so
+    the merge stays within 2^-25 of the plain round, plus float32 rounding of θ₀ + τ."""
+    from tests.helpers import write_family
+
+    _, _, base_dir, paths = write_family(tmp_path / "fam", 3, seed=5, spec=SPEC, base_shards=1)
+    fam = (base_dir, paths)
+    srv = secure_server(secure_config(), base_dir)
+    results = submit_threads(pki, fam, srv.target, [0, 1, 2])
+    assert all(not isinstance(x, Exception) for x in results), results
+    r = srv.manager.get("r1")
+    assert r.wait_closed(60) and r.state == "finalized", r.message
+    got, want = fetch_secure(srv.target, pki, fam, tmp_path), plain_round(fam, tmp_path, [0, 1, 2])
+    worst = 0.0
+    for n, w in want.items():
+        diff = (got[n].double() - w.double()).abs()
+        ulp = torch.finfo(torch.float32).eps * w.double().abs()
+        assert bool((diff <= 2.0**-25 + ulp).all()), n
+        worst = max(worst, float(diff.max()))
+    assert worst > 0  # off the grid, the quantisation shows
