@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.test_federated import (  # noqa: F401  (family: the fixture)
+    CLIENTS,
+    FAST,
+    assert_identical,
+    family,
+    load_folder,
+    local_model,
+)
+from tiesfed.client.federated import fetch, submit
 from tiesfed.coordinator.aggregator import Aggregator
 from tiesfed.coordinator.spill_aggregator import (
     DIR_PREFIX,
@@ -18,7 +32,9 @@ from tiesfed.coordinator.spill_aggregator import (
     block_elems_for,
 )
 from tiesfed.core.accumulators import FinalizeSpec, majority_sign
-from tiesfed.protos.codec import SpanCover, join_spans
+from tiesfed.protos.codec import SpanCover, join_spans, read_stream
+
+REPO = Path(__file__).resolve().parents[1]
 
 SPECS = [
     FinalizeSpec(),
@@ -141,7 +157,7 @@ def test_rebuilt_aggregator_starts_empty_and_stale_dirs_go(tmp_path):
 def test_block_from_budget():
     spec = FinalizeSpec()
     assert block_elems_for(spec, 1 << 30) == 1 << 23  # 1 GiB / (24 + 48) bytes, a power of two
-    assert block_elems_for(spec, 1) == 1 << 16
+    assert block_elems_for(spec, 1) == 1 << 10
     assert block_elems_for(FinalizeSpec(weighted=True), 1 << 40) == 1 << 24
 
 
@@ -164,3 +180,55 @@ def test_large_tensor_as_spans(tmp_path):
     dense = dict(res.finalize(m))["big"]
     t = join_spans(big)
     assert torch.equal(t.indices, dense.nonzero().flatten()) and torch.equal(t.values, dense[t.indices])
+
+
+# ----------------------------------------------------------------------------- a real round, killed and restarted
+
+
+def _serve(tmp_path: Path, family, pki, port_file: Path, listen: str = "127.0.0.1:0") -> subprocess.Popen:
+    """`coordinator serve --aggregator spill` with mutual TLS, blocks of 1,024 parameters (the
+    toy family's embedding and head span two blocks: span records)."""
+    cfg = tmp_path / "coordinator.yaml"
+    cfg.write_text("spill_memory: 80000\n")
+    port_file.unlink(missing_ok=True)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tiesfed.cli", "coordinator", "serve", "--config", str(cfg), "--spool",
+         str(tmp_path / "spool"), "--base", str(family[0]), "--listen", listen, "--port-file", str(port_file),
+         "--aggregator", "spill", "--tls", str(pki.server), "--round", "r1", "--clients", ",".join(CLIENTS)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "ab"),
+        stdin=subprocess.DEVNULL,
+    )
+    end = time.monotonic() + 120
+    while not port_file.exists() or not port_file.read_text().strip():
+        assert p.poll() is None and time.monotonic() < end, (tmp_path / "serve.log").read_text()[-3000:]
+        time.sleep(0.1)
+    return p
+
+
+def test_round_with_spill_coordinator_killed_and_restarted_equals_local_merge(tmp_path, family, pki):
+    base_dir, paths, _ = family
+    port_file = tmp_path / "port"
+    proc = _serve(tmp_path, family, pki, port_file)
+    try:
+        target = f"127.0.0.1:{int(port_file.read_text())}"
+        for i, c in enumerate(CLIENTS[:2]):
+            submit(target, "r1", c, base_dir, paths[i], retry=FAST, tls=pki.client(c))
+        spill_root = tmp_path / "spool" / "spill"
+        left = list(spill_root.glob(f"{DIR_PREFIX}{proc.pid}-*"))
+        assert len(left) == 1  # this coordinator's spill directory (folds are buffered, then appended)
+        proc.kill()  # kill -9 mid-round: its spill files stay behind
+        proc.wait(30)
+        proc = _serve(tmp_path, family, pki, port_file, listen=target)
+        assert not left[0].exists()  # the dead coordinator's spill directory is removed at start
+        submit(target, "r1", CLIENTS[2], base_dir, paths[2], retry=FAST, tls=pki.client(CLIENTS[2]))
+        out = tmp_path / "fetched"
+        fetch(target, "r1", CLIENTS[0], base_dir, out, timeout=120, retry=FAST, tls=pki.client(CLIENTS[0]))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert_identical(load_folder(out), local_model(family, tmp_path, [0, 1, 2]))
+    assert_identical(load_folder(tmp_path / "spool" / "rounds" / "r1" / "model"), load_folder(out))
+    with open(tmp_path / "spool" / "rounds" / "r1" / "merged.tfs", "rb") as f:
+        spans = [t for t in read_stream(f, spans=True)[1] if t.count is not None]
+    assert {t.name for t in spans} == {"embed.weight", "lm_head.weight"}  # tensors over a block: spans

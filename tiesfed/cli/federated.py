@@ -127,8 +127,9 @@ def coordinator() -> None:
 @click.option("--round-config", "round_configs", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="YAML of one round to open (repeatable)")
 @_round_options
-@click.option("--aggregator", type=click.Choice(["ray", "local"]),
-              help="ray (default): accumulators sharded over Ray actors; local: in this process")
+@click.option("--aggregator", type=click.Choice(["ray", "local", "spill"]),
+              help="ray (default): accumulators sharded over Ray actors; local: in this process; spill: in "
+              "this process a block at a time, folds spilled to <spool>/spill (memory flat in the model size)")
 @click.option("--ray-address", help="join this Ray cluster (default: start a local Ray)")
 @click.option("--num-shards", type=int, help="shard actors per round (default: one per CPU, or GPU)")
 @click.option("--num-gpus-per-actor", type=float, help="GPUs per shard actor (fractions allowed)")

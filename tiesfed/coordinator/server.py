@@ -129,9 +129,10 @@ class CoordinatorConfig(BaseModel):
         128 << 10, ge=0, description="glibc: blocks from this size on are mmap'd and go back to the OS when "
         "freed (the default threshold creeps up to 32 MiB and leaves decode buffers in the heap)"
     )
-    aggregator: Literal["ray", "local"] = Field(
+    aggregator: Literal["ray", "local", "spill"] = Field(
         "ray", description="ray: accumulators sharded over Ray actors (a local Ray unless ray_address); "
-        "local: in this process"
+        "local: in this process; spill: in this process, one block at a time, folds appended to spill "
+        "files under <spool>/spill (memory flat in the model size)"
     )
     ray_address: Optional[str] = Field(None, description="join this Ray cluster (started with `ray start`)")
     num_shards: Optional[int] = Field(None, ge=1, description="shard actors per round (default: from the cluster)")
@@ -142,6 +143,9 @@ class CoordinatorConfig(BaseModel):
         None, gt=0, description="memory budget of one shard actor, bytes or a size (3GB): a round gets as many "
         "actors as its accumulators need at this budget, each asking Ray for its memory (default: the "
         "cluster's memory per CPU, at most 4 GiB)")
+    spill_memory: Optional[int] = Field(
+        None, gt=0, description="aggregator spill: bytes or a size (1GiB) for one block's accumulators and work; "
+        "the block of parameters folded at once follows from it (default 1 GiB)")
     publish_first: bool = Field(
         False, description="finalize a round (clients fetch) as soon as the merged stream is signed, and write "
         "the coordinator's own model copy after; a failed copy is retried and logged but no longer fails the "
@@ -156,7 +160,7 @@ class CoordinatorConfig(BaseModel):
                               "authentication: widen it only behind a firewall or a scraping proxy)")
     rounds: list[RoundConfig] = Field(default_factory=list)
 
-    @field_validator("actor_memory", mode="before")
+    @field_validator("actor_memory", "spill_memory", mode="before")
     @classmethod
     def _size(cls, v: object) -> object:
         """A size with a unit (3GB, 2.5GiB) as well as a number of bytes."""
@@ -306,6 +310,12 @@ class CoordinatorServer:
                 actor_memory=config.actor_memory,
                 on_rebuild=self.metrics.shards_rebuilt,
             )
+        if aggregator_factory is None and config.aggregator == "spill":
+            from tiesfed.coordinator.spill_aggregator import SpillAggregatorFactory
+
+            aggregator_factory = SpillAggregatorFactory(Path(config.spool_dir) / "spill",
+                                                        **({"memory_bytes": config.spill_memory}
+                                                           if config.spill_memory else {}))
         # a factory that starts (Ray) starts in the background once the server listens: until
         # then uploads are spooled and the rounds' aggregators wait (`rounds.readiness`)
         self.starter = getattr(aggregator_factory, "start_background", None)

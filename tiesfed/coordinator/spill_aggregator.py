@@ -50,7 +50,7 @@ _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 _CODE = {d: i for i, d in enumerate(_DTYPES)}
 #: bytes a block costs beyond its accumulators: a chunk (int32 index, value) and fold temporaries
 _WORK_BYTES_PER_ELEM = 48
-MIN_BLOCK = 1 << 16
+MIN_BLOCK = 1 << 10
 MAX_BLOCK = 1 << 24
 DEFAULT_MEMORY = 1 << 30
 DEFAULT_BUFFER_BYTES = 64 << 20

@@ -258,8 +258,11 @@ def write_merged(
         with open(tmp, "wb") as raw:
             f = HashingWriter(raw)  # the file's sha256 as it is written, not read back after
             w = StreamWriter(f, header)
-            # read-only views where the aggregator has them (no copy of each tensor)
-            for st in sparse_ahead(getattr(agg, "finalize_views", agg.finalize)(majority), shapes):
+            # records straight from an aggregator that makes them (spill: spans of a large tensor);
+            # else read-only views where the aggregator has them (no copy of each tensor)
+            records = getattr(agg, "finalize_records", None)
+            for st in (records(majority, shapes) if records is not None else
+                       sparse_ahead(getattr(agg, "finalize_views", agg.finalize)(majority), shapes)):
                 w.write(st)
             w.close()
         digest.update(sha=f.sha256.hexdigest(), size=f.size)
