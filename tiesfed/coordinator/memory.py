@@ -126,4 +126,6 @@ def check_cluster(num_shards: int, per_actor: int, cluster: Mapping[str, float],
             f"{actor_bytes_per_param(spec)} bytes (accumulators {spec.bytes_per_param()} + staged output "
             f"{STAGED_BYTES_PER_PARAM}) in {num_shards} shard actor(s){why} need {need / GiB:.2f} GiB "
             f"({per_actor / GiB:.2f} GiB each), the cluster offers {mem / GiB:.2f} GiB of memory: add nodes, "
-            "use sum_dtype float32 (smaller sums), or give the coordinator fewer parameters per round")
+            "use sum_dtype float32 (smaller sums), use --aggregator spill (accumulators a block at a time, "
+            "folds spilled to disk: memory flat in the model size), or give the coordinator fewer parameters "
+            "per round")
