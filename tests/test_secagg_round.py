@@ -307,3 +307,25 @@ def test_secure_round_is_within_the_stated_tolerance_of_the_plain_round(tmp_path
         assert bool((diff <= 2.0**-25 + ulp).all()), n
         worst = max(worst, float(diff.max()))
     assert worst > 0  # off the grid, the quantisation shows
+
+
+def test_a_coordinator_restarted_mid_protocol_fails_the_round(family, tmp_path, pki, secure_server):
+    """The protocol's state is in memory only: once a key was advertised, a restart fails the
+    round with a message saying why (and a new round is needed) instead of running it again."""
+    from tiesfed.trust.secagg import SecAggClient
+    from tiesfed.trust.secagg.params import from_public_json
+
+    srv = secure_server(secure_config())
+    alice = Identity.load(pki.client("org-a"))
+    with secure_channel(srv.target, alice, options=channel_options()) as ch:
+        stub = spb_grpc.SecureAggregationStub(ch)
+        spec = stub.GetSecureSpec(spb.SecureSpecRequest(round_id="r1"), timeout=10)
+        r = srv.manager.get("r1")
+        rnd = from_public_json("r1", spec.params_json, r.spec, {c: 1.0 for c in CLIENTS})
+        client = SecAggClient(alice, rnd, torch.tensor([0, 5]), torch.tensor([0.01, -0.02]))
+        stub.Step(spb.SecAggStep(round_id="r1", phase="keys", payload=to_bytes(client.advertise())), timeout=10)
+        assert list(stub.Status(spb.SecureSpecRequest(round_id="r1"), timeout=10).arrived) == ["org-a"]
+    srv.stop(grace=0)
+    again = secure_server(secure_config())
+    r = again.manager.get("r1")
+    assert r.state == "failed" and "restarted during the protocol" in r.message
