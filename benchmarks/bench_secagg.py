@@ -16,6 +16,7 @@ above every |τ|. Checks the secure accumulator equals a plain fold of the quant
 
     python benchmarks/bench_secagg.py                         # 1M params, 5 and 20 clients
     python benchmarks/bench_secagg.py --params 4000000 --clients 5
+    python benchmarks/bench_secagg.py --update-readme         # also the README's secagg table
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -113,14 +116,22 @@ def main() -> None:
     ap.add_argument("--frac-bits", type=int, default=24)
     ap.add_argument("--min-release", type=int, default=1,
                     help="the release rule: U = positions at least this many clients touched")
+    ap.add_argument("--update-readme", action="store_true",
+                    help="also write the table into README.md's <!-- figures:secagg --> block")
     a = ap.parse_args()
     numel = a.params
     spec = FinalizeSpec()
+    lines: list[str] = []
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
     print(f"secure aggregation cost, M = {numel:,} params, ρ = {a.rho}, {a.frac_bits} fraction bits; "
           "bytes per parameter per client (B/p)\n")
-    print("| clients | k % | ring bits | \\|U\\|/M | plain fp32 | plain bf16 | keys | support up | support down "
-          "| masked up | unmask | secure total | mask CPU s/M (1 client) | unmask CPU s/M | plain fold CPU s/M (all clients) |")
-    print("|" + "---|" * 15)
+    out("| clients | k % | ring bits | \\|U\\|/M | plain fp32 | plain bf16 | keys | support up | support down "
+        "| masked up | unmask | secure total | mask CPU s/M (1 client) | unmask CPU s/M | plain fold CPU s/M (all clients) |")
+    out("|" + "---|" * 15)
     with tempfile.TemporaryDirectory() as tmp:
         all_ids = identities(Path(tmp), max(int(x) for x in a.clients.split(",")))
         for n in (int(x) for x in a.clients.split(",")):
@@ -148,10 +159,22 @@ def main() -> None:
                 unm = size["unmask down"] + size["unmask up"]
                 total = keys + sup_up + sup_down + size["masked up"] + unm
                 per = 1e6 / numel
-                print(f"| {n} | {kp:g} | {lay.bits} | {u / numel:.3f} | {fp32 / numel:.3f} | {bf16 / numel:.3f} "
-                      f"| {keys / numel:.4f} | {sup_up / numel:.3f} | {sup_down / numel:.3f} "
-                      f"| {size['masked up'] / numel:.3f} | {unm / numel:.4f} | {total / numel:.3f} "
-                      f"| {mask_s * per:.3f} | {unmask_s * per:.3f} | {fold_s * per:.3f} |", flush=True)
+                out(f"| {n} | {kp:g} | {lay.bits} | {u / numel:.3f} | {fp32 / numel:.3f} | {bf16 / numel:.3f} "
+                    f"| {keys / numel:.4f} | {sup_up / numel:.3f} | {sup_down / numel:.3f} "
+                    f"| {size['masked up'] / numel:.3f} | {unm / numel:.4f} | {total / numel:.3f} "
+                    f"| {mask_s * per:.3f} | {unmask_s * per:.3f} | {fold_s * per:.3f} |")
+    if a.update_readme:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from benchmarks.figures import update_readme
+
+        caption = (f"`python benchmarks/bench_secagg.py --update-readme` (M = {numel:,} parameters, ρ = {a.rho}, "
+                   f"f = {a.frac_bits}, min_release = {a.min_release}, t = n/2 + 1; {platform.machine()}, "
+                   f"{platform.python_implementation()} {platform.python_version()}). Bytes per parameter per client; "
+                   "the CPU columns are process seconds per million parameters on a shared machine (orders of "
+                   "magnitude only; the byte columns are the same in every run).")
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        changed = update_readme(readme, {"secagg": caption + "\n\n" + "\n".join(lines)})
+        print(f"{readme}: {'updated' if changed else 'unchanged'}")
 
 
 if __name__ == "__main__":
