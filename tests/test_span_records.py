@@ -27,6 +27,7 @@ from tiesfed.protos.codec import (
     decode_tensor,
     encode_tensor,
     index_stream,
+    iter_records_at,
     join_spans,
     read_record_at,
     read_stream,
@@ -230,3 +231,22 @@ def test_join_refuses_mixed_dtypes():
     b = SparseTensor("w", (4,), torch.tensor([3]), torch.tensor([1.0], dtype=torch.float16), 2, 2)
     with pytest.raises(CodecError, match="different dtypes"):
         join_spans([a, b])
+
+
+def test_iter_records_at_hands_a_tensor_over_span_by_span():
+    """A reader applying a tensor span by span holds one span: the range's records come one
+    at a time, as they are, interleaved reads of the same file notwithstanding."""
+    whole = SparseTensor("w", (12,), torch.tensor([0, 3, 6, 9, 11]), torch.arange(1.0, 6.0))
+    other = SparseTensor("o", (2,), torch.tensor([1]), torch.tensor([7.0]))
+    data = stream([*cut(whole, [0, 4, 8, 12]), other])
+    f = io.BytesIO(data)
+    _, where = index_stream(f)
+    got = []
+    for t in iter_records_at(f, *where["w"]):
+        got.append((t.start, t.count, t.indices.tolist()))
+        f.seek(0)  # the caller uses the file in between
+    assert got == [(0, 4, [0, 3]), (4, 4, [6]), (8, 4, [9, 11])]
+    assert [t.name for t in iter_records_at(f, *where["o"])] == ["o"]
+    off, length = where["w"]
+    with pytest.raises(CodecError, match="ends inside the tensor"):
+        list(iter_records_at(f, off, length - len(encode_tensor(cut(whole, [8, 12])[0]))))

@@ -91,7 +91,18 @@ from __future__ import annotations
 from .indices import _varint_encode as _varint_encode
 from .records import decode_tensor, encode_tensor, encoded_size_bits_per_param
 from .spans import SpanCover, join_spans
-from .stream import End, Event, Header, Record, StreamReader, StreamWriter, index_stream, read_record_at, read_stream
+from .stream import (
+    End,
+    Event,
+    Header,
+    Record,
+    StreamReader,
+    StreamWriter,
+    index_stream,
+    iter_records_at,
+    read_record_at,
+    read_stream,
+)
 from .types import DEFAULT_LIMITS, FORMAT_VERSION, MAGIC, CodecError, Limits, SparseTensor, record_prefix_size
 
 __all__ = [
@@ -114,6 +125,7 @@ __all__ = [
     "read_stream",
     "index_stream",
     "read_record_at",
+    "iter_records_at",
     "encoded_size_bits_per_param",
     "record_prefix_size",
 ]

@@ -430,23 +430,23 @@ def index_stream(
             out[name] = (first, pos - first)
 
 
-def read_record_at(
+def iter_records_at(
     fileobj: BinaryIO, offset: int, length: int, limits: Limits = DEFAULT_LIMITS, *, base: int = 0
-) -> SparseTensor:
-    """Decode the record at stream offset ``offset`` (file position ``base + offset``).
-
-    A range holding several records (a tensor's span records, as `index_stream`
-    gives them) must hold one whole tensor's records, in order: they are joined."""
+) -> Iterator[SparseTensor]:
+    """The records in the byte range [offset, offset + length) one at a time, as they
+    are (a whole tensor, or its span records in order, as `index_stream` gives the
+    range): a reader that applies a tensor span by span holds one span, not the tensor.
+    A range of several records must hold exactly one tensor's spans, in order."""
     if not _is_int(offset) or not _is_int(length) or offset < 0 or length < _REC_PREFIX.size:
         raise CodecError(f"read_record_at: bad offset/length ({offset!r}, {length!r})")
     fileobj.seek(base + offset)
-    parts: list[SparseTensor] = []
     cover = SpanCover()
-    pos, end = offset, offset + length
+    pos, end, count = offset, offset + length, 0
     while pos < end:
         if end - pos < _REC_PREFIX.size:
             raise CodecError(f"record at offset {offset}: length {length} does not end where its records do "
                              f"({end - pos} bytes left)")
+        fileobj.seek(base + pos)
         pre = _read_exact(fileobj, _REC_PREFIX.size, "record prefix")
         meta_len, payload_len = _unpack_record_prefix(pre, limits, f"record at offset {pos}")
         size = _REC_PREFIX.size + meta_len + payload_len
@@ -456,11 +456,24 @@ def read_record_at(
         mv = memoryview(body)
         t = _decode_body(mv[:meta_len], mv[meta_len:], limits)
         pos += size
-        if pos == end and not parts:
-            return t  # one record: whole, or one span as it is
+        count += 1
+        if pos == end and count == 1:
+            yield t  # one record: whole, or one span as it is
+            return
         if cover.add(t) and pos < end:
             raise CodecError(f"record at offset {offset}: length {length} runs past the last record of "
                              f"tensor {t.name!r}")
-        parts.append(t)
-    cover.finish()
-    return join_spans(parts)
+        if pos == end:
+            cover.finish()
+        yield t
+
+
+def read_record_at(
+    fileobj: BinaryIO, offset: int, length: int, limits: Limits = DEFAULT_LIMITS, *, base: int = 0
+) -> SparseTensor:
+    """Decode the record at stream offset ``offset`` (file position ``base + offset``).
+
+    A range holding several records (a tensor's span records, as `index_stream`
+    gives them) must hold one whole tensor's records, in order: they are joined."""
+    parts = list(iter_records_at(fileobj, offset, length, limits, base=base))
+    return parts[0] if len(parts) == 1 else join_spans(parts)
