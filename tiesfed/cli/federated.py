@@ -141,6 +141,8 @@ def coordinator() -> None:
 @click.option("--publish-first", is_flag=True, default=None,
               help="finalize (clients fetch) once the merged stream is signed; write this coordinator's model "
               "copy after (a failed copy no longer fails the round)")
+@click.option("--secure-aggregation", is_flag=True, help="every round this serve opens is a secure round: the "
+              "coordinator learns only the sums (docs/secure-aggregation.md); clients follow the round spec")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="write the bound port here (for scripts)")
 @click.option("--exit-when-done", is_flag=True,
               help="exit once every round is finished and every participant fetched the merge")
@@ -153,7 +155,7 @@ def coordinator() -> None:
 def serve(config_path, listen, spool_dir, base_model, shard_size, tls_dir, crl, insecure, admin_token,
           max_active_uploads, abandon_after, round_configs, round_id, clients, weights, quorum, deadline, late_policy, replace_policy, options,
           aggregator, ray_address, num_shards, num_gpus_per_actor, actor_memory, sum_dtype, publish_first, port_file,
-          exit_when_done, metrics_port, metrics_host, log_format, verbose) -> None:
+          exit_when_done, metrics_port, metrics_host, log_format, verbose, secure_aggregation=False) -> None:
     """Serve federated rounds over gRPC until interrupted (with --tls, or else --insecure on loopback)."""
     from tiesfed.coordinator.rounds import RoundConfig, RoundError
     from tiesfed.coordinator.server import CoordinatorConfig, load_coordinator_config
@@ -189,6 +191,8 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, tls_dir, crl, 
             rounds.append(RoundConfig.model_validate(
                 _inline_round(round_id, clients, weights, quorum, deadline, late_policy, replace_policy, options)
             ))
+        if secure_aggregation:
+            rounds = [RoundConfig.model_validate({**r.model_dump(), "secure_aggregation": True}) for r in rounds]
         upd["rounds"] = rounds
         cfg = CoordinatorConfig.model_validate({**cfg.model_dump(), **upd})
     except ValidationError as e:
