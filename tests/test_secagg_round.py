@@ -37,7 +37,7 @@ from tiesfed.trust.secagg.messages import KeyAdvert, to_bytes
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = ["org-a", "org-b", "org-c"]
 SPEC = {"embed.weight": (64, 16), "layers.0.q.weight": (16, 16), "layers.0.norm.weight": (16,)}
-PHASE_S = 5.0  # a phase waits this long for a client that does not come
+PHASE_S = 4.0  # a phase waits this long for a client that does not come
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
        "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
 
@@ -170,6 +170,15 @@ def secure_status(target: str, pki, client: str = "org-a") -> spb.SecAggStatus:
         return spb_grpc.SecureAggregationStub(ch).Status(spb.SecureSpecRequest(round_id="r1"), timeout=10)
 
 
+def wait_advertised(target: str, pki, client: str, timeout: float = 60.0) -> None:
+    """Until `client` (a process, slower to start) has advertised its keys: the key phase's
+    clock starts at the first advert, so the in-process clients start after it."""
+    end = time.monotonic() + timeout
+    while client not in secure_status(target, pki).arrived:
+        assert time.monotonic() < end, f"{client} did not advertise its keys"
+        time.sleep(0.05)
+
+
 def fetch_secure(target: str, pki, family, tmp_path) -> dict[str, torch.Tensor]:
     out = tmp_path / f"fetched-{time.monotonic_ns()}"
     fetch(target, "r1", None, family[0], out, timeout=60, retry=FAST, tls=pki.client("org-a"))
@@ -229,6 +238,7 @@ def test_a_client_killed_mid_round(family, tmp_path, pki, secure_server, stop_af
     round completes and equals the plain round over the clients it counts."""
     srv = secure_server(secure_config())
     stopping = client_process(pki, family, srv.target, 2, stop_after)
+    wait_advertised(srv.target, pki, "org-c")
     with ThreadPoolExecutor(1) as pool:
         results = pool.submit(submit_threads, pki, family, srv.target, [0, 1])
         wait_line(stopping, f"STOPPED {stop_after}")
@@ -244,6 +254,7 @@ def test_a_client_killed_mid_round(family, tmp_path, pki, secure_server, stop_af
 def test_fewer_than_t_survivors_fail_the_round_with_a_clear_status(family, tmp_path, pki, secure_server):
     srv = secure_server(secure_config(threshold=3))
     stopping = client_process(pki, family, srv.target, 2, "shares")
+    wait_advertised(srv.target, pki, "org-c")
     with ThreadPoolExecutor(1) as pool:
         results = pool.submit(submit_threads, pki, family, srv.target, [0, 1])
         wait_line(stopping, "STOPPED shares")
