@@ -165,9 +165,11 @@ def test_budget_splits_a_large_tensor(tmp_path):
     _same(tmp_path / "whole", tmp_path / "budget")
 
 
-def test_apply_merged_in_blocks_equals_whole(tmp_path, monkeypatch):
-    """A client's fetch (and a shard actor's model write) applies τ_m block by block
-    for tensors over the block size: the same bytes."""
+@pytest.mark.parametrize("span", [None, 53], ids=["whole-records", "span-records"])
+def test_apply_merged_in_blocks_equals_whole(tmp_path, monkeypatch, span):
+    """A client's fetch (and a shard actor's model write) applies τ_m one record (a
+    whole tensor or a span) at a time and block by block over the block size: the same
+    bytes as one whole-tensor apply, and never the whole tensor's τ_m when it came in spans."""
     import tiesfed.io.materialize as materialize
     from tiesfed.protos.codec import SparseTensor, StreamWriter
 
@@ -181,14 +183,27 @@ def test_apply_merged_in_blocks_equals_whole(tmp_path, monkeypatch):
                 if not t.dtype.is_floating_point:
                     continue
                 idx = torch.sort(torch.randperm(t.numel, generator=g)[: t.numel // 3]).values
-                w.write(SparseTensor(name=t.name, shape=tuple(t.shape), indices=idx,
-                                     values=torch.randn(idx.numel(), generator=g) * 0.01))
+                whole = SparseTensor(name=t.name, shape=tuple(t.shape), indices=idx,
+                                     values=torch.randn(idx.numel(), generator=g) * 0.01)
+                if span is None or t.numel <= span:
+                    w.write(whole)
+                    continue
+                for lo in range(0, t.numel, span):
+                    hi = min(lo + span, t.numel)
+                    a, b = (int(x) for x in torch.searchsorted(idx, torch.tensor([lo, hi])))
+                    w.write(SparseTensor(t.name, tuple(t.shape), idx[a:b], whole.values[a:b], lo, hi - lo))
             w.close()
         materialize.apply_merged(base, path, tmp_path / "whole")
         monkeypatch.setattr(materialize, "APPLY_BLOCK", 37)
+        largest = []
+        real_apply = materialize._apply
+        monkeypatch.setattr(materialize, "_apply", lambda theta0, st, *a: (
+            largest.append(st.indices.numel() if st is not None else 0), real_apply(theta0, st, *a))[1])
         materialize.apply_merged(base, path, tmp_path / "blocks")
     _same(tmp_path / "whole", tmp_path / "blocks")
     assert not torch.equal(_load(tmp_path / "whole")["embed.weight"], _load(base_dir)["embed.weight"])
+    if span is not None:  # one span's survivors at a time, never a whole tensor's
+        assert max(largest) <= span
 
 
 @pytest.mark.parametrize("trim_kw", [dict(kind="topk", fraction=0.2), dict(kind="topk", fraction=0.2, scope="tensor"),

@@ -21,7 +21,7 @@ from tiesfed.io.model_io import (
     ShardedWriter,
     copy_side_files,
 )
-from tiesfed.protos.codec import index_stream, read_record_at
+from tiesfed.protos.codec import index_stream, iter_records_at
 
 
 def merged_index(
@@ -58,21 +58,24 @@ def write_theta(
     block: Optional[int] = None,
 ) -> None:
     """Write θ₀ + λ·τ_m for `names` (in the writer's plan order); tensors without
-    a record keep their base value. `progress(numel)` after each tensor. A tensor
-    over `block` elements is done block by block (apply is per element: the same
-    bits), so memory holds one block of the base, not the tensor."""
+    a record keep their base value. `progress(numel)` after each tensor. A tensor is
+    applied one record at a time (a whole tensor, or each of its span records), and a
+    range over `block` elements block by block (apply is per element: the same bits),
+    so memory holds one span and one block of the base, not the tensor."""
     block = block or APPLY_BLOCK
     for name in names:
         info = base.info(name)
-        st = read_record_at(f, *where[name]) if name in where else None
-        if st is not None and tuple(st.shape) != tuple(info.shape):
-            raise ModelError(f"{merged_path}: tensor {name!r} has shape {list(st.shape)}, "
-                             f"base has {list(info.shape)}")
-        if info.numel <= block:
-            writer.write(name, _apply(base.get(name), st, 0, lam, name, merged_path))
-        else:
-            for lo in range(0, info.numel, block):
-                hi = min(lo + block, info.numel)
+        records = iter_records_at(f, *where[name]) if name in where else iter([None])
+        for st in records:
+            if st is not None and tuple(st.shape) != tuple(info.shape):
+                raise ModelError(f"{merged_path}: tensor {name!r} has shape {list(st.shape)}, "
+                                 f"base has {list(info.shape)}")
+            start, count = (0, info.numel) if st is None or st.count is None else (st.start, st.count)
+            if count == info.numel and count <= block:
+                writer.write(name, _apply(base.get(name), st, 0, lam, name, merged_path))
+                continue
+            for lo in range(start, start + count, block):
+                hi = min(lo + block, start + count)
                 writer.write_part(name, _apply(base.get_range(name, lo, hi), st, lo, lam, name, merged_path))
         if progress:
             progress(info.numel)
