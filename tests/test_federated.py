@@ -385,8 +385,10 @@ def test_late_upload_rejected_after_deadline(family, coordinator):
     """Between the deadline and the coordinator's tick the policy itself refuses."""
     srv = coordinator()
     rnd = open_round(srv, quorum=2, deadline_s=30, late_policy="reject")
-    rnd.clock = lambda: time.time() + 60  # the deadline has passed for this round
     data = contribution_bytes(family, 1, model_key="1")
+    srv.manager.tick_s = 3600  # no tick may fail the round first (one already waiting ends within 0.2 s)
+    time.sleep(0.5)
+    rnd.clock = lambda: time.time() + 60  # the deadline has passed for this round
     rejected(srv, rnd, data, grpc.StatusCode.FAILED_PRECONDITION, "late-upload policy is reject", client="org-b")
 
 
