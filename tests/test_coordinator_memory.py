@@ -254,3 +254,25 @@ def test_the_readme_table_comes_from_bytes_per_param():
         assert cells[1:3] == [str(spec.bytes_per_param()), str(actor_bytes_per_param(spec))]
         assert cells[3].endswith(f", {shards_for_budget(8_030_261_248, spec, 3 * GiB)}")
     assert "| Llama-3-70B | float64 | 736 | 36 |" in render_nodes(3 * GiB, 64 * GiB)
+
+
+def test_big_merged_tensors_go_out_as_span_records(family, tmp_path, coordinator, monkeypatch):
+    """Above SPAN_ELEMS a merged tensor is published as span records (the coordinator holds one
+    span's nonzeros at a time); the coordinator's model copy and a client's fetch are the same."""
+    from tests.test_federated import assert_identical, load_folder
+    from tiesfed.coordinator.rounds import finalize as finalize_mod
+
+    monkeypatch.setattr(finalize_mod, "SPAN_ELEMS", 100)
+    srv = coordinator()
+    rnd = open_round(srv)
+    for i, c in enumerate(CLIENTS):
+        send(srv, "r1", c, family, i)
+    assert rnd.wait_closed(60) and rnd.state == "finalized"
+    with open(rnd.spool.merged_path, "rb") as f:
+        _, records = read_stream(f, spans=True)
+        spans = [t for t in records if t.is_span]
+    assert spans and all(t.count <= 100 and t.indices.numel() == 0 or
+                         (t.start <= int(t.indices.min()) and int(t.indices.max()) < t.stop) for t in spans)
+    want = local_model(family, tmp_path, [0, 1, 2])
+    assert_identical(load_folder(rnd.spool.model_dir), want)
+    assert_identical(fetch_model(srv, family, tmp_path), want)

@@ -274,37 +274,48 @@ def write_merged(
 #: Elements of two consecutive tensors up to which the next one is finalized while this
 #: one is encoded (the driver then holds both); above it, one tensor at a time.
 OVERLAP_ELEMS = 1 << 26
+#: A merged tensor larger than this goes out as span records of this many elements: the
+#: coordinator then holds one span's nonzeros at a time, not the whole tensor's.
+SPAN_ELEMS = 1 << 24
+
+
+def merged_records(dense: Iterator[tuple[str, torch.Tensor]], shapes: dict[str, tuple[int, ...]]
+                   ) -> Iterator[SparseTensor]:
+    """The nonzeros of each merged tensor as one record, or as span records of
+    `SPAN_ELEMS` elements for a larger tensor (readers join them: the same tensor)."""
+    from tiesfed.core.apply import dense_to_sparse
+
+    for name, tau in dense:
+        flat = tau.reshape(-1)
+        n = flat.numel()
+        if n <= SPAN_ELEMS:
+            idx, val = dense_to_sparse(flat)
+            yield SparseTensor(name, shapes[name], idx, val)
+            continue
+        for lo in range(0, n, SPAN_ELEMS):
+            hi = min(n, lo + SPAN_ELEMS)
+            idx, val = dense_to_sparse(flat[lo:hi])
+            yield SparseTensor(name, shapes[name], idx + lo, val, start=lo, count=hi - lo)
 
 
 def sparse_ahead(dense: Iterator[tuple[str, torch.Tensor]], shapes: dict[str, tuple[int, ...]]
                  ) -> Iterator[SparseTensor]:
-    """The merged tensors as SparseTensors, the next one finalized and compacted on a worker
-    thread while the caller encodes and writes this one (torch and zlib release the GIL),
-    as long as both together stay within `OVERLAP_ELEMS`; the same tensors in the same order."""
-    from tiesfed.core.apply import dense_to_sparse
-
-    dense = iter(dense)
-
-    def produce() -> Optional[SparseTensor]:
-        item = next(dense, None)
-        if item is None:
-            return None
-        name, tau = item
-        idx, val = dense_to_sparse(tau)
-        return SparseTensor(name, shapes[name], idx, val)
-
-    sizes = [math.prod(s) for s in shapes.values()]
+    """`merged_records`, the next record made on a worker thread while the caller encodes
+    and writes this one (torch and zlib release the GIL). The next tensor is finalized
+    ahead only when it has at most `OVERLAP_ELEMS` elements (else the coordinator would
+    hold two big tensors); the same records in the same order either way."""
+    records = merged_records(iter(dense), shapes)
+    names = list(shapes)
+    after = {a: math.prod(shapes[b]) for a, b in zip(names, names[1:])}
     with ThreadPoolExecutor(1, thread_name_prefix="finalize-ahead") as pool:
-        nxt = pool.submit(produce)
-        i = 0
+        nxt = pool.submit(next, records, None)
         while (st := nxt.result()) is not None:
-            i += 1
-            ahead = i < len(sizes) and st.numel + sizes[i] <= OVERLAP_ELEMS
-            nxt = pool.submit(produce) if ahead else None
+            ahead = st.stop < st.numel or after.get(st.name, 0) <= OVERLAP_ELEMS
+            nxt = pool.submit(next, records, None) if ahead else None
             yield st
             del st
             if nxt is None:
-                nxt = pool.submit(produce)
+                nxt = pool.submit(next, records, None)
 
 
 class HashingWriter:
