@@ -17,6 +17,7 @@ above every |τ|. Checks the secure accumulator equals a plain fold of the quant
     python benchmarks/bench_secagg.py                         # 1M params, 5 and 20 clients
     python benchmarks/bench_secagg.py --params 4000000 --clients 5
     python benchmarks/bench_secagg.py --update-readme         # also the README's secagg table
+    python benchmarks/bench_secagg.py --round --params 4000000 --clients 3   # whole rounds over gRPC
 """
 
 from __future__ import annotations
@@ -107,6 +108,40 @@ def secure_round(ids: list[Identity], trimmed, numel: int, t: int, fixed: FixedP
     return acc, size, sum(mask_cpu) / len(mask_cpu), unmask_cpu, server.support.numel(), rnd.layout
 
 
+def round_timing(params: int, n: int, k: float, secure: bool, root: Path) -> tuple[float, float]:
+    """(wall s, CPU s) of one whole round over real gRPC and mutual TLS in this process: a
+    coordinator (in-process aggregator, writing the merged model) and n clients on threads
+    submitting from their safetensors folders, until the round is finalized."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.common import write_family
+    from tiesfed.client.federated import submit
+    from tiesfed.coordinator.rounds import RoundConfig
+    from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
+
+    if not (root / "ca").exists():
+        ca.init_ca(root / "ca")
+        ca.issue(root / "ca", root / "server", server_names=["127.0.0.1"])
+        for i in range(n):
+            ca.issue(root / "ca", root / f"c{i}", client_id=f"org-{i}")
+    side = 1024
+    shapes = {f"layers.{i}.weight": (side, side) for i in range(max(1, params // (side * side)))}
+    base, fts = write_family(root / "family", n, torch.float32, shapes)
+    clients = [f"org-{i}" for i in range(n)]
+    extra = {"secure_aggregation": True, "secagg": {"bound": 0.0625, "phase_s": 600}} if secure else {}
+    rc = RoundConfig(round_id="r1", participants=clients, options={"k": k}, **extra)
+    spool = root / f"spool-{'secure' if secure else 'plain'}-{time.monotonic_ns()}"
+    cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=spool, base_model=str(base), tls_dir=root / "server",
+                            aggregator="local", rounds=[rc])
+    w0, c0 = time.perf_counter(), cpu()
+    with CoordinatorServer(cfg) as srv, ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda i: submit(srv.target, "r1", None, base, fts[i], tls=root / f"c{i}"), range(n)))
+        r = srv.manager.get("r1")
+        assert r.wait_closed(600) and r.state == "finalized", r.message
+    return time.perf_counter() - w0, cpu() - c0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=int, default=1_000_000)
@@ -118,8 +153,21 @@ def main() -> None:
                     help="the release rule: U = positions at least this many clients touched")
     ap.add_argument("--update-readme", action="store_true",
                     help="also write the table into README.md's <!-- figures:secagg --> block")
+    ap.add_argument("--round", action="store_true",
+                    help="time whole rounds instead: plain and secure, over gRPC and mutual TLS in this process")
     a = ap.parse_args()
     numel = a.params
+    if a.round:
+        print("| round | clients | params | k % | wall s | CPU s (coordinator + clients, one process) |")
+        print("|---|---|---|---|---|---|")
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in (int(x) for x in a.clients.split(",")):
+                for kp in (float(x) for x in a.k.split(",")):
+                    for secure in (False, True):
+                        wall, cpu_s = round_timing(numel, n, kp, secure, Path(tmp) / f"n{n}")
+                        print(f"| {'secure' if secure else 'plain'} | {n} | {numel:,} | {kp:g} | {wall:.2f} | "
+                              f"{cpu_s:.2f} |", flush=True)
+        return
     spec = FinalizeSpec()
     lines: list[str] = []
 
