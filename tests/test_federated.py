@@ -381,6 +381,28 @@ def test_late_upload_rejected_and_quorum_not_met(family, coordinator):
               insecure=True)
 
 
+def test_a_client_checks_the_architecture_unless_told_not_to(family, tmp_path, coordinator):
+    """A Mistral fine-tune of a Llama base is refused before anything is sent, naming what
+    differs; `allow_architecture_mismatch` (`--allow-architecture-mismatch`) uploads it."""
+    import json
+    import shutil
+
+    from tiesfed.io.model_io import ModelError
+
+    srv = coordinator()
+    rnd = open_round(srv)
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    shutil.copytree(family[0], base)
+    shutil.copytree(family[1][0], ft)
+    for folder, arch, kind in ((base, "LlamaForCausalLM", "llama"), (ft, "MistralForCausalLM", "mistral")):
+        (folder / "config.json").write_text(json.dumps({"architectures": [arch], "model_type": kind}))
+    with pytest.raises(ModelError, match="mistral"):
+        submit(srv.target, "r1", "org-a", base, ft, retry=FAST, insecure=True)
+    assert not rnd.committed and not rnd.sessions
+    res = submit(srv.target, "r1", "org-a", base, ft, retry=FAST, insecure=True, allow_architecture_mismatch=True)
+    assert not res.duplicate and "org-a" in rnd.committed
+
+
 def test_late_upload_rejected_after_deadline(family, coordinator):
     """Between the deadline and the coordinator's tick the policy itself refuses."""
     srv = coordinator()

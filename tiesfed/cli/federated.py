@@ -396,12 +396,15 @@ def client() -> None:
 @click.option("--retries", type=int, default=8, show_default=True, help="attempts after a broken connection")
 @click.option("--max-memory", help="memory budget, e.g. 4GB (default: half the machine's); a tensor larger than "
               "the block it allows is read, trimmed and sent in blocks, with the same result")
+@click.option("--allow-architecture-mismatch", is_flag=True,
+              help="upload although MODEL's config.json names another architecture than BASE's (e.g. model_type, "
+              "hidden_size); the error without it lists what differs")
 @THREADS
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @WAIT
 @QUIET
 def submit_cmd(base, model, target, round_id, tls, insecure, server_name, client_id, device, chunk_size, retries,
-               max_memory, threads, as_json, wait_s, quiet) -> None:
+               max_memory, allow_architecture_mismatch, threads, as_json, wait_s, quiet) -> None:
     """Trim MODEL's task vector against BASE and upload it to the round."""
     from tiesfed.client.federated import FederatedError, Retry, submit
     from tiesfed.io.model_io import ModelError
@@ -414,6 +417,7 @@ def submit_cmd(base, model, target, round_id, tls, insecure, server_name, client
         res = submit(target, round_id, client_id, base, model, device=device, chunk_bytes=parse_size(chunk_size),
                      retry=Retry(attempts=retries), progress=not quiet, wait_for_coordinator=wait_s,
                      max_memory=parse_size(max_memory) if max_memory else None,
+                     allow_architecture_mismatch=allow_architecture_mismatch,
                      **_transport(tls, insecure, server_name, client_id))
     except (FederatedError, ModelError, ValueError, TrustError) as e:
         raise click.ClickException(str(e)) from None

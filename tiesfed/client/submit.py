@@ -200,10 +200,12 @@ def submit(
     fault: Optional[Fault] = None,
     max_memory: Optional[int] = None,
     block: Optional[int] = None,
+    allow_architecture_mismatch: bool = False,
 ) -> SubmitResult:
     """Compute, trim, encode and upload this client's contribution to `round_id`.
     `max_memory` (bytes) bounds what it holds (see the module's docstring); `block`
-    sets the elements per record directly instead (tests)."""
+    sets the elements per record directly instead (tests). `allow_architecture_mismatch`:
+    upload even when MODEL's config.json names another architecture than BASE's."""
     started = time.perf_counter()
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"the upload chunk size (--chunk-size) must be at most {MAX_CHUNK_BYTES >> 20} MiB "
@@ -226,7 +228,7 @@ def submit(
 
         with ModelReader(base) as b, ModelReader(model) as ft:
             fp = check_base(spec, b, opts)
-            check_compatible(b, ft, opts.keep_base)
+            check_compatible(b, ft, opts.keep_base, allow_architecture_mismatch)
             from tiesfed.client.secure import secure_spec, submit_secure  # issue 13: the round says if it is secure
 
             if (secure := secure_spec(conn, round_id)) is not None:
