@@ -84,42 +84,51 @@ def secure_server(tmp_path, family, pki):
         srv.stop(grace=0)
 
 
-def plain_round(family, tmp_path, models: list[int]) -> dict[str, torch.Tensor]:
-    """The plain federated round (insecure, in-process) of the same clients and models."""
-    cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / f"plain-{len(models)}-{models[-1]}",
+def plain_round(family, tmp_path, models: list[int], clients: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The plain federated round (insecure, in-process) of the same clients and models:
+    `clients[j]` submits model `models[j]` (by default client i submits model i)."""
+    who = clients or [CLIENTS[m] for m in models]
+    cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / f"plain-{time.monotonic_ns()}",
                             base_model=str(family[0]), aggregator="local", insecure=True, rounds=[
-                                RoundConfig(round_id="p1", participants=CLIENTS, quorum=len(models))])
+                                RoundConfig(round_id="p1", participants=sorted(set(who) | set(CLIENTS)),
+                                            quorum=len(models))])
     with CoordinatorServer(cfg) as srv:
-        for m in models:
-            submit(srv.target, "p1", CLIENTS[m], family[0], family[1][m], retry=FAST, insecure=True)
+        for c, m in zip(who, models):
+            submit(srv.target, "p1", c, family[0], family[1][m], retry=FAST, insecure=True)
         r = srv.manager.get("p1")
         if r.state == "open":
             r.close()
         out = tmp_path / f"plain-out-{time.monotonic_ns()}"
-        fetch(srv.target, "p1", "org-a", family[0], out, timeout=60, retry=FAST, insecure=True)
+        fetch(srv.target, "p1", who[0], family[0], out, timeout=60, retry=FAST, insecure=True)
     return load_folder(out)
 
 
-def client_process(pki, family, target: str, i: int, stop_after: str = "") -> subprocess.Popen:
+def client_process(pki, family, target: str, i: int, stop_after: str = "", client: str = "",
+                   gate: bool = False) -> subprocess.Popen:
     """`tiesfed client submit` for client i; with `stop_after` a script that runs the same
-    SecureFlow up to that phase, prints it and waits to be killed."""
+    SecureFlow up to that phase, prints it and waits to be killed. `client` submits model i
+    under another id; with `gate` the script prints READY once set up and advertises its
+    keys only after a line on its stdin (so that several processes advertise together)."""
+    client = client or CLIENTS[i]
     if not stop_after:
         cmd = [sys.executable, "-m", "tiesfed.cli", "client", "submit", str(family[0]), str(family[1][i]),
-               "--tls", str(pki.client(CLIENTS[i])), "--target", target, "--round", "r1"]
+               "--tls", str(pki.client(client)), "--target", target, "--round", "r1"]
     else:
-        cmd = [sys.executable, "-c", STOPPING_CLIENT, target, str(pki.client(CLIENTS[i])), str(family[0]),
-               str(family[1][i]), stop_after]
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cmd = [sys.executable, "-c", STOPPING_CLIENT, target, str(pki.client(client)), str(family[0]),
+               str(family[1][i]), stop_after, "gate" if gate else ""]
+    return subprocess.Popen(cmd, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
-def submit_threads(pki, family, target: str, clients: list[int], models=None) -> list:
+def submit_threads(pki, family, target: str, clients: list[int], models=None, names=CLIENTS, **kw) -> list:
     """`submit` for each client on a thread of its own (real gRPC and mTLS, in this process);
-    each one's result, or the exception it raised."""
+    each one's result, or the exception it raised. Client i is `names[i]` with model i
+    (`models[i]`, by default the family's); `kw` goes to `submit`."""
     models = models or family[1]
 
     def one(i: int):
         try:
-            return submit(target, "r1", None, family[0], models[i], retry=FAST, tls=pki.client(CLIENTS[i]))
+            return submit(target, "r1", None, family[0], models[i], retry=FAST, tls=pki.client(names[i]), **kw)
         except Exception as e:
             return e
 
@@ -133,7 +142,7 @@ from tiesfed.client.connection import Connection, spec_options
 from tiesfed.client.secure import SecureFlow, flat_contribution, secagg_round, secure_spec
 from tiesfed.core.methods import get_method
 from tiesfed.io.model_io import ModelReader
-target, tls, base, model, stop_after = sys.argv[1:]
+target, tls, base, model, stop_after, gate = sys.argv[1:]
 with Connection(target, tls=tls) as conn, ModelReader(base) as b, ModelReader(model) as ft:
     spec = conn.round_spec("r1")
     opts = spec_options(spec)
@@ -141,6 +150,9 @@ with Connection(target, tls=tls) as conn, ModelReader(base) as b, ModelReader(mo
     trim = get_method(opts.method).trim_spec(opts, None)
     idx, val = flat_contribution(spec, b, ft, trim, opts, me.model_key)
     flow = SecureFlow(conn, secagg_round(spec, secure_spec(conn, "r1"), opts), idx, val)
+    if gate:
+        print("READY", flush=True)
+        sys.stdin.readline()
     for phase in ("keys", "shares", "masked", "unmask"):
         getattr(flow, phase)()
         if phase == stop_after:
@@ -249,6 +261,51 @@ def test_a_client_killed_mid_round(family, tmp_path, pki, secure_server, stop_af
     assert r.wait_closed(60) and r.state == "finalized", r.message
     assert r.message.endswith(", ".join(CLIENTS[i] for i in counted))
     assert_identical(fetch_secure(srv.target, pki, family, tmp_path), plain_round(family, tmp_path, counted))
+
+
+FIVE = CLIENTS + ["org-d", "org-e"]
+FIVE_MODELS = [0, 1, 2, 0, 1]  # org-d and org-e submit models 0 and 1 again
+
+
+@pytest.fixture(scope="module")
+def five(pki):
+    """org-d and org-e's identities, issued by the test PKI's CA (org-e if not there yet)."""
+    from tiesfed.trust import pki as ca
+
+    for c in FIVE[3:]:
+        if not (pki.client(c) / "cert.pem").exists():
+            ca.issue(pki.ca, pki.client(c), client_id=c)
+    return FIVE
+
+
+@pytest.mark.parametrize("stop_after, counted", [("masked", [0, 1, 2, 3, 4]), ("shares", [0, 1, 2])])
+def test_two_clients_killed_mid_round_of_five(family, tmp_path, pki, five, secure_server, stop_after, counted):
+    """Five clients, t = 3: org-d and org-e (processes) are SIGKILLed after their masked
+    uploads (both stay counted: the merge is the plain round of all five) or after sharing,
+    before uploading (left out: the plain round of the three survivors)."""
+    srv = secure_server(secure_config(five, threshold=3))
+    stopping = [client_process(pki, family, srv.target, FIVE_MODELS[i], stop_after, client=five[i], gate=True)
+                for i in (3, 4)]
+    for p in stopping:
+        wait_line(p, "READY")
+    for p in stopping:  # both advertise at once: the key phase's clock starts at the first advert
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for c in five[3:]:
+        wait_advertised(srv.target, pki, c)
+    models = [family[1][m] for m in FIVE_MODELS]
+    with ThreadPoolExecutor(1) as pool:
+        results = pool.submit(submit_threads, pki, family, srv.target, [0, 1, 2], models, five)
+        for p in stopping:
+            wait_line(p, f"STOPPED {stop_after}")
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        assert all(not isinstance(x, Exception) for x in results.result(120)), results.result()
+    r = srv.manager.get("r1")
+    assert r.wait_closed(60) and r.state == "finalized", r.message
+    assert r.message.endswith(", ".join(five[i] for i in counted))
+    want = plain_round(family, tmp_path, [FIVE_MODELS[i] for i in counted], [five[i] for i in counted])
+    assert_identical(fetch_secure(srv.target, pki, family, tmp_path), want)
 
 
 def test_fewer_than_t_survivors_fail_the_round_with_a_clear_status(family, tmp_path, pki, secure_server):
