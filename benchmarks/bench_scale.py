@@ -11,9 +11,10 @@ sign). On the largest family, in the same run:
   - the same merge with a budget that fits whole tensors: the outputs must be byte-identical;
   - mergekit 0.1.5 (`mergekit-yaml`, TIES, density 0.2), as a baseline;
   - a federated round, every party its own process and given the budget: the coordinator
-    shards its accumulators over Ray actors of --actor-memory each (the coordinator's
-    process tree is sampled, so Ray's actors are measured too), the clients submit one
-    after another (organisations are separate machines) with --max-memory, then fetch.
+    with `--aggregator spill` (accumulators in per-block files, one block in memory; or
+    `--aggregator ray`: resident in Ray actors of --actor-memory, its process tree sampled
+    so the actors are measured too), the clients submitting one after another
+    (organisations are separate machines) with --max-memory, then a fetch.
 Then, on paper (formulas in the README): Llama-3-8B and 70B.
 
     python benchmarks/bench_scale.py                      # about 30 min on 2 cores
@@ -70,9 +71,9 @@ def same_files(a: Path, b: Path) -> bool:
     return bool(fa) and fa == fb and all(filecmp.cmp(a / n, b / n, shallow=False) for n in fa)
 
 
-def federated_rows(cfg: dict, res: dict, budget: str, actor_memory: str) -> list[dict]:
+def federated_rows(cfg: dict, res: dict, budget: str, actor_memory: str, aggregator: str = "spill") -> list[dict]:
     """One row per kind of process in the round (largest of each kind), wall for the whole round."""
-    kinds: dict[str, float] = {"coordinator": res["coordinator"]["peak_rss_mib"],
+    kinds: dict[str, float] = {f"coordinator (--aggregator {aggregator})": res["coordinator"]["peak_rss_mib"],
                                "client submit (largest)": max(s["peak_rss_mib"] for s in res["submits"]),
                                "client fetch": res["fetch"]["peak_rss_mib"]}
     actors = [p for p in res.get("processes", []) if "ShardActor" in p["name"]]
@@ -127,11 +128,11 @@ def run(args, log=print) -> dict:
             log(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(mk["out"], ignore_errors=True)
         if "federated" in steps and not args.skip_federated:
-            fed = run_federated(base, fts, here, work, env, aggregator="ray",
-                                coordinator_args=("--actor-memory", args.actor_memory),
+            coord = ("--actor-memory", args.actor_memory) if args.aggregator == "ray" else ()
+            fed = run_federated(base, fts, here, work, env, aggregator=args.aggregator, coordinator_args=coord,
                                 submit_args=tuple(budget), fetch_args=tuple(budget), sample_tree=True,
                                 one_client_at_a_time=True)
-            fed_rows = federated_rows(cfg, fed, args.budget, args.actor_memory)
+            fed_rows = federated_rows(cfg, fed, args.budget, args.actor_memory, args.aggregator)
             d = compare(Path(r["out"]), Path(fed["out"]))
             fed_rows[0]["equal"] = "bit-identical to tiesfed merge" if d["identical"] else \
                 f"{100 * d['fraction']:.3g}% of elements differ from tiesfed merge"
@@ -174,7 +175,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", help="Llama-2-shaped family sizes, comma separated (default 30e6,134e6,400e6)")
     ap.add_argument("--no-llama3", dest="llama3", action="store_false", help="skip the 0.73B Llama-3-shaped family")
     ap.add_argument("--budget", default="4GB", help="--max-memory of every tiesfed process (default 4GB)")
-    ap.add_argument("--actor-memory", default="3GB", help="the coordinator's --actor-memory (default 3GB)")
+    ap.add_argument("--aggregator", default="spill", choices=["spill", "ray", "local"],
+                    help="the coordinator's --aggregator in the round (default spill: accumulators on disk, one "
+                         "block in memory; ray keeps them resident in actors of --actor-memory)")
+    ap.add_argument("--actor-memory", default="3GB", help="with --aggregator ray: its --actor-memory (default 3GB)")
     ap.add_argument("--whole-budget", default="16GB", help="a budget that holds whole tensors (the reference run)")
     ap.add_argument("--mergekit-venv", default=str(DEFAULT_VENV), help="venv holding mergekit 0.1.5 (made if needed)")
     ap.add_argument("--steps", default="merge,whole,mergekit,federated",

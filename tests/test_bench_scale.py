@@ -18,8 +18,8 @@ def test_table_marks_a_process_over_budget() -> None:
            "fetch": {"peak_rss_mib": 5000.0, "user_s": 5, "sys_s": 1},
            "processes": [{"name": "ray::ShardActor.fold", "peak_rss_mib": 2500.0},
                          {"name": "ray::ShardActor", "peak_rss_mib": 2600.0}, {"name": "raylet", "peak_rss_mib": 90.0}]}
-    rows = bs.federated_rows(cfg, fed, "4GB", "3GB")
-    assert [r["step"] for r in rows] == ["federated: coordinator", "federated: client submit (largest)",
+    rows = bs.federated_rows(cfg, fed, "4GB", "3GB", "ray")
+    assert [r["step"] for r in rows] == ["federated: coordinator (--aggregator ray)", "federated: client submit (largest)",
                                          "federated: client fetch", "federated: shard actor (largest of 2)"]
     assert rows[3]["peak_rss_mib"] == 2600.0 and rows[3]["budget"] == "3GB"
     assert rows[0]["cpu_s"] == 11 + 3 * 22 + 6
@@ -34,7 +34,7 @@ def test_budgeted_merge_equals_whole_tensors(tmp_path: Path) -> None:
     # 0.67 GiB leaves room for blocks of ~1.5M elements: the 2M-element embedding takes two
     args = argparse.Namespace(work=str(tmp_path), sizes="5e6", llama3=False, budget="0.67GiB", actor_memory="1GB",
                               whole_budget="8GB", mergekit_venv=str(tmp_path / "never"), skip_mergekit=True,
-                              skip_federated=True, tiesfed_src=None,
+                              skip_federated=True, tiesfed_src=None, aggregator="spill",
                               steps="merge,whole,mergekit,federated", add_json=None)
     data = bs.run(args, log=lambda *a, **k: None)
     steps = [r["step"] for r in data["rows"]]
