@@ -100,7 +100,11 @@ def table_rows(data: dict) -> list[dict]:
         r = data.get(key)
         if not r:
             continue
-        row = {"key": key, "tool": ROW_NAMES[key], "wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"],
+        tool = ROW_NAMES[key]
+        extra = data.get("config", {}).get("coordinator_args")
+        if key == "federated" and extra:
+            tool += f", coordinator `{' '.join(extra)}`"
+        row = {"key": key, "tool": tool, "wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"],
                "wall_ratio": None, "rss_ratio": None}
         if mk:
             row["wall_ratio"] = r["wall_s"] / mk["wall_s"]
@@ -229,6 +233,7 @@ def run_all(args, log=print) -> dict:
     run = work / "run"
     run.mkdir(parents=True, exist_ok=True)
     data: dict = {"config": {**cfg, "params": params, "models": N_MODELS, "k": K, "repeat": args.repeat,
+                             "coordinator_args": list(getattr(args, "coordinator_arg", None) or []),
                              "work": str(work)},
                   "meta": {**meta_info(), "tiesfed": tiesfed_source(env)}}
     src = data["meta"]["tiesfed"]
@@ -251,7 +256,8 @@ def run_all(args, log=print) -> dict:
             log(f"tiesfed merge {scope}{tag}: {runs[scope][-1]['wall_s']:.1f} s, "
                 f"{runs[scope][-1]['peak_rss_mib']:.0f} MiB", flush=True)
         if not args.skip_federated:
-            f = run_federated(base, fts, run, work, env)
+            f = run_federated(base, fts, run, work, env, coordinator_args=tuple(getattr(args, "coordinator_arg", None)
+                                                                               or ()))
             runs["federated"].append(f)
             log(f"federated round{tag}: {f['wall_s']:.1f} s (listening after {f['listen_s']:.1f} s), "
                 f"coordinator {f['coordinator']['peak_rss_mib']:.0f} MiB, submits "
@@ -355,6 +361,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs of each: best wall time, highest peak RSS")
     ap.add_argument("--skip-mergekit", action="store_true", help="no mergekit (no install, no ratios)")
     ap.add_argument("--skip-federated", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--coordinator-arg", action="append", metavar="ARG",
+                    help="one more argument for the round's `coordinator serve` (repeatable), e.g. "
+                         "--coordinator-arg=--publish-first")
     ap.add_argument("--json", metavar="OUT", help="also write every number to this JSON file")
     ap.add_argument("--update-readme", action="store_true",
                     help=f"replace README.md's <!-- figures:{BLOCK} --> block; the markers must be there")
