@@ -16,7 +16,6 @@ overhead, whatever the model's size and the number of models.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from contextlib import ExitStack
@@ -25,6 +24,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from tiesfed.client.budget import default_max_memory
 from tiesfed.client.contribution import (
     VALUE_DTYPES,
     contribution_header,
@@ -252,14 +252,6 @@ def merge(
 
 #: interpreter, libraries and one accumulator block: what a budget must leave room for
 FIXED_BYTES = 640 << 20
-
-
-def default_max_memory() -> int:
-    """Half the machine's physical memory."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
 
 
 def _device_budget(max_memory: Optional[int], device: str) -> Optional[int]:
