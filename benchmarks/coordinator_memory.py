@@ -9,9 +9,9 @@ Two modes:
 
   python benchmarks/coordinator_memory.py round --family /tmp/fam134 [--coord-arg=--actor-memory=3GB ...]
       One federated round over mutual TLS on loopback, every party its own process
-      (`coordinator serve` with Ray + 3 `client submit` + 1 `client fetch`), while a
-      poller samples with psutil the RSS of the coordinator process and of each process
-      it started (Ray's GCS, raylet, the shard actors). Prints peak RSS per process, CPU
+      (`coordinator serve` with Ray + 3 `client submit` + 1 `client fetch`), while
+      `benchmarks.measure.TreeSampler` samples with psutil the RSS of the coordinator
+      process and of each process it started (Ray's GCS, raylet, the shard actors). Prints peak RSS per process, CPU
       seconds (user + sys) of the coordinator and of its process tree, and the finalize
       window from the coordinator's JSON log.
 
@@ -23,24 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
-import threading
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.bench_vs_mergekit import (  # noqa: E402
-    CLIENTS,
-    K,
-    Measured,
-    coordinator_window,
-    ensure_pki,
-    tiesfed_cmd,
-    tool_env,
-)
+from benchmarks.peers import run_federated, tool_env  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -110,113 +99,25 @@ def render_nodes(budget: int, node_bytes: int) -> str:
 # ---------------------------------------------------------------- round (measured)
 
 
-class Poller:
-    """Samples the RSS of a process and of its descendants every `period` s (psutil)."""
-
-    def __init__(self, root_pid: int, period: float = 0.25) -> None:
-        import psutil
-
-        self.psutil = psutil
-        self.root = psutil.Process(root_pid)
-        self.period = period
-        self.peak: dict[int, dict] = {}
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _sample(self, p) -> None:
-        try:
-            rss = p.memory_info().rss
-            name = " ".join(p.cmdline()[:2])[:80] or p.name()
-            cpu = p.cpu_times()
-        except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
-            return
-        row = self.peak.setdefault(p.pid, {"pid": p.pid, "peak_rss_mib": 0.0, "name": name})
-        row["peak_rss_mib"] = max(row["peak_rss_mib"], rss / MiB)
-        row["cpu_s"] = cpu.user + cpu.system
-        if name.startswith("ray::") or row["name"].startswith("ray::IDLE"):
-            row["name"] = name  # an idle worker that became an actor
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except self.psutil.NoSuchProcess:
-                return
-            for p in procs:
-                self._sample(p)
-            self._stop.wait(self.period)
-
-    def stop(self) -> list[dict]:
-        self._stop.set()
-        self._t.join()
-        return sorted(self.peak.values(), key=lambda r: -r["peak_rss_mib"])
-
-
 def run_round(family: Path, work: Path, coord_args: list[str], timeout: float = 1800,
               tiesfed_src: str | None = None) -> dict:
+    """One round with the coordinator on Ray (`coord_args` added), every process sampled."""
     env = tool_env(tiesfed_src)
     base, fts = family / "base", [family / f"ft{i}" for i in range(3)]
-    pki = ensure_pki(work, env)
-    fed = work / "coordinator-memory"
-    shutil.rmtree(fed, ignore_errors=True)
-    (fed / "logs").mkdir(parents=True)
-    port_file = fed / "coordinator.port"
-    tf = tiesfed_cmd()
-    coord_cmd = [*tf, "coordinator", "serve", "--tls", str(pki / "server"), "--crl", str(pki / "ca" / "crl.pem"),
-                 "--spool", str(fed / "spool"), "--base", str(base), "--listen", "127.0.0.1:0",
-                 "--port-file", str(port_file), "--round", "r1", "--clients", ",".join(CLIENTS),
-                 "--option", f"k={K:g}", "--log-format", "json", *coord_args]
-    t0 = time.time()
-    coord = Measured(coord_cmd, fed / "logs" / "coordinator.log", env)
-    procs = [coord]
-    poller = None
-    try:
-        deadline = time.monotonic() + 60
-        import psutil
-
-        while not psutil.Process(coord.proc.pid).children():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the coordinator did not start")
-            time.sleep(0.01)
-        poller = Poller(psutil.Process(coord.proc.pid).children()[0].pid)
-        deadline = time.monotonic() + 300
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if not coord.running() or time.monotonic() > deadline:
-                raise RuntimeError("the coordinator did not listen:\n" + coord.tail())
-            time.sleep(0.02)
-        target = f"127.0.0.1:{int(port_file.read_text())}"
-        subs = [Measured([*tf, "client", "submit", str(base), str(ft), "--tls", str(pki / c), "--target", target,
-                          "--round", "r1", "--json", "-q"], fed / "logs" / f"submit-{c}.log", env)
-                for c, ft in zip(CLIENTS, fts)]
-        procs += subs
-        fetch = Measured([*tf, "client", "fetch", str(base), "-o", str(fed / "out"), "--tls", str(pki / CLIENTS[0]),
-                          "--target", target, "--round", "r1", "--timeout", str(timeout), "-q"],
-                         fed / "logs" / "fetch.log", env)
-        procs.append(fetch)
-        sub_res = [s.result(timeout) for s in subs]
-        fetch_res = fetch.result(timeout)
-        t_done = time.time()
-        tree = poller.stop()
-        poller = None
-        coord.terminate()
-        coord_res = coord.result(120, check=False)
-    finally:
-        if poller is not None:
-            poller.stop()
-        for p in procs:
-            p.stop()
-    driver = next((r for r in tree if r["pid"] == coord_res["pid"]), tree[0])
+    res = run_federated(base, fts, work / "coordinator-memory", work, env, timeout, aggregator="ray",
+                        coordinator_args=tuple(coord_args), sample_tree=True)
+    tree = res["processes"]
+    driver = next((r for r in tree if r["pid"] == res["coordinator"]["pid"]), tree[0])
     return {
         "coord_args": coord_args,
         "tiesfed_src": tiesfed_src,
-        "wall_s": t_done - t0,
+        "wall_s": res["wall_s"],
         "coordinator": {"peak_rss_mib": driver["peak_rss_mib"], "cpu_s": driver.get("cpu_s"),
-                        "tree_cpu_s": coord_res["user_s"] + coord_res["sys_s"]},
+                        "tree_cpu_s": res["coordinator"]["user_s"] + res["coordinator"]["sys_s"]},
         "processes": tree,
-        "submits": [{k: s[k] for k in ("wall_s", "peak_rss_mib", "user_s", "sys_s")} for s in sub_res],
-        "fetch": {k: fetch_res[k] for k in ("wall_s", "peak_rss_mib", "user_s", "sys_s")},
-        "window": coordinator_window(coord.log),
+        "submits": [{k: s[k] for k in ("wall_s", "peak_rss_mib", "user_s", "sys_s")} for s in res["submits"]],
+        "fetch": {k: res["fetch"][k] for k in ("wall_s", "peak_rss_mib", "user_s", "sys_s")},
+        "window": res["window"],
     }
 
 

@@ -135,17 +135,21 @@ class TreeSampler:
                 return
             for p in procs:
                 try:
-                    rss = p.memory_info().rss
-                    if rss > self.peaks.get(p.pid, {}).get("rss", -1):
-                        name = self.peaks.get(p.pid, {}).get("name") or " ".join(p.cmdline()[:3])[:120]
-                        self.peaks[p.pid] = {"rss": rss, "name": name}
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    rss, cpu, name = p.memory_info().rss, p.cpu_times(), " ".join(p.cmdline()[:3])[:120]
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
+                row = self.peaks.setdefault(p.pid, {"rss": 0, "name": name})
+                row["rss"] = max(row["rss"], rss)
+                row["cpu_s"] = cpu.user + cpu.system
+                if name.startswith("ray::"):
+                    row["name"] = name  # an idle Ray worker that became an actor
             self._stop.wait(self.period)
 
     def stop(self) -> list[dict]:
-        """Stop sampling; each process seen, largest peak first: pid, name, peak_rss_mib."""
+        """Stop sampling; each process seen, largest peak first: pid, name, peak_rss_mib, cpu_s
+        (user + sys at its last sample)."""
         self._stop.set()
         self._thread.join(5)
-        rows = [{"pid": pid, "name": v["name"], "peak_rss_mib": v["rss"] / 2**20} for pid, v in self.peaks.items()]
+        rows = [{"pid": pid, "name": v["name"], "peak_rss_mib": v["rss"] / 2**20, "cpu_s": v.get("cpu_s", 0.0)}
+                for pid, v in self.peaks.items()]
         return sorted(rows, key=lambda r: -r["peak_rss_mib"])
