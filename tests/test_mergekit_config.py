@@ -495,12 +495,14 @@ def test_della_keeps_large_magnitudes_more_often():
         sparsify(big, "della_magprune", 0.1, epsilon=0.2, generator=gen)
 
 
-def test_federated_merge_refuses_a_sparsifier(family, tmp_path):
+def test_federated_merge_refuses_a_gamma_gradient(family, tmp_path):
+    """A round runs the sparsifier on its clients (tests/test_federated_sparsifiers.py), with one gamma:
+    a gradient over the layers stays local, refused naming the field."""
     from tiesfed.federated_merge import federated_merge
 
     _, _, base_dir, paths = family
-    raw = {"merge_method": "breadcrumbs", "base_model": str(base_dir),
+    raw = {"merge_method": "breadcrumbs", "base_model": str(base_dir), "parameters": {"gamma": [0.0, 0.1]},
            "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}} for p in paths]}
-    with pytest.raises(ValueError, match="local merge only"):
+    with pytest.raises(ValueError, match=r"models\[0\] .*\.gamma: \[0.0, 0.1\] is a gradient"):
         federated_merge(from_mergekit(raw), tmp_path / "out", aggregator="local")
     assert not (tmp_path / "out").exists()

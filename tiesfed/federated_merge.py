@@ -34,6 +34,7 @@ from tiesfed.coordinator.rounds import (
 )
 from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
 from tiesfed.core.options import MergeConfig
+from tiesfed.io.mergekit_config import round_plan
 from tiesfed.io.model_io import (
     DEFAULT_SHARD_BYTES,
     DTYPE_TO_ST,
@@ -107,10 +108,7 @@ def federated_merge(
     the fetch verifies the coordinator's signed merge. `tls=False` uses plaintext
     on loopback."""
     started = time.perf_counter()
-    opts = config.options
-    if any(m.sparsifier for m in config.models):  # mergekit's per-tensor sparsifiers: not on the clients yet
-        raise ValueError("mergekit's sparsifiers (DARE's L1 rescale or none, breadcrumbs, della) run in the local "
-                         "merge only (tiesfed merge --config)")
+    opts, plan = round_plan(config)
     with ModelReader(config.base_model) as base:
         fp = fingerprint(base)
         manifest = [
@@ -122,8 +120,8 @@ def federated_merge(
         round_id=round_id,
         options=opts,
         participants=[
-            ParticipantConfig(client_id=cid, weight=m.weight, density=m.density, model_key=str(i))
-            for i, (cid, m) in enumerate(zip(ids, config.models))
+            ParticipantConfig(client_id=cid, weight=w, density=d, model_key=str(i))
+            for i, (cid, (w, d)) in enumerate(zip(ids, plan))
         ],
         base_fingerprint=fp,
         manifest=manifest,

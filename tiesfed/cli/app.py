@@ -51,6 +51,11 @@ def main() -> None:
 @click.option("--value-dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="dtype of the trimmed task-vector values (default: the model's own)")
 @click.option("--keep-base", multiple=True, help="glob of tensors left at the base value (repeatable)")
+@click.option("--sparsifier", type=click.Choice(["magnitude", "dare", "breadcrumbs", "della"]),
+              help="mergekit's sparsifier instead of the trim of ties, task_arithmetic or average (whole tensors)")
+@click.option("--rescale/--no-rescale", default=None, help="with --sparsifier: survivors scaled to the tensor's L1 norm")
+@click.option("--gamma", type=float, help="breadcrumbs: share of the largest |τ| dropped (default 0.01)")
+@click.option("--epsilon", type=float, help="della: keep probability spread around the density (default 0.15)")
 @click.option("--device", default="cpu", show_default=True, callback=device_option,
               help="where to trim and fold: cpu, cuda, cuda:N or mps")
 @click.option("--shard-size", default="5GB", show_default=True,

@@ -241,10 +241,25 @@ def iter_contribution(
     if global_topk(trim):
         stats.threshold = threshold
     keep_all = trim.kind == "none" or trim.fraction >= 1.0 or (trim.scope == "global" and threshold is None)
+    check_whole(tensors, trim, block)
     scratch = Scratch()
     if progress:
         progress.stage("trim+encode", sum(t.numel for t in tensors))
     for t in tensors:
+        if trim.kind == "sparsify":  # mergekit's sparsifier on the whole tensor, as the local engine runs it
+            tau = _task_vector(base, ft, t.name, device, check=True)
+            out = trim.sparsifier.run(tau.reshape(t.shape), trim.fraction, seed=trim.seed, model_key=model_key,
+                                      name=t.name).reshape(-1)
+            idx, val = trim_none(out)
+            stats.numel += t.numel
+            stats.nnz += idx.numel()
+            stats.norm_sq_total += sum_sq(tau)
+            stats.norm_sq_kept += sum_sq(tau.index_select(0, idx))
+            idx, val = cast_values(idx, val, value_dtype or wire_dtype(t.dtype), t.name)
+            if progress:
+                progress.update(t.numel)
+            yield SparseTensor(name=t.name, shape=tuple(t.shape), indices=idx.cpu(), values=val.cpu())
+            continue
         if t.numel > block:
             stats.numel += t.numel
             for lo, hi, idx, val in _span_survivors(base, ft, t, trim, keep_all, threshold, model_key, device,
@@ -276,16 +291,31 @@ def iter_contribution(
         yield SparseTensor(name=t.name, shape=tuple(t.shape), indices=idx.cpu(), values=val.cpu())
 
 
+def check_whole(tensors: Sequence[TensorInfo], trim: TrimSpec, block: int) -> None:
+    """mergekit's sparsifiers (breadcrumbs, della, DARE...) need each tensor whole: refuse, before
+    any work, a tensor larger than the block the memory budget allows."""
+    if trim.kind != "sparsify":
+        return
+    big = next((t for t in tensors if t.numel > block), None)
+    if big is not None:
+        raise ValueError(f"tensor {big.name!r} has {big.numel:,} elements, more than the {block:,} the memory budget "
+                         "holds at once, and mergekit's sparsifier (DARE, breadcrumbs, della) needs whole tensors: "
+                         "give a larger --max-memory")
+
+
 def contribution_header(
     base_fingerprint: str, model_key: str, trim: TrimSpec, *, threshold: Optional[float] = None, **extra: object
 ) -> dict:
     """The stream header; a global top-k trim's `threshold` (from `contribution_threshold`)
     is declared in it, where the coordinator checks every value against it."""
+    sp = trim.sparsifier
     return {
         "kind": "contribution",
         "base_fingerprint": base_fingerprint,
         "model_key": model_key,
-        "trim": {"kind": trim.kind, "fraction": trim.fraction, "scope": trim.scope, "seed": trim.seed},
+        "trim": {"kind": trim.kind, "fraction": trim.fraction, "scope": trim.scope, "seed": trim.seed,
+                 **({"sparsifier": {"method": sp.method, "rescale": sp.rescale, "gamma": sp.gamma,
+                                    "epsilon": sp.epsilon}} if sp is not None else {})},
         **({"threshold": float(threshold)} if threshold is not None and global_topk(trim) else {}),
         **extra,
     }

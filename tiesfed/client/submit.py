@@ -45,6 +45,7 @@ from tiesfed.client.connection import (
 from tiesfed.client.contribution import (
     VALUE_DTYPES,
     TrimStats,
+    check_whole,
     contribution_header,
     contribution_threshold,
     iter_contribution,
@@ -56,6 +57,7 @@ from tiesfed.io.files import sha256_file
 from tiesfed.io.model_io import (
     ModelReader,
     check_compatible,
+    mergeable,
 )
 from tiesfed.protos.codec import SparseTensor, StreamWriter
 from tiesfed.protos.v1 import (
@@ -229,11 +231,12 @@ def submit(
         with ModelReader(base) as b, ModelReader(model) as ft:
             fp = check_base(spec, b, opts)
             check_compatible(b, ft, opts.keep_base, allow_architecture_mismatch)
+            check_whole(mergeable(b.manifest(), opts.keep_base), trim, block)  # before any upload
             from tiesfed.client.secure import secure_spec, submit_secure  # issue 13: the round says if it is secure
 
             if (secure := secure_spec(conn, round_id)) is not None:
                 return submit_secure(conn, spec, secure, b, ft, trim, opts, me.model_key, device=device,
-                                     value_dtype=value_dtype, block=block, chunk_bytes=chunk_bytes, started=started)
+                                     value_dtype=value_dtype, block=block, chunk_bytes=chunk_bytes, started=started, fault=fault)
             pipe = _SpoolPipe(Path(tmp) / f"{round_id}-{client_id}.tfs")
             stats = TrimStats()
             stages = Stages(enabled=progress)

@@ -26,13 +26,23 @@ def _fraction(opts: MergeOptions, density: Optional[float]) -> float:
     return density if density is not None else opts.k / 100.0
 
 
+def _sparsified(opts: MergeOptions, density: Optional[float]) -> Optional[TrimSpec]:
+    """The trim when the options name mergekit's sparsifier: it replaces the method's own."""
+    sp = opts.sparsifier_spec()
+    if sp is None:
+        return None
+    return TrimSpec(kind="sparsify", fraction=_fraction(opts, density), scope="tensor", seed=opts.seed,
+                    sparsifier=sp)
+
+
 class Ties(MergeMethod):
     """Trim to top-k, elect signs, disjoint merge (Yadav et al. 2023)."""
 
     name = "ties"
 
     def trim_spec(self, opts: MergeOptions, density: Optional[float] = None) -> TrimSpec:
-        return TrimSpec(kind="topk", fraction=_fraction(opts, density), scope=opts.trim, seed=opts.seed)
+        return _sparsified(opts, density) or TrimSpec(kind="topk", fraction=_fraction(opts, density),
+                                                      scope=opts.trim, seed=opts.seed)
 
     def finalize_spec(self, opts: MergeOptions, weighted: bool) -> FinalizeSpec:
         return FinalizeSpec(
@@ -61,7 +71,7 @@ class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
 
     def trim_spec(self, opts: MergeOptions, density: Optional[float] = None) -> TrimSpec:
-        return TrimSpec(kind="none", fraction=1.0)
+        return _sparsified(opts, density) or TrimSpec(kind="none", fraction=1.0)
 
     def finalize_spec(self, opts: MergeOptions, weighted: bool) -> FinalizeSpec:
         return FinalizeSpec(combine="sum", weighted=weighted)

@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from tiesfed.core.sparsify import DEFAULT_EPSILON, DEFAULT_GAMMA, OPTION_NAMES, Sparsifier, check_della
+
 Method = Literal["ties", "task_arithmetic", "average", "dare_ties", "dare_linear"]
 TrimScope = Literal["global", "tensor"]
 Election = Literal["mass", "count"]
@@ -25,6 +27,9 @@ ZeroSign = Literal["majority", "positive"]
 Disjoint = Literal["mean", "sum", "max"]
 WeightSemantics = Literal["mergekit", "peft"]
 ValueDtype = Literal["float32", "float16", "bfloat16"]
+SparsifierName = Literal["magnitude", "dare", "breadcrumbs", "della"]
+#: the methods whose trim a sparsifier replaces (the DARE methods drop at random already)
+SPARSIFIED_METHODS = ("ties", "task_arithmetic", "average")
 
 
 def validation_message(e: ValidationError) -> str:
@@ -53,6 +58,16 @@ class MergeOptions(BaseModel):
     keep_base: tuple[str, ...] = Field(
         (), description="globs of tensors left at their base value (e.g. resized embeddings)"
     )
+    sparsifier: Optional[SparsifierName] = Field(
+        None, description="mergekit's sparsifier instead of the method's trim, on each whole tensor, keeping "
+        "density (k): magnitude, dare (no 1/p rescale), breadcrumbs (gamma), della (epsilon)"
+    )
+    rescale: bool = Field(False, description="with a sparsifier: scale the survivors to the tensor's L1 norm "
+                                             "(mergekit's rescale)")
+    gamma: Optional[float] = Field(None, ge=0, lt=1, description=f"breadcrumbs: share of the largest |τ| "
+                                   f"dropped (default {DEFAULT_GAMMA})")
+    epsilon: Optional[float] = Field(None, gt=0, lt=1, description=f"della: keep probabilities span density "
+                                     f"± epsilon by magnitude rank (default {DEFAULT_EPSILON})")
 
     @field_validator("lam")
     @classmethod
@@ -60,6 +75,36 @@ class MergeOptions(BaseModel):
         if v != v or v in (float("inf"), float("-inf")):
             raise ValueError("lambda must be finite")
         return v
+
+    @model_validator(mode="after")
+    def _sparsifier_settings(self) -> "MergeOptions":
+        """A sparsifier replaces the trim of ties, task_arithmetic or average; its settings need it."""
+        if self.sparsifier is None:
+            for key in ("rescale", "gamma", "epsilon"):
+                if getattr(self, key) not in (None, False):
+                    raise ValueError(f"{key} is a setting of a sparsifier: give sparsifier too")
+            return self
+        if self.method not in SPARSIFIED_METHODS:
+            raise ValueError(f"sparsifier {self.sparsifier!r} replaces the trim of {', '.join(SPARSIFIED_METHODS)}; "
+                             f"method {self.method!r} drops at random already")
+        if self.gamma is not None and self.sparsifier != "breadcrumbs":
+            raise ValueError(f"gamma is a setting of the breadcrumbs sparsifier, not of {self.sparsifier!r}")
+        if self.epsilon is not None and self.sparsifier != "della":
+            raise ValueError(f"epsilon is a setting of the della sparsifier, not of {self.sparsifier!r}")
+        if self.sparsifier == "della":
+            check_della(self.k / 100, self.epsilon_value)
+        return self
+
+    @property
+    def epsilon_value(self) -> float:
+        return DEFAULT_EPSILON if self.epsilon is None else self.epsilon
+
+    def sparsifier_spec(self) -> Optional[Sparsifier]:
+        """The sparsifier every model's tensors go through, with its settings; None without one."""
+        if self.sparsifier is None:
+            return None
+        return Sparsifier(method=OPTION_NAMES[self.sparsifier], rescale=self.rescale,
+                          gamma=DEFAULT_GAMMA if self.gamma is None else self.gamma, epsilon=self.epsilon_value)
 
 
 class ModelEntry(BaseModel):

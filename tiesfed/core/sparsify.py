@@ -20,6 +20,7 @@ result is deterministic (mergekit's sort leaves it open).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -28,7 +29,37 @@ from tiesfed.core import radix
 
 SparsifyMethod = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
 SPARSIFIERS: tuple[str, ...] = ("magnitude", "random", "magnitude_outliers", "della_magprune")
+#: `MergeOptions.sparsifier`'s names for them
+OPTION_NAMES: dict[str, SparsifyMethod] = {"magnitude": "magnitude", "dare": "random",
+                                           "breadcrumbs": "magnitude_outliers", "della": "della_magprune"}
+#: mergekit 0.1.5's defaults of breadcrumbs' γ and DELLA's ε
+DEFAULT_GAMMA = 0.01
+DEFAULT_EPSILON = 0.15
 _EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """One mergekit sparsifier with its settings, for a whole model (a round's options):
+    what `TrimSpec(kind="sparsify")` runs on each tensor, on the client and in the engine."""
+
+    method: SparsifyMethod
+    rescale: bool = False
+    gamma: float = DEFAULT_GAMMA
+    epsilon: float = DEFAULT_EPSILON
+
+    def run(self, tau: torch.Tensor, density: float, *, seed: int, model_key: str, name: str) -> torch.Tensor:
+        """τ (the tensor's own shape) sparsified; the random methods draw from the generator of
+        (seed, model, tensor), as `sparsify_entry` and tiesfed's DARE do."""
+        from tiesfed.core.trim import dare_generator, dare_seed
+
+        gen = (dare_generator(dare_seed(seed, model_key, name))
+               if self.method in ("random", "della_magprune") else None)
+        try:
+            return sparsify(tau, self.method, density, rescale=self.rescale, gamma=self.gamma,
+                            epsilon=self.epsilon, generator=gen)
+        except ValueError as e:
+            raise ValueError(f"tensor {name!r}: {e}") from None
 
 
 def check_della(density: float, epsilon: float) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from tiesfed.core import radix
 from tiesfed.core.compact import flat_nonzero
+from tiesfed.core.sparsify import Sparsifier
 
 Survivors = tuple[torch.Tensor, torch.Tensor]
 
@@ -30,17 +31,21 @@ class TrimSpec:
 
     kind: "topk" keeps the largest magnitudes (scope "global" or "tensor"),
     "dare" drops at random with probability 1-fraction and rescales,
-    "none" keeps every nonzero (task arithmetic, averaging).
+    "none" keeps every nonzero (task arithmetic, averaging), "sparsify" runs mergekit's
+    `sparsifier` on each whole tensor at density `fraction` (random ones seeded by `seed`).
     """
 
-    kind: Literal["topk", "dare", "none"] = "topk"
+    kind: Literal["topk", "dare", "none", "sparsify"] = "topk"
     fraction: float = 0.2
     scope: Literal["global", "tensor"] = "global"
     seed: int = 0
+    sparsifier: Optional[Sparsifier] = None
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
             raise ValueError(f"trim fraction must be in (0, 1], got {self.fraction}")
+        if (self.kind == "sparsify") != (self.sparsifier is not None):
+            raise ValueError("a sparsify trim names its sparsifier, and only it does")
 
 
 def task_vector(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from tiesfed.core.methods import get_method
 from tiesfed.core.options import MergeConfig, ModelEntry
 from tiesfed.core.sparsify import sparsify_entry
 from tiesfed.core.tensor_params import layer_count, position, resolve
-from tiesfed.core.trim import task_vector
+from tiesfed.core.trim import TrimSpec, task_vector
 from tiesfed.engine.deferred import Pending, Tie
 from tiesfed.engine.tensor import merge_tensor
 from tiesfed.engine.trimmer import ModelTrimmer
@@ -113,9 +113,10 @@ def merge(
         tensors = mergeable(base.manifest(), opts.keep_base)
         merged_names = {t.name for t in tensors}
         params = sum(t.numel for t in tensors)
-        # a model with mergekit's sparsifier is sparsified before its trim, which then keeps all
+        # a model with mergekit's sparsifier (its own, or the options') is sparsified before its trim,
+        # which then keeps all
         trims = [method.trim_spec(opts, 1.0 if m.sparsifier else m.density) for m in config.models]
-        trimmers = [ModelTrimmer(trim, str(i), m.model, params, value_dtype)
+        trimmers = [ModelTrimmer(_KEEP_ALL if trim.kind == "sparsify" else trim, str(i), m.model, params, value_dtype)
                     for i, (m, trim) in enumerate(zip(config.models, trims))]
         if config.semantics == "mergekit":
             for trimmer in trimmers:
@@ -132,7 +133,7 @@ def merge(
 
         block = block_elements(_device_budget(max_memory, device), trimmers)
         whole = [t.name for t in tensors if t.numel > block]
-        if whole and any(m.sparsifier for m in config.models):
+        if whole and any(m.sparsifier or trim.kind == "sparsify" for m, trim in zip(config.models, trims)):
             raise ValueError(f"tensor {whole[0]!r} does not fit the memory budget whole, and mergekit's sparsifier "
                              "(DARE, breadcrumbs, della) needs whole tensors: give a larger --max-memory")
         if any(t.needs_histogram for t in trimmers):
@@ -174,11 +175,12 @@ def merge(
                 trimmer.start_tensor(t.name, t.numel, len(blocks))
             for lo, hi in blocks:
                 theta0 = _read(base, t, lo, hi, device, compute)
-                parts = [trimmer.trim_block(t.name, _sparsified(m, i, t, at if per_tensor else 0.0, len(blocks),
-                                                                opts.seed, task_vector(theta0, _read(ft, t, lo, hi,
-                                                                                                     device, compute))),
+                parts = [trimmer.trim_block(t.name, _sparsified(m, trim, i, t, at if per_tensor else 0.0,
+                                                                len(blocks), opts.seed,
+                                                                task_vector(theta0, _read(ft, t, lo, hi, device,
+                                                                                          compute))),
                                             theta0.dtype)
-                         for i, (m, ft, trimmer) in enumerate(zip(config.models, fts, trimmers))]
+                         for i, (m, trim, ft, trimmer) in enumerate(zip(config.models, trims, fts, trimmers))]
                 try:
                     res = merge_tensor(t.name, theta0, parts, w_t, reports, spec, opts.lam, offset=lo)
                 except OverflowError as e:
@@ -310,12 +312,20 @@ def _tensor_density(m: ModelEntry, name: str, t: float) -> Optional[float]:
     return None if d is None else min(max(d, 0.0), 1.0)
 
 
-def _sparsified(m: ModelEntry, i: int, t: TensorInfo, at: float, blocks: int, seed: int,
+#: the trim after a sparsifier: it keeps what the sparsifier left
+_KEEP_ALL = TrimSpec(kind="none", fraction=1.0)
+
+
+def _sparsified(m: ModelEntry, trim: TrimSpec, i: int, t: TensorInfo, at: float, blocks: int, seed: int,
                 tau: torch.Tensor) -> torch.Tensor:
-    """τ through the model's mergekit sparsifier, if it has one (it needs the whole tensor)."""
-    if not m.sparsifier:
+    """τ through the model's mergekit sparsifier (its own, else the options'), if it has one (it needs
+    the whole tensor); the options' is the one a federated client runs (`TrimSpec` "sparsify")."""
+    if not m.sparsifier and trim.kind != "sparsify":
         return tau
     assert blocks == 1, "checked before the pass"
+    if not m.sparsifier:
+        return trim.sparsifier.run(tau.reshape(t.shape), trim.fraction, seed=trim.seed, model_key=str(i),
+                                   name=t.name).reshape(-1)
     density = _tensor_density(m, t.name, at)
     out = sparsify_entry(tau.reshape(t.shape), m.sparsifier, 1.0 if density is None else density, t.name, at,
                          seed=seed, model_key=str(i))

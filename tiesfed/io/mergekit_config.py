@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
-from tiesfed.core.sparsify import check_della
+from tiesfed.core.sparsify import OPTION_NAMES, check_della
 from tiesfed.core.tensor_params import is_number
+from tiesfed.io.model_io import ModelReader, mergeable
 
 
 class MergekitConfigError(ValueError):
@@ -253,3 +254,102 @@ def _entry(path: str, weights: tuple, densities: tuple) -> ModelEntry:
         density=d if d is not None and 0 < d <= 1 else None,
         weight_settings=weights, density_settings=densities, density_default=1.0,
     )
+
+
+# ------------------------------------------------------------------ a config as a federated round
+
+
+class RoundPlanError(ValueError):
+    """A merge config a federated round cannot carry; names the field."""
+
+
+def round_plan(config: MergeConfig) -> tuple[MergeOptions, list[tuple[float, Optional[float]]]]:
+    """What a round carries of `config`: its options (every model's mergekit sparsifier lifted into
+    them, so each client runs it) and one (weight, density) per model, for the round's participants.
+    Refuses, naming the field, what a round cannot carry: per-tensor gradients or filters, weights
+    that are not positive, sparsifier settings that differ between models, a dtype cast."""
+    opts = config.options
+    plan: list[tuple[float, Optional[float]]] = []
+    for i, m in enumerate(config.models):
+        field = f"models[{i}] ({m.model})"
+        w = m.weight if m.weight_settings is None else _plain(f"{field}.weight", m.weight_settings, m.weight_default)
+        d = m.density if m.density_settings is None else _plain(f"{field}.density", m.density_settings,
+                                                                m.density_default)
+        if w is None or w <= 0:
+            raise RoundPlanError(f"{field}.weight: {w}: a round's participants have positive weights; merge "
+                                 "locally (tiesfed merge --config)")
+        if d is not None and d <= 0:
+            raise RoundPlanError(f"{field}.density: {d:g}: a round keeps a positive density")
+        plan.append((w, None if d is None else min(d, 1.0)))
+    update = _round_sparsifier(config)
+    if update:
+        opts = MergeOptions.model_validate({**opts.model_dump(), **update})
+        if opts.sparsifier == "della":
+            for i, (_, d) in enumerate(plan):
+                try:
+                    check_della(opts.k / 100 if d is None else d, opts.epsilon_value)
+                except ValueError as e:
+                    raise RoundPlanError(f"models[{i}].epsilon: {e}") from None
+    _check_dtypes(config)
+    return opts, plan
+
+
+def _plain(field: str, settings: tuple, default: Optional[float]) -> Optional[float]:
+    """One value for every tensor: the settings' first plain number, else the default."""
+    for s in settings:
+        if s is None:
+            continue
+        if not is_number(s):
+            raise RoundPlanError(f"{field}: {s!r} is a gradient or a filter list, resolved per tensor; a round "
+                                 "carries one value per participant: merge locally (tiesfed merge --config)")
+        return float(s)
+    return default
+
+
+def _round_sparsifier(config: MergeConfig) -> dict:
+    """The options' sparsifier settings that give every model its own mergekit sparsifier: the same
+    method, rescale and gamma/epsilon for all. mergekit's plain ties trim becomes the magnitude
+    sparsifier in a round: it keeps max(1, int(density·n)) per tensor, as mergekit (and the local merge)."""
+    sps = [m.sparsifier for m in config.models]
+    if not any(sps):
+        if config.semantics == "mergekit" and config.options.method == "ties" and config.options.sparsifier is None:
+            return {"sparsifier": "magnitude", "rescale": False}
+        return {}
+    if config.options.sparsifier is not None:
+        raise RoundPlanError("options.sparsifier: the models name their own sparsifier")
+    names = {core: name for name, core in OPTION_NAMES.items()}
+    out: dict[str, Any] = {}
+    for i, (m, sp) in enumerate(zip(config.models, sps)):
+        field = f"models[{i}] ({m.model})"
+        if not sp:
+            raise RoundPlanError(f"{field}.sparsifier: a round runs one sparsifier for every model")
+        mine: dict[str, Any] = {"sparsifier": names[sp["method"]], "rescale": bool(sp.get("rescale"))}
+        for key in ("gamma", "epsilon"):
+            if key in sp:
+                mine[key] = _plain(f"{field}.{key}", tuple(sp[key] or ()), sp.get(f"{key}_default"))
+        for key, v in mine.items():
+            if i and out.get(key) != v:
+                raise RoundPlanError(f"{field}.{key}: {v!r}, where models[0] has {out.get(key)!r}: a round carries "
+                                     "one for every model")
+        out = out or mine
+    return out
+
+
+def _check_dtypes(config: MergeConfig) -> None:
+    """`dtype`/`out_dtype` cast nothing a round would carry: every float tensor already has it."""
+    import torch
+
+    for key in ("dtype", "out_dtype"):
+        want = getattr(config, key)
+        if want is None:
+            continue
+        folders = [config.base_model] + ([m.model for m in config.models] if key == "dtype" else [])
+        for folder in folders:
+            with ModelReader(folder) as r:
+                tensors = mergeable(r.manifest(), config.options.keep_base) if key == "dtype" else r.manifest()
+                other = next((t for t in tensors if t.dtype.is_floating_point and t.dtype != getattr(torch, want)),
+                             None)
+            if other is not None:
+                raise RoundPlanError(f"{key}: {want} casts {folder}'s {other.name!r} ({other.dtype}), and a round "
+                                     "cannot carry a cast (clients upload in their models' dtypes): merge locally "
+                                     "(tiesfed merge --config), or convert the models first")
