@@ -308,6 +308,46 @@ def test_two_clients_killed_mid_round_of_five(family, tmp_path, pki, five, secur
     assert_identical(fetch_secure(srv.target, pki, family, tmp_path), want)
 
 
+def test_a_broken_masked_upload_resumes_where_the_coordinator_stopped(family, tmp_path, pki, secure_server):
+    """Each client's masked upload is cut twice mid-stream (the call cancelled, as `submit`'s
+    `fault` hook does for a plain upload): it asks MaskedStatus, resumes at the coordinator's
+    held offset after checking that prefix's sha256, and the round equals the plain round bit
+    for bit (no piece folded twice); the spooled prefixes are gone afterwards."""
+    srv = secure_server(secure_config())
+
+    def held(client: str) -> int:
+        part = srv.secure.sessions["r1"].partial.get(client)
+        return part.size if part is not None else 0
+
+    def cut_for(client: str):
+        before = [0]
+
+        def fault(attempt: int, piece: int) -> bool:
+            if (attempt, piece) not in ((0, 3), (1, 2)):
+                return False
+            end = time.monotonic() + 10  # let this stream's pieces so far arrive: the resume moves on
+            while held(client) <= before[0] and time.monotonic() < end:
+                time.sleep(0.01)
+            before[0] = held(client)
+            return True
+        return fault
+
+    def one(i: int):
+        return submit(srv.target, "r1", None, family[0], family[1][i], retry=FAST, tls=pki.client(CLIENTS[i]),
+                      chunk_bytes=512, fault=cut_for(CLIENTS[i]))
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(one, range(3)))
+    r = srv.manager.get("r1")
+    assert r.wait_closed(60) and r.state == "finalized", r.message
+    for res in results:
+        assert res.attempts == 3 and len(res.resumed_from) == 2, res
+        assert 0 < res.resumed_from[0] < res.resumed_from[1] < res.bytes, res.resumed_from
+    assert r.message.endswith(", ".join(CLIENTS))
+    assert not list(r.spool.merged_path.parent.glob("secagg-*.masked"))
+    assert_identical(fetch_secure(srv.target, pki, family, tmp_path), plain_round(family, tmp_path, [0, 1, 2]))
+
+
 def test_fewer_than_t_survivors_fail_the_round_with_a_clear_status(family, tmp_path, pki, secure_server):
     srv = secure_server(secure_config(threshold=3))
     stopping = client_process(pki, family, srv.target, 2, "shares")

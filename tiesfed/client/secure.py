@@ -12,6 +12,8 @@ dropout.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import threading
 import time
 from typing import Callable, Iterator, Optional, TypeVar
 
@@ -35,6 +37,12 @@ from tiesfed.trust.secagg.params import SecAggRound, from_public_json
 #: Seconds one Poll waits on the coordinator before asking again.
 POLL_S = 5.0
 T = TypeVar("T")
+#: A masked upload broken with one of these resumes (DATA_LOSS: the coordinator dropped a
+#: prefix whose hash was wrong, so the vector goes again from 0).
+RESUMABLE = RETRYABLE | {grpc.StatusCode.CANCELLED, grpc.StatusCode.DATA_LOSS}
+#: Test hook, as `submit`'s: fault(attempt, piece_index) before each masked piece is sent;
+#: True breaks the connection there (the call is cancelled).
+Fault = Callable[[int, int], bool]
 
 
 def secure_spec(conn: Connection, round_id: str) -> Optional[spb.SecureSpec]:
@@ -98,11 +106,29 @@ def flat_contribution(spec: pb.RoundSpec, base: ModelReader, ft: ModelReader, tr
     return torch.cat(idx), torch.cat(val)
 
 
+def _resume(pieces: Iterator[bytes], start: int,
+            prefix_sha256: str) -> Optional[tuple[int, "hashlib._Hash", Iterator[bytes]]]:
+    """(start, the hash of the bytes before it, the bytes from there) if the regenerated
+    prefix hashes to what the coordinator holds; else None (the vector is sent afresh)."""
+    sha, at, tail = hashlib.sha256(), 0, b""
+    for piece in pieces:
+        cut = min(len(piece), start - at)
+        sha.update(piece[:cut])
+        at += cut
+        if at == start:
+            tail = piece[cut:]
+            break
+    if at != start or sha.hexdigest() != prefix_sha256:
+        log.warning("the coordinator's %d masked bytes are not this client's; sending them again from 0", start)
+        return None
+    return start, sha, itertools.chain([tail] if tail else [], pieces)
+
+
 class SecureFlow:
     """One client's secure round over `conn`, one method per phase (`run` does them all)."""
 
     def __init__(self, conn: Connection, rnd: SecAggRound, indices: torch.Tensor, values: torch.Tensor,
-                 chunk_bytes: int = 1 << 20) -> None:
+                 chunk_bytes: int = 1 << 20, fault: Optional[Fault] = None) -> None:
         if conn.identity is None:
             raise FederatedError("a secure round needs mutual TLS (--tls): each client signs its keys with its "
                                  "certificate key", "FAILED_PRECONDITION")
@@ -112,7 +138,10 @@ class SecureFlow:
             raise FederatedError(f"round {rnd.round_id!r}: {e}", "INVALID_ARGUMENT") from None
         self.conn, self.round, self.chunk_bytes = conn, rnd, min(chunk_bytes, MAX_CHUNK_BYTES)
         self.sent = 0
-        self.sha256 = hashlib.sha256()
+        self.sha256 = hashlib.sha256()  # of the masked vector, once sent
+        self.fault = fault
+        self.resumed_from: list[int] = []
+        self.attempts = 1
 
     def _step(self, phase: str, payload: bytes) -> None:
         _call(self.conn, "Step", spb.SecAggStep(round_id=self.round.round_id, phase=phase, payload=payload))
@@ -136,28 +165,72 @@ class SecureFlow:
         self._step("shares", to_bytes(self.client.share(self._poll("keys", KeyList))))
 
     def masked(self) -> None:
-        """The masked vector over U, streamed chunk by chunk."""
+        """The masked vector over U, streamed chunk by chunk; after a transport error it backs
+        off (the connection's retry policy), asks how much the coordinator holds and resumes
+        there, regenerating the same bytes (the masks are deterministic) and checking the
+        held prefix's sha256 on the way."""
         req = self._poll("shares", MaskRequest)
         lay = self.round.layout
-        per = lay.width * lay.bytes_per_element
-        pieces = self.client.masked_stream(req, max(1, self.chunk_bytes // per))
-        total = per * self.client.support_size
+        per = max(1, self.chunk_bytes // (lay.width * lay.bytes_per_element))
+        pieces: Iterator[bytes] = self.client.masked_stream(req, per)  # accepts req: U is known after it
+        total = lay.width * lay.bytes_per_element * self.client.support_size
+        retry = self.conn.retry
+        for attempt in range(retry.attempts + 1):
+            start, sha = 0, hashlib.sha256()
+            if attempt > 0:
+                st = _call(self.conn, "MaskedStatus", spb.SecureSpecRequest(round_id=self.round.round_id))
+                if st.committed:
+                    return
+                pieces = self.client.masked_again(per)
+                if st.total_bytes == total and 0 < st.committed_offset <= total:
+                    resumed = _resume(pieces, st.committed_offset, st.prefix_sha256)
+                    if resumed is None:
+                        pieces = self.client.masked_again(per)
+                    else:
+                        start, sha, pieces = resumed
+                        self.resumed_from.append(start)
+            self.attempts = attempt + 1
+            try:
+                self._stream(attempt, start, sha, pieces, total)
+                self.sha256 = sha
+                return
+            except grpc.RpcError as e:
+                err = e
+            except grpc.FutureCancelledError:
+                err = None
+            code = err.code() if err is not None else grpc.StatusCode.CANCELLED
+            if code not in RESUMABLE or attempt == retry.attempts:
+                if err is not None:
+                    raise FederatedError.from_rpc(err, f"UploadMasked for {self.conn.client_id!r}") from None
+                raise FederatedError(f"UploadMasked for {self.conn.client_id!r} was cancelled", "CANCELLED")
+            log.warning("masked upload of %s interrupted (%s); resuming, attempt %d of %d", self.conn.client_id,
+                        code.name, attempt + 2, retry.attempts + 1)
+            retry.sleep(attempt)
+
+    def _stream(self, attempt: int, start: int, sha: "hashlib._Hash", pieces: Iterator[bytes], total: int) -> None:
+        """One UploadMasked call sending bytes start.. of the vector (`sha` holds the prefix's
+        hash and takes the rest); the chunk with the last bytes carries the whole hash."""
         rid = self.round.round_id
+        ready, holder = threading.Event(), {}
 
         def chunks() -> Iterator[spb.MaskedChunk]:
-            at = 0
-            yield spb.MaskedChunk(round_id=rid, offset=0, data=b"", total_bytes=total)
-            for piece in pieces:
-                self.sha256.update(piece)
-                yield spb.MaskedChunk(round_id=rid, offset=at, data=piece, total_bytes=total)
+            at = start
+            yield spb.MaskedChunk(round_id=rid, offset=start, data=b"", total_bytes=total)
+            for i, piece in enumerate(pieces):
+                if self.fault is not None and self.fault(attempt, i):
+                    ready.wait()
+                    holder["call"].cancel()
+                    return
+                sha.update(piece)
+                last = at + len(piece) == total
+                yield spb.MaskedChunk(round_id=rid, offset=at, data=piece, sha256=sha.hexdigest() if last else "")
                 at += len(piece)
+                self.sent += len(piece)
 
         stub = spb_grpc.SecureAggregationStub(self.conn.channel)
-        try:  # not retried: the pieces are masked once (a new attempt would need the same stream again)
-            stub.UploadMasked(chunks(), metadata=self.conn.metadata, timeout=600)
-        except grpc.RpcError as e:
-            raise FederatedError.from_rpc(e, f"UploadMasked for {self.conn.client_id!r}") from None
-        self.sent += total
+        holder["call"] = stub.UploadMasked.future(chunks(), metadata=self.conn.metadata, timeout=600)
+        ready.set()
+        holder["call"].result()
 
     def unmask(self) -> None:
         self._step("unmask", to_bytes(self.client.unmask(self._poll("masked", UnmaskRequest))))
@@ -176,7 +249,7 @@ class SecureFlow:
 
 def submit_secure(conn: Connection, spec: pb.RoundSpec, secure: spb.SecureSpec, base: ModelReader, ft: ModelReader,
                   trim: TrimSpec, opts: MergeOptions, model_key: str, *, device: str, value_dtype: Optional[torch.dtype],
-                  block: Optional[int], chunk_bytes: int, started: float):
+                  block: Optional[int], chunk_bytes: int, started: float, fault: Optional[Fault] = None):
     """`submit`'s secure branch: trim as a plain upload would, then run the protocol. Returns a
     `SubmitResult` (sha256: of the masked vector sent; bytes: everything sent)."""
     from tiesfed.client.submit import SubmitResult
@@ -185,7 +258,8 @@ def submit_secure(conn: Connection, spec: pb.RoundSpec, secure: spb.SecureSpec, 
     stats = TrimStats()
     idx, val = flat_contribution(spec, base, ft, trim, opts, model_key, device=device, value_dtype=value_dtype,
                                  block=block, stats=stats)
-    flow = SecureFlow(conn, rnd, idx, val, chunk_bytes)
+    flow = SecureFlow(conn, rnd, idx, val, chunk_bytes, fault)
     flow.run()
     return SubmitResult(spec.round_id, conn.client_id, flow.sha256.hexdigest(), flow.sent, flow.sent,
-                        int(idx.numel()), 1, stats=stats, seconds=time.perf_counter() - started, signed=True)
+                        int(idx.numel()), flow.attempts, flow.resumed_from, stats=stats,
+                        seconds=time.perf_counter() - started, signed=True)

@@ -87,16 +87,26 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
             raise RoundError("INVALID_ARGUMENT", "empty masked upload stream")
         s, cid, _ = self._session(first.round_id, context)
 
-        def chunks() -> Iterator[tuple[int, bytes]]:
+        def chunks() -> Iterator[tuple[int, bytes, str]]:
             chunk = first
             while chunk is not None:
                 if chunk.round_id and chunk.round_id != s.round.id:
                     raise RoundError("INVALID_ARGUMENT", "chunks of one masked upload name different rounds")
-                yield chunk.offset, chunk.data
-                chunk = next(request_iterator, None)
+                yield chunk.offset, chunk.data, chunk.sha256
+                try:
+                    chunk = next(request_iterator, None)
+                except grpc.RpcError:  # the client went away: what arrived is kept for its resume
+                    raise RoundError("CANCELLED", f"masked upload of {cid!r}: the stream broke") from None
 
         s.upload(cid, first.total_bytes, chunks())
         return spb.SecAggAck(phase=s.status()["phase"])
+
+    @rpc
+    def MaskedStatus(self, request, context):
+        s, cid, _ = self._session(request.round_id, context)
+        held, sha, total, committed = s.masked_status(cid)
+        return spb.MaskedUploadStatus(committed_offset=held, prefix_sha256=sha, total_bytes=total,
+                                      committed=committed)
 
     @rpc
     def Status(self, request, context):

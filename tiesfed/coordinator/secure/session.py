@@ -8,11 +8,13 @@ at the first advert), with whoever arrived; the protocol then refuses fewer than
 round fails with that message before anything is unmasked. What the phase closes to (the
 key list, each client's mask request, the unmask request) waits in an outbox for the
 clients' polls. The masked vectors are spooled to a file while they stream in (they are
-uniform bytes), folded into the one running sum, and deleted.
+uniform bytes); a broken stream's prefix stays there and the client resumes at its end
+(`masked_status`). A complete one is folded into the one running sum, once, and deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -39,6 +41,21 @@ STARTED_MARKER = "secagg-started"
 READ_PIECE = 1 << 20
 
 
+class _Partial:
+    """A masked upload's received prefix: its size and running sha256 (the bytes are in the spool)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.restart()
+
+    def restart(self) -> None:
+        self.size, self.sha = 0, hashlib.sha256()
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        self.sha.update(data)
+
+
 def started_marker(r: RoundState) -> Path:
     return r.spool.merged_path.parent / STARTED_MARKER
 
@@ -60,6 +77,8 @@ class SecureSession:
         self.outbox: dict[str, Union[bytes, dict[str, bytes]]] = {}
         self.failed = ""
         self.uploading: set[str] = set()
+        self.partial: dict[str, _Partial] = {}  # masked uploads in progress: what arrived so far
+        self.folded: set[str] = set()  # whose masked vector is in the running sum
         self.adverts: dict[str, KeyAdvert] = {}
         self.counted: set[str] = set()  # whose masked vectors are in the sum
         self._stop = threading.Event()
@@ -119,8 +138,11 @@ class SecureSession:
                  len(self.expected))
         self.cond.notify_all()
 
-    def upload(self, client_id: str, total: int, chunks: Iterator[tuple[int, bytes]]) -> None:
-        """The masked vector: spooled as it arrives, checked for size, folded into the running sum."""
+    def upload(self, client_id: str, total: int, chunks: Iterator[tuple[int, bytes, str]]) -> None:
+        """One stream of the masked vector: (offset, bytes, sha256 on the last chunk) appended to
+        the client's spool file, which keeps what a broken stream delivered; the next stream
+        resumes at its end (or starts afresh at 0). Folded into the running sum once, when all
+        `total` bytes are in and their sha256 is the client's."""
         with self.cond:
             self._check_phase(client_id, "masked")
             need = self.params.layout.width * self.params.layout.bytes_per_element * self.server.support.numel()
@@ -128,21 +150,40 @@ class SecureSession:
                 raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r}: {total} bytes declared, "
                                  f"U needs {need}")
             if client_id in self.uploading:
-                raise RoundError("ALREADY_EXISTS", f"client {client_id!r} is already uploading its masked vector")
+                raise RoundError("ABORTED", f"client {client_id!r} has a masked upload stream open already (a "
+                                 "broken one not yet noticed?); ask MaskedStatus and retry")
             self.uploading.add(client_id)
-        path = started_marker(self.round).parent / f"secagg-{client_id}.masked"
+            part = self.partial.setdefault(client_id, _Partial(total))
+        path = self._spool(client_id)
         try:
-            got = 0
-            with open(path, "wb") as f:
-                for offset, data in chunks:
-                    if offset != got or got + len(data) > total:
-                        raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r}: a chunk at {offset} "
-                                         f"after {got} bytes, of {total}")
+            want = ""
+            with open(path, "r+b" if path.exists() else "wb") as f:
+                for n, (offset, data, sha) in enumerate(chunks):
+                    if n == 0 and offset == 0 and part.size:  # the client starts afresh
+                        with self.cond:
+                            part.restart()
+                        f.truncate(0)
+                    if offset != part.size:
+                        raise RoundError("ABORTED", f"masked upload of {client_id!r}: a chunk at {offset}, the "
+                                         f"coordinator holds {part.size} bytes: resume there (MaskedStatus)")
+                    if part.size + len(data) > total:
+                        raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r}: {part.size + len(data)}"
+                                         f" bytes, more than the {total} declared")
+                    f.seek(part.size)
                     f.write(data)
-                    got += len(data)
-            if got != total:
-                raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r} ended after {got} of "
-                                 f"{total} bytes")
+                    f.flush()
+                    with self.cond:
+                        part.add(data)
+                    want = sha or want
+            if part.size != total:
+                raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r} ended after {part.size} of "
+                                 f"{total} bytes (kept: resume at {part.size})")
+            if want != part.sha.hexdigest():
+                with self.cond:
+                    part.restart()
+                path.unlink(missing_ok=True)
+                raise RoundError("DATA_LOSS", f"masked upload of {client_id!r}: the {total} bytes held do not "
+                                 f"have the sha256 the client sent ({want or 'none'}); send it again from 0")
 
             def source() -> Iterator[bytes]:
                 with open(path, "rb") as f:
@@ -155,11 +196,35 @@ class SecureSession:
                     self.server.receive_masked_stream(client_id, total, source)
                 except SecAggError as e:
                     raise RoundError("INVALID_ARGUMENT", str(e)) from None
+                self.partial.pop(client_id, None)
+                self.folded.add(client_id)
                 self._arrive(client_id)
-        finally:
             path.unlink(missing_ok=True)
+        finally:
             with self.cond:
                 self.uploading.discard(client_id)
+
+    def masked_status(self, client_id: str) -> tuple[int, str, int, bool]:
+        """(bytes held, their sha256, the size declared, whether the vector is in the sum)."""
+        with self.cond:
+            if client_id in self.folded:
+                need = self.params.layout.width * self.params.layout.bytes_per_element * self.server.support.numel()
+                return need, "", need, True
+            if self.failed:
+                raise RoundError("FAILED_PRECONDITION", f"round {self.round.id!r} failed: {self.failed}")
+            part = self.partial.get(client_id)
+            if part is None:
+                return 0, hashlib.sha256().hexdigest(), 0, False
+            return part.size, part.sha.hexdigest(), part.total, False
+
+    def _spool(self, client_id: str) -> Path:
+        return started_marker(self.round).parent / f"secagg-{client_id}.masked"
+
+    def _drop_partials(self) -> None:
+        """Delete the masked prefixes of uploads that did not complete (the phase closed)."""
+        for c in list(self.partial):
+            self._spool(c).unlink(missing_ok=True)
+        self.partial.clear()
 
     # ------------------------------------------------------------------ what clients read
     def poll(self, client_id: str, phase: str, wait_s: float) -> Optional[bytes]:
@@ -212,6 +277,7 @@ class SecureSession:
                 except SecAggError as e:
                     missing = sorted(self.expected - set(self.arrived))
                     self.failed = f"{e}" + (f" (missing: {', '.join(missing)})" if missing else "")
+                    self._drop_partials()
                     log.warning("round %s: secure aggregation failed: %s", self.round.id, self.failed)
                     self.cond.notify_all()
                     with self.round.lock:
@@ -236,6 +302,7 @@ class SecureSession:
             self.outbox["shares"] = {c: to_bytes(m) for c, m in reqs.items()}
             nxt = set(reqs)
         elif phase == "masked":
+            self._drop_partials()
             ur = self.server.close_masked()
             self.outbox["masked"] = to_bytes(ur)
             nxt = set(ur.survivors)
@@ -254,3 +321,5 @@ class SecureSession:
 
     def stop(self) -> None:
         self._stop.set()
+        with self.cond:
+            self._drop_partials()

@@ -61,16 +61,30 @@ class SecAggReply(_message.Message):
     def __init__(self, ready: _Optional[bool] = ..., payload: _Optional[bytes] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class MaskedChunk(_message.Message):
-    __slots__ = ("round_id", "offset", "data", "total_bytes")
+    __slots__ = ("round_id", "offset", "data", "total_bytes", "sha256")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     offset: int
     data: bytes
     total_bytes: int
-    def __init__(self, round_id: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    sha256: str
+    def __init__(self, round_id: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class MaskedUploadStatus(_message.Message):
+    __slots__ = ("committed_offset", "prefix_sha256", "total_bytes", "committed")
+    COMMITTED_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    committed_offset: int
+    prefix_sha256: str
+    total_bytes: int
+    committed: bool
+    def __init__(self, committed_offset: _Optional[int] = ..., prefix_sha256: _Optional[str] = ..., total_bytes: _Optional[int] = ..., committed: _Optional[bool] = ...) -> None: ...
 
 class SecAggStatus(_message.Message):
     __slots__ = ("round_id", "phase", "arrived", "waiting_for", "phase_deadline_unix", "message", "threshold")

@@ -54,6 +54,11 @@ class SecureAggregationStub:
                 request_serializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.MaskedChunk.SerializeToString,
                 response_deserializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggAck.FromString,
                 _registered_method=True)
+        self.MaskedStatus = channel.unary_unary(
+                '/tiesfed.v1.SecureAggregation/MaskedStatus',
+                request_serializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecureSpecRequest.SerializeToString,
+                response_deserializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.MaskedUploadStatus.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/tiesfed.v1.SecureAggregation/Status',
                 request_serializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecureSpecRequest.SerializeToString,
@@ -88,7 +93,16 @@ class SecureAggregationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadMasked(self, request_iterator, context):
-        """The masked vector (phase "masked"), in chunks; committed once total_bytes arrived.
+        """The masked vector (phase "masked"), in chunks; committed once total_bytes arrived
+        and their sha256 matches the client's. Resumable: the coordinator keeps the prefix
+        a broken stream delivered, and the next stream starts at its end (or at 0, afresh).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MaskedStatus(self, request, context):
+        """How much of this client's masked vector the coordinator holds (where to resume).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +137,11 @@ def add_SecureAggregationServicer_to_server(servicer, server):
                     servicer.UploadMasked,
                     request_deserializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.MaskedChunk.FromString,
                     response_serializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggAck.SerializeToString,
+            ),
+            'MaskedStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.MaskedStatus,
+                    request_deserializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecureSpecRequest.FromString,
+                    response_serializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.MaskedUploadStatus.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -238,6 +257,33 @@ class SecureAggregation:
             '/tiesfed.v1.SecureAggregation/UploadMasked',
             tiesfed_dot_protos_dot_v1_dot_secagg__pb2.MaskedChunk.SerializeToString,
             tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MaskedStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tiesfed.v1.SecureAggregation/MaskedStatus',
+            tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecureSpecRequest.SerializeToString,
+            tiesfed_dot_protos_dot_v1_dot_secagg__pb2.MaskedUploadStatus.FromString,
             options,
             channel_credentials,
             insecure,

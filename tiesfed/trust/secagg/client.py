@@ -148,6 +148,13 @@ class SecAggClient:
         self._accept(req)
         return self._chunks(chunk)
 
+    def masked_again(self, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """The bytes `masked_stream` gave, again (a resumed upload): the lanes and the masks are
+        deterministic once the mask request is accepted, so nothing masked needs storing."""
+        if self._step <= STEPS.index("masked_input"):
+            raise SecAggError(f"client {self.id!r}: masked_again before masked_stream")
+        return self._chunks(chunk)
+
     def _chunks(self, chunk: int) -> Iterator[bytes]:
         at, q, m = self._plan
         lay, rid, w = self._layout, self.round.round_id, self._layout.width
