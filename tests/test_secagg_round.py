@@ -348,6 +348,81 @@ def test_a_broken_masked_upload_resumes_where_the_coordinator_stopped(family, tm
     assert_identical(fetch_secure(srv.target, pki, family, tmp_path), plain_round(family, tmp_path, [0, 1, 2]))
 
 
+def test_masked_upload_refusals_keep_the_held_prefix_or_drop_a_wrong_one(family, tmp_path, pki, secure_server):
+    """The coordinator's side of the resume, driven chunk by chunk: a stream that ends short
+    keeps its prefix (MaskedStatus reports it and its sha256); a chunk at another offset is
+    ABORTED and changes nothing; a whole vector whose sha256 is not the client's is DATA_LOSS
+    and its bytes dropped (nothing folded); sent again from 0 it counts, and the round still
+    equals the plain round."""
+    import hashlib
+
+    from tiesfed.client.connection import Connection, spec_options
+    from tiesfed.client.secure import SecureFlow, flat_contribution, secagg_round
+    from tiesfed.client.secure import secure_spec as read_secure_spec
+    from tiesfed.core.methods import get_method
+    from tiesfed.io.model_io import ModelReader
+    from tiesfed.trust.secagg.messages import MaskRequest
+
+    srv = secure_server(secure_config())
+    conns, flows = [], []
+    for i, c in enumerate(CLIENTS):
+        conn = Connection(srv.target, tls=pki.client(c), retry=FAST)
+        conns.append(conn)
+        spec = conn.round_spec("r1")
+        opts = spec_options(spec)
+        with ModelReader(family[0]) as b, ModelReader(family[1][i]) as ft:
+            idx, val = flat_contribution(spec, b, ft, get_method(opts.method).trim_spec(opts, None), opts,
+                                         spec.participants[i].model_key)
+        flows.append(SecureFlow(conn, secagg_round(spec, read_secure_spec(conn, "r1"), opts), idx, val))
+    try:
+        for f in flows:
+            f.keys()
+        for f in flows:
+            f.shares()
+        alice = flows[0]
+        data = b"".join(alice.client.masked_stream(alice._poll("shares", MaskRequest), 64))
+        total, digest = len(data), hashlib.sha256(data).hexdigest()
+        stub = spb_grpc.SecureAggregationStub(conns[0].channel)
+
+        def send(offset: int, body: bytes, sha: str = "") -> None:
+            chunks = [spb.MaskedChunk(round_id="r1", offset=offset, total_bytes=total)]
+            chunks += [spb.MaskedChunk(round_id="r1", offset=offset + a, data=body[a:a + 700],
+                                       sha256=sha if a + 700 >= len(body) else "") for a in range(0, len(body), 700)]
+            stub.UploadMasked(iter(chunks), metadata=conns[0].metadata, timeout=30)
+
+        def status() -> spb.MaskedUploadStatus:
+            return stub.MaskedStatus(spb.SecureSpecRequest(round_id="r1"), metadata=conns[0].metadata, timeout=10)
+
+        with pytest.raises(grpc.RpcError) as e:
+            send(0, data[:1000])
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "resume at 1000" in e.value.details()
+        st = status()
+        assert (st.committed_offset, st.total_bytes, st.committed) == (1000, total, False)
+        assert st.prefix_sha256 == hashlib.sha256(data[:1000]).hexdigest()
+        with pytest.raises(grpc.RpcError) as e:
+            send(500, data[500:])
+        assert e.value.code() == grpc.StatusCode.ABORTED and "holds 1000 bytes" in e.value.details()
+        assert status().committed_offset == 1000
+        with pytest.raises(grpc.RpcError) as e:
+            send(1000, data[1000:], sha="0" * 64)
+        assert e.value.code() == grpc.StatusCode.DATA_LOSS
+        st = status()
+        assert (st.committed_offset, st.committed) == (0, False)
+        assert srv.secure.sessions["r1"].status()["arrived"] == []
+        send(0, data, digest)
+        assert status().committed
+        for f in flows[1:]:
+            f.masked()
+        for f in flows:
+            f.unmask()
+    finally:
+        for conn in conns:
+            conn.close()
+    r = srv.manager.get("r1")
+    assert r.wait_closed(60) and r.state == "finalized", r.message
+    assert_identical(fetch_secure(srv.target, pki, family, tmp_path), plain_round(family, tmp_path, [0, 1, 2]))
+
+
 def test_fewer_than_t_survivors_fail_the_round_with_a_clear_status(family, tmp_path, pki, secure_server):
     srv = secure_server(secure_config(threshold=3))
     stopping = client_process(pki, family, srv.target, 2, "shares")
