@@ -434,6 +434,8 @@ class CoordinatorServer:
             self.server = None
         if self.started_aggregator:  # a start in progress ends first (its thread attaches the rounds)
             self.readiness.wait_settled()
+        if getattr(self, "secure", None) is not None:  # secure rounds' phase drivers end with the server
+            self.secure.stop()
         self.manager.stop()
         if self.ray_factory is not None:
             self.ray_factory.close()
