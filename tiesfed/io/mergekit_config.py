@@ -11,12 +11,18 @@ and `out_dtype`; model paths as mergekit takes them, from the working
 directory. DARE (mergekit's L1 rescale, or none), breadcrumbs, della and a rescaled
 magnitude trim run mergekit's sparsifier (`tiesfed.core.sparsify`) on each tensor
 before the merge. What tiesfed cannot do is refused with an error naming the field.
+
+`round_plan` turns such a config into what a federated round carries (the options, with the
+sparsifier lifted into them so each client runs it, and one weight and density per model),
+refusing by field what a round cannot carry (gradients, filters, differing gammas, casts).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
 
 from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
 from tiesfed.core.sparsify import OPTION_NAMES, check_della
@@ -337,8 +343,6 @@ def _round_sparsifier(config: MergeConfig) -> dict:
 
 def _check_dtypes(config: MergeConfig) -> None:
     """`dtype`/`out_dtype` cast nothing a round would carry: every float tensor already has it."""
-    import torch
-
     for key in ("dtype", "out_dtype"):
         want = getattr(config, key)
         if want is None:
