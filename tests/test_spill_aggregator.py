@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -25,6 +25,7 @@ from tests.test_federated import (  # noqa: F401  (family: the fixture)
 )
 from tiesfed.client.federated import fetch, submit
 from tiesfed.coordinator.aggregator import Aggregator
+from tiesfed.coordinator.rounds import finalize as finalize_mod
 from tiesfed.coordinator.spill_aggregator import (
     DIR_PREFIX,
     SpillAggregator,
@@ -32,7 +33,7 @@ from tiesfed.coordinator.spill_aggregator import (
     block_elems_for,
 )
 from tiesfed.core.accumulators import FinalizeSpec, majority_sign
-from tiesfed.protos.codec import SpanCover, join_spans, read_stream
+from tiesfed.protos.codec import encode_tensor, join_spans, read_stream
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,8 +74,9 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     seed=st.integers(0, 2**31 - 1),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     unfold=st.booleans(),
+    span=st.integers(1, 400),
 )
-def test_bit_identical_to_resident(tmp_path_factory, spec, sizes, block, n_records, seed, dtype, unfold):
+def test_bit_identical_to_resident(tmp_path_factory, spec, sizes, block, n_records, seed, dtype, unfold, span):
     g = torch.Generator().manual_seed(seed)
     manifest = [(f"t{i}", n) for i, n in enumerate(sizes)]
     res = Aggregator(manifest, spec)
@@ -101,23 +103,15 @@ def test_bit_identical_to_resident(tmp_path_factory, spec, sizes, block, n_recor
     assert [n for n, _ in got] == [n for n, _ in want]
     for (_, a), (_, b) in zip(got, want):
         assert _same(a, b)
-    # the records the coordinator writes: whole tensors up to a block, spans above, same values
+    # the records the coordinator writes: the resident path's records (spans over `span`), bit for bit
     shapes = {n: (s,) for n, s in manifest}
-    cover = SpanCover(unique=True)
-    parts: list = []
-    joined = []
-    for rec in spill.finalize_records(majority, shapes):
-        assert rec.count is None or manifest[int(rec.name[1:])][1] > block  # spans only for large tensors
-        parts.append(rec)
-        if cover.add(rec):
-            joined.append(join_spans(parts))
-            parts = []
-    cover.finish()
-    assert [t.name for t in joined] == [n for n, _ in want]
-    for t, (_, dense) in zip(joined, want):
-        back = torch.zeros(dense.numel(), dtype=torch.float32)
-        back[t.indices] = t.values
-        assert _same(back, dense)
+    with patch.object(finalize_mod, "SPAN_ELEMS", span):
+        expect = list(finalize_mod.merged_records(iter(want), shapes))
+    got_recs = list(spill.finalize_records(majority, shapes, span))
+    assert [(r.name, r.start, r.count) for r in got_recs] == [(r.name, r.start, r.count) for r in expect]
+    for r, e in zip(got_recs, expect):
+        assert torch.equal(r.indices, e.indices) and _same(r.values, e.values)
+        assert encode_tensor(r) == encode_tensor(e)  # the same stream bytes
     spill.close()
     assert not spill.dir.exists()
 
@@ -162,7 +156,8 @@ def test_block_from_budget():
 
 
 def test_large_tensor_as_spans(tmp_path):
-    """A tensor over a block is written as span records, one per block piece, in order."""
+    """A tensor over the span size is written as span records from its element 0, each
+    gathered from the block pieces it straddles (blocks of 128 start at flat element 0)."""
     spec = FinalizeSpec()
     manifest = [("small", 5), ("big", 1000), ("tail", 7)]
     spill = SpillAggregator(manifest, spec, block_elems=128, spill_root=tmp_path)
@@ -173,9 +168,9 @@ def test_large_tensor_as_spans(tmp_path):
         spill.fold(name, idx, vals)
         res.fold(name, idx, vals)
     m = majority_sign(res.sign_balance())
-    recs = list(spill.finalize_records(m, {n: (s,) for n, s in manifest}))
+    recs = list(spill.finalize_records(m, {n: (s,) for n, s in manifest}, 300))
     big = [r for r in recs if r.name == "big"]
-    assert len(big) == math.ceil((5 + 1000) / 128) - 0 and all(r.count is not None for r in big)
+    assert [(r.start, r.count) for r in big] == [(0, 300), (300, 300), (600, 300), (900, 100)]
     assert [r.name for r in recs if r.count is None] == ["small", "tail"]
     dense = dict(res.finalize(m))["big"]
     t = join_spans(big)
@@ -187,7 +182,7 @@ def test_large_tensor_as_spans(tmp_path):
 
 def _serve(tmp_path: Path, family, pki, port_file: Path, listen: str = "127.0.0.1:0") -> subprocess.Popen:
     """`coordinator serve --aggregator spill` with mutual TLS, blocks of 1,024 parameters (the
-    toy family's embedding and head span two blocks: span records)."""
+    toy family's embedding and head straddle two blocks)."""
     cfg = tmp_path / "coordinator.yaml"
     cfg.write_text("spill_memory: 80000\n")
     port_file.unlink(missing_ok=True)
@@ -230,5 +225,8 @@ def test_round_with_spill_coordinator_killed_and_restarted_equals_local_merge(tm
     assert_identical(load_folder(out), local_model(family, tmp_path, [0, 1, 2]))
     assert_identical(load_folder(tmp_path / "spool" / "rounds" / "r1" / "model"), load_folder(out))
     with open(tmp_path / "spool" / "rounds" / "r1" / "merged.tfs", "rb") as f:
-        spans = [t for t in read_stream(f, spans=True)[1] if t.count is not None]
-    assert {t.name for t in spans} == {"embed.weight", "lm_head.weight"}  # tensors over a block: spans
+        records = list(read_stream(f, spans=True)[1])
+    # tensors under the coordinator's span size go whole, as the resident path writes them,
+    # though the embedding and head straddle the spill's 1,024-parameter blocks
+    assert {"embed.weight", "lm_head.weight"} <= {t.name for t in records}
+    assert all(t.count is None for t in records)

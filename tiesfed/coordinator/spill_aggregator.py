@@ -226,28 +226,45 @@ class SpillAggregator:
             del acc
         self._scratch = None
 
-    def finalize_records(self, majority: int, shapes: dict[str, tuple[int, ...]]) -> Iterator[SparseTensor]:
-        """The merged task vector as codec records in manifest order: a tensor of at most one
-        block whole (the resident path's record), a larger one as span records of one block
-        piece each. Memory: a block's accumulators and one tensor of at most a block."""
-        held: Optional[torch.Tensor] = None  # a small tensor straddling two blocks
+    def finalize_records(self, majority: int, shapes: dict[str, tuple[int, ...]],
+                         span_elems: Optional[int] = None) -> Iterator[SparseTensor]:
+        """The merged task vector as codec records in manifest order, cut as the resident
+        path cuts them (`rounds.finalize.merged_records`): a tensor of at most `span_elems`
+        (default: a block) whole, a larger one as span records of `span_elems` from its
+        element 0; so the same records, the same stream bytes. Memory: a block's
+        accumulators and one record's dense values."""
+        span = span_elems or self.block
+        buf: Optional[torch.Tensor] = None  # a record's values, gathered from block pieces
         for t, start, vals in self._pieces(majority):
             name, numel = self.names[t], self.sizes[t]
-            if numel > self.block:
-                idx, v = dense_to_sparse(vals)
-                yield SparseTensor(name, shapes[name], idx + start, v, start=start, count=vals.numel())
-                continue
-            if start == 0 and vals.numel() == numel:
+            if numel == 0:
                 idx, v = dense_to_sparse(vals)
                 yield SparseTensor(name, shapes[name], idx, v)
                 continue
-            if start == 0:
-                held = torch.empty(numel, dtype=torch.float32)
-            held[start:start + vals.numel()] = vals
-            if start + vals.numel() == numel:
-                idx, v = dense_to_sparse(held)
-                held = None
-                yield SparseTensor(name, shapes[name], idx, v)
+            rec = min(numel, span)
+            pos, n = 0, vals.numel()
+            while pos < n:
+                e = start + pos  # element of the tensor
+                lo = e // rec * rec
+                hi = min(numel, lo + rec)
+                take = min(n - pos, hi - e)
+                part = vals[pos:pos + take]
+                full: Optional[torch.Tensor] = None
+                if e == lo and take == hi - lo:
+                    full = part
+                else:
+                    if e == lo:
+                        buf = torch.empty(hi - lo, dtype=torch.float32)
+                    buf[e - lo:e - lo + take] = part
+                    if e + take == hi:
+                        full, buf = buf, None
+                if full is not None:
+                    idx, v = dense_to_sparse(full)
+                    if numel <= span:
+                        yield SparseTensor(name, shapes[name], idx, v)
+                    else:
+                        yield SparseTensor(name, shapes[name], idx + lo, v, start=lo, count=hi - lo)
+                pos += take
 
     def finalize(self, majority: int) -> Iterator[tuple[str, torch.Tensor]]:
         """`AggregatorLike`'s dense tensors (each assembled whole: memory grows with the largest;

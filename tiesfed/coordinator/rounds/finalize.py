@@ -261,7 +261,7 @@ def write_merged(
             # records straight from an aggregator that makes them (spill: spans of a large tensor);
             # else read-only views where the aggregator has them (no copy of each tensor)
             records = getattr(agg, "finalize_records", None)
-            for st in (records(majority, shapes) if records is not None else
+            for st in (records(majority, shapes, SPAN_ELEMS) if records is not None else
                        sparse_ahead(getattr(agg, "finalize_views", agg.finalize)(majority), shapes)):
                 w.write(st)
             w.close()
