@@ -258,7 +258,7 @@ def write_merged(
         with open(tmp, "wb") as raw:
             f = HashingWriter(raw)  # the file's sha256 as it is written, not read back after
             w = StreamWriter(f, header)
-            # records straight from an aggregator that makes them (spill: spans of a large tensor);
+            # records straight from an aggregator that makes them (spill: cut as merged_records cuts);
             # else read-only views where the aggregator has them (no copy of each tensor)
             records = getattr(agg, "finalize_records", None)
             for st in (records(majority, shapes, SPAN_ELEMS) if records is not None else
