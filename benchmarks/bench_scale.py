@@ -49,6 +49,11 @@ from benchmarks.peers import (  # noqa: E402
 )
 
 BLOCK = "scale"
+#: Llama-3 8B and 70B for the paper rows: parameters, and their embedding's elements (vocab × hidden)
+PAPER = {"Llama-3-8B": (8_030_261_248, 128256 * 4096), "Llama-3-70B": (70_553_706_496, 128256 * 8192)}
+#: bytes a spilled survivor takes on the coordinator's disk (int32 index + float32 value)
+SPILL_BYTES = 8
+K_FRACTION = 0.2
 DEFAULT_WORK = Path("/tmp/tiesfed-bench-vs-mergekit")  # families shared with bench_vs_mergekit
 SIZES = (30e6, 134e6, 400e6)
 LLAMA3 = {"vocab": 128256, "hidden": 2048, "inter": 8192, "layers": 3}
@@ -166,6 +171,40 @@ def render(data: dict) -> str:
                 f"{m['cpus']} CPU cores, torch {m['torch']}, {m['date'][:10]}, load average before "
                 f"{m['loadavg_before'][0]:.1f}; `python benchmarks/bench_scale.py`. The federated rows share "
                 f"one round's wall and CPU time (all its processes); clients submitted one after another.*"]
+    extra = paper(data)
+    return "\n".join(out) + ("\n\n" + extra if extra else "")
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares y = a + b x (b = y / x through 0 for a single point)."""
+    n = len(xs)
+    if n == 1:
+        return 0.0, ys[0] / xs[0]
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    return my - b * mx, b
+
+
+def paper(data: dict) -> str:
+    """8B and 70B on paper: time linear in parameters (fit over the budgeted merges), memory
+    the budget (what the table measured: peaks under it whatever the largest tensor)."""
+    rows = [r for r in data["rows"] if r["step"] == "tiesfed merge"]
+    if not rows:
+        return ""
+    ca, cb = fit_line([r["params"] for r in rows], [r["cpu_s"] for r in rows])
+    wa, wb = fit_line([r["params"] for r in rows], [r["wall_s"] for r in rows])
+    budget = data["budget"]
+    out = [f"On paper (fp32, 3 fine-tunes, k = 20; CPU and wall linear in parameters, least squares over the "
+           f"budgeted merges above: CPU {ca:.1f} s + {cb * 1e6:.3f} s per M params, wall {wa:.1f} s + "
+           f"{wb * 1e6:.3f} s per M params on this machine):", "",
+           "| model | largest tensor | `tiesfed merge` / each client: memory | local merge: CPU, wall | "
+           "spill coordinator: memory, disk (3 clients) |", "|---|---:|---|---|---|"]
+    for name, (n, largest) in PAPER.items():
+        disk = SPILL_BYTES * K_FRACTION * n * N_MODELS
+        out.append(f"| {name} | {largest / 1e6:.0f}M | under `--max-memory {budget}` (peak measured under it at "
+                   f"every size above) | {(ca + cb * n) / 3600:.1f} h, {(wa + wb * n) / 3600:.1f} h | one block "
+                   f"in memory, {disk / GB:.0f} GB of spill files |")
     return "\n".join(out)
 
 
@@ -192,8 +231,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="OUT", help="also write every number to this JSON file")
     ap.add_argument("--update-readme", action="store_true", help=f"replace README.md's <!-- figures:{BLOCK} -->")
     ap.add_argument("--readme", default=str(ROOT / "README.md"), help=argparse.SUPPRESS)
+    ap.add_argument("--render", metavar="JSON", help="no run: render the table of an earlier --json")
     args = ap.parse_args(argv)
-    data = run(args)
+    data = json.loads(Path(args.render).read_text()) if args.render else run(args)
     text = render(data)
     print(f"\n<!-- figures:{BLOCK} -->\n{text}\n<!-- /figures:{BLOCK} -->")
     if args.json:

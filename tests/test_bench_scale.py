@@ -42,3 +42,16 @@ def test_budgeted_merge_equals_whole_tensors(tmp_path: Path) -> None:
     assert data["rows"][0]["equal"] == "byte-identical to whole tensors", data["rows"]
     assert all(r["peak_rss_mib"] > 50 for r in data["rows"])
     assert not (tmp_path / "never").exists()
+
+
+def test_paper_rows_extrapolate_the_budgeted_merges() -> None:
+    rows = [{"params": p, "largest": p // 10, "vocab": 32000, "step": "tiesfed merge", "budget": "4GB",
+             "wall_s": 2 + p / 1e7, "cpu_s": 1 + p / 1e7, "peak_rss_mib": 900.0, "equal": ""}
+            for p in (30e6, 134e6, 400e6)]
+    text = bs.paper({"rows": rows, "budget": "4GB"})
+    assert "CPU 1.0 s + 0.100 s per M params" in text and "wall 2.0 s + 0.100 s per M params" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| Llama-3-70B"))
+    assert "| 1051M |" in line and "`--max-memory 4GB`" in line
+    assert f"{(1 + 70_553_706_496 / 1e7) / 3600:.1f} h" in line  # CPU 0.1 s per M params
+    assert f"{8 * 0.2 * 70_553_706_496 * 3 / 1e9:.0f} GB of spill files" in line
+    assert bs.paper({"rows": [], "budget": "4GB"}) == ""
