@@ -171,6 +171,8 @@ def render(data: dict) -> str:
                 f"{m['cpus']} CPU cores, torch {m['torch']}, {m['date'][:10]}, load average before "
                 f"{m['loadavg_before'][0]:.1f}; `python benchmarks/bench_scale.py`. The federated rows share "
                 f"one round's wall and CPU time (all its processes); clients submitted one after another.*"]
+    if data.get("note"):
+        out += ["", data["note"]]
     extra = paper(data)
     return "\n".join(out) + ("\n\n" + extra if extra else "")
 
