@@ -37,7 +37,7 @@ from tiesfed.coordinator.memory import (  # noqa: E402
 from tiesfed.coordinator.server import CoordinatorConfig  # noqa: E402
 from tiesfed.coordinator.shard_actor import ShardActorLocal  # noqa: E402
 from tiesfed.coordinator.shard_plan import plan_shards  # noqa: E402
-from tiesfed.core.accumulators import FinalizeSpec  # noqa: E402
+from tiesfed.core.accumulators import FinalizeSpec, majority_sign  # noqa: E402
 from tiesfed.protos.codec import read_stream  # noqa: E402
 
 GiB = 1 << 30
@@ -205,6 +205,33 @@ def test_budget_raises_the_shard_count_and_asks_ray_for_memory(ray_session):
         # each actor holds its memory request in Ray's accounting while it lives
         held = ray.cluster_resources()["memory"] - ray.available_resources().get("memory", 0.0)
         assert held == pytest.approx(3 * memory, rel=1e-6)
+
+
+@pytest.mark.parametrize("span", [1, 97, 1000, 10**6])
+def test_sharded_records_are_the_dense_paths_without_a_whole_tensor(ray_session, span):
+    """`finalize_records` on Ray shards: the records `merged_records` cuts from whole tensors
+    (spans straddling shard boundaries included), bit for bit and byte for byte, while the
+    coordinator gathers one span at a time."""
+    from unittest.mock import patch
+
+    import tiesfed.coordinator.rounds.finalize as finalize_mod
+    from tiesfed.coordinator.ray_factory import RayAggregatorFactory
+    from tiesfed.protos.codec import encode_tensor
+
+    spec = FinalizeSpec()
+    shapes = {n: (k,) for n, k in MANIFEST}
+    with RayAggregatorFactory(num_shards=3)(MANIFEST, spec) as agg:
+        assert any(len(agg.plan.pieces_of(n)) > 1 for n, _ in MANIFEST)  # some tensor spans shards
+        for name, idx, val, w in contributions(MANIFEST):
+            agg.fold(name, idx, val, w)
+        majority = majority_sign(agg.sign_balance())
+        with patch.object(finalize_mod, "SPAN_ELEMS", span):
+            want = list(finalize_mod.merged_records(agg.finalize(majority), shapes))
+        got = list(agg.finalize_records(majority, shapes, span))
+    assert [(r.name, r.start, r.count) for r in got] == [(r.name, r.start, r.count) for r in want]
+    for r, e in zip(got, want):
+        assert torch.equal(r.indices, e.indices) and torch.equal(r.values, e.values)
+        assert encode_tensor(r) == encode_tensor(e)
 
 
 def test_a_round_the_cluster_cannot_hold_is_refused(ray_session):

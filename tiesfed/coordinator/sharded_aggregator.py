@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import ray
 import torch
@@ -34,6 +34,8 @@ from ray.exceptions import RayActorError
 from tiesfed.coordinator.shard_actor import from_wire
 from tiesfed.coordinator.shard_pool import ShardLostError, ShardPool
 from tiesfed.core.accumulators import majority_sign
+from tiesfed.core.apply import dense_to_sparse
+from tiesfed.protos.codec import SparseTensor
 
 __all__ = ["ShardedAggregator", "ShardLostError"]
 
@@ -144,24 +146,7 @@ class ShardedAggregator(ShardPool):
         return files
 
     def _assemble(self, majority: int, copy: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        order = [s for s in self.plan.nonempty_shards()]
-        nxt = {a: b for a, b in zip(order, order[1:])}
-        pending: dict[int, ray.ObjectRef] = {}
-        cur_shard: Optional[int] = None
-        cur_flat: Optional[torch.Tensor] = None
-
-        def output(s: int) -> torch.Tensor:
-            nonlocal cur_shard, cur_flat
-            if s == cur_shard:
-                return cur_flat
-            cur_shard, cur_flat = None, None  # drop the previous shard's output
-            ref = pending.pop(s, None) or self._actors[s].take.remote()
-            if s in nxt and nxt[s] not in pending:  # prefetch one shard ahead
-                pending[nxt[s]] = self._actors[nxt[s]].take.remote()
-            flat = self._fetch(s, ref, majority)
-            cur_shard, cur_flat = s, flat
-            return flat
-
+        output = self._outputs(majority)
         for name, n in self.manifest:
             if n == 0:
                 yield name, torch.zeros(0, dtype=torch.float32)
@@ -174,16 +159,77 @@ class ShardedAggregator(ShardPool):
                 if copy:
                     out = out.clone()
                 if p.offset_in_shard == 0 and p.numel == flat.numel():
-                    cur_shard, cur_flat = None, None  # the shard was just this tensor
+                    output(None)  # the shard was just this tensor
                 del flat
             else:
                 out = torch.empty(n, dtype=torch.float32)
                 for p in pieces:
-                    flat = output(p.shard)
-                    out[p.start:p.stop] = flat[p.offset_in_shard:p.offset_in_shard + p.numel]
-                    del flat
+                    out[p.start:p.stop] = output(p.shard)[p.offset_in_shard:p.offset_in_shard + p.numel]
             yield name, out
             del out
+
+    def finalize_records(self, majority: int, shapes: dict[str, tuple[int, ...]],
+                         span_elems: int) -> Iterator[SparseTensor]:
+        """The merged records, cut as `rounds.finalize.merged_records` cuts them (a tensor
+        of at most `span_elems` elements whole, a larger one as span records from element
+        0), each gathered from the shard outputs it overlaps: this process holds one span
+        and at most two shard outputs, never a tensor that spans shards."""
+        self._check_open()
+        self.recover()
+        self._stage(self._actors, majority)
+        sizes = dict(self.manifest)
+        for name, lo, hi, dense in self._chunks_of(majority, span_elems):
+            idx, val = dense_to_sparse(dense)
+            n = sizes[name]
+            if (lo, hi) == (0, n) and n <= span_elems:
+                yield SparseTensor(name, shapes[name], idx, val)
+            else:
+                yield SparseTensor(name, shapes[name], idx + lo, val, start=lo, count=hi - lo)
+            del dense
+
+    def _outputs(self, majority: int) -> Callable[[Optional[int]], Optional[torch.Tensor]]:
+        """Shard outputs pulled in plan order, the next one prefetched: `output(s)` is shard
+        s's (read-only), `output(None)` lets the current one go."""
+        order = [s for s in self.plan.nonempty_shards()]
+        nxt = {a: b for a, b in zip(order, order[1:])}
+        pending: dict[int, ray.ObjectRef] = {}
+        cur: list = [None, None]  # shard, its output
+
+        def output(s: Optional[int]) -> Optional[torch.Tensor]:
+            if s is None or s != cur[0]:
+                cur[0] = cur[1] = None  # drop the previous shard's output
+            if s is None or cur[0] == s:
+                return cur[1]
+            ref = pending.pop(s, None) or self._actors[s].take.remote()
+            if s in nxt and nxt[s] not in pending:  # prefetch one shard ahead
+                pending[nxt[s]] = self._actors[nxt[s]].take.remote()
+            cur[0], cur[1] = s, self._fetch(s, ref, majority)
+            return cur[1]
+
+        return output
+
+    def _chunks_of(self, majority: int, span_elems: int) -> Iterator[tuple[str, int, int, torch.Tensor]]:
+        """(name, lo, hi, merged values of elements [lo, hi)) in manifest order: whole tensors
+        up to `span_elems` elements, spans of `span_elems` above; a read-only view where the
+        range lies in one shard, else gathered from the shards it spans."""
+        output = self._outputs(majority)
+        for name, n in self.manifest:
+            pieces = self.plan.pieces_of(name) if n else []
+            cuts = [(0, n)] if n <= span_elems else [(lo, min(n, lo + span_elems)) for lo in range(0, n, span_elems)]
+            for lo, hi in cuts:
+                parts = [p for p in pieces if p.start < hi and p.stop > lo]
+                if len(parts) == 1:
+                    p = parts[0]
+                    a = p.offset_in_shard + lo - p.start
+                    chunk = output(p.shard)[a:a + hi - lo]
+                else:
+                    chunk = torch.zeros(hi - lo, dtype=torch.float32)
+                    for p in parts:
+                        a, b = max(lo, p.start), min(hi, p.stop)
+                        off = p.offset_in_shard - p.start
+                        chunk[a - lo:b - lo] = output(p.shard)[off + a:off + b]
+                yield name, lo, hi, chunk
+                del chunk
 
     def _fetch(self, s: int, ref: ray.ObjectRef, majority: int) -> torch.Tensor:
         for _ in range(self._max_restarts + 2):

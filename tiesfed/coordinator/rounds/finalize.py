@@ -261,7 +261,7 @@ def write_merged(
             # records straight from an aggregator that makes them (spill: cut as merged_records cuts);
             # else read-only views where the aggregator has them (no copy of each tensor)
             records = getattr(agg, "finalize_records", None)
-            for st in (records(majority, shapes, SPAN_ELEMS) if records is not None else
+            for st in (one_ahead(records(majority, shapes, SPAN_ELEMS)) if records is not None else
                        sparse_ahead(getattr(agg, "finalize_views", agg.finalize)(majority), shapes)):
                 w.write(st)
             w.close()
@@ -296,6 +296,17 @@ def merged_records(dense: Iterator[tuple[str, torch.Tensor]], shapes: dict[str, 
             hi = min(n, lo + SPAN_ELEMS)
             idx, val = dense_to_sparse(flat[lo:hi])
             yield SparseTensor(name, shapes[name], idx + lo, val, start=lo, count=hi - lo)
+
+
+def one_ahead(records: Iterator[SparseTensor]) -> Iterator[SparseTensor]:
+    """The next record made on a worker thread while the caller encodes this one; records
+    are at most `SPAN_ELEMS` elements, so two of them stay small."""
+    with ThreadPoolExecutor(1, thread_name_prefix="records-ahead") as pool:
+        nxt = pool.submit(next, records, None)
+        while (st := nxt.result()) is not None:
+            nxt = pool.submit(next, records, None)
+            yield st
+            del st
 
 
 def sparse_ahead(dense: Iterator[tuple[str, torch.Tensor]], shapes: dict[str, tuple[int, ...]]
