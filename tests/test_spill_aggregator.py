@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.test_accumulators import SPECS as ACCUMULATOR_SPECS
 from tests.test_federated import (  # noqa: F401  (family: the fixture)
     CLIENTS,
     FAST,
@@ -37,15 +38,9 @@ from tiesfed.protos.codec import encode_tensor, join_spans, read_stream
 
 REPO = Path(__file__).resolve().parents[1]
 
+# test_accumulators' option sets, and those whose finalize differs elsewhere
 SPECS = [
-    FinalizeSpec(),
-    FinalizeSpec(election="count"),
-    FinalizeSpec(disjoint="sum"),
-    FinalizeSpec(disjoint="max"),
-    FinalizeSpec(weighted=True),
-    FinalizeSpec(weighted=True, weight_semantics="peft"),
-    FinalizeSpec(combine="sum", weighted=True),
-    FinalizeSpec(combine="average"),
+    *ACCUMULATOR_SPECS,
     FinalizeSpec(zero_sign="positive"),
     FinalizeSpec(min_support=2),
     FinalizeSpec(sum_dtype=torch.float32),
