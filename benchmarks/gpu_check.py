@@ -128,6 +128,8 @@ CASES = (
          FinalizeSpec(zero_sign="positive")),
     Case("dare_ties", TrimSpec(kind="dare", fraction=0.3, seed=7), FinalizeSpec()),
     Case("task_arithmetic", TrimSpec(kind="none", fraction=1.0), FinalizeSpec(combine="sum"), lam=0.5),
+    Case("average (linear)", TrimSpec(kind="none", fraction=1.0), FinalizeSpec(combine="average"),
+         weights=(1.0, 0.5, 2.0, 0.3)),
     Case("ties election=count", GLOBAL, FinalizeSpec(election="count")),
     Case("ties disjoint=max", GLOBAL, FinalizeSpec(disjoint="max")),
     Case("ties weighted (mergekit)", GLOBAL, FinalizeSpec(weighted=True), lam=1.3, weights=(1.0, 0.5, 2.0, 0.75)),

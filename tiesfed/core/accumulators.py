@@ -300,7 +300,8 @@ def finalize(acc: Accumulator, spec: FinalizeSpec, majority: int = 1, gamma: Opt
     if spec.combine == "average":
         # mergekit's rule: a total weight of (nearly) zero divides by 1
         total = acc.weight_total if acc.weight_total > 0 or abs(acc.weight_total) >= 1e-8 else 1.0
-        return ((acc.s_pos + acc.s_neg) / total).to(torch.float32)
+        summed = acc.s_pos + acc.s_neg  # divided by a tensor: CUDA turns `/ scalar` into `* (1/scalar)`
+        return (summed / torch.tensor(total, dtype=summed.dtype, device=summed.device)).to(torch.float32)
 
     fill = 1 if spec.zero_sign == "positive" else majority
     if (gamma is None and fill != 0 and spec.election == "mass" and acc.e_sum is None and acc.w_pos is None

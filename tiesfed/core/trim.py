@@ -104,10 +104,12 @@ def dare_generator(seed: int) -> torch.Generator:
 
 def trim_dare_block(tau: torch.Tensor, fraction: float, gen: torch.Generator) -> Survivors:
     """DARE on the next block of a tensor: `gen`'s stream continues from the previous
-    block, and the CPU generator draws the same numbers in blocks as in one call."""
+    block, and the CPU generator draws the same numbers in blocks as in one call.
+    The divisor is a tensor on the values' device: CUDA divides by a Python scalar as a
+    multiplication by its rounded reciprocal, which is not the CPU's correctly rounded quotient."""
     keep = torch.rand(tau.numel(), generator=gen) < fraction
     idx, val = survivors(tau, keep.to(tau.device))
-    return idx, val / fraction
+    return idx, val / torch.tensor(fraction, dtype=val.dtype, device=val.device)
 
 
 def trim_none(tau: torch.Tensor) -> Survivors:
