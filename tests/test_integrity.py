@@ -303,3 +303,28 @@ def test_fuzzed_uploads_never_change_the_round(family, tmp_path, coordinator):
     assert psutil.Process().memory_info().rss - rss0 < 300 << 20
     send(srv, "r1", "org-c", family, 2)
     assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+def test_an_upload_that_would_fill_the_disk_is_refused_and_changes_nothing(family, tmp_path, coordinator):
+    """Real statvfs of the spool: with more reserve asked than the disk has, the chunk is
+    refused (RESOURCE_EXHAUSTED, naming the free disk) and the round is as it was; once
+    space is back, the same upload commits and the merge equals the local one."""
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    from tests.test_metrics import scrape, value
+
+    srv = coordinator(min_free_disk_bytes=free + (1 << 40), metrics_port=0)
+    rnd = open_round(srv)
+    assert rnd.min_free_disk_bytes == free + (1 << 40)
+    err = rejected(srv, rnd, contribution_bytes(family, 0), grpc.StatusCode.RESOURCE_EXHAUSTED, "free disk",
+                   chunk=300)
+    assert "min_free_disk_bytes" in err.details()
+    assert value(scrape(srv.metrics_endpoint.port), "tiesfed_contributions_rejected_total", reason="disk") == 1
+    rnd.min_free_disk_bytes = 0  # the operator freed space
+    for c, m in (("org-a", 0), ("org-b", 1), ("org-c", 2)):
+        send(srv, "r1", c, family, m)
+    assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))

@@ -35,7 +35,7 @@ AGGREGATOR_STATES = ("starting", "ready", "failed")
 
 #: The `reason` label's fixed vocabulary (bounded cardinality, whatever the messages say).
 REASONS = ("validation", "shape", "budget", "value_bound", "base", "signature", "late", "closed", "replace",
-           "permission", "aborted", "internal", "other")
+           "permission", "aborted", "disk", "internal", "other")
 
 # First match wins: (gRPC code or None, substring of the message or None, reason). The
 # messages are RoundError's (rounds/validation.py, intake.py, provenance.py, state.py).
@@ -51,6 +51,7 @@ _REASON_RULES: tuple[tuple[Optional[str], Optional[str], str], ...] = (
     (None, "deadline passed", "late"),
     (None, "refuses replacements", "replace"),
     ("PERMISSION_DENIED", None, "permission"),
+    ("RESOURCE_EXHAUSTED", "free disk", "disk"),
     ("ABORTED", None, "aborted"),
     ("INTERNAL", None, "internal"),
     ("FAILED_PRECONDITION", None, "closed"),  # finalizing, finalized or failed

@@ -116,6 +116,9 @@ class CoordinatorConfig(BaseModel):
         "from the spool (the rest is)"
     )
     abandon_after_s: float = Field(300.0, gt=0, description="an interrupted upload is dropped after this idle time")
+    min_free_disk_bytes: int = Field(1 << 30, ge=0, description="an upload chunk that would leave the spool's "
+                                     "file system with less free space than this is refused (RESOURCE_EXHAUSTED; "
+                                     "the round is left as it was) instead of filling the disk mid-round")
     stall_after_s: float = Field(120.0, gt=0, description="an upload stream holding a slot without progress "
                                  "for this long is cancelled (the client resumes it)")
     lease_s: float = Field(30.0, gt=0, description="a reserved upload slot lapses if its stream does not open")
@@ -331,6 +334,7 @@ class CoordinatorServer:
             max_active_uploads=config.max_active_uploads,
             max_chunk_bytes=config.max_chunk_bytes,
             pending_buffer_bytes=config.pending_buffer_bytes,
+            min_free_disk_bytes=config.min_free_disk_bytes,
             abandon_after_s=config.abandon_after_s,
             stall_after_s=config.stall_after_s,
             lease_s=config.lease_s,

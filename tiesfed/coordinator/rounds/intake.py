@@ -9,6 +9,8 @@ upload (un-folding what it folded), so the round is left as it was.
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 from typing import Optional
 
 from tiesfed.coordinator.metrics import rejection_reason, timed_fold
@@ -72,6 +74,7 @@ def feed(r: RoundState, s: UploadSession, offset: int, data: bytes, signature: b
         raise RoundError("FAILED_PRECONDITION", s.reason or "this upload is closed")
     try:
         s.check_chunk(offset, data, r.max_chunk_bytes)
+        check_free_disk(r.spool.dir, len(data), r.min_free_disk_bytes)
         if signature:
             if len(signature) > provenance.MAX_SIGNATURE_BYTES:
                 raise RoundError("INVALID_ARGUMENT", f"a signature of {len(signature)} bytes: at most "
@@ -194,6 +197,19 @@ def commit(r: RoundState, s: UploadSession) -> Receipt:
                           committed_count=len(r.committed))
         maybe_finalize(r)
         return receipt
+
+
+def check_free_disk(where: Path, incoming: int, reserve: int) -> None:
+    """Refuse a chunk that would leave less than `reserve` bytes free where the spool lives:
+    a full disk mid-round breaks every upload and the merge, a refused one breaks nothing."""
+    if reserve <= 0:
+        return
+    free = shutil.disk_usage(where).free
+    if free - incoming < reserve:
+        raise RoundError("RESOURCE_EXHAUSTED", f"the coordinator's spool ({where}) is low on free disk: "
+                         f"{free / 2**30:.2f} GiB free, this chunk {incoming} bytes, and the coordinator keeps "
+                         f"{reserve / 2**30:.2f} GiB free (min_free_disk_bytes); the upload was withdrawn and the "
+                         "round left as it was: retry once the operator frees space")
 
 
 def reject(r: RoundState, s: UploadSession, why: str, reason: str = "other") -> None:

@@ -45,6 +45,7 @@ class RoundManager:
         max_active_uploads: int = 2,
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
         pending_buffer_bytes: int = 1 << 30,
+        min_free_disk_bytes: int = 0,
         abandon_after_s: float = 300.0,
         stall_after_s: float = 120.0,
         lease_s: float = 30.0,
@@ -73,7 +74,7 @@ class RoundManager:
         self.lease_s = lease_s
         self._round_kw = dict(
             base_path=base_path, shard_bytes=shard_bytes, max_chunk_bytes=max_chunk_bytes,
-            pending_buffer_bytes=pending_buffer_bytes,
+            pending_buffer_bytes=pending_buffer_bytes, min_free_disk_bytes=min_free_disk_bytes,
             abandon_after_s=abandon_after_s, clock=clock, signer=signer, metrics=metrics,
             readiness=self.readiness, sum_dtype=sum_dtype, publish_first=publish_first,
         )

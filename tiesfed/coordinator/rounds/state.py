@@ -59,6 +59,7 @@ class RoundState:
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
         pending_buffer_bytes: int = 1 << 30,
+        min_free_disk_bytes: int = 0,
         abandon_after_s: float = 300.0,
         clock: Callable[[], float] = time.time,
         signer: Optional[Identity] = None,
@@ -119,6 +120,8 @@ class RoundState:
         self.held: dict[str, list] = {}
         self.held_bytes = 0
         self.pending_buffer_bytes = pending_buffer_bytes
+        #: the spool's file system keeps at least this much free: a chunk that would eat into it is refused
+        self.min_free_disk_bytes = min_free_disk_bytes
         #: the aggregator holds exactly the committed contributions folded in
         #: participant order (after `_rebuild`); any later fold makes it False
         self.canonical = True
