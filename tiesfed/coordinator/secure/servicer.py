@@ -1,7 +1,8 @@
 """tiesfed.v1.SecureAggregation: the secure round's RPCs, beside the Coordinator service on
 the same server. Every call is authenticated as the Coordinator's calls are (its `_caller`:
 the verified certificate, revocation, expiry, the round's allowlist), and every protocol
-message must name the caller's own id. Sessions are made on a secure round's first call.
+message must name the caller's own id. Sessions are made on a secure round's first call, or
+at start for a round whose journal shows its protocol had started (replayed where it stood).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Iterator, Optional
 import grpc
 
 from tiesfed.coordinator.rounds import Round, RoundError
-from tiesfed.coordinator.secure.session import SecureSession, started_marker
+from tiesfed.coordinator.secure.journal import Journal
+from tiesfed.coordinator.secure.session import SecureSession
 from tiesfed.coordinator.service import CoordinatorService, rpc
 from tiesfed.protos.v1 import secagg_pb2 as spb
 from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
@@ -31,17 +33,30 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
         self.ca_pem = ca_pem
         self.sessions: dict[str, SecureSession] = {}
         self.lock = threading.Lock()
-        self.fail_interrupted()
+        self.resume_interrupted()
 
-    def fail_interrupted(self) -> None:
-        """Secure rounds a restart found mid-protocol fail: their keys and sums were in memory only."""
+    def resume_interrupted(self) -> None:
+        """Secure rounds a restart found mid-protocol carry on from their journals (replayed into
+        fresh sessions, each open phase with a fresh `phase_s`); a journal that cannot be replayed
+        fails its round, naming why. A finished round's leftover journal goes."""
+        from tiesfed.coordinator.rounds.finalize import fail
+
         for r in list(self.manager.rounds.values()):
-            if r.config.secure_aggregation and r.state == "open" and started_marker(r).exists():
-                from tiesfed.coordinator.rounds.finalize import fail
-
+            journal = Journal(r.spool.dir)
+            if not (r.config.secure_aggregation and journal.dir.exists()):
+                continue
+            if r.state == "finalized":
+                journal.remove()
+            elif r.state == "failed":
+                journal.drop_masked()
+            if r.state != "open" or not journal.started():
+                continue
+            try:
+                self.sessions[r.id] = SecureSession(r, self.ca_pem)
+            except Exception as e:  # a damaged journal: nothing is unmasked from it
+                log.error("round %s: its secure-aggregation journal cannot be replayed: %s", r.id, e)
                 with r.lock:
-                    fail(r, "secure aggregation: the coordinator restarted during the protocol, whose state is "
-                         "kept in memory only; open a new round")
+                    fail(r, f"secure aggregation: the coordinator restarted and its journal cannot be replayed: {e}")
 
     def _session(self, round_id: str, context: grpc.ServicerContext) -> tuple[SecureSession, str, Optional[str]]:
         """(the round's session, the caller's id, its certificate's fingerprint: None when insecure)."""
