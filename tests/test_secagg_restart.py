@@ -25,7 +25,17 @@ import pytest
 import torch
 
 from tests.test_federated import assert_identical
-from tests.test_secagg_round import CLIENTS, ENV, family, fetch_secure, finish, plain_round  # noqa: F401
+from tests.test_secagg_round import (  # noqa: F401
+    CLIENTS,
+    ENV,
+    family,
+    fetch_secure,
+    finish,
+    plain_round,
+    secure_config,
+    secure_server,
+    submit_threads,
+)
 from tiesfed.client.connection import Connection, Retry, spec_options
 from tiesfed.client.secure import SecureFlow, flat_contribution, secagg_round, secure_spec
 from tiesfed.core.methods import get_method
@@ -210,3 +220,27 @@ def test_a_coordinator_killed_three_times_mid_protocol_completes_the_round(famil
         coord.stop()
     assert not coord.journal.exists()
     assert_identical(got, plain_round(family, tmp_path, [0, 1, 2]))
+
+
+def test_a_restart_while_the_merge_is_written_publishes_it_again(family, tmp_path, pki, secure_server,  # noqa: F811
+                                                                 monkeypatch):
+    """Every phase closed, then the coordinator stops before the merge is out (its publish held
+    back here): the restarted coordinator replays the whole journal, unmasks again and
+    publishes; the merge equals the plain round's."""
+    import tiesfed.coordinator.secure.session as session
+
+    held = threading.Event()
+    monkeypatch.setattr(session, "publish", lambda *a, **kw: held.set())
+    srv = secure_server(secure_config())
+    results = submit_threads(pki, family, srv.target, [0, 1, 2])
+    assert all(not isinstance(x, Exception) for x in results), results
+    assert held.wait(30)
+    r = srv.manager.get("r1")
+    assert r.state == "open"
+    srv.stop(grace=0)
+    monkeypatch.undo()
+    again = secure_server(secure_config())
+    r = again.manager.get("r1")
+    assert r.wait_closed(60) and r.state == "finalized", r.message
+    assert r.message.endswith(", ".join(CLIENTS)), r.message
+    assert_identical(fetch_secure(again.target, pki, family, tmp_path), plain_round(family, tmp_path, [0, 1, 2]))
