@@ -32,6 +32,7 @@ from tiesfed.coordinator.rounds.finalize import fail
 from tiesfed.coordinator.rounds.state import RoundState
 from tiesfed.coordinator.secure.journal import STEP_TYPES, Journal, pieces, replay
 from tiesfed.coordinator.secure.publish import FlatAggregator, publish
+from tiesfed.coordinator.secure.release import check_release
 from tiesfed.coordinator.secure.settings import effective, secagg_round
 from tiesfed.trust.certs import fingerprint
 from tiesfed.trust.secagg import SecAggError, SecAggServer
@@ -79,6 +80,7 @@ class SecureSession:
         self.folded: set[str] = set()  # whose masked vector is in the running sum
         self.adverts: dict[str, KeyAdvert] = {}
         self.counted: set[str] = set()  # whose masked vectors are in the sum
+        self._sharers: set[str] = set()  # who shared (U1): U counts their supports
         self.journal = Journal(r.spool.dir)
         with self.cond:
             self._pending = replay(self) if self.journal.dir.exists() else None  # to publish: all had closed
@@ -341,8 +343,10 @@ class SecureSession:
             reqs = self.server.close_shares()
             self.outbox["shares"] = {c: to_bytes(m) for c, m in reqs.items()}
             nxt = set(reqs)
+            self._sharers = set(reqs)
         elif phase == "masked":
             self._drop_partials()
+            check_release(self.journal, self.params, self.server.support, self._sharers, arrived)
             ur = self.server.close_masked()
             self.outbox["masked"] = to_bytes(ur)
             nxt = set(ur.survivors)
