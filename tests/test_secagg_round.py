@@ -547,5 +547,6 @@ def test_a_damaged_journal_fails_the_round_on_restart_naming_the_file(family, tm
     (journal / "closed-keys.json").write_text(json.dumps({"arrived": ["org-a", "org-b"]}))
     again = secure_server(secure_config())
     r = again.manager.get("r1")
+    assert r.wait_closed(30)  # the journal is replayed on a thread: the server listens meanwhile
     assert r.state == "failed" and "journal cannot be replayed" in r.message, r.message
     assert "org-a.msg" in r.message or "org-b" in r.message, r.message

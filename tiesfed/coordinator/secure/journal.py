@@ -23,6 +23,7 @@ merge is published (the running sum is rebuilt from them); then the whole folder
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -190,6 +191,7 @@ def replay(s: "SecureSession") -> Optional["FlatAggregator"]:
                     if not isinstance(msg, STEP_TYPES[phase]) or msg.client_id != c:
                         raise SecAggError(f"it is not {c!r}'s {STEP_TYPES[phase].__name__}")
                     receive[phase](msg)
+                    s.taken[phase, c] = hashlib.sha256(msgs[c]).hexdigest()
                 except SecAggError as e:
                     if closed is not None:
                         raise DamagedFileError(j.dir / phase / f"{c}.msg", f"{phase} message", f"is refused: {e}") from None

@@ -81,6 +81,7 @@ class SecureSession:
         self.adverts: dict[str, KeyAdvert] = {}
         self.counted: set[str] = set()  # whose masked vectors are in the sum
         self._sharers: set[str] = set()  # who shared (U1): U counts their supports
+        self.taken: dict[tuple[str, str], str] = {}  # (phase, client) → sha256 of the message taken
         self.journal = Journal(r.spool.dir)
         with self.cond:
             self._pending = replay(self) if self.journal.dir.exists() else None  # to publish: all had closed
@@ -119,6 +120,7 @@ class SecureSession:
             except SecAggError as e:
                 self.journal.forget(phase, client_id)
                 raise RoundError("INVALID_ARGUMENT", str(e)) from None
+            self.taken[phase, client_id] = hashlib.sha256(payload).hexdigest()
             if isinstance(msg, KeyAdvert):
                 self.adverts[client_id] = msg
                 if self.opened_at is None:
@@ -131,10 +133,10 @@ class SecureSession:
         place is ALREADY_EXISTS."""
         if self.failed:
             raise RoundError("FAILED_PRECONDITION", f"round {self.round.id!r} failed: {self.failed}")
-        held = self.journal.message(phase, client_id)
+        held = self.taken.get((phase, client_id))
         if held is None:
             return False
-        if held != payload:
+        if held != hashlib.sha256(payload).hexdigest():
             raise RoundError("ALREADY_EXISTS", f"client {client_id!r} already sent a different {phase} message")
         log.info("round %s: secure %s from %s again (the same message): acknowledged", self.round.id, phase,
                  client_id)
