@@ -127,8 +127,9 @@ class Journal:
         fsync_dir(dst.parent)
         return dst
 
-    def drop_partial(self, client_id: str) -> None:
-        self.partial_path(client_id).unlink(missing_ok=True)
+    def partial_files(self) -> list[Path]:
+        """The masked prefixes held (one per client, named after it)."""
+        return sorted((self.dir / "masked").glob("*.part"))
 
     def drop_partials(self) -> None:
         for p in (self.dir / "masked").glob("*.part"):

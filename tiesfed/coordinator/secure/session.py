@@ -113,7 +113,10 @@ class SecureSession:
             if self._taken(client_id, phase, payload):  # a retry (its ack was lost, or a restart came between)
                 return self.phase
             self._check_phase(client_id, phase)
-            self.journal.record(phase, client_id, payload)  # before the ack: a restart replays it
+            try:
+                self.journal.record(phase, client_id, payload)  # before the ack: a restart replays it
+            except OSError as e:  # nothing taken: the client retries
+                raise RoundError("UNAVAILABLE", f"the coordinator cannot write its journal: {e}") from None
             try:
                 {"keys": self.server.receive_advert, "shares": self.server.receive_shares,
                  "unmask": self.server.receive_unmask}[phase](msg)
@@ -209,7 +212,10 @@ class SecureSession:
 
             with self.cond:
                 self._check_phase(client_id, "masked")
-                done = self.journal.commit_masked(client_id, want)  # before the ack: a restart folds it again
+                try:
+                    done = self.journal.commit_masked(client_id, want)  # before the ack: a restart folds it again
+                except OSError as e:  # the prefix stays: the client asks MaskedStatus and resumes
+                    raise RoundError("UNAVAILABLE", f"the coordinator cannot write its journal: {e}") from None
                 try:
                     self.fold(client_id, done)
                 except SecAggError as e:
@@ -243,7 +249,7 @@ class SecureSession:
     def restore_partials(self) -> None:
         """The masked prefixes the journal holds, as a restart found them (lock held)."""
         total = self.params.layout.width * self.params.layout.bytes_per_element * self.server.support.numel()
-        for path in sorted(self.journal.partial_path("x").parent.glob("*.part")):
+        for path in self.journal.partial_files():
             part = _Partial(total)
             for piece in pieces(path):
                 part.add(piece)
