@@ -28,6 +28,7 @@ from tests.test_federated import assert_identical
 from tests.test_secagg_round import (  # noqa: F401
     CLIENTS,
     ENV,
+    client_process,
     family,
     fetch_secure,
     finish,
@@ -219,6 +220,37 @@ def test_a_coordinator_killed_three_times_mid_protocol_completes_the_round(famil
             conn.close()
         coord.stop()
     assert not coord.journal.exists()
+    assert_identical(got, plain_round(family, tmp_path, [0, 1, 2]))
+
+
+def test_cli_clients_ride_through_a_coordinator_killed_mid_round(family, tmp_path, pki):  # noqa: F811
+    """`tiesfed client submit` processes with their default retry policy: org-a and org-b have
+    advertised and wait for the key list when the coordinator is SIGKILLed and started again;
+    the restarted one holds their adverts from its journal, org-c joins, every
+    client exits 0 and the merge equals the plain round's."""
+    coord = Coordinator(tmp_path, family, pki)
+    procs = [client_process(pki, family, coord.target, i) for i in range(2)]
+    try:
+        end = time.monotonic() + 60
+        while len(secure_stub_call(coord.target, pki, "Status", spb.SecureSpecRequest(round_id="r1")).arrived) < 2:
+            assert time.monotonic() < end and all(p.poll() is None for p in procs), "the clients did not advertise"
+            time.sleep(0.05)
+        coord.restart()
+        st = secure_stub_call(coord.target, pki, "Status", spb.SecureSpecRequest(round_id="r1"))
+        assert (st.phase, list(st.arrived)) == ("keys", ["org-a", "org-b"])
+        procs.append(client_process(pki, family, coord.target, 2))
+        for p in procs:
+            rc, err = finish(p, 120)
+            assert rc == 0, err
+        st = wait_finalized(coord.target, pki)
+        assert st.state == pb.ROUND_STATE_FINALIZED and st.message.endswith(", ".join(CLIENTS)), st.message
+        got = fetch_secure(coord.target, pki, family, tmp_path)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        coord.stop()
     assert_identical(got, plain_round(family, tmp_path, [0, 1, 2]))
 
 
