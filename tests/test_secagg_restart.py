@@ -116,8 +116,16 @@ def flows_for(target: str, pki, family, chunk_bytes: int = 1 << 20) -> tuple[lis
 
 
 def secure_stub_call(target: str, pki, method: str, request, client: str = "org-a"):
-    with secure_channel(target, Identity.load(pki.client(client)), options=channel_options()) as ch:
-        return getattr(spb_grpc.SecureAggregationStub(ch), method)(request, timeout=10)
+    """One SecureAggregation call, retried while a just-started coordinator is not yet answering."""
+    end = time.monotonic() + 20
+    while True:
+        try:
+            with secure_channel(target, Identity.load(pki.client(client)), options=channel_options()) as ch:
+                return getattr(spb_grpc.SecureAggregationStub(ch), method)(request, timeout=10)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > end:
+                raise
+            time.sleep(0.1)
 
 
 def wait_phase(target: str, pki, phase: str, timeout: float = 30.0) -> None:

@@ -54,6 +54,15 @@ class Journal:
     def __init__(self, round_dir: Path) -> None:
         self.dir = Path(round_dir) / JOURNAL_DIR
 
+    def _folder(self, name: str) -> Path:
+        """`dir/name`, made durably the first time (its entry and the journal's fsync'd)."""
+        d = self.dir / name
+        if not d.is_dir():
+            d.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.dir)
+            fsync_dir(self.dir.parent)
+        return d
+
     # ------------------------------------------------------------------ step messages
     def _message_path(self, phase: str, client_id: str) -> Path:
         assert phase in MESSAGE_PHASES, phase
@@ -61,6 +70,7 @@ class Journal:
 
     def record(self, phase: str, client_id: str, payload: bytes) -> None:
         """Keep a client's message of `phase` (durable when this returns)."""
+        self._folder(phase)
         write_atomic(self._message_path(phase, client_id), lambda tmp: tmp.write_bytes(payload))
 
     def forget(self, phase: str, client_id: str) -> None:
@@ -113,8 +123,7 @@ class Journal:
 
     def open_partial(self, client_id: str):
         """The client's prefix file, for appending at a position (created if absent)."""
-        p = self.partial_path(client_id)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        p = self._folder("masked") / self.partial_path(client_id).name
         return open(p, "r+b" if p.exists() else "wb")
 
     def commit_masked(self, client_id: str, sha256: str) -> Path:
