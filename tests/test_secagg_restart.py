@@ -264,19 +264,27 @@ def test_cli_clients_ride_through_a_coordinator_killed_mid_round(family, tmp_pat
 
 def test_a_restart_while_the_merge_is_written_publishes_it_again(family, tmp_path, pki, secure_server,  # noqa: F811
                                                                  monkeypatch):
-    """Every phase closed, then the coordinator stops before the merge is out (its publish held
-    back here): the restarted coordinator replays the whole journal, unmasks again and
+    """Every phase closed and the round marked finalizing, then the coordinator stops before
+    the merge is out (its publish held back here, as a crash in the middle of writing it
+    would): the restarted coordinator replays the whole journal, unmasks again and
     publishes; the merge equals the plain round's."""
     import tiesfed.coordinator.secure.session as session
 
     held = threading.Event()
-    monkeypatch.setattr(session, "publish", lambda *a, **kw: held.set())
+
+    def crash_while_writing(r, *a, **kw) -> None:
+        with r.lock:
+            r.state = "finalizing"
+            r._persist()
+        held.set()
+
+    monkeypatch.setattr(session, "publish", crash_while_writing)
     srv = secure_server(secure_config())
     results = submit_threads(pki, family, srv.target, [0, 1, 2])
     assert all(not isinstance(x, Exception) for x in results), results
     assert held.wait(30)
     r = srv.manager.get("r1")
-    assert r.state == "open"
+    assert r.state == "finalizing" and not r.spool.merged_path.exists()
     srv.stop(grace=0)
     monkeypatch.undo()
     again = secure_server(secure_config())
