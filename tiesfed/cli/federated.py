@@ -56,18 +56,24 @@ WAIT = click.option(
 )
 
 
+def _key_values(items, hint: str) -> dict:
+    """KEY=VALUE flags as a dict (values read as YAML scalars, dashes in keys as underscores)."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=hint)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
 def _inline_round(round_id, clients, weights, quorum, deadline, late, replace, options) -> dict:
     """A round from command-line flags (the YAML form has every field)."""
     ids = [c for c in clients.replace(",", " ").split() if c]
     if not ids:
         raise click.BadParameter("give at least one client id", param_hint="--clients")
     ws = parse_weights(weights, len(ids))
-    opts: dict = {}
-    for item in options:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--option")
-        opts[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    opts = _key_values(options, "--option")
     return {
         "round_id": round_id,
         "participants": [{"client_id": c, "weight": w} for c, w in zip(ids, ws)],
@@ -282,8 +288,12 @@ def _status_text(st) -> str:
 @click.option("--round-config", "round_config", type=click.Path(exists=True, dir_okay=False),
               help="YAML of the round")
 @_round_options
+@click.option("--secure-aggregation", is_flag=True, help="a secure round: the coordinator learns only the sums "
+              "(docs/secure-aggregation.md); clients follow the round spec")
+@click.option("--secagg", "secagg", multiple=True, help="a secure round's setting KEY=VALUE (repeatable): "
+              "threshold, bound, frac_bits, max_clients, min_release, phase_s; e.g. threshold=3")
 def open_round(target, tls, insecure, server_name, admin_token, admin_token_file, round_config, round_id, clients,
-               weights, quorum, deadline, late_policy, replace_policy, options) -> None:
+               weights, quorum, deadline, late_policy, replace_policy, options, secure_aggregation, secagg) -> None:
     """Open a round on a running coordinator (its base gives manifest and fingerprint)."""
     import grpc
 
@@ -300,6 +310,12 @@ def open_round(target, tls, insecure, server_name, admin_token, admin_token_file
             )
         else:
             raise click.UsageError("give --round-config, or --round and --clients")
+        if secure_aggregation or secagg:
+            settings = {**(rc.secagg.model_dump(exclude_unset=True) if rc.secagg else {}),
+                        **_key_values(secagg, "--secagg")}
+            rc = RoundConfig.model_validate({**rc.model_dump(),
+                                             "secure_aggregation": secure_aggregation or rc.secure_aggregation,
+                                             "secagg": settings or None})
     except ValidationError as e:
         raise click.UsageError(validation_message(e)) from None
     channel, stub, md = _admin_connection(target, tls, insecure, server_name, admin_token, admin_token_file)
@@ -315,6 +331,8 @@ def open_round(target, tls, insecure, server_name, admin_token, admin_token_file
         replace_policy=REPLACE[rc.replace_policy],
         base_fingerprint=rc.base_fingerprint or "",
         manifest=[pb.TensorSpec(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in rc.manifest or []],
+        secure_aggregation=rc.secure_aggregation,
+        secagg_json=rc.secagg.model_dump_json(exclude_unset=True) if rc.secagg else "",
     )
     with channel:
         try:

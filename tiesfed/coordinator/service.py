@@ -225,6 +225,13 @@ def round_config_from_request(req: pb.OpenRoundRequest, max_round_params: Option
         data["late_policy"] = {v: k for k, v in LATE.items()}[req.late_policy]
     if req.replace_policy:
         data["replace_policy"] = {v: k for k, v in REPLACE.items()}[req.replace_policy]
+    if req.secure_aggregation:
+        data["secure_aggregation"] = True
+    if req.secagg_json:  # without secure_aggregation the round config refuses it, naming both
+        try:
+            data["secagg"] = json.loads(req.secagg_json)
+        except ValueError as e:
+            raise ValueError(f"secagg_json is not JSON: {e}") from None
     return RoundConfig.model_validate(data, context={"max_round_params": max_round_params})
 
 

@@ -1,7 +1,8 @@
 """tiesfed.v1.SecureAggregation: the secure round's RPCs, beside the Coordinator service on
 the same server. Every call is authenticated as the Coordinator's calls are (its `_caller`:
 the verified certificate, revocation, expiry, the round's allowlist), and every protocol
-message must name the caller's own id. Sessions are made on a secure round's first call.
+message must name the caller's own id. Sessions are made on a secure round's first call, or
+at start for a round whose journal shows its protocol had started (replayed where it stood).
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from typing import Iterator, Optional
 import grpc
 
 from tiesfed.coordinator.rounds import Round, RoundError
-from tiesfed.coordinator.secure.session import SecureSession, started_marker
+from tiesfed.coordinator.secure.journal import Journal
+from tiesfed.coordinator.secure.session import SecureSession
 from tiesfed.coordinator.service import CoordinatorService, rpc
 from tiesfed.protos.v1 import secagg_pb2 as spb
 from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
 from tiesfed.trust.secagg.params import public_json
 
 log = logging.getLogger("tiesfed.coordinator")
+#: How long a call waits for its round's replay before answering UNAVAILABLE (clients retry).
+REPLAY_WAIT_S = 30.0
 
 
 class SecureAggregationService(spb_grpc.SecureAggregationServicer):
@@ -30,18 +34,49 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
         self.manager = service.manager
         self.ca_pem = ca_pem
         self.sessions: dict[str, SecureSession] = {}
+        self.replaying: dict[str, threading.Event] = {}  # rounds whose journal a thread is replaying
+        self.stopped = False
         self.lock = threading.Lock()
-        self.fail_interrupted()
+        self.resume_interrupted()
 
-    def fail_interrupted(self) -> None:
-        """Secure rounds a restart found mid-protocol fail: their keys and sums were in memory only."""
+    def resume_interrupted(self) -> None:
+        """Secure rounds a restart found mid-protocol carry on from their journals, replayed into
+        fresh sessions (each open phase with a fresh `phase_s`) on a thread of their own, so the
+        server listens meanwhile; a call to such a round waits for its replay (`_session`). A
+        journal that cannot be replayed fails its round, naming why. A finished round's
+        leftover journal goes."""
+        todo = []
         for r in list(self.manager.rounds.values()):
-            if r.config.secure_aggregation and r.state == "open" and started_marker(r).exists():
-                from tiesfed.coordinator.rounds.finalize import fail
+            journal = Journal(r.spool.dir)
+            if not (r.config.secure_aggregation and journal.dir.exists()):
+                continue
+            if r.state == "finalized":
+                journal.remove()
+            elif r.state == "failed":
+                journal.drop_masked()
+            elif r.state == "open" and journal.started():
+                self.replaying[r.id] = threading.Event()
+                todo.append(r)
+        if todo:
+            threading.Thread(target=self._replay, args=(todo,), name="secagg-replay", daemon=True).start()
 
+    def _replay(self, rounds: list[Round]) -> None:
+        from tiesfed.coordinator.rounds.finalize import fail
+
+        for r in rounds:
+            try:
+                s = SecureSession(r, self.ca_pem)
+                with self.lock:
+                    if self.stopped:  # the server stopped meanwhile: the journal waits for the next start
+                        s.stop()
+                    else:
+                        self.sessions[r.id] = s
+            except Exception as e:  # a damaged journal: nothing is unmasked from it
+                log.error("round %s: its secure-aggregation journal cannot be replayed: %s", r.id, e)
                 with r.lock:
-                    fail(r, "secure aggregation: the coordinator restarted during the protocol, whose state is "
-                         "kept in memory only; open a new round")
+                    fail(r, f"secure aggregation: the coordinator restarted and its journal cannot be replayed: {e}")
+            finally:
+                self.replaying[r.id].set()
 
     def _session(self, round_id: str, context: grpc.ServicerContext) -> tuple[SecureSession, str, Optional[str]]:
         """(the round's session, the caller's id, its certificate's fingerprint: None when insecure)."""
@@ -50,6 +85,10 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
         r.check_participant(caller.client_id)
         if not r.config.secure_aggregation:
             raise RoundError("FAILED_PRECONDITION", f"round {round_id!r} is not a secure-aggregation round")
+        replay = self.replaying.get(r.id)
+        if replay is not None and not replay.wait(REPLAY_WAIT_S):  # the client retries UNAVAILABLE
+            raise RoundError("UNAVAILABLE", f"round {r.id!r}: the coordinator is still replaying its "
+                             "secure-aggregation journal after a restart")
         with self.lock:
             s = self.sessions.get(r.id)
             if s is None:
@@ -117,7 +156,10 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
                                 message=st["message"], threshold=st["threshold"])
 
     def stop(self) -> None:
-        for s in list(self.sessions.values()):
+        with self.lock:
+            self.stopped = True
+            sessions = list(self.sessions.values())
+        for s in sessions:
             s.stop()
 
 

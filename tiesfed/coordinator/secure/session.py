@@ -9,7 +9,13 @@ round fails with that message before anything is unmasked. What the phase closes
 key list, each client's mask request, the unmask request) waits in an outbox for the
 clients' polls. The masked vectors are spooled to a file while they stream in (they are
 uniform bytes); a broken stream's prefix stays there and the client resumes at its end
-(`masked_status`). A complete one is folded into the one running sum, once, and deleted.
+(`masked_status`). A complete one is folded into the one running sum, once.
+
+Every message, masked upload and phase close is kept in the round's journal (`journal`)
+before it is acknowledged or shown, so a restarted coordinator replays it into a fresh
+session at the phase it had reached; a client's retry of a message already taken is
+acknowledged again (an identical one) or refused (a different one). The journal goes once
+the merge is published.
 """
 
 from __future__ import annotations
@@ -24,21 +30,17 @@ from typing import Callable, Iterator, Optional, Union
 from tiesfed.coordinator.rounds.events import RoundError
 from tiesfed.coordinator.rounds.finalize import fail
 from tiesfed.coordinator.rounds.state import RoundState
+from tiesfed.coordinator.secure.journal import STEP_TYPES, Journal, pieces, replay
 from tiesfed.coordinator.secure.publish import FlatAggregator, publish
+from tiesfed.coordinator.secure.release import check_release
 from tiesfed.coordinator.secure.settings import effective, secagg_round
 from tiesfed.trust.certs import fingerprint
 from tiesfed.trust.secagg import SecAggError, SecAggServer
-from tiesfed.trust.secagg.messages import KeyAdvert, Message, ShareUpload, UnmaskReply, from_bytes, to_bytes
+from tiesfed.trust.secagg.messages import KeyAdvert, Message, from_bytes, to_bytes
 
 log = logging.getLogger("tiesfed.coordinator")
 
 PHASES = ("keys", "shares", "masked", "unmask", "done")
-#: What a client sends in each phase (the masked vector has its own stream).
-STEP_TYPES: dict[str, type] = {"keys": KeyAdvert, "shares": ShareUpload, "unmask": UnmaskReply}
-#: Marks a secure round whose protocol started: its state lives in memory only, so a restarted
-#: coordinator fails such a round instead of running it again with fresh keys.
-STARTED_MARKER = "secagg-started"
-READ_PIECE = 1 << 20
 
 
 class _Partial:
@@ -56,12 +58,9 @@ class _Partial:
         self.sha.update(data)
 
 
-def started_marker(r: RoundState) -> Path:
-    return r.spool.merged_path.parent / STARTED_MARKER
-
-
 class SecureSession:
-    """One secure round's protocol state on the coordinator (thread-safe)."""
+    """One secure round's protocol state on the coordinator (thread-safe); rebuilt from the
+    round's journal when it has one (a restart)."""
 
     def __init__(self, r: RoundState, ca_pem: Optional[bytes], clock: Callable[[], float] = time.time) -> None:
         self.round = r
@@ -81,6 +80,11 @@ class SecureSession:
         self.folded: set[str] = set()  # whose masked vector is in the running sum
         self.adverts: dict[str, KeyAdvert] = {}
         self.counted: set[str] = set()  # whose masked vectors are in the sum
+        self._sharers: set[str] = set()  # who shared (U1): U counts their supports
+        self.taken: dict[tuple[str, str], str] = {}  # (phase, client) → sha256 of the message taken
+        self.journal = Journal(r.spool.dir)
+        with self.cond:
+            self._pending = replay(self) if self.journal.dir.exists() else None  # to publish: all had closed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drive, name=f"secagg-{r.id}", daemon=True)
         self._thread.start()
@@ -106,19 +110,40 @@ class SecureSession:
             raise RoundError("PERMISSION_DENIED", f"the key advertisement of {client_id!r} carries a certificate "
                              "other than the one it connected with")
         with self.cond:
+            if self._taken(client_id, phase, payload):  # a retry (its ack was lost, or a restart came between)
+                return self.phase
             self._check_phase(client_id, phase)
+            try:
+                self.journal.record(phase, client_id, payload)  # before the ack: a restart replays it
+            except OSError as e:  # nothing taken: the client retries
+                raise RoundError("UNAVAILABLE", f"the coordinator cannot write its journal: {e}") from None
             try:
                 {"keys": self.server.receive_advert, "shares": self.server.receive_shares,
                  "unmask": self.server.receive_unmask}[phase](msg)
             except SecAggError as e:
+                self.journal.forget(phase, client_id)
                 raise RoundError("INVALID_ARGUMENT", str(e)) from None
+            self.taken[phase, client_id] = hashlib.sha256(payload).hexdigest()
             if isinstance(msg, KeyAdvert):
                 self.adverts[client_id] = msg
                 if self.opened_at is None:
                     self.opened_at = self.clock()
-                    started_marker(self.round).touch()
             self._arrive(client_id)
         return self.phase
+
+    def _taken(self, client_id: str, phase: str, payload: bytes) -> bool:
+        """Whether this very message was taken already (lock held); a different one in its
+        place is ALREADY_EXISTS."""
+        if self.failed:
+            raise RoundError("FAILED_PRECONDITION", f"round {self.round.id!r} failed: {self.failed}")
+        held = self.taken.get((phase, client_id))
+        if held is None:
+            return False
+        if held != hashlib.sha256(payload).hexdigest():
+            raise RoundError("ALREADY_EXISTS", f"client {client_id!r} already sent a different {phase} message")
+        log.info("round %s: secure %s from %s again (the same message): acknowledged", self.round.id, phase,
+                 client_id)
+        return True
 
     def _check_phase(self, client_id: str, phase: str) -> None:
         if self.failed:
@@ -154,10 +179,10 @@ class SecureSession:
                                  "broken one not yet noticed?); ask MaskedStatus and retry")
             self.uploading.add(client_id)
             part = self.partial.setdefault(client_id, _Partial(total))
-        path = self._spool(client_id)
+        path = self.journal.partial_path(client_id)
         try:
             want = ""
-            with open(path, "r+b" if path.exists() else "wb") as f:
+            with self.journal.open_partial(client_id) as f:
                 for n, (offset, data, sha) in enumerate(chunks):
                     if n == 0 and offset == 0 and part.size:  # the client starts afresh
                         with self.cond:
@@ -185,21 +210,19 @@ class SecureSession:
                 raise RoundError("DATA_LOSS", f"masked upload of {client_id!r}: the {total} bytes held do not "
                                  f"have the sha256 the client sent ({want or 'none'}); send it again from 0")
 
-            def source() -> Iterator[bytes]:
-                with open(path, "rb") as f:
-                    while piece := f.read(READ_PIECE):
-                        yield piece
-
             with self.cond:
                 self._check_phase(client_id, "masked")
                 try:
-                    self.server.receive_masked_stream(client_id, total, source)
+                    done = self.journal.commit_masked(client_id, want)  # before the ack: a restart folds it again
+                except OSError as e:  # the prefix stays: the client asks MaskedStatus and resumes
+                    raise RoundError("UNAVAILABLE", f"the coordinator cannot write its journal: {e}") from None
+                try:
+                    self.fold(client_id, done)
                 except SecAggError as e:
+                    done.unlink(missing_ok=True)
                     raise RoundError("INVALID_ARGUMENT", str(e)) from None
                 self.partial.pop(client_id, None)
-                self.folded.add(client_id)
                 self._arrive(client_id)
-            path.unlink(missing_ok=True)
         finally:
             with self.cond:
                 self.uploading.discard(client_id)
@@ -217,13 +240,27 @@ class SecureSession:
                 return 0, hashlib.sha256().hexdigest(), 0, False
             return part.size, part.sha.hexdigest(), part.total, False
 
-    def _spool(self, client_id: str) -> Path:
-        return started_marker(self.round).parent / f"secagg-{client_id}.masked"
+    def fold(self, client_id: str, path: Path) -> None:
+        """Add a complete masked upload (a file of the journal) to the running sum (lock held)."""
+        size = path.stat().st_size
+        self.server.receive_masked_stream(client_id, size, lambda: pieces(path))
+        self.folded.add(client_id)
+
+    def restore_partials(self) -> None:
+        """The masked prefixes the journal holds, as a restart found them (lock held)."""
+        total = self.params.layout.width * self.params.layout.bytes_per_element * self.server.support.numel()
+        for path in self.journal.partial_files():
+            part = _Partial(total)
+            for piece in pieces(path):
+                part.add(piece)
+            if part.size > total:
+                path.unlink(missing_ok=True)
+                continue
+            self.partial[path.stem] = part
 
     def _drop_partials(self) -> None:
         """Delete the masked prefixes of uploads that did not complete (the phase closed)."""
-        for c in list(self.partial):
-            self._spool(c).unlink(missing_ok=True)
+        self.journal.drop_partials()
         self.partial.clear()
 
     # ------------------------------------------------------------------ what clients read
@@ -258,12 +295,16 @@ class SecureSession:
 
     # ------------------------------------------------------------------ closing phases
     def _drive(self) -> None:
+        if self._pending is not None:  # replayed with every phase closed: the merge was being written
+            self._publish(self._pending)
+            return
         while not self._stop.is_set():
             with self.cond:
                 self.cond.wait(0.2)
                 if self.failed or self.phase == "done" or self.round.state != "open":
                     if self.round.state == "failed" and not self.failed:  # an admin abort
                         self.failed = self.round.message
+                        self.journal.drop_masked()
                         self.cond.notify_all()
                     if self.phase == "done" or self.failed:
                         return
@@ -273,11 +314,13 @@ class SecureSession:
                 if not (everyone or late):
                     continue
                 try:
-                    result = self._close()
-                except SecAggError as e:
+                    result = self.close_phase()
+                except (SecAggError, OSError) as e:
                     missing = sorted(self.expected - set(self.arrived))
-                    self.failed = f"{e}" + (f" (missing: {', '.join(missing)})" if missing else "")
+                    why = f"{e}" if isinstance(e, SecAggError) else f"the journal could not be written: {e!r}"
+                    self.failed = why + (f" (missing: {', '.join(missing)})" if missing else "")
                     self._drop_partials()
+                    self.journal.drop_masked()
                     log.warning("round %s: secure aggregation failed: %s", self.round.id, self.failed)
                     self.cond.notify_all()
                     with self.round.lock:
@@ -286,11 +329,18 @@ class SecureSession:
                     return
                 self.cond.notify_all()
             if result is not None:  # outside the session's lock: writing the merge takes a while
-                publish(self.round, result, [self.adverts[c] for c in sorted(self.counted)])
+                self._publish(result)
                 return
 
-    def _close(self) -> Optional[FlatAggregator]:
-        """Close the current phase (lock held); the aggregator to publish after the last."""
+    def _publish(self, result: FlatAggregator) -> None:
+        publish(self.round, result, [self.adverts[c] for c in sorted(self.counted)])
+        if self.round.state == "finalized":  # published: nothing is replayed any more
+            self.journal.remove()
+
+    def close_phase(self, record: bool = True) -> Optional[FlatAggregator]:
+        """Close the current phase (lock held); the aggregator to publish after the last. With
+        `record`, who it closed with goes to the journal before any client can read the outbox
+        (a replay closes it again without recording)."""
         phase, arrived = self.phase, list(self.arrived)
         result = None
         if phase == "keys":
@@ -301,8 +351,10 @@ class SecureSession:
             reqs = self.server.close_shares()
             self.outbox["shares"] = {c: to_bytes(m) for c, m in reqs.items()}
             nxt = set(reqs)
+            self._sharers = set(reqs)
         elif phase == "masked":
             self._drop_partials()
+            check_release(self.journal, self.params, self.server.support, self._sharers, arrived)
             ur = self.server.close_masked()
             self.outbox["masked"] = to_bytes(ur)
             nxt = set(ur.survivors)
@@ -311,6 +363,8 @@ class SecureSession:
             acc = self.server.finish()
             result = FlatAggregator(acc, self.round.config.manifest or [], self.round.spec)
             nxt = set()
+        if record:
+            self.journal.close(phase, arrived)
         dropped = sorted(self.expected - set(arrived))
         log.info("round %s: secure phase %s closed with %d client(s)%s", self.round.id, phase, len(arrived),
                  f"; missing: {', '.join(dropped)}" if dropped else "")
@@ -320,6 +374,5 @@ class SecureSession:
         return result
 
     def stop(self) -> None:
+        """Stop the driver; the journal stays (masked prefixes included) for the next start."""
         self._stop.set()
-        with self.cond:
-            self._drop_partials()

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftiesfed/protos/v1/tiesfed.proto\x12\ntiesfed.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"e\n\x0bParticipant\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x14\n\x07\x64\x65nsity\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tmodel_key\x18\x04 \x01(\tB\n\n\x08_density\"\xaf\x03\n\tRoundSpec\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x14\n\x0coptions_json\x18\x03 \x01(\t\x12\t\n\x01k\x18\x04 \x01(\x01\x12\x0e\n\x06lambda\x18\x05 \x01(\x01\x12\x18\n\x10\x62\x61se_fingerprint\x18\x06 \x01(\t\x12(\n\x08manifest\x18\x07 \x03(\x0b\x32\x16.tiesfed.v1.TensorSpec\x12-\n\x0cparticipants\x18\x08 \x03(\x0b\x32\x17.tiesfed.v1.Participant\x12\x0e\n\x06quorum\x18\t \x01(\r\x12\x15\n\rdeadline_unix\x18\n \x01(\x01\x12+\n\x0blate_policy\x18\x0b \x01(\x0e\x32\x16.tiesfed.v1.LatePolicy\x12\x31\n\x0ereplace_policy\x18\x0c \x01(\x0e\x32\x19.tiesfed.v1.ReplacePolicy\x12\x17\n\x0fmax_chunk_bytes\x18\r \x01(\r\x12%\n\x05state\x18\x0e \x01(\x0e\x32\x16.tiesfed.v1.RoundState\x12\x15\n\rmax_abs_value\x18\x0f \x01(\x01\"\xe5\x02\n\x10OpenRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0coptions_json\x18\x02 \x01(\t\x12-\n\x0cparticipants\x18\x03 \x03(\x0b\x32\x17.tiesfed.v1.Participant\x12\x0e\n\x06quorum\x18\x04 \x01(\r\x12\x15\n\rdeadline_unix\x18\x05 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x06 \x01(\x01\x12+\n\x0blate_policy\x18\x07 \x01(\x0e\x32\x16.tiesfed.v1.LatePolicy\x12\x31\n\x0ereplace_policy\x18\x08 \x01(\x0e\x32\x19.tiesfed.v1.ReplacePolicy\x12\x18\n\x10\x62\x61se_fingerprint\x18\t \x01(\t\x12(\n\x08manifest\x18\n \x03(\x0b\x32\x16.tiesfed.v1.TensorSpec\x12\x15\n\rmax_abs_value\x18\x0b \x01(\x01\"4\n\x11\x43loseRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x62ort\x18\x02 \x01(\x08\"\'\n\x13GetRoundSpecRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\")\n\x15GetRoundStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\xef\x01\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.tiesfed.v1.RoundState\x12\x19\n\x11\x63ommitted_clients\x18\x03 \x03(\t\x12\x0e\n\x06quorum\x18\x04 \x01(\r\x12\x10\n\x08\x65xpected\x18\x05 \x01(\r\x12\x15\n\rdeadline_unix\x18\x06 \x01(\x01\x12\x15\n\rmerged_sha256\x18\x07 \x01(\t\x12\x14\n\x0cmerged_bytes\x18\x08 \x01(\x04\x12\x0f\n\x07message\x18\t \x01(\t\x12\x15\n\rmajority_sign\x18\n \x01(\x05\"P\n\x0bUploadChunk\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\xa6\x01\n\rUploadReceipt\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x18\n\x10\x63ommitted_offset\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0b\n\x03nnz\x18\x05 \x01(\x04\x12\x11\n\tduplicate\x18\x06 \x01(\x08\x12\x10\n\x08replaced\x18\x07 \x01(\x08\x12\x17\n\x0f\x63ommitted_count\x18\x08 \x01(\r\"\'\n\x13UploadStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"q\n\x11UploadStatusReply\x12\x18\n\x10\x63ommitted_offset\x18\x01 \x01(\x04\x12\x15\n\rprefix_sha256\x18\x02 \x01(\t\x12\x11\n\tcommitted\x18\x03 \x01(\x08\x12\x18\n\x10\x63ommitted_sha256\x18\x04 \x01(\t\">\n\x14ReserveUploadRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"K\n\x12ReserveUploadReply\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\r\n\x05lease\x18\x02 \x01(\t\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\"2\n\x0cWatchRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x04\"\xf2\x01\n\nRoundEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\ttime_unix\x18\x02 \x01(\x01\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.tiesfed.v1.EventKind\x12\x10\n\x08round_id\x18\x04 \x01(\t\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x11\n\tcommitted\x18\x07 \x01(\r\x12\x10\n\x08\x65xpected\x18\x08 \x01(\r\x12%\n\x05state\x18\t \x01(\x0e\x32\x16.tiesfed.v1.RoundState\x12\x0e\n\x06sha256\x18\n \x01(\t\x12\r\n\x05\x62ytes\x18\x0b \x01(\x04\"3\n\x0f\x44ownloadRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\xa8\x01\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x1c\n\x14merged_manifest_json\x18\x05 \x01(\t\x12\x18\n\x10merged_signature\x18\x06 \x01(\x0c\x12\x1c\n\x14\x63oordinator_cert_pem\x18\x07 \x01(\t*Y\n\nLatePolicy\x12\x1b\n\x17LATE_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12LATE_POLICY_REJECT\x10\x01\x12\x16\n\x12LATE_POLICY_ACCEPT\x10\x02*f\n\rReplacePolicy\x12\x1e\n\x1aREPLACE_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLACE_POLICY_REPLACE\x10\x01\x12\x19\n\x15REPLACE_POLICY_REFUSE\x10\x02*\x8e\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_STATE_OPEN\x10\x01\x12\x1a\n\x16ROUND_STATE_FINALIZING\x10\x02\x12\x19\n\x15ROUND_STATE_FINALIZED\x10\x03\x12\x16\n\x12ROUND_STATE_FAILED\x10\x04*\xe2\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cROUND_OPENED\x10\x01\x12\x14\n\x10UPLOAD_COMMITTED\x10\x02\x12\x14\n\x10UPLOAD_DUPLICATE\x10\x03\x12\x13\n\x0fUPLOAD_REPLACED\x10\x04\x12\x13\n\x0fUPLOAD_REJECTED\x10\x05\x12\x14\n\x10UPLOAD_ABANDONED\x10\x06\x12\x14\n\x10ROUND_FINALIZING\x10\x07\x12\x13\n\x0fROUND_FINALIZED\x10\x08\x12\x10\n\x0cROUND_FAILED\x10\t2\x91\x05\n\x0b\x43oordinator\x12@\n\tOpenRound\x12\x1c.tiesfed.v1.OpenRoundRequest\x1a\x15.tiesfed.v1.RoundSpec\x12\x44\n\nCloseRound\x12\x1d.tiesfed.v1.CloseRoundRequest\x1a\x17.tiesfed.v1.RoundStatus\x12\x46\n\x0cGetRoundSpec\x12\x1f.tiesfed.v1.GetRoundSpecRequest\x1a\x15.tiesfed.v1.RoundSpec\x12L\n\x0eGetRoundStatus\x12!.tiesfed.v1.GetRoundStatusRequest\x1a\x17.tiesfed.v1.RoundStatus\x12>\n\x06Upload\x12\x17.tiesfed.v1.UploadChunk\x1a\x19.tiesfed.v1.UploadReceipt(\x01\x12N\n\x0cUploadStatus\x12\x1f.tiesfed.v1.UploadStatusRequest\x1a\x1d.tiesfed.v1.UploadStatusReply\x12Q\n\rReserveUpload\x12 .tiesfed.v1.ReserveUploadRequest\x1a\x1e.tiesfed.v1.ReserveUploadReply\x12;\n\x05Watch\x12\x18.tiesfed.v1.WatchRequest\x1a\x16.tiesfed.v1.RoundEvent0\x01\x12\x44\n\x08\x44ownload\x12\x1b.tiesfed.v1.DownloadRequest\x1a\x19.tiesfed.v1.DownloadChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftiesfed/protos/v1/tiesfed.proto\x12\ntiesfed.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"e\n\x0bParticipant\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x14\n\x07\x64\x65nsity\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tmodel_key\x18\x04 \x01(\tB\n\n\x08_density\"\xaf\x03\n\tRoundSpec\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x14\n\x0coptions_json\x18\x03 \x01(\t\x12\t\n\x01k\x18\x04 \x01(\x01\x12\x0e\n\x06lambda\x18\x05 \x01(\x01\x12\x18\n\x10\x62\x61se_fingerprint\x18\x06 \x01(\t\x12(\n\x08manifest\x18\x07 \x03(\x0b\x32\x16.tiesfed.v1.TensorSpec\x12-\n\x0cparticipants\x18\x08 \x03(\x0b\x32\x17.tiesfed.v1.Participant\x12\x0e\n\x06quorum\x18\t \x01(\r\x12\x15\n\rdeadline_unix\x18\n \x01(\x01\x12+\n\x0blate_policy\x18\x0b \x01(\x0e\x32\x16.tiesfed.v1.LatePolicy\x12\x31\n\x0ereplace_policy\x18\x0c \x01(\x0e\x32\x19.tiesfed.v1.ReplacePolicy\x12\x17\n\x0fmax_chunk_bytes\x18\r \x01(\r\x12%\n\x05state\x18\x0e \x01(\x0e\x32\x16.tiesfed.v1.RoundState\x12\x15\n\rmax_abs_value\x18\x0f \x01(\x01\"\x96\x03\n\x10OpenRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0coptions_json\x18\x02 \x01(\t\x12-\n\x0cparticipants\x18\x03 \x03(\x0b\x32\x17.tiesfed.v1.Participant\x12\x0e\n\x06quorum\x18\x04 \x01(\r\x12\x15\n\rdeadline_unix\x18\x05 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x06 \x01(\x01\x12+\n\x0blate_policy\x18\x07 \x01(\x0e\x32\x16.tiesfed.v1.LatePolicy\x12\x31\n\x0ereplace_policy\x18\x08 \x01(\x0e\x32\x19.tiesfed.v1.ReplacePolicy\x12\x18\n\x10\x62\x61se_fingerprint\x18\t \x01(\t\x12(\n\x08manifest\x18\n \x03(\x0b\x32\x16.tiesfed.v1.TensorSpec\x12\x15\n\rmax_abs_value\x18\x0b \x01(\x01\x12\x1a\n\x12secure_aggregation\x18\x0c \x01(\x08\x12\x13\n\x0bsecagg_json\x18\r \x01(\t\"4\n\x11\x43loseRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x62ort\x18\x02 \x01(\x08\"\'\n\x13GetRoundSpecRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\")\n\x15GetRoundStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\xef\x01\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.tiesfed.v1.RoundState\x12\x19\n\x11\x63ommitted_clients\x18\x03 \x03(\t\x12\x0e\n\x06quorum\x18\x04 \x01(\r\x12\x10\n\x08\x65xpected\x18\x05 \x01(\r\x12\x15\n\rdeadline_unix\x18\x06 \x01(\x01\x12\x15\n\rmerged_sha256\x18\x07 \x01(\t\x12\x14\n\x0cmerged_bytes\x18\x08 \x01(\x04\x12\x0f\n\x07message\x18\t \x01(\t\x12\x15\n\rmajority_sign\x18\n \x01(\x05\"P\n\x0bUploadChunk\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\xa6\x01\n\rUploadReceipt\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x18\n\x10\x63ommitted_offset\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0b\n\x03nnz\x18\x05 \x01(\x04\x12\x11\n\tduplicate\x18\x06 \x01(\x08\x12\x10\n\x08replaced\x18\x07 \x01(\x08\x12\x17\n\x0f\x63ommitted_count\x18\x08 \x01(\r\"\'\n\x13UploadStatusRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"q\n\x11UploadStatusReply\x12\x18\n\x10\x63ommitted_offset\x18\x01 \x01(\x04\x12\x15\n\rprefix_sha256\x18\x02 \x01(\t\x12\x11\n\tcommitted\x18\x03 \x01(\x08\x12\x18\n\x10\x63ommitted_sha256\x18\x04 \x01(\t\">\n\x14ReserveUploadRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"K\n\x12ReserveUploadReply\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\r\n\x05lease\x18\x02 \x01(\t\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\"2\n\x0cWatchRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x04\"\xf2\x01\n\nRoundEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\ttime_unix\x18\x02 \x01(\x01\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.tiesfed.v1.EventKind\x12\x10\n\x08round_id\x18\x04 \x01(\t\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x11\n\tcommitted\x18\x07 \x01(\r\x12\x10\n\x08\x65xpected\x18\x08 \x01(\r\x12%\n\x05state\x18\t \x01(\x0e\x32\x16.tiesfed.v1.RoundState\x12\x0e\n\x06sha256\x18\n \x01(\t\x12\r\n\x05\x62ytes\x18\x0b \x01(\x04\"3\n\x0f\x44ownloadRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\xa8\x01\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x1c\n\x14merged_manifest_json\x18\x05 \x01(\t\x12\x18\n\x10merged_signature\x18\x06 \x01(\x0c\x12\x1c\n\x14\x63oordinator_cert_pem\x18\x07 \x01(\t*Y\n\nLatePolicy\x12\x1b\n\x17LATE_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12LATE_POLICY_REJECT\x10\x01\x12\x16\n\x12LATE_POLICY_ACCEPT\x10\x02*f\n\rReplacePolicy\x12\x1e\n\x1aREPLACE_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLACE_POLICY_REPLACE\x10\x01\x12\x19\n\x15REPLACE_POLICY_REFUSE\x10\x02*\x8e\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_STATE_OPEN\x10\x01\x12\x1a\n\x16ROUND_STATE_FINALIZING\x10\x02\x12\x19\n\x15ROUND_STATE_FINALIZED\x10\x03\x12\x16\n\x12ROUND_STATE_FAILED\x10\x04*\xe2\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cROUND_OPENED\x10\x01\x12\x14\n\x10UPLOAD_COMMITTED\x10\x02\x12\x14\n\x10UPLOAD_DUPLICATE\x10\x03\x12\x13\n\x0fUPLOAD_REPLACED\x10\x04\x12\x13\n\x0fUPLOAD_REJECTED\x10\x05\x12\x14\n\x10UPLOAD_ABANDONED\x10\x06\x12\x14\n\x10ROUND_FINALIZING\x10\x07\x12\x13\n\x0fROUND_FINALIZED\x10\x08\x12\x10\n\x0cROUND_FAILED\x10\t2\x91\x05\n\x0b\x43oordinator\x12@\n\tOpenRound\x12\x1c.tiesfed.v1.OpenRoundRequest\x1a\x15.tiesfed.v1.RoundSpec\x12\x44\n\nCloseRound\x12\x1d.tiesfed.v1.CloseRoundRequest\x1a\x17.tiesfed.v1.RoundStatus\x12\x46\n\x0cGetRoundSpec\x12\x1f.tiesfed.v1.GetRoundSpecRequest\x1a\x15.tiesfed.v1.RoundSpec\x12L\n\x0eGetRoundStatus\x12!.tiesfed.v1.GetRoundStatusRequest\x1a\x17.tiesfed.v1.RoundStatus\x12>\n\x06Upload\x12\x17.tiesfed.v1.UploadChunk\x1a\x19.tiesfed.v1.UploadReceipt(\x01\x12N\n\x0cUploadStatus\x12\x1f.tiesfed.v1.UploadStatusRequest\x1a\x1d.tiesfed.v1.UploadStatusReply\x12Q\n\rReserveUpload\x12 .tiesfed.v1.ReserveUploadRequest\x1a\x1e.tiesfed.v1.ReserveUploadReply\x12;\n\x05Watch\x12\x18.tiesfed.v1.WatchRequest\x1a\x16.tiesfed.v1.RoundEvent0\x01\x12\x44\n\x08\x44ownload\x12\x1b.tiesfed.v1.DownloadRequest\x1a\x19.tiesfed.v1.DownloadChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tiesfed.protos.v1.tiesfed_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LATEPOLICY']._serialized_start=2451
-  _globals['_LATEPOLICY']._serialized_end=2540
-  _globals['_REPLACEPOLICY']._serialized_start=2542
-  _globals['_REPLACEPOLICY']._serialized_end=2644
-  _globals['_ROUNDSTATE']._serialized_start=2647
-  _globals['_ROUNDSTATE']._serialized_end=2789
-  _globals['_EVENTKIND']._serialized_start=2792
-  _globals['_EVENTKIND']._serialized_end=3018
+  _globals['_LATEPOLICY']._serialized_start=2500
+  _globals['_LATEPOLICY']._serialized_end=2589
+  _globals['_REPLACEPOLICY']._serialized_start=2591
+  _globals['_REPLACEPOLICY']._serialized_end=2693
+  _globals['_ROUNDSTATE']._serialized_start=2696
+  _globals['_ROUNDSTATE']._serialized_end=2838
+  _globals['_EVENTKIND']._serialized_start=2841
+  _globals['_EVENTKIND']._serialized_end=3067
   _globals['_TENSORSPEC']._serialized_start=47
   _globals['_TENSORSPEC']._serialized_end=103
   _globals['_PARTICIPANT']._serialized_start=105
@@ -46,35 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDSPEC']._serialized_start=209
   _globals['_ROUNDSPEC']._serialized_end=640
   _globals['_OPENROUNDREQUEST']._serialized_start=643
-  _globals['_OPENROUNDREQUEST']._serialized_end=1000
-  _globals['_CLOSEROUNDREQUEST']._serialized_start=1002
-  _globals['_CLOSEROUNDREQUEST']._serialized_end=1054
-  _globals['_GETROUNDSPECREQUEST']._serialized_start=1056
-  _globals['_GETROUNDSPECREQUEST']._serialized_end=1095
-  _globals['_GETROUNDSTATUSREQUEST']._serialized_start=1097
-  _globals['_GETROUNDSTATUSREQUEST']._serialized_end=1138
-  _globals['_ROUNDSTATUS']._serialized_start=1141
-  _globals['_ROUNDSTATUS']._serialized_end=1380
-  _globals['_UPLOADCHUNK']._serialized_start=1382
-  _globals['_UPLOADCHUNK']._serialized_end=1462
-  _globals['_UPLOADRECEIPT']._serialized_start=1465
-  _globals['_UPLOADRECEIPT']._serialized_end=1631
-  _globals['_UPLOADSTATUSREQUEST']._serialized_start=1633
-  _globals['_UPLOADSTATUSREQUEST']._serialized_end=1672
-  _globals['_UPLOADSTATUSREPLY']._serialized_start=1674
-  _globals['_UPLOADSTATUSREPLY']._serialized_end=1787
-  _globals['_RESERVEUPLOADREQUEST']._serialized_start=1789
-  _globals['_RESERVEUPLOADREQUEST']._serialized_end=1851
-  _globals['_RESERVEUPLOADREPLY']._serialized_start=1853
-  _globals['_RESERVEUPLOADREPLY']._serialized_end=1928
-  _globals['_WATCHREQUEST']._serialized_start=1930
-  _globals['_WATCHREQUEST']._serialized_end=1980
-  _globals['_ROUNDEVENT']._serialized_start=1983
-  _globals['_ROUNDEVENT']._serialized_end=2225
-  _globals['_DOWNLOADREQUEST']._serialized_start=2227
-  _globals['_DOWNLOADREQUEST']._serialized_end=2278
-  _globals['_DOWNLOADCHUNK']._serialized_start=2281
-  _globals['_DOWNLOADCHUNK']._serialized_end=2449
-  _globals['_COORDINATOR']._serialized_start=3021
-  _globals['_COORDINATOR']._serialized_end=3678
+  _globals['_OPENROUNDREQUEST']._serialized_end=1049
+  _globals['_CLOSEROUNDREQUEST']._serialized_start=1051
+  _globals['_CLOSEROUNDREQUEST']._serialized_end=1103
+  _globals['_GETROUNDSPECREQUEST']._serialized_start=1105
+  _globals['_GETROUNDSPECREQUEST']._serialized_end=1144
+  _globals['_GETROUNDSTATUSREQUEST']._serialized_start=1146
+  _globals['_GETROUNDSTATUSREQUEST']._serialized_end=1187
+  _globals['_ROUNDSTATUS']._serialized_start=1190
+  _globals['_ROUNDSTATUS']._serialized_end=1429
+  _globals['_UPLOADCHUNK']._serialized_start=1431
+  _globals['_UPLOADCHUNK']._serialized_end=1511
+  _globals['_UPLOADRECEIPT']._serialized_start=1514
+  _globals['_UPLOADRECEIPT']._serialized_end=1680
+  _globals['_UPLOADSTATUSREQUEST']._serialized_start=1682
+  _globals['_UPLOADSTATUSREQUEST']._serialized_end=1721
+  _globals['_UPLOADSTATUSREPLY']._serialized_start=1723
+  _globals['_UPLOADSTATUSREPLY']._serialized_end=1836
+  _globals['_RESERVEUPLOADREQUEST']._serialized_start=1838
+  _globals['_RESERVEUPLOADREQUEST']._serialized_end=1900
+  _globals['_RESERVEUPLOADREPLY']._serialized_start=1902
+  _globals['_RESERVEUPLOADREPLY']._serialized_end=1977
+  _globals['_WATCHREQUEST']._serialized_start=1979
+  _globals['_WATCHREQUEST']._serialized_end=2029
+  _globals['_ROUNDEVENT']._serialized_start=2032
+  _globals['_ROUNDEVENT']._serialized_end=2274
+  _globals['_DOWNLOADREQUEST']._serialized_start=2276
+  _globals['_DOWNLOADREQUEST']._serialized_end=2327
+  _globals['_DOWNLOADCHUNK']._serialized_start=2330
+  _globals['_DOWNLOADCHUNK']._serialized_end=2498
+  _globals['_COORDINATOR']._serialized_start=3070
+  _globals['_COORDINATOR']._serialized_end=3727
 # @@protoc_insertion_point(module_scope)

@@ -117,7 +117,7 @@ class RoundSpec(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., method: _Optional[str] = ..., options_json: _Optional[str] = ..., k: _Optional[float] = ..., base_fingerprint: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., quorum: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., late_policy: _Optional[_Union[LatePolicy, str]] = ..., replace_policy: _Optional[_Union[ReplacePolicy, str]] = ..., max_chunk_bytes: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., max_abs_value: _Optional[float] = ..., **kwargs) -> None: ...
 
 class OpenRoundRequest(_message.Message):
-    __slots__ = ("round_id", "options_json", "participants", "quorum", "deadline_unix", "deadline_seconds", "late_policy", "replace_policy", "base_fingerprint", "manifest", "max_abs_value")
+    __slots__ = ("round_id", "options_json", "participants", "quorum", "deadline_unix", "deadline_seconds", "late_policy", "replace_policy", "base_fingerprint", "manifest", "max_abs_value", "secure_aggregation", "secagg_json")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_JSON_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,8 @@ class OpenRoundRequest(_message.Message):
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     MAX_ABS_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_JSON_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     options_json: str
     participants: _containers.RepeatedCompositeFieldContainer[Participant]
@@ -140,7 +142,9 @@ class OpenRoundRequest(_message.Message):
     base_fingerprint: str
     manifest: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     max_abs_value: float
-    def __init__(self, round_id: _Optional[str] = ..., options_json: _Optional[str] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., quorum: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., deadline_seconds: _Optional[float] = ..., late_policy: _Optional[_Union[LatePolicy, str]] = ..., replace_policy: _Optional[_Union[ReplacePolicy, str]] = ..., base_fingerprint: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_abs_value: _Optional[float] = ...) -> None: ...
+    secure_aggregation: bool
+    secagg_json: str
+    def __init__(self, round_id: _Optional[str] = ..., options_json: _Optional[str] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., quorum: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., deadline_seconds: _Optional[float] = ..., late_policy: _Optional[_Union[LatePolicy, str]] = ..., replace_policy: _Optional[_Union[ReplacePolicy, str]] = ..., base_fingerprint: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_abs_value: _Optional[float] = ..., secure_aggregation: _Optional[bool] = ..., secagg_json: _Optional[str] = ...) -> None: ...
 
 class CloseRoundRequest(_message.Message):
     __slots__ = ("round_id", "abort")
