@@ -9,6 +9,7 @@ or (to stop one at a chosen phase and SIGKILL it) a script running the same `Sec
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -223,7 +224,8 @@ def test_secure_round_over_cli_processes_equals_the_plain_round(family, tmp_path
     coord = subprocess.Popen(
         [sys.executable, "-m", "tiesfed.cli", "coordinator", "serve", "--tls", str(pki.server), "--spool",
          str(tmp_path / "spool"), "--base", str(family[0]), "--aggregator", "local", "--listen", "127.0.0.1:0",
-         "--round", "r1", "--clients", ",".join(CLIENTS), "--secure-aggregation", "--port-file", str(port_file)],
+         "--round", "r1", "--clients", ",".join(CLIENTS), "--secure-aggregation", "--secagg", "threshold=3",
+         "--port-file", str(port_file)],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         end = time.monotonic() + 60
@@ -241,6 +243,8 @@ def test_secure_round_over_cli_processes_equals_the_plain_round(family, tmp_path
         finish(coord, 30)
     want = plain_round(family, tmp_path, [0, 1, 2])
     assert_identical(got, want)
+    saved = json.loads((tmp_path / "spool" / "rounds" / "r1" / "round.json").read_text())
+    assert saved["secure_aggregation"] and saved["secagg"]["threshold"] == 3  # --secagg reached the round
 
 
 @pytest.mark.parametrize("stop_after, counted", [("masked", [0, 1, 2]), ("shares", [0, 1])])

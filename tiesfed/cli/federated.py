@@ -149,6 +149,8 @@ def coordinator() -> None:
               "copy after (a failed copy no longer fails the round)")
 @click.option("--secure-aggregation", is_flag=True, help="every round this serve opens is a secure round: the "
               "coordinator learns only the sums (docs/secure-aggregation.md); clients follow the round spec")
+@click.option("--secagg", "secagg", multiple=True, help="with --secure-aggregation: a setting KEY=VALUE of its "
+              "rounds (repeatable): threshold, bound, frac_bits, max_clients, min_release, phase_s")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="write the bound port here (for scripts)")
 @click.option("--exit-when-done", is_flag=True,
               help="exit once every round is finished and every participant fetched the merge")
@@ -161,7 +163,8 @@ def coordinator() -> None:
 def serve(config_path, listen, spool_dir, base_model, shard_size, tls_dir, crl, insecure, admin_token,
           max_active_uploads, abandon_after, round_configs, round_id, clients, weights, quorum, deadline, late_policy, replace_policy, options,
           aggregator, ray_address, num_shards, num_gpus_per_actor, actor_memory, sum_dtype, publish_first, port_file,
-          exit_when_done, metrics_port, metrics_host, log_format, verbose, secure_aggregation=False) -> None:
+          exit_when_done, metrics_port, metrics_host, log_format, verbose, secure_aggregation=False,
+          secagg=()) -> None:
     """Serve federated rounds over gRPC until interrupted (with --tls, or else --insecure on loopback)."""
     from tiesfed.coordinator.rounds import RoundConfig, RoundError
     from tiesfed.coordinator.server import CoordinatorConfig, load_coordinator_config
@@ -197,8 +200,14 @@ def serve(config_path, listen, spool_dir, base_model, shard_size, tls_dir, crl, 
             rounds.append(RoundConfig.model_validate(
                 _inline_round(round_id, clients, weights, quorum, deadline, late_policy, replace_policy, options)
             ))
+        if secagg and not secure_aggregation:
+            raise click.UsageError("--secagg sets a secure round's settings: give --secure-aggregation too")
         if secure_aggregation:
-            rounds = [RoundConfig.model_validate({**r.model_dump(), "secure_aggregation": True}) for r in rounds]
+            given = _key_values(secagg, "--secagg")
+            rounds = [RoundConfig.model_validate({
+                **r.model_dump(), "secure_aggregation": True,
+                "secagg": {**(r.secagg.model_dump(exclude_unset=True) if r.secagg else {}), **given} or None,
+            }) for r in rounds]
         upd["rounds"] = rounds
         cfg = CoordinatorConfig.model_validate({**cfg.model_dump(), **upd})
     except ValidationError as e:

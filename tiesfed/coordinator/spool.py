@@ -16,6 +16,8 @@ Layout under ``<spool_dir>/rounds/<round_id>/``::
     model/                          the merged model, when the coordinator has the base
     damaged/<time>-<name>           a contribution (and its pointer) found damaged on recovery,
                                     kept for inspection; its client is asked to upload again
+    secagg/                         a secure round's journal (`coordinator/secure/journal.py`):
+                                    the protocol messages and masked vectors, removed once published
 
 and ``<spool_dir>/coordinator.lock``: the coordinator that holds the spool
 (`SpoolLock`: pid, host, start time), so a second one cannot start on it.
