@@ -103,6 +103,13 @@ def test_without_a_token_one_is_generated_and_guards_admin_calls(family, tmp_pat
                                "--round", "r2", "--clients", "org-a,org-b", "--insecure"])
     assert res.exit_code == 0, res.output
     assert "round r2 open" in res.output and "r2" in srv.manager.rounds
+    bound = tmp_path / "r3.yaml"  # a round YAML's explicit max_abs_value reaches the coordinator
+    bound.write_text("round_id: r3\nparticipants: [{client_id: org-a}, {client_id: org-b}]\nmax_abs_value: 0.5\n")
+    res = runner.invoke(main, ["coordinator", "open", "--target", srv.target, "--admin-token-file", str(token_file),
+                               "--round-config", str(bound), "--insecure"])
+    assert res.exit_code == 0, res.output
+    assert srv.manager.get("r3").config.max_abs_value == 0.5
+    assert srv.manager.get("r2").config.max_abs_value != 0.5  # derived, as before
 
     send(srv, "r1", "org-a", family, 0)
     send(srv, "r1", "org-b", family, 1)

@@ -340,6 +340,7 @@ def open_round(target, tls, insecure, server_name, admin_token, admin_token_file
         replace_policy=REPLACE[rc.replace_policy],
         base_fingerprint=rc.base_fingerprint or "",
         manifest=[pb.TensorSpec(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in rc.manifest or []],
+        max_abs_value=rc.max_abs_value if "max_abs_value" in rc.model_fields_set else 0.0,  # else the server's
         secure_aggregation=rc.secure_aggregation,
         secagg_json=rc.secagg.model_dump_json(exclude_unset=True) if rc.secagg else "",
     )
