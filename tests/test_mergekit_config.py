@@ -176,7 +176,7 @@ def test_defaults_are_mergekits():
     lin = from_mergekit(cfg(merge_method="linear", parameters={"weight": 0.2}))
     assert lin.options.method == "average" and lin.models[-1].model == "/m/base"  # the base joins, τ = 0
     c = from_mergekit(cfg(dtype="bfloat16", out_dtype="torch.float16",
-                          parameters={"int8_mask": True, "lambda": 1.5}, tokenizer_source="base"))
+                          parameters={"int8_mask": True, "lambda": 1.5}, name="mega-step-1"))
     assert (c.dtype, c.out_dtype, c.options.lam) == ("bfloat16", "float16", 1.5)
 
 
@@ -189,7 +189,8 @@ def test_negative_weights_and_gradients_are_accepted():
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"slices": [{"sources": []}]}, "slices"),
+    ({"models": None, "slices": [{"sources": []}]}, "slices[0].sources"),
+    ({"slices": [{"sources": []}]}, "models"),  # models and slices: mergekit wants exactly one
     ({"merge_method": "slerp"}, "merge_method"),
     ({"merge_method": "model_stock"}, "merge_method"),
     ({"merge_method": "della", "parameters": {"density": 0.1, "epsilon": 0.2}}, "models[0].parameters.epsilon"),
