@@ -228,6 +228,8 @@ def test_paths_resolve_from_the_working_directory(tmp_path, monkeypatch):
     y.write_text(yaml.safe_dump(cfg(base_model="models/base", models=[{"model": "models/a",
                                                                        "parameters": {"weight": 1}}])))
     monkeypatch.chdir(tmp_path)
+    for m in ("models/base", "models/a"):
+        (tmp_path / m).mkdir(parents=True)
     c = load_config(y)
     assert c.base_model == os.path.join(str(tmp_path), "models/base")  # mergekit: from the working directory
     assert c.models[0].model == os.path.join(str(tmp_path), "models/a")

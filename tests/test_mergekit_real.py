@@ -233,3 +233,18 @@ def test_merged_slices_config_loads_with_transformers(family, tmp_path):
     ids = tok("w3 w4 w5", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
     assert model.dtype == torch.bfloat16
+
+
+def test_hub_ids_resolve_from_the_local_cache_or_are_refused(family, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tuned-7b" / "snapshots" / "abc123"
+    snap.parent.mkdir(parents=True)
+    snap.symlink_to(family / "ft1", target_is_directory=True)
+    (cache / "models--acme--tuned-7b" / "refs").mkdir()
+    (cache / "models--acme--tuned-7b" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    raw = {**AS_MODELS, "models": [{"model": "acme/tuned-7b", "parameters": {"weight": 1.0}}]}
+    assert from_mergekit(raw, cwd=family).models[0].model == str(snap)  # as mergekit finds a downloaded model
+    raw["models"].append({"model": "acme/other-7b@v2", "parameters": {"weight": 1.0}})
+    with pytest.raises(MergekitConfigError, match=r"^models\[1\]\.model: .*huggingface-cli download acme/other-7b"):
+        from_mergekit(raw, cwd=family)

@@ -30,9 +30,15 @@ from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
 from tiesfed.core.sparsify import OPTION_NAMES, check_della
 from tiesfed.core.tensor_params import is_number, layer_count
 from tiesfed.io.compat import read_config
+from tiesfed.io.hub_cache import HUB_ID, cached_snapshot, hub_cache_dir
 from tiesfed.io.mergekit_layout import MergekitConfigError, config_layers, fail, layout
 from tiesfed.io.model_io import ModelReader, mergeable
-from tiesfed.io.tokenizer_source import TokenizerSourceError, check_tokenizer_source, resolve_chat_template
+from tiesfed.io.tokenizer_source import (
+    TokenizerSourceError,
+    check_tokenizer_source,
+    resolve_chat_template,
+    tokenizer_setting,
+)
 
 #: mergekit's generalized task arithmetic methods: (consensus, sparsification, normalize, rescale)
 GTA = {
@@ -77,12 +83,23 @@ def _dtype(raw: dict, key: str) -> Optional[str]:
 
 
 def _model_path(field: str, ref: object, cwd: Path) -> str:
+    """A model reference as mergekit takes it: a folder (relative ones from the working directory), else a
+    Hub id, which tiesfed finds only in the local hub cache (it does not download)."""
     if not isinstance(ref, str) or not ref:
         raise _fail(field, "must be a path to a model folder")
     if "+" in ref:
         raise _fail(field, f"{ref!r}: a LoRA reference (model+lora) is not supported; merge the adapter first")
     p = Path(ref).expanduser()
-    return str(p if p.is_absolute() else cwd / p)
+    p = p if p.is_absolute() else cwd / p
+    if not p.exists() and HUB_ID.match(ref):
+        snap = cached_snapshot(ref)
+        if snap is None:
+            raise _fail(field, f"{ref!r} is not a folder under {cwd} (mergekit's rule: relative to the working "
+                               f"directory), nor a Hub model in the local cache ({hub_cache_dir()}): tiesfed does not "
+                               f"download; fetch it first (huggingface-cli download {ref.split('@')[0]}) or give "
+                               "its folder")
+        return str(snap)
+    return str(p)
 
 
 def _check_setting(field: str, v: Any, *, shared: bool) -> Any:
@@ -138,7 +155,7 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
                                     "use mergekit for it")
     if method not in GTA and method != "linear":
         raise _fail("merge_method", f"unknown merge method {method!r}")
-    tok_field, tok_source = _tokenizer_setting(raw)
+    tok_field, tok_source = tokenizer_setting(raw)
 
     linear = method == "linear"
     consensus, sparsify, normalize_default, rescale_default = GTA.get(method, (None, None, True, False))
@@ -238,26 +255,6 @@ def _layers(ref: Any, cwd: Path) -> int:
             return layer_count(r.names)
     except Exception as e:  # noqa: BLE001 - named in the error
         raise _fail("slices", f"cannot count the layers of {ref!r} to check the layer ranges: {e}") from None
-
-
-def _tokenizer_setting(raw: dict) -> tuple[str, Any]:
-    """(field, value) of mergekit's tokenizer source: `tokenizer_source`, or `tokenizer.source`."""
-    if raw.get("tokenizer") is not None and raw.get("tokenizer_source") is not None:
-        raise _fail("tokenizer", "give tokenizer_source or tokenizer, not both (mergekit refuses both)")
-    tok = raw.get("tokenizer")
-    if tok is None:
-        return "tokenizer_source", raw.get("tokenizer_source")
-    if not isinstance(tok, dict):
-        raise _fail("tokenizer", "must be a mapping {source: ...}")
-    for k in tok:
-        if k not in ("source", "tokens", "pad_to_multiple_of"):
-            raise _fail(f"tokenizer.{k}", "is not a field of mergekit's tokenizer config")
-    if tok.get("tokens"):
-        raise _fail("tokenizer.tokens", "per-token embedding sources are not supported: tiesfed does not build "
-                                        "embeddings for new tokens; use mergekit")
-    if tok.get("pad_to_multiple_of") is not None:
-        raise _fail("tokenizer.pad_to_multiple_of", "is not supported: it resizes the embeddings; use mergekit")
-    return "tokenizer.source", tok.get("source", "union")
 
 
 def _tokenizer(raw: dict, field: str, source: Any, base: str, models: list[str],

@@ -19,12 +19,13 @@ import hashlib
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from tiesfed.io.compat import read_config
+from tiesfed.io.mergekit_layout import fail
 
 __all__ = ["TOKENIZER_FILES", "TokenizerSourceError", "apply_tokenizer", "chat_template_of", "check_tokenizer_source",
-           "resolve_chat_template", "vocabulary"]
+           "resolve_chat_template", "tokenizer_setting", "vocabulary"]
 
 #: the files a tokenizer is saved as (transformers' save_pretrained, sentencepiece, GPT-2 style)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -61,6 +62,26 @@ def vocabulary(folder: str | Path) -> Optional[dict[str, int]]:
     if added.is_file():
         vocab.update({str(k): int(i) for k, i in json.loads(added.read_text(encoding="utf-8")).items()})
     return vocab
+
+
+def tokenizer_setting(raw: dict) -> tuple[str, Any]:
+    """(field, value) of mergekit's tokenizer source: `tokenizer_source`, or `tokenizer.source`."""
+    if raw.get("tokenizer") is not None and raw.get("tokenizer_source") is not None:
+        raise fail("tokenizer", "give tokenizer_source or tokenizer, not both (mergekit refuses both)")
+    tok = raw.get("tokenizer")
+    if tok is None:
+        return "tokenizer_source", raw.get("tokenizer_source")
+    if not isinstance(tok, dict):
+        raise fail("tokenizer", "must be a mapping {source: ...}")
+    for k in tok:
+        if k not in ("source", "tokens", "pad_to_multiple_of"):
+            raise fail(f"tokenizer.{k}", "is not a field of mergekit's tokenizer config")
+    if tok.get("tokens"):
+        raise fail("tokenizer.tokens", "per-token embedding sources are not supported: tiesfed does not build "
+                                        "embeddings for new tokens; use mergekit")
+    if tok.get("pad_to_multiple_of") is not None:
+        raise fail("tokenizer.pad_to_multiple_of", "is not supported: it resizes the embeddings; use mergekit")
+    return "tokenizer.source", tok.get("source", "union")
 
 
 def _first_difference(a: dict[str, int], b: dict[str, int]) -> str:
