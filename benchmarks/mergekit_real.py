@@ -160,7 +160,8 @@ def run_one(path: Path, family: Path, out: Path, exe: Path) -> dict:
     res = subprocess.run([str(exe), str(path), str(mk), "--quiet", "--allow-crimes", "--random-seed", "0"],
                          capture_output=True, text=True, cwd=family)
     row["mergekit_s"] = time.perf_counter() - t0
-    row["mergekit"] = "ok" if res.returncode == 0 else "error: " + (res.stderr.strip().splitlines() or ["?"])[-1][:160]
+    said = [ln for ln in res.stderr.splitlines() if "Error" in ln] or res.stderr.strip().splitlines() or ["?"]
+    row["mergekit"] = "ok" if res.returncode == 0 else "error: " + said[-1].strip()[:160]
     t1 = time.perf_counter()
     try:
         cfg = load_config(path, cwd=family)
