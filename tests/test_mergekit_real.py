@@ -248,3 +248,16 @@ def test_hub_ids_resolve_from_the_local_cache_or_are_refused(family, tmp_path, m
     raw["models"].append({"model": "acme/other-7b@v2", "parameters": {"weight": 1.0}})
     with pytest.raises(MergekitConfigError, match=r"^models\[1\]\.model: .*huggingface-cli download acme/other-7b"):
         from_mergekit(raw, cwd=family)
+
+
+def test_what_mergekit_ignores_per_model_is_ignored_and_slices_run_federated(family):
+    raw = {**AS_MODELS, "parameters": {"lambda": 1.5},
+           "models": [{"model": "./base", "parameters": {"weight": 3.0, "density": 0.1, "epsilon": 0.2}},
+                      {"model": "./ft1", "parameters": {"weight": 1.0, "lambda": 0.2, "normalize": True}}]}
+    c = from_mergekit(raw, cwd=family)  # the base's parameters, a model's lambda/normalize: mergekit reads neither
+    # (breadcrumbs_ties sums by default; the model's normalize: true changes nothing)
+    assert (c.options.lam, c.options.disjoint, [m.model for m in c.models]) == (1.5, "sum", [str(family / "ft1")])
+    sliced = yaml.safe_load((CONFIGS / "holland_magnum_task_arithmetic_slices.yml").read_text())
+    del sliced["dtype"]  # a round carries no cast
+    opts, plan = round_plan(from_mergekit(sliced, cwd=family))
+    assert plan == [(0.5, 1.0), (0.5, 1.0)] and opts.method == "task_arithmetic"  # density: mergekit's 1.0

@@ -128,7 +128,7 @@ def _params(field: str, raw: object, allowed: set[str]) -> dict:
     for k in raw:
         if k not in allowed:
             what = ("is a parameter of breadcrumbs (gamma) or della (epsilon) only" if k in ("gamma", "epsilon")
-                    else "is not a parameter of this merge method")
+                    else "is not a parameter of this merge method") + " (mergekit would ignore it): remove it"
             raise _fail(f"{field}.{k}", what)
     return dict(raw)
 
@@ -195,13 +195,13 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
         field = src.field
         path = _model_path(f"{field}.model", src.model, cwd)
         is_base = base is not None and (src.model == base_ref or Path(path) == Path(base))
-        # mergekit reads only the parameters of the method's scope here: the merge-wide ones (lambda,
-        # normalize, ...) and, for the base of a task-vector merge, all of them are ignored
+        if is_base and not linear:
+            continue  # mergekit leaves the base out of a task-vector merge, and reads none of its parameters
+        # mergekit reads a model's own parameters of its scope only: merge-wide ones (lambda, normalize, ...)
+        # given per model are ignored
         mine = {"weight"} if linear else per_model
         own = _params(f"{field}.parameters", src.parameters, shared_keys | mine)
         own = {k: _check_setting(f"{field}.parameters.{k}", v, shared=False) for k, v in own.items() if k in mine}
-        if is_base and not linear:
-            continue  # mergekit leaves the base out of a task-vector merge
         ws = (own.get("weight"), *(lvl.get("weight") for lvl in chain))
         if all(w is None for w in ws):
             raise _fail(f"{field}.parameters.weight", "mergekit requires a weight for every model")
