@@ -204,6 +204,7 @@ def test_negative_weights_and_gradients_are_accepted():
      "models[1].parameters.weight"),
     ({"models": [{"model": "/m/a", "parameters": {"weight": 1, "gamma": 0.1}}]}, "models[0].parameters.gamma"),
     ({"models": [{"model": "/m/a+/m/lora", "parameters": {"weight": 1}}]}, "models[0].model"),
+    ({"models": [{"model": "/m/a", "parameters": {"weight": 1}}] * 2}, "models[1].model"),
 ])
 def test_unsupported_is_refused_naming_the_field(change, field):
     with pytest.raises(MergekitConfigError) as e:

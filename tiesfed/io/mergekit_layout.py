@@ -78,6 +78,8 @@ def _models(field_name: str, models: Any) -> list[Source]:
         if not isinstance(m, dict) or "model" not in m:
             raise fail(f, "must be {model: PATH, parameters: {...}}")
         _mapping(f, m, {"model", "parameters"})
+        if any(m["model"] == other.model for other in out):
+            raise fail(f"{f}.model", f"{m['model']!r} is listed twice (mergekit refuses duplicate inputs)")
         out.append(Source(f, m["model"], m.get("parameters")))
     return out
 
