@@ -15,12 +15,14 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.mergekit_real import CHAT_TEMPLATE, CONFIGS, write_real_family
-from tiesfed.engine import merge
-from tiesfed.io.merge_config import load_config
-from tiesfed.io.mergekit_config import MergekitConfigError, RoundPlanError, from_mergekit, round_plan
-from tiesfed.io.model_io import ModelReader
-from tiesfed.io.tokenizer_source import chat_template_of, vocabulary
+pytest.importorskip("tokenizers")  # the family's tokenizer (installed with transformers, the test extra)
+
+from benchmarks.mergekit_real import CHAT_TEMPLATE, CONFIGS, write_real_family  # noqa: E402
+from tiesfed.engine import merge  # noqa: E402
+from tiesfed.io.merge_config import load_config  # noqa: E402
+from tiesfed.io.mergekit_config import MergekitConfigError, RoundPlanError, from_mergekit, round_plan  # noqa: E402
+from tiesfed.io.model_io import ModelReader  # noqa: E402
+from tiesfed.io.tokenizer_source import chat_template_of, vocabulary  # noqa: E402
 
 #: every stored config: None where it merges, else the field its error starts with
 EXPECTED = {
