@@ -176,7 +176,7 @@ def test_defaults_are_mergekits():
     lin = from_mergekit(cfg(merge_method="linear", parameters={"weight": 0.2}))
     assert lin.options.method == "average" and lin.models[-1].model == "/m/base"  # the base joins, τ = 0
     c = from_mergekit(cfg(dtype="bfloat16", out_dtype="torch.float16",
-                          parameters={"int8_mask": True, "lambda": 1.5}, tokenizer_source="base"))
+                          parameters={"int8_mask": True, "lambda": 1.5}, name="mega-step-1"))
     assert (c.dtype, c.out_dtype, c.options.lam) == ("bfloat16", "float16", 1.5)
 
 
@@ -189,7 +189,8 @@ def test_negative_weights_and_gradients_are_accepted():
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"slices": [{"sources": []}]}, "slices"),
+    ({"models": None, "slices": [{"sources": []}]}, "slices[0].sources"),
+    ({"slices": [{"sources": []}]}, "models"),  # models and slices: mergekit wants exactly one
     ({"merge_method": "slerp"}, "merge_method"),
     ({"merge_method": "model_stock"}, "merge_method"),
     ({"merge_method": "della", "parameters": {"density": 0.1, "epsilon": 0.2}}, "models[0].parameters.epsilon"),
@@ -203,6 +204,7 @@ def test_negative_weights_and_gradients_are_accepted():
      "models[1].parameters.weight"),
     ({"models": [{"model": "/m/a", "parameters": {"weight": 1, "gamma": 0.1}}]}, "models[0].parameters.gamma"),
     ({"models": [{"model": "/m/a+/m/lora", "parameters": {"weight": 1}}]}, "models[0].model"),
+    ({"models": [{"model": "/m/a", "parameters": {"weight": 1}}] * 2}, "models[1].model"),
 ])
 def test_unsupported_is_refused_naming_the_field(change, field):
     with pytest.raises(MergekitConfigError) as e:
@@ -227,6 +229,8 @@ def test_paths_resolve_from_the_working_directory(tmp_path, monkeypatch):
     y.write_text(yaml.safe_dump(cfg(base_model="models/base", models=[{"model": "models/a",
                                                                        "parameters": {"weight": 1}}])))
     monkeypatch.chdir(tmp_path)
+    for m in ("models/base", "models/a"):
+        (tmp_path / m).mkdir(parents=True)
     c = load_config(y)
     assert c.base_model == os.path.join(str(tmp_path), "models/base")  # mergekit: from the working directory
     assert c.models[0].model == os.path.join(str(tmp_path), "models/a")

@@ -145,6 +145,10 @@ class MergeConfig(BaseModel):
     out_dtype: Optional[ValueDtype] = None
     #: which file format this came from: "tiesfed" or "mergekit" (reported, and names the semantics)
     semantics: Literal["tiesfed", "mergekit"] = "tiesfed"
+    #: mergekit format only: the model folder whose tokenizer files the output takes instead of the
+    #: base's (`tokenizer_source: MODEL`), and the chat template written into it (`chat_template`)
+    tokenizer_source: Optional[str] = None
+    chat_template: Optional[str] = None
 
     @model_validator(mode="before")
     @classmethod

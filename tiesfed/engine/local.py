@@ -42,6 +42,7 @@ from tiesfed.engine.deferred import Pending, Tie
 from tiesfed.engine.tensor import merge_tensor
 from tiesfed.engine.trimmer import ModelTrimmer
 from tiesfed.io.lora_out import AdapterPlan
+from tiesfed.io.mergekit_output import finish_mergekit_output
 from tiesfed.io.model_card import write_local_card
 from tiesfed.io.model_io import (
     DEFAULT_SHARD_BYTES,
@@ -235,6 +236,8 @@ def merge(
                 report.upload_bytes = _upload_size(base, fts[i], trims[i], str(i), opts.keep_base, device,
                                                    value_dtype, s.threshold)
     copy_side_files(Path(base.folder), out_dir)
+    if config.semantics == "mergekit":  # its tokenizer_source / chat_template, and dtype in config.json
+        finish_mergekit_output(out_dir, config)
     write_local_card(out_dir, Path(base.folder), config, Path(source_config) if source_config else None)
 
     result = MergeReport(

@@ -125,8 +125,8 @@ def _shape_problem(n: str, o: TensorInfo, b: TensorInfo) -> str:
     if len(o.shape) == len(b.shape) and o.shape[1:] == b.shape[1:] and len(o.shape) >= 1:
         return (f"{n!r}: shape {list(o.shape)}, base has {list(b.shape)}: a resized vocabulary ({o.shape[0]} rows, "
                 f"base {b.shape[0]}); tiesfed keeps the base's tokenizer: give --keep-base '{n}' (and the other "
-                "resized tensors) to keep them at the base's value (mergekit's tokenizer_source: union is not "
-                "supported)")
+                "resized tensors) to keep them at the base's value (mergekit's tokenizer_source: union, which "
+                "re-indexes a resized vocabulary, is not supported)")
     return f"{n!r}: shape {list(o.shape)}, base has {list(b.shape)}"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from tiesfed.core.options import MergeConfig
-from tiesfed.io.mergekit_config import from_mergekit, is_mergekit
+from tiesfed.io.mergekit_config import MergekitConfigError, from_mergekit, is_mergekit
 
 
 def load_config(path: str | Path, cwd: Path | None = None) -> MergeConfig:
@@ -19,7 +19,12 @@ def load_config(path: str | Path, cwd: Path | None = None) -> MergeConfig:
     directory (`cwd`), as mergekit does; tiesfed's own format (`method:`) keeps the
     paper's defaults, and its relative paths are taken from the YAML's folder."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text())
+    docs = list(yaml.safe_load_all(path.read_text()))
+    if len(docs) > 1:
+        raise MergekitConfigError(f"{path}: the file holds {len(docs)} YAML documents (mergekit-mega's format, one "
+                                  "merge per document): tiesfed runs one merge per file; split it into one file per "
+                                  "document and merge them in order")
+    raw = docs[0] if docs else None
     if is_mergekit(raw):
         return from_mergekit(raw, cwd)
     cfg = MergeConfig.model_validate(raw)

@@ -14,7 +14,9 @@ before the merge. What tiesfed cannot do is refused with an error naming the fie
 
 `round_plan` turns such a config into what a federated round carries (the options, with the
 sparsifier lifted into them so each client runs it, and one weight and density per model),
-refusing by field what a round cannot carry (gradients, filters, differing gammas, casts).
+refusing by field what a round cannot carry (gradients, filters, differing gammas, casts, another
+tokenizer). `slices:`/`modules:` that keep every layer in place read as `models:` (`mergekit_layout`);
+`tokenizer_source` and `chat_template` are checked and resolved by `tokenizer_source`.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ import torch
 
 from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
 from tiesfed.core.sparsify import OPTION_NAMES, check_della
-from tiesfed.core.tensor_params import is_number
+from tiesfed.core.tensor_params import is_number, layer_count
+from tiesfed.io.compat import read_config
+from tiesfed.io.hub_cache import HUB_ID, cached_snapshot, hub_cache_dir
+from tiesfed.io.mergekit_layout import MergekitConfigError, config_layers, fail, layout
 from tiesfed.io.model_io import ModelReader, mergeable
-
-
-class MergekitConfigError(ValueError):
-    """A mergekit config tiesfed cannot run as mergekit would; names the field."""
-
+from tiesfed.io.tokenizer_source import (
+    TokenizerSourceError,
+    check_tokenizer_source,
+    resolve_chat_template,
+    tokenizer_setting,
+)
 
 #: mergekit's generalized task arithmetic methods: (consensus, sparsification, normalize, rescale)
 GTA = {
@@ -51,8 +57,9 @@ SPARSIFIER_PARAMS = {"magnitude_outliers": ("gamma", 0.01), "della_magprune": ("
 FOREIGN = {"slerp", "nuslerp", "multislerp", "model_stock", "passthrough", "karcher", "nearswap", "ram",
            "ramplus_tl", "sce", "arcee_fusion"}
 DTYPES = {"float32", "float16", "bfloat16"}
+#: `name` names a merge inside a mergekit-mega file; mergekit-yaml ignores it, and so does tiesfed
 TOP_KEYS = {"merge_method", "base_model", "models", "dtype", "out_dtype", "parameters", "tokenizer_source",
-            "tokenizer", "chat_template", "slices", "modules"}
+            "tokenizer", "chat_template", "slices", "modules", "name"}
 SHARED = {"normalize", "rescale", "int8_mask", "lambda"}
 PER_MODEL = {"weight", "density"}
 
@@ -62,8 +69,7 @@ def is_mergekit(raw: object) -> bool:
     return isinstance(raw, dict) and "merge_method" in raw
 
 
-def _fail(field: str, msg: str) -> MergekitConfigError:
-    return MergekitConfigError(f"{field}: {msg}")
+_fail = fail
 
 
 def _dtype(raw: dict, key: str) -> Optional[str]:
@@ -77,12 +83,23 @@ def _dtype(raw: dict, key: str) -> Optional[str]:
 
 
 def _model_path(field: str, ref: object, cwd: Path) -> str:
+    """A model reference as mergekit takes it: a folder (relative ones from the working directory), else a
+    Hub id, which tiesfed finds only in the local hub cache (it does not download)."""
     if not isinstance(ref, str) or not ref:
         raise _fail(field, "must be a path to a model folder")
     if "+" in ref:
         raise _fail(field, f"{ref!r}: a LoRA reference (model+lora) is not supported; merge the adapter first")
     p = Path(ref).expanduser()
-    return str(p if p.is_absolute() else cwd / p)
+    p = p if p.is_absolute() else cwd / p
+    if not p.exists() and HUB_ID.match(ref):
+        snap = cached_snapshot(ref)
+        if snap is None:
+            raise _fail(field, f"{ref!r} is not a folder under {cwd} (mergekit's rule: relative to the working "
+                               f"directory), nor a Hub model in the local cache ({hub_cache_dir()}): tiesfed does not "
+                               f"download; fetch it first (huggingface-cli download {ref.split('@')[0]}) or give "
+                               "its folder")
+        return str(snap)
+    return str(p)
 
 
 def _check_setting(field: str, v: Any, *, shared: bool) -> Any:
@@ -111,7 +128,7 @@ def _params(field: str, raw: object, allowed: set[str]) -> dict:
     for k in raw:
         if k not in allowed:
             what = ("is a parameter of breadcrumbs (gamma) or della (epsilon) only" if k in ("gamma", "epsilon")
-                    else "is not a parameter of this merge method")
+                    else "is not a parameter of this merge method") + " (mergekit would ignore it): remove it"
             raise _fail(f"{field}.{k}", what)
     return dict(raw)
 
@@ -130,7 +147,7 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
     method = raw.get("merge_method")
     for k in raw:
         if k not in TOP_KEYS:
-            raise _fail(k, "is not a field of mergekit's config")
+            raise _fail(k, "is not a field of mergekit's config (mergekit 0.1.5 would ignore it): remove it")
     if not isinstance(method, str):
         raise _fail("merge_method", "must be a method name")
     if method in FOREIGN:
@@ -138,24 +155,7 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
                                     "use mergekit for it")
     if method not in GTA and method != "linear":
         raise _fail("merge_method", f"unknown merge method {method!r}")
-    for key, what in (("slices", "slices (layer ranges)"), ("modules", "modules")):
-        if raw.get(key):
-            raise _fail(key, f"{what} are not supported: tiesfed merges whole models of one shape; list them "
-                             "under `models`")
-    ts = raw.get("tokenizer_source")
-    if ts not in (None, "base"):
-        raise _fail("tokenizer_source", f"{ts!r} is not supported: tiesfed keeps the base's tokenizer "
-                                        "(tokenizer_source: base); build the tokenizer with mergekit")
-    tok = raw.get("tokenizer")
-    if tok is not None:
-        if not (isinstance(tok, dict) and tok.get("source", "base") == "base" and not tok.get("tokens")
-                and tok.get("pad_to_multiple_of") is None):
-            raise _fail("tokenizer", "only {source: base} is supported: tiesfed keeps the base's tokenizer")
-    if raw.get("chat_template") is not None:
-        raise _fail("chat_template", "is not supported: tiesfed copies the base's tokenizer files as they are")
-    models_raw = raw.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise _fail("models", "give at least one model")
+    tok_field, tok_source = tokenizer_setting(raw)
 
     linear = method == "linear"
     consensus, sparsify, normalize_default, rescale_default = GTA.get(method, (None, None, True, False))
@@ -165,55 +165,67 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
     params = _params("parameters", raw.get("parameters"), shared_keys)
     for k, v in params.items():
         params[k] = _check_setting(f"parameters.{k}", v, shared=k not in per_model)
-    normalize = bool(params.get("normalize", normalize_default))
-    rescale = bool(params.get("rescale", rescale_default))
-    lam = float(params.get("lambda", 1.0))
 
     base_ref = raw.get("base_model")
     if base_ref is None and not linear:
         raise _fail("base_model", f"{method} needs a base model")
     base = _model_path("base_model", base_ref, cwd) if base_ref is not None else None
+    lay = layout(raw, base_ref, lambda ref: _layers(ref, cwd))
+    levels = []  # the slice's and the module's parameters, between a model's own and the merge's
+    for field, lvl in lay.levels:
+        lvl = _params(field, lvl, shared_keys)
+        levels.append({k: _check_setting(f"{field}.{k}", v, shared=k not in per_model) for k, v in lvl.items()})
+    chain = [*levels, params]
+
+    def shared(key: str, default: Any) -> Any:
+        return next((lvl[key] for lvl in chain if key in lvl), default)
+
+    normalize = bool(shared("normalize", normalize_default))
+    rescale = bool(shared("rescale", rescale_default))
+    lam = float(shared("lambda", 1.0))
+    if not isinstance(shared("int8_mask", False), bool):
+        raise _fail("parameters.int8_mask", "must be true or false")
+    in_slices = ".sources[" in lay.sources[0].field
+    if not linear and in_slices and all(src.model != base_ref for src in lay.sources):
+        raise _fail(lay.sources[0].field.rsplit("[", 1)[0], f"list the base model {base_ref!r} among the sources, "
+                                                             "as mergekit requires")
 
     entries: list[ModelEntry] = []
-    for i, m in enumerate(models_raw):
-        field = f"models[{i}]"
-        if isinstance(m, str):
-            m = {"model": m}
-        if not isinstance(m, dict) or "model" not in m:
-            raise _fail(field, "must be {model: PATH, parameters: {...}}")
-        for k in m:
-            if k not in ("model", "parameters"):
-                raise _fail(f"{field}.{k}", "is not a field of a model entry")
-        path = _model_path(f"{field}.model", m["model"], cwd)
-        own = _params(f"{field}.parameters", m.get("parameters"), {"weight"} if linear else per_model)
-        for k, v in own.items():
-            own[k] = _check_setting(f"{field}.parameters.{k}", v, shared=False)
-        is_base = base is not None and (m["model"] == base_ref or Path(path) == Path(base))
+    for src in lay.sources:
+        field = src.field
+        path = _model_path(f"{field}.model", src.model, cwd)
+        is_base = base is not None and (src.model == base_ref or Path(path) == Path(base))
         if is_base and not linear:
-            continue  # mergekit leaves the base out of a task-vector merge
-        ws = (own.get("weight"), params.get("weight"))
+            continue  # mergekit leaves the base out of a task-vector merge, and reads none of its parameters
+        # mergekit reads a model's own parameters of its scope only: merge-wide ones (lambda, normalize, ...)
+        # given per model are ignored
+        mine = {"weight"} if linear else per_model
+        own = _params(f"{field}.parameters", src.parameters, shared_keys | mine)
+        own = {k: _check_setting(f"{field}.parameters.{k}", v, shared=False) for k, v in own.items() if k in mine}
+        ws = (own.get("weight"), *(lvl.get("weight") for lvl in chain))
         if all(w is None for w in ws):
             raise _fail(f"{field}.parameters.weight", "mergekit requires a weight for every model")
-        ds = (own.get("density"), params.get("density"))
+        ds = (own.get("density"), *(lvl.get("density") for lvl in chain))
         entry = _entry(path, ws, ds)
         if sparsify is not None and (sparsify != "magnitude" or rescale):
-            entry = entry.model_copy(update={"sparsifier": _sparsifier(field, sparsify, rescale, own, params, ds)})
+            entry = entry.model_copy(update={"sparsifier": _sparsifier(field, sparsify, rescale, own, chain, ds)})
         entries.append(entry)
     if linear:
         if base is None:
             base = entries[0].model  # the reference point: its own τ is 0, its weight still counts
         elif all(Path(e.model) != Path(base) for e in entries):
-            if params.get("weight") is None:
+            if shared("weight", None) is None:
                 raise _fail("base_model", "linear adds the base to the models, and it needs a weight: list it "
                                           "under `models` with one, or give parameters.weight")
-            entries.append(_entry(base, (None, params["weight"]), (None, None)))
+            entries.append(_entry(base, tuple(lvl.get("weight") for lvl in chain), (None,)))
         if not normalize:
             total = [_constant(e.weight_settings, None) for e in entries]
             if any(w is None for w in total) or abs(sum(total) - 1.0) > 1e-6:
                 raise _fail("parameters.normalize", "linear without normalize is Σ w·θ, which is a task-vector "
                                                     "merge only when the weights are plain numbers summing to 1")
     if not entries:
-        raise _fail("models", "every model is the base: nothing to merge")
+        raise _fail("models", "the only model listed is the base, so mergekit would write the base unchanged: "
+                              "list the fine-tuned models to merge")
 
     # ties' magnitude trim is tiesfed's per-tensor top-k; every other sparsifier (DARE with or without
     # mergekit's L1 rescale, breadcrumbs, della, a rescaled magnitude trim) is mergekit's, run on each
@@ -222,23 +234,52 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
         opt_method = "average" if normalize else "task_arithmetic"
     else:
         opt_method = "ties"
-    if "int8_mask" in params and not isinstance(params["int8_mask"], bool):
-        raise _fail("parameters.int8_mask", "must be true or false")
-
+    donor, template = _tokenizer(raw, tok_field, tok_source, base, [e.model for e in entries], cwd)
     options = MergeOptions(
         method=opt_method, k=100.0, lam=lam, trim="tensor", election="mass", zero_sign="positive",
         disjoint="mean" if normalize else "sum", weight_semantics="mergekit",
     )
     return MergeConfig(base_model=base, models=entries, options=options, dtype=_dtype(raw, "dtype"),
-                       out_dtype=_dtype(raw, "out_dtype"), semantics="mergekit")
+                       out_dtype=_dtype(raw, "out_dtype"), semantics="mergekit", tokenizer_source=donor,
+                       chat_template=template)
 
 
-def _sparsifier(field: str, method: str, rescale: bool, own: dict, params: dict, densities: tuple) -> dict:
+def _layers(ref: Any, cwd: Path) -> int:
+    """A model's layer count, as mergekit takes it: config.json's, else counted from its tensors."""
+    folder = Path(_model_path("base_model", ref, cwd))
+    n = config_layers(read_config(folder))
+    if n is not None:
+        return n
+    try:
+        with ModelReader(folder) as r:
+            return layer_count(r.names)
+    except Exception as e:  # noqa: BLE001 - named in the error
+        raise _fail("slices", f"cannot count the layers of {ref!r} to check the layer ranges: {e}") from None
+
+
+def _tokenizer(raw: dict, field: str, source: Any, base: str, models: list[str],
+               cwd: Path) -> tuple[Optional[str], Optional[str]]:
+    """The folder whose tokenizer the output takes (None: the base's) and the chat template to write."""
+    donor = None
+    try:
+        if source is not None:
+            if source in ("union", "base"):
+                donor_path = None
+            else:
+                donor_path = _model_path(field, source, cwd)
+            donor = check_tokenizer_source(field, str(source), base, models, donor_path)
+        refs = [base, *models] + ([donor] if donor else [])
+        return donor, resolve_chat_template(raw.get("chat_template"), list(dict.fromkeys(refs)))
+    except TokenizerSourceError as e:
+        raise MergekitConfigError(str(e)) from None
+
+
+def _sparsifier(field: str, method: str, rescale: bool, own: dict, chain: list[dict], densities: tuple) -> dict:
     """A model's mergekit sparsifier: method, rescale, and its own parameter's settings (gamma, epsilon)."""
     out: dict[str, Any] = {"method": method, "rescale": rescale}
     if method in SPARSIFIER_PARAMS:
         key, default = SPARSIFIER_PARAMS[method]
-        out[key] = (own.get(key), params.get(key))
+        out[key] = (own.get(key), *(lvl.get(key) for lvl in chain))
         out[f"{key}_default"] = default
         value, density = _constant(out[key], default), _constant(densities, 1.0)
         if method == "della_magprune" and value is not None and density is not None:
@@ -297,6 +338,10 @@ def round_plan(config: MergeConfig) -> tuple[MergeOptions, list[tuple[float, Opt
                 except ValueError as e:
                     raise RoundPlanError(f"models[{i}].epsilon: {e}") from None
     _check_dtypes(config)
+    if config.tokenizer_source or config.chat_template:
+        key = "tokenizer_source" if config.tokenizer_source else "chat_template"
+        raise RoundPlanError(f"{key}: a round's model carries the base's tokenizer files: merge locally "
+                             "(tiesfed merge --config)")
     return opts, plan
 
 

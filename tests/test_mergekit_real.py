@@ -1,0 +1,265 @@
+"""Published mergekit configs (tests/data/mergekit_real, model paths rewritten to ./base,
+./ft1 … ./ft5) run unchanged on a generated 32-layer Llama family: each either merges, and
+its output has the base's tensors with the dtypes mergekit writes and the tokenizer mergekit
+would give it, or is refused with an error naming the field. Then the features they need,
+one by one: slices and modules that keep every layer in place, tokenizer_source, chat_template.
+(`benchmarks/mergekit_real.py` runs the same files through mergekit 0.1.5 and compares.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("tokenizers")  # the family's tokenizer (installed with transformers, the test extra)
+
+from benchmarks.mergekit_real import CHAT_TEMPLATE, CONFIGS, write_real_family  # noqa: E402
+from tiesfed.engine import merge  # noqa: E402
+from tiesfed.io.merge_config import load_config  # noqa: E402
+from tiesfed.io.mergekit_config import MergekitConfigError, RoundPlanError, from_mergekit, round_plan  # noqa: E402
+from tiesfed.io.model_io import ModelReader  # noqa: E402
+from tiesfed.io.tokenizer_source import chat_template_of, vocabulary  # noqa: E402
+
+#: every stored config: None where it merges, else the field its error starts with
+EXPECTED = {
+    "absa_dare_linear": None,
+    "absa_dare_ties": None,
+    "absa_della": None,
+    "biomistral_hindi_della_linear": "models",  # the only model is the base: nothing to merge
+    "della_math_code_modules": None,
+    "ethos_alpha_della_linear": None,
+    "gemma_blend_rebase_ties": None,
+    "gemma_moon_dare_ties": None,
+    "holland_magnum_task_arithmetic_slices": None,
+    "hx_mistral_linear_slices": "slices[0].sources[1].layer_range",  # a frankenmerge (mergekit fails on it too)
+    "llama3_linear_union": None,
+    "mergekit_bio_merge": None,
+    "mergekit_gradient_slerp": "merge_method",
+    "mergekit_linear": None,
+    "mergekit_mega": "",  # two YAML documents: the error names the file
+    "mergekit_orcamini_passthrough": "merge_method",
+    "mergekit_ties_gradients": None,
+    "mergekit_vlm_ties": None,
+    "repleteai_dare_ties": None,
+    "repleteai_task_arithmetic": None,
+    "review13_breadcrumbs": None,
+    "sapientia_occulta_della": None,
+    "scrambled_eggs_breadcrumbs_ties": None,
+}
+#: configs whose output takes a fine-tune's tokenizer or chat template (the base's has none)
+WITH_TEMPLATE = {"ethos_alpha_della_linear", "gemma_blend_rebase_ties", "gemma_moon_dare_ties", "llama3_linear_union",
+                 "mergekit_linear"}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> Path:
+    return write_real_family(tmp_path_factory.mktemp("real") / "family")
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    with ModelReader(folder) as r:
+        return {n: r.get(n).clone() for n in r.names}
+
+
+def test_every_stored_config_has_an_expectation():
+    stored = {p.stem for p in CONFIGS.glob("*.yml")}
+    assert stored == set(EXPECTED)
+    assert len(stored) >= 15
+    for p in CONFIGS.glob("*.yml"):
+        assert p.read_text().startswith("# source: "), p.name  # each names where it was published
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_published_config(family, tmp_path, name):
+    path = CONFIGS / f"{name}.yml"
+    field = EXPECTED[name]
+    if field is not None:
+        with pytest.raises(MergekitConfigError) as e:
+            load_config(path, cwd=family)
+        msg = str(e.value)
+        assert msg.startswith(f"{field}:" if field else str(path)), msg
+        return
+    cfg = load_config(path, cwd=family)
+    out = tmp_path / "out"
+    merge(cfg, out, progress=False, source_config=path)
+    raw = yaml.safe_load(path.read_text())
+    want = getattr(torch, raw.get("out_dtype") or raw.get("dtype") or "float32")
+    with ModelReader(family / "base") as b, ModelReader(out) as o:
+        assert o.names == b.names
+        for n in b.names:
+            assert o.info(n).shape == b.info(n).shape and o.info(n).dtype == want, n
+            assert torch.isfinite(o.get(n).float()).all(), n
+    assert vocabulary(out) == vocabulary(family / "base")
+    assert (chat_template_of(out) == CHAT_TEMPLATE) == (name in WITH_TEMPLATE)
+    assert (out / "mergekit_config.yml").read_text() == path.read_text()  # kept verbatim beside the card
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(want).removeprefix("torch.")
+
+
+# ------------------------------------------------------------------ slices and modules
+
+
+#: breadcrumbs_ties: per-model weight and density, a vote, and (unlike ties' radix top-k on 288 small
+#: tensors) quick enough here
+METHOD = "breadcrumbs_ties"
+
+
+def _slices_config(sources_params, slices=((0, 32),), **extra) -> dict:
+    return {"merge_method": METHOD, "base_model": "./base", "dtype": "float32", **extra,
+            "slices": [{"sources": [{"model": m, "layer_range": list(r), **({"parameters": p} if p else {})}
+                                    for m, p in sources_params]} for r in slices]}
+
+
+MODELS = [("./base", None), ("./ft1", {"weight": 1.0, "density": 0.5}), ("./ft2", {"weight": 0.6, "density": 0.3})]
+AS_MODELS = {"merge_method": METHOD, "base_model": "./base", "dtype": "float32",
+             "models": [{"model": m, **({"parameters": p} if p else {})} for m, p in MODELS]}
+
+
+def _merge(family, tmp_path, raw: dict, name: str) -> dict[str, torch.Tensor]:
+    out = tmp_path / name
+    merge(from_mergekit(raw, cwd=family), out, progress=False)
+    return tensors(out)
+
+
+def test_a_slice_over_every_layer_merges_as_models(family, tmp_path):
+    want = _merge(family, tmp_path, AS_MODELS, "models")
+    one = _merge(family, tmp_path, _slices_config(MODELS), "one-slice")
+    halves = _merge(family, tmp_path, _slices_config(MODELS, slices=((0, 16), (16, 32))), "two-slices")
+    modules = _merge(family, tmp_path, {**AS_MODELS, "models": None, "modules": {"default": {
+        "slices": _slices_config(MODELS)["slices"]}}}, "modules")
+    for got in (one, halves, modules):
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_slice_parameters_rank_between_a_models_and_the_merges(family):
+    raw = _slices_config([("./base", None), ("./ft1", {"density": 0.5}), ("./ft2", {"weight": 0.2})],
+                         parameters={"weight": 0.9, "density": 0.7})
+    raw["slices"][0]["parameters"] = {"weight": 0.4}
+    c = from_mergekit(raw, cwd=family)
+    assert [m.weight_settings for m in c.models] == [(None, 0.4, 0.9), (0.2, 0.4, 0.9)]
+    assert [m.density_settings for m in c.models] == [(0.5, None, 0.7), (None, None, 0.7)]
+    lam = {**raw, "parameters": {"lambda": 2.0}}
+    lam["slices"][0]["parameters"] = {"lambda": 0.5, "weight": 1}
+    assert from_mergekit(lam, cwd=family).options.lam == 0.5  # the slice's, over the merge's
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda r: r["slices"][0]["sources"][1].update(layer_range=[16, 32]), "slices[0].sources[1].layer_range"),
+    (lambda r: [r["slices"].pop(), *(s.update(layer_range=[0, 24]) for s in r["slices"][0]["sources"])],
+     "slices"),  # layers 24 to 31 dropped
+    (lambda r: [s["sources"].pop(0) for s in r["slices"]], "slices[0].sources"),  # the base is not a source
+    (lambda r: r["slices"][1]["sources"][1].update(parameters={"weight": 0.5}), "slices[1]"),
+    (lambda r: r["slices"].reverse(), "slices[0].sources[0].layer_range"),  # layers reordered
+    (lambda r: r.update(parameters={"density": [0.2, 0.8]}), "slices"),  # a gradient restarts per slice
+    (lambda r: r["slices"][0].update(residual_weight=0.5), "slices[0].residual_weight"),
+    (lambda r: r.update(modules={"text_decoder": {"slices": r.pop("slices")}}), "modules"),
+])
+def test_slices_that_move_layers_or_vary_are_refused_naming_the_field(family, change, field):
+    raw = _slices_config(MODELS, slices=((0, 16), (16, 32)))
+    change(raw)
+    with pytest.raises(MergekitConfigError) as e:
+        from_mergekit(raw, cwd=family)
+    assert str(e.value).startswith(field + ":"), str(e.value)
+
+
+# ------------------------------------------------------------------ tokenizer_source, chat_template
+
+
+def _other_tokenizer(family: Path, tmp_path: Path) -> Path:
+    """ft2's weights with a tokenizer that names one token differently."""
+    other = tmp_path / "ft_other"
+    shutil.copytree(family / "ft2", other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    data["model"]["vocab"]["renamed"] = data["model"]["vocab"].pop("w7")
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    return other
+
+
+@pytest.mark.parametrize("source", ["union", "base", "./ft2", {"source": "union"}, {"source": "./ft1"}])
+def test_tokenizer_source_with_the_bases_vocabulary_merges_as_without(family, tmp_path, source):
+    key = "tokenizer" if isinstance(source, dict) else "tokenizer_source"
+    c = from_mergekit({**AS_MODELS, key: source}, cwd=family)
+    plain = from_mergekit(AS_MODELS, cwd=family)
+    assert c.models == plain.models and c.options == plain.options
+    named = not (source in ("union", "base") or source == {"source": "union"})
+    assert (c.tokenizer_source is not None) == named
+    out = tmp_path / "out"
+    merge(c, out, progress=False)
+    assert (chat_template_of(out) == CHAT_TEMPLATE) == named  # a fine-tune's tokenizer carries the template
+    assert vocabulary(out) == vocabulary(family / "base")
+
+
+def test_tokenizer_source_is_refused_where_mergekit_would_rebuild_the_embeddings(family, tmp_path):
+    other = _other_tokenizer(family, tmp_path)
+    raw = {**AS_MODELS, "models": [*AS_MODELS["models"], {"model": str(other), "parameters": {"weight": 1}}]}
+    for key, value in (("tokenizer_source", "union"), ("tokenizer", {"source": "base"})):
+        with pytest.raises(MergekitConfigError, match=rf"^{key}(\.source)?: .*vocabulary is not the base's"):
+            from_mergekit({**raw, key: value}, cwd=family)
+    assert from_mergekit(raw, cwd=family).tokenizer_source is None  # without a source: as mergekit, no re-indexing
+    padded = tmp_path / "padded"  # config.json's vocab_size above the tokenizer's: mergekit would resize
+    shutil.copytree(family / "base", padded)
+    cfg = json.loads((padded / "config.json").read_text())
+    (padded / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 8}))
+    with pytest.raises(MergekitConfigError, match="^tokenizer_source: .*embedding rows"):
+        from_mergekit({**AS_MODELS, "base_model": str(padded), "tokenizer_source": "base",
+                       "models": AS_MODELS["models"][1:]}, cwd=family)
+    for tok, field in (({"source": "union", "tokens": {"<x>": {"source": "./ft1"}}}, "tokenizer.tokens"),
+                       ({"source": "union", "pad_to_multiple_of": 64}, "tokenizer.pad_to_multiple_of")):
+        with pytest.raises(MergekitConfigError, match=f"^{field}:"):
+            from_mergekit({**AS_MODELS, "tokenizer": tok}, cwd=family)
+
+
+def test_chat_template(family, tmp_path):
+    auto = from_mergekit({**AS_MODELS, "chat_template": "auto"}, cwd=family)
+    assert auto.chat_template == CHAT_TEMPLATE  # the fine-tunes' (2 of 3 models carry it)
+    text = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    c = from_mergekit({**AS_MODELS, "chat_template": text}, cwd=family)
+    merge(c, tmp_path / "out", progress=False)
+    assert chat_template_of(tmp_path / "out") == text
+    with pytest.raises(MergekitConfigError, match="^chat_template: 'chatml' names one of mergekit's bundled"):
+        from_mergekit({**AS_MODELS, "chat_template": "chatml"}, cwd=family)
+    with pytest.raises(RoundPlanError, match="^chat_template:"):
+        round_plan(c)
+    assert round_plan(from_mergekit({**AS_MODELS, "tokenizer_source": "union"}, cwd=family))  # the base's: fine
+
+
+def test_merged_slices_config_loads_with_transformers(family, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    merge(load_config(CONFIGS / "holland_magnum_task_arithmetic_slices.yml", cwd=family), out, progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype="auto")
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    ids = tok("w3 w4 w5", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
+    assert model.dtype == torch.bfloat16
+
+
+def test_hub_ids_resolve_from_the_local_cache_or_are_refused(family, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tuned-7b" / "snapshots" / "abc123"
+    snap.parent.mkdir(parents=True)
+    snap.symlink_to(family / "ft1", target_is_directory=True)
+    (cache / "models--acme--tuned-7b" / "refs").mkdir()
+    (cache / "models--acme--tuned-7b" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    raw = {**AS_MODELS, "models": [{"model": "acme/tuned-7b", "parameters": {"weight": 1.0}}]}
+    assert from_mergekit(raw, cwd=family).models[0].model == str(snap)  # as mergekit finds a downloaded model
+    raw["models"].append({"model": "acme/other-7b@v2", "parameters": {"weight": 1.0}})
+    with pytest.raises(MergekitConfigError, match=r"^models\[1\]\.model: .*huggingface-cli download acme/other-7b"):
+        from_mergekit(raw, cwd=family)
+
+
+def test_what_mergekit_ignores_per_model_is_ignored_and_slices_run_federated(family):
+    raw = {**AS_MODELS, "parameters": {"lambda": 1.5},
+           "models": [{"model": "./base", "parameters": {"weight": 3.0, "density": 0.1, "epsilon": 0.2}},
+                      {"model": "./ft1", "parameters": {"weight": 1.0, "lambda": 0.2, "normalize": True}}]}
+    c = from_mergekit(raw, cwd=family)  # the base's parameters, a model's lambda/normalize: mergekit reads neither
+    # (breadcrumbs_ties sums by default; the model's normalize: true changes nothing)
+    assert (c.options.lam, c.options.disjoint, [m.model for m in c.models]) == (1.5, "sum", [str(family / "ft1")])
+    sliced = yaml.safe_load((CONFIGS / "holland_magnum_task_arithmetic_slices.yml").read_text())
+    del sliced["dtype"]  # a round carries no cast
+    opts, plan = round_plan(from_mergekit(sliced, cwd=family))
+    assert plan == [(0.5, 1.0), (0.5, 1.0)] and opts.method == "task_arithmetic"  # density: mergekit's 1.0
