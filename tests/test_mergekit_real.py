@@ -190,6 +190,9 @@ def test_tokenizer_source_with_the_bases_vocabulary_merges_as_without(family, tm
     merge(c, out, progress=False)
     assert (chat_template_of(out) == CHAT_TEMPLATE) == named  # a fine-tune's tokenizer carries the template
     assert vocabulary(out) == vocabulary(family / "base")
+    card = (out / "README.md").read_text()  # the card says whose tokenizer the output has
+    assert ("the tokenizer is `" in card) == named and ("config, tokenizer and other side files are the base's"
+                                                       in card) != named
 
 
 def test_tokenizer_source_is_refused_where_mergekit_would_rebuild_the_embeddings(family, tmp_path):
@@ -219,6 +222,7 @@ def test_chat_template(family, tmp_path):
     c = from_mergekit({**AS_MODELS, "chat_template": text}, cwd=family)
     merge(c, tmp_path / "out", progress=False)
     assert chat_template_of(tmp_path / "out") == text
+    assert "The chat template is the config's" in (tmp_path / "out" / "README.md").read_text()
     with pytest.raises(MergekitConfigError, match="^chat_template: 'chatml' names one of mergekit's bundled"):
         from_mergekit({**AS_MODELS, "chat_template": "chatml"}, cwd=family)
     with pytest.raises(RoundPlanError, match="^chat_template:"):

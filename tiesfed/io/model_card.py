@@ -99,8 +99,10 @@ def render_card(
     rerun: Optional[str] = None,
     round_id: Optional[str] = None,
     merged_sha256: Optional[str] = None,
+    side_files: str = "The config, tokenizer and other side files are the base's.",
 ) -> str:
-    """The card's text. `options`: name → value as the merge ran; `rerun`: a command that reruns it."""
+    """The card's text. `options`: name → value as the merge ran; `rerun`: a command that reruns it;
+    `side_files`: where the config and tokenizer came from."""
     meta = yaml.safe_dump(_front_matter(base_model, base_folder), sort_keys=False, allow_unicode=True).strip()
     kind = f"federated TIES-Merging round `{round_id}`" if round_id else "local merge"
     out = [
@@ -108,8 +110,7 @@ def render_card(
         "# Merged model", "",
         f"This model is a **merge**, not the base model: the {kind} of {len(models)} fine-tuned "
         f"model{'s' if len(models) != 1 else ''} of `{base_model}`, made with "
-        f"tiesfed {tiesfed_version()} using the `{method}` method. "
-        "The config, tokenizer and other side files are the base's.", "",
+        f"tiesfed {tiesfed_version()} using the `{method}` method. {side_files}", "",
         "## Method and options", "",
         "| option | value |", "|---|---|",
     ]
@@ -179,9 +180,14 @@ def write_local_card(out_dir: Path, base_folder: Path, config: MergeConfig,
     options["out_dtype"] = config.out_dtype or options["dtype"]
     keeps_all = opts.method in ("task_arithmetic", "average")
     models = [_local_model(m, opts.k, keeps_all) for m in config.models]
+    side = ("The config and other side files are the base's; the tokenizer is "
+            f"`{config.tokenizer_source}`'s (`tokenizer_source`)." if config.tokenizer_source
+            else "The config, tokenizer and other side files are the base's.")
+    if config.chat_template:
+        side += " The chat template is the config's (`chat_template`)."
     text = render_card(base_model=config.base_model, base_folder=base_folder, method=opts.method, options=options,
                        models=models, config_file=config_file,
-                       rerun=f"tiesfed merge --config {config_file} -o OUT/")
+                       rerun=f"tiesfed merge --config {config_file} -o OUT/", side_files=side)
     _write_text(out_dir / CARD_FILE, text)
     return [CARD_FILE, config_file]
 
