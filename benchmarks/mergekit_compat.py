@@ -1,7 +1,8 @@
 """Run a set of mergekit YAML files through mergekit 0.1.5 and through `tiesfed merge
 --config`, unchanged, and compare the merged models element by element.
 
-A small Llama-shaped family (base + 3 fine-tunes, fp32 and bf16; ~0.3M parameters) is
+A small Llama-shaped family (base + 3 fine-tunes, fp32 and bf16; ~0.3M parameters), and tiny
+transformers-built GPT-2, Qwen2 and Mistral (bf16) families for the random methods, are
 written under --work; each config is written there, run by `mergekit-yaml` (its venv:
 --mergekit-venv, default benchmarks/.venvs/mergekit; CPU) and by tiesfed in-process.
 Per config the table shows the fraction of elements that differ, the largest |diff|,
@@ -55,7 +56,41 @@ def family(work: Path, dtype: torch.dtype) -> tuple[Path, list[Path]]:
     return base, fts
 
 
-def configs(b32: tuple[Path, list[Path]], b16: tuple[Path, list[Path]]) -> dict[str, dict]:
+def hf_family(work: Path, arch: str) -> tuple[Path, list[Path]]:
+    """A tiny transformers model of another architecture (GPT-2 and Qwen2 with tied embeddings,
+    Mistral in bf16 with 11 layers: `layers.10` sorts before `layers.2`) and 3 fine-tunes."""
+    import transformers as tr
+
+    tr.logging.disable_progress_bar()
+    make = {
+        "gpt2": lambda: tr.GPT2LMHeadModel(tr.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=200,
+                                                         n_positions=64, bos_token_id=0, eos_token_id=0)),
+        "qwen2": lambda: tr.Qwen2ForCausalLM(tr.Qwen2Config(num_hidden_layers=3, hidden_size=32, intermediate_size=64,
+                                                            num_attention_heads=2, num_key_value_heads=1,
+                                                            vocab_size=200, tie_word_embeddings=True)),
+        "mistral": lambda: tr.MistralForCausalLM(tr.MistralConfig(
+            num_hidden_layers=11, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+            num_key_value_heads=1, vocab_size=200)).to(torch.bfloat16),
+    }[arch]
+    root = work / f"family-{arch}"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = make()
+        base.save_pretrained(root / "base")
+        fts = []
+        for i in range(3):
+            m = make()
+            m.load_state_dict(base.state_dict())
+            with torch.no_grad():
+                for t in m.parameters():
+                    t.add_(0.01 * torch.randn_like(t))
+            m.save_pretrained(root / f"ft{i}")
+            fts.append(root / f"ft{i}")
+    return root / "base", fts
+
+
+def configs(b32: tuple[Path, list[Path]], b16: tuple[Path, list[Path]],
+            hf: dict[str, tuple[Path, list[Path]]]) -> dict[str, dict]:
     """name -> mergekit config (as a dict; written as YAML)."""
 
     def models(fts, params):
@@ -133,6 +168,12 @@ def configs(b32: tuple[Path, list[Path]], b16: tuple[Path, list[Path]]) -> dict[
             "parameters": {"density": [0.3, 0.7], "epsilon": 0.1},
             "models": models(fts, [{"weight": 0.5}, {"weight": 0.3, "epsilon": 0.2}, {"weight": 0.2}])},
     }
+    w3 = [{"weight": 1.0}, {"weight": 0.7}, {"weight": 0.5, "density": 0.6}]
+    for arch, method in (("gpt2", "dare_ties"), ("qwen2", "della"), ("mistral", "dare_ties"), ("mistral", "della")):
+        b, f = hf[arch]
+        out[f"{method}_{arch}"] = {"merge_method": method, "base_model": str(b),
+                                   "parameters": {"density": 0.4, **({"epsilon": 0.1} if method == "della" else {})},
+                                   "models": models(f, w3)}
     del out["ties_count"]["dtype"]  # out_dtype alone: computed as stored (fp32), written as bf16
     return out
 
@@ -267,9 +308,11 @@ def run(args) -> list[dict]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     b32, b16 = family(work, torch.float32), family(work, torch.bfloat16)
+    hf = {arch: hf_family(work, arch) for arch in ("gpt2", "qwen2", "mistral")}
+    families = {str(f[0]): f for f in (b32, b16, *hf.values())}
     exe = Path(args.mergekit_venv) / "bin" / "mergekit-yaml"
     rows = []
-    for name, cfg in configs(b32, b16).items():
+    for name, cfg in configs(b32, b16, hf).items():
         if args.only and name not in args.only:
             continue
         cfg_path = work / f"{name}.yml"
@@ -288,8 +331,9 @@ def run(args) -> list[dict]:
             rows.append({"config": name, "error": f"tiesfed: {e}"})
             continue
         t2 = time.perf_counter()
-        fam = b16 if cfg.get("base_model") == str(b16[0]) else b32
-        row = {"config": name, "label": LABELS.get(name, name), "dtype_path": _dtype_path(cfg, fam is b16),
+        fam = families.get(cfg.get("base_model"), b32)
+        bf16 = fam is b16 or "mistral" in name
+        row = {"config": name, "label": LABELS.get(name, name), "dtype_path": _dtype_path(cfg, bf16),
                **compare(mk, tf, cfg_path, fam[0], fam[1]), "mergekit_s": t1 - t0, "tiesfed_s": t2 - t1}
         rows.append(row)
         print(_line(row), flush=True)
@@ -314,6 +358,8 @@ LABELS = {
     "dare_linear_bf16": "dare_linear (density 0.3)", "dare_ties_bf16": "dare_ties (density 0.5)",
     "della_bf16": "della (density 0.4, epsilon 0.1)",
     "della_linear_gradients": "della_linear, density gradient, per-model epsilon",
+    "dare_ties_gpt2": "dare_ties, GPT-2 (tied embeddings)", "della_qwen2": "della, Qwen2 (tied embeddings, biases)",
+    "dare_ties_mistral": "dare_ties, Mistral, 11 layers", "della_mistral": "della, Mistral, 11 layers",
 }
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 

@@ -207,6 +207,24 @@ def test_merge_with_random_seed_draws_mergekits_masks(family, tmp_path, method, 
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_cli_sparsifier_dare_with_random_seed(family, tmp_path):
+    """tiesfed's own command line with mergekit's DARE sparsifier: the models in the order given."""
+    from click.testing import CliRunner
+
+    from tiesfed.cli.app import main
+
+    base, tuned, base_dir, paths = family
+    res = CliRunner().invoke(main, ["merge", str(base_dir), *map(str, paths), "-o", str(tmp_path / "out"), "-q",
+                                    "--method", "task_arithmetic", "--sparsifier", "dare", "--k", "40",
+                                    "--weights", "1,0.6,0.8", "--random-seed", "5"])
+    assert res.exit_code == 0, res.output
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        want = {n: mk_gta(base[n], [t[n] for t in tuned], [1.0, 0.6, 0.8], [0.4] * 3,
+                          sparsify=lambda t, d: t * mk_bernoulli(t, d), consensus=False, normalize=False, lam=1.0)
+                for n in sorted(base)}
+    assert_same_tau(load_folder(tmp_path / "out"), want, base)
+
 def test_random_seed_is_refused_where_mergekits_order_cannot_be_replayed(tmp_path):
     from tiesfed.core.options import MergeConfig, MergeOptions, ModelEntry
 
