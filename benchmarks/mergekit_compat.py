@@ -86,6 +86,14 @@ def hf_family(work: Path, arch: str) -> tuple[Path, list[Path]]:
                     t.add_(0.01 * torch.randn_like(t))
             m.save_pretrained(root / f"ft{i}")
             fts.append(root / f"ft{i}")
+    if arch == "gpt2":  # a tokenizer, for `tokenizer_source: base`
+        from tokenizers import Tokenizer, models
+
+        vocab = {f"w{i}": i for i in range(200)}
+        tok = tr.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0")),
+                                         unk_token="w0", eos_token="w0", bos_token="w0")
+        for folder in (root / "base", *fts):
+            tok.save_pretrained(folder)
     return root / "base", fts
 
 
@@ -174,6 +182,7 @@ def configs(b32: tuple[Path, list[Path]], b16: tuple[Path, list[Path]],
         out[f"{method}_{arch}"] = {"merge_method": method, "base_model": str(b),
                                    "parameters": {"density": 0.4, **({"epsilon": 0.1} if method == "della" else {})},
                                    "models": models(f, w3)}
+    out["dare_ties_gpt2_tokenizer"] = {**out["dare_ties_gpt2"], "tokenizer_source": "base"}
     del out["ties_count"]["dtype"]  # out_dtype alone: computed as stored (fp32), written as bf16
     return out
 
@@ -358,7 +367,8 @@ LABELS = {
     "dare_linear_bf16": "dare_linear (density 0.3)", "dare_ties_bf16": "dare_ties (density 0.5)",
     "della_bf16": "della (density 0.4, epsilon 0.1)",
     "della_linear_gradients": "della_linear, density gradient, per-model epsilon",
-    "dare_ties_gpt2": "dare_ties, GPT-2 (tied embeddings)", "della_qwen2": "della, Qwen2 (tied embeddings, biases)",
+    "dare_ties_gpt2": "dare_ties, GPT-2 (tied embeddings)",
+    "dare_ties_gpt2_tokenizer": "dare_ties, GPT-2, tokenizer_source base", "della_qwen2": "della, Qwen2 (tied embeddings, biases)",
     "dare_ties_mistral": "dare_ties, Mistral, 11 layers", "della_mistral": "della, Mistral, 11 layers",
 }
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
