@@ -56,6 +56,14 @@ def family(work: Path, dtype: torch.dtype) -> tuple[Path, list[Path]]:
     return base, fts
 
 
+HF_ARCHS = ("gpt2", "qwen2", "mistral")
+
+
+def hf_paths(work: Path, arch: str) -> tuple[Path, list[Path]]:
+    root = work / f"family-{arch}"
+    return root / "base", [root / f"ft{i}" for i in range(3)]
+
+
 def hf_family(work: Path, arch: str) -> tuple[Path, list[Path]]:
     """A tiny transformers model of another architecture (GPT-2 and Qwen2 with tied embeddings,
     Mistral in bf16 with 11 layers: `layers.10` sorts before `layers.2`) and 3 fine-tunes."""
@@ -317,13 +325,18 @@ def run(args) -> list[dict]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     b32, b16 = family(work, torch.float32), family(work, torch.bfloat16)
-    hf = {arch: hf_family(work, arch) for arch in ("gpt2", "qwen2", "mistral")}
+    hf = {arch: hf_paths(work, arch) for arch in HF_ARCHS}  # built when a config needs one
     families = {str(f[0]): f for f in (b32, b16, *hf.values())}
+    built = set()
     exe = Path(args.mergekit_venv) / "bin" / "mergekit-yaml"
     rows = []
     for name, cfg in configs(b32, b16, hf).items():
         if args.only and name not in args.only:
             continue
+        for arch in HF_ARCHS:
+            if cfg.get("base_model") == str(hf[arch][0]) and arch not in built:
+                hf_family(work, arch)
+                built.add(arch)
         cfg_path = work / f"{name}.yml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         mk, tf = work / "out" / name / "mergekit", work / "out" / name / "tiesfed"

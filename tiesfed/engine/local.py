@@ -355,10 +355,10 @@ def _replay(config: MergeConfig, trims: Sequence[TrimSpec], merged: set[str], ba
     if any(trim.kind == "dare" for trim in trims):
         raise ValueError("--random-seed replays mergekit's DARE and DELLA sparsifiers; tiesfed's own dare_ties "
                          "draws from its own generators (--seed): give a mergekit config, or --sparsifier dare")
-    random = [m for m, trim in zip(config.models, trims)
+    drawing = [m for m, trim in zip(config.models, trims)
               if (m.sparsifier or {}).get("method") in _RANDOM
               or (trim.sparsifier is not None and trim.sparsifier.method in _RANDOM)]
-    if not random:
+    if not drawing:
         return None
     if config.options.keep_base:
         raise ValueError("--random-seed: mergekit merges every tensor, so --keep-base would shift its draws")
