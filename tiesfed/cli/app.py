@@ -76,9 +76,12 @@ def main() -> None:
               "target module of the LoRA inputs)")
 @click.option("--lora-out", type=click.Path(file_okay=False),
               help="folder of the --lora-rank adapter (default: OUT/adapter)")
+@click.option("--random-seed", type=int,
+              help="mergekit-yaml's --random-seed: DARE and DELLA draw mergekit's own masks, so the merge equals "
+                   "mergekit's (Llama, Mistral, Qwen2, GPT-2; refused where mergekit's order cannot be replayed)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 def merge(base, models, out_dir, config_path, weights, device, shard_size, allow_architecture_mismatch, report_path,
-          overwrite, max_memory, upload_size, lora_rank, lora_out, quiet, **opts) -> None:
+          overwrite, max_memory, upload_size, lora_rank, lora_out, random_seed, quiet, **opts) -> None:
     """Merge fine-tuned MODELS of BASE locally (same pipeline as the federated path)."""
     from tiesfed.engine import merge as run_merge
 
@@ -114,6 +117,7 @@ def merge(base, models, out_dir, config_path, weights, device, shard_size, allow
             report_path=report_path, overwrite=overwrite, measure_upload=upload_size,
             max_memory=parse_size(max_memory) if max_memory else None, source_config=config_path,
             allow_architecture_mismatch=allow_architecture_mismatch, lora_rank=lora_rank, lora_out=lora_out,
+            random_seed=random_seed,
         )
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None

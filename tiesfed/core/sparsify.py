@@ -15,7 +15,9 @@ equals the whole tensor's (skipped where either norm is below 1e-7). d ≥ 1 lea
 it is. The random masks come from a seeded CPU generator (per model and tensor), not
 mergekit's global one: the results agree with mergekit's in distribution, not element
 by element. Among equal magnitudes at a cut the lower flat index ranks lower, so the
-result is deterministic (mergekit's sort leaves it open).
+result is deterministic (mergekit's sort leaves it open). Given a `MergekitDraw`
+(`--random-seed`), the random methods draw mergekit's own masks instead
+(`tiesfed.core.mergekit_rng`), element for element.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Literal, Optional
 import torch
 
 from tiesfed.core import radix
+from tiesfed.core.mergekit_rng import MergekitDraw
 
 SparsifyMethod = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
 SPARSIFIERS: tuple[str, ...] = ("magnitude", "random", "magnitude_outliers", "della_magprune")
@@ -48,16 +51,17 @@ class Sparsifier:
     gamma: float = DEFAULT_GAMMA
     epsilon: float = DEFAULT_EPSILON
 
-    def run(self, tau: torch.Tensor, density: float, *, seed: int, model_key: str, name: str) -> torch.Tensor:
+    def run(self, tau: torch.Tensor, density: float, *, seed: int, model_key: str, name: str,
+            draw: Optional[MergekitDraw] = None) -> torch.Tensor:
         """τ (the tensor's own shape) sparsified; the random methods draw from the generator of
-        (seed, model, tensor), as `sparsify_entry` and tiesfed's DARE do."""
+        (seed, model, tensor), as `sparsify_entry` and tiesfed's DARE do, or from `draw`."""
         from tiesfed.core.trim import dare_generator, dare_seed
 
         gen = (dare_generator(dare_seed(seed, model_key, name))
-               if self.method in ("random", "della_magprune") else None)
+               if self.method in ("random", "della_magprune") and draw is None else None)
         try:
             return sparsify(tau, self.method, density, rescale=self.rescale, gamma=self.gamma,
-                            epsilon=self.epsilon, generator=gen)
+                            epsilon=self.epsilon, generator=gen, draw=draw)
         except ValueError as e:
             raise ValueError(f"tensor {name!r}: {e}") from None
 
@@ -108,12 +112,20 @@ def sparsify(
     gamma: float = 0.01,
     epsilon: float = 0.15,
     generator: Optional[torch.Generator] = None,
+    draw: Optional[MergekitDraw] = None,
 ) -> torch.Tensor:
     """τ sparsified as mergekit's `sparsify(tau, density, method, gamma, epsilon, l1 if rescale)`.
-    `tau`: float32, the tensor's own shape; `generator`: CPU, for the random methods."""
+    `tau`: float32, the tensor's own shape; `generator`: CPU, for the random methods; `draw`: mergekit's
+    replayed generator instead (it draws where mergekit draws, also for DARE at density ≤ 0)."""
     if density >= 1:
         return tau
     n = tau.numel()
+    if method == "della_magprune" and density > 0:
+        check_della(density, epsilon)
+    if draw is not None and method in ("random", "della_magprune") and draw.draws(method, density):
+        keep = draw.keep(tau, method, density, epsilon).reshape(-1)
+        masked = torch.where(keep, tau.reshape(-1), torch.zeros((), dtype=tau.dtype, device=tau.device))
+        return rescale_l1(tau, masked.reshape(tau.shape)) if rescale else masked.reshape(tau.shape)
     if density <= 0 and method != "magnitude_outliers":
         return torch.zeros_like(tau)
     flat = tau.reshape(-1)
@@ -127,7 +139,6 @@ def sparsify(
         lo, hi = outlier_window(n, density, gamma)
         keep[_ascending(flat)[lo:hi]] = True
     elif method == "della_magprune":
-        check_della(density, epsilon)
         probs = della_probabilities(tau, density, epsilon).reshape(-1)
         keep = (torch.rand(n, generator=generator) < probs.cpu()).to(tau.device)
     else:
@@ -137,10 +148,10 @@ def sparsify(
 
 
 def sparsify_entry(tau: torch.Tensor, sparsifier: dict, density: float, name: str, at: float, *,
-                   seed: int, model_key: str) -> torch.Tensor:
+                   seed: int, model_key: str, draw: Optional[MergekitDraw] = None) -> torch.Tensor:
     """One model's tensor through its mergekit sparsifier (`ModelEntry.sparsifier`: method, rescale,
     gamma/epsilon settings resolved for this tensor at layer position `at`). The random methods
-    draw from a generator seeded by (seed, model, tensor), as tiesfed's DARE."""
+    draw from a generator seeded by (seed, model, tensor), as tiesfed's DARE, or from `draw`."""
     from tiesfed.core.tensor_params import resolve
     from tiesfed.core.trim import dare_generator, dare_seed
 
@@ -152,8 +163,10 @@ def sparsify_entry(tau: torch.Tensor, sparsifier: dict, density: float, name: st
             if value is None:
                 raise ValueError(f"tensor {name!r}: no {key} (no filter matches)")
             extra[key] = float(value)
-    gen = dare_generator(dare_seed(seed, model_key, name)) if method in ("random", "della_magprune") else None
+    gen = (dare_generator(dare_seed(seed, model_key, name))
+           if method in ("random", "della_magprune") and draw is None else None)
     try:
-        return sparsify(tau, method, density, rescale=bool(sparsifier.get("rescale")), generator=gen, **extra)
+        return sparsify(tau, method, density, rescale=bool(sparsifier.get("rescale")), generator=gen, draw=draw,
+                        **extra)
     except ValueError as e:
         raise ValueError(f"tensor {name!r}: {e}") from None

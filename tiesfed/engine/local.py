@@ -33,6 +33,7 @@ from tiesfed.client.contribution import (
 )
 from tiesfed.client.progress import StageProgress, Stages, stages
 from tiesfed.core.accumulators import majority_sign
+from tiesfed.core.mergekit_rng import MergekitDraw, draw_order, mergekit_generator
 from tiesfed.core.methods import get_method
 from tiesfed.core.options import MergeConfig, ModelEntry
 from tiesfed.core.sparsify import sparsify_entry
@@ -41,6 +42,7 @@ from tiesfed.core.trim import TrimSpec, task_vector
 from tiesfed.engine.deferred import Pending, Tie
 from tiesfed.engine.tensor import merge_tensor
 from tiesfed.engine.trimmer import ModelTrimmer
+from tiesfed.io.compat import read_config
 from tiesfed.io.lora_out import AdapterPlan
 from tiesfed.io.mergekit_output import finish_mergekit_output
 from tiesfed.io.model_card import write_local_card
@@ -74,6 +76,7 @@ def merge(
     allow_architecture_mismatch: bool = False,
     lora_rank: Optional[int] = None,
     lora_out: Optional[str | Path] = None,
+    random_seed: Optional[int] = None,
 ) -> MergeReport:
     """Merge `config.models` into `config.base_model`, writing an HF-style folder.
 
@@ -89,7 +92,10 @@ def merge(
     beside the model card as `mergekit_config.yml`). `allow_architecture_mismatch`: merge models
     whose config.json names another architecture than the base's (refused by default). `lora_rank`: also
     write the merge as a peft LoRA adapter of that rank into `lora_out` (default `out_dir`/adapter), over
-    the LoRA inputs' target modules (`io.lora_out`)."""
+    the LoRA inputs' target modules (`io.lora_out`). `random_seed`: mergekit's `--random-seed`; mergekit's
+    random sparsifiers (DARE, DELLA) then draw the masks `mergekit-yaml --random-seed` draws
+    (`core.mergekit_rng`): the tensors go in mergekit's order, and a merge whose order cannot be
+    reproduced is refused."""
     started = time.perf_counter()
     opts = config.options
     method = get_method(opts.method)
@@ -107,6 +113,7 @@ def merge(
     with ExitStack() as stack:
         base = stack.enter_context(ModelReader(config.base_model))
         fts = [stack.enter_context(ModelReader(m.model)) for m in config.models]
+        stored = [set(r.names) for r in (base, *fts)]  # as the files have them, before tied copies are reconciled
         for ft in fts:
             check_compatible(base, ft, opts.keep_base, allow_architecture_mismatch)
         adapter = None if lora_rank is None else AdapterPlan(fts, lora_rank, Path(lora_out or out_dir / "adapter"),
@@ -117,6 +124,7 @@ def merge(
         # a model with mergekit's sparsifier (its own, or the options') is sparsified before its trim,
         # which then keeps all
         trims = [method.trim_spec(opts, 1.0 if m.sparsifier else m.density) for m in config.models]
+        replay = None if random_seed is None else _replay(config, trims, merged_names, base, stored, random_seed)
         trimmers = [ModelTrimmer(_KEEP_ALL if trim.kind == "sparsify" else trim, str(i), m.model, params, value_dtype)
                     for i, (m, trim) in enumerate(zip(config.models, trims))]
         if config.semantics == "mergekit":
@@ -148,13 +156,15 @@ def merge(
                     bar.update(hi - lo)
 
         bar.stage("merge", params)
-        plan = [(t.name, tuple(t.shape), _out_dtype(t.dtype, out_dtype)) for t in base.manifest()]
+        # with mergekit's draws replayed, tensors go (and are written) in mergekit's order
+        manifest = sorted(base.manifest(), key=lambda t: t.name) if replay else base.manifest()
+        plan = [(t.name, tuple(t.shape), _out_dtype(t.dtype, out_dtype)) for t in manifest]
         writer = stack.enter_context(
             ShardedWriter(out_dir, plan, max_shard_bytes=shard_bytes, metadata={"tiesfed_method": opts.method},
                           overwrite=overwrite)
         )
         balance, ties, pending = 0, [], []
-        for t in base.manifest():
+        for t in manifest:
             blocks = _blocks(t.numel, block)
             if t.name not in merged_names:
                 for lo, hi in blocks:
@@ -174,12 +184,13 @@ def merge(
                         trimmer.tensor_histogram(t.name, task_vector(_read(base, t, lo, hi, device, compute),
                                                                      _read(ft, t, lo, hi, device, compute)))
                 trimmer.start_tensor(t.name, t.numel, len(blocks))
+            draw = None if replay is None else MergekitDraw(replay, compute or _promoted(t.name, base, fts))
             for lo, hi in blocks:
                 theta0 = _read(base, t, lo, hi, device, compute)
                 parts = [trimmer.trim_block(t.name, _sparsified(m, trim, i, t, at if per_tensor else 0.0,
                                                                 len(blocks), opts.seed,
                                                                 task_vector(theta0, _read(ft, t, lo, hi, device,
-                                                                                          compute))),
+                                                                                          compute)), draw),
                                             theta0.dtype)
                          for i, (m, trim, ft, trimmer) in enumerate(zip(config.models, trims, fts, trimmers))]
                 try:
@@ -320,19 +331,56 @@ _KEEP_ALL = TrimSpec(kind="none", fraction=1.0)
 
 
 def _sparsified(m: ModelEntry, trim: TrimSpec, i: int, t: TensorInfo, at: float, blocks: int, seed: int,
-                tau: torch.Tensor) -> torch.Tensor:
+                tau: torch.Tensor, draw: Optional[MergekitDraw] = None) -> torch.Tensor:
     """τ through the model's mergekit sparsifier (its own, else the options'), if it has one (it needs
-    the whole tensor); the options' is the one a federated client runs (`TrimSpec` "sparsify")."""
+    the whole tensor); the options' is the one a federated client runs (`TrimSpec` "sparsify").
+    `draw`: mergekit's replayed generator at this tensor (`--random-seed`)."""
     if not m.sparsifier and trim.kind != "sparsify":
         return tau
     assert blocks == 1, "checked before the pass"
     if not m.sparsifier:
         return trim.sparsifier.run(tau.reshape(t.shape), trim.fraction, seed=trim.seed, model_key=str(i),
-                                   name=t.name).reshape(-1)
+                                   name=t.name, draw=draw).reshape(-1)
     density = _tensor_density(m, t.name, at)
     out = sparsify_entry(tau.reshape(t.shape), m.sparsifier, 1.0 if density is None else density, t.name, at,
-                         seed=seed, model_key=str(i))
+                         seed=seed, model_key=str(i), draw=draw)
     return out.reshape(-1)
+
+
+_RANDOM = ("random", "della_magprune")
+
+
+def _replay(config: MergeConfig, trims: Sequence[TrimSpec], merged: set[str], base: ModelReader,
+            stored: Sequence[set[str]], seed: int) -> Optional[torch.Generator]:
+    """The generator that replays mergekit's draws, or None when no model draws (nothing to replay).
+    Refuses what would make tiesfed's draws differ from mergekit's: tiesfed's own DARE (it draws from
+    its own generators: --seed), tensors left at the base, tensors other than mergekit would merge."""
+    if any(trim.kind == "dare" for trim in trims):
+        raise ValueError("--random-seed replays mergekit's DARE and DELLA sparsifiers; tiesfed's own dare_ties "
+                         "draws from its own generators (--seed): give a mergekit config, or --sparsifier dare")
+    drawing = [m for m, trim in zip(config.models, trims)
+              if (m.sparsifier or {}).get("method") in _RANDOM
+              or (trim.sparsifier is not None and trim.sparsifier.method in _RANDOM)]
+    if not drawing:
+        return None
+    if config.options.keep_base:
+        raise ValueError("--random-seed: mergekit merges every tensor, so --keep-base would shift its draws")
+    order = draw_order(read_config(Path(base.folder)), stored)
+    extra = sorted(merged - set(order))
+    missing = sorted(set(order) - merged)
+    if extra or missing:
+        what = (f"tiesfed merges {extra[0]!r}, which mergekit does not" if extra
+                else f"mergekit merges {missing[0]!r}, which tiesfed does not")
+        raise ValueError(f"--random-seed: {what}, so its draws cannot be replayed")
+    return mergekit_generator(seed)
+
+
+def _promoted(name: str, base: ModelReader, fts: Sequence[ModelReader]) -> torch.dtype:
+    """mergekit's compute dtype of a tensor: its inputs' promoted dtype."""
+    dtype = base.info(name).dtype
+    for ft in fts:
+        dtype = torch.promote_types(dtype, ft.info(name).dtype)
+    return dtype
 
 
 def _write(writer: ShardedWriter, t: TensorInfo, data: torch.Tensor, blocks: int,
