@@ -99,7 +99,8 @@ def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> to
     m = t.shape[1]
     order = torch.sort(t.abs().float(), dim=1, stable=True).indices
     ranks = order.argsort(dim=1).float()
-    scaled = ranks / (m - 1) if m > 1 else torch.zeros_like(ranks)
+    # a tensor divisor: CUDA divides by a Python scalar as a multiplication by its rounded reciprocal
+    scaled = ranks / torch.tensor(float(m - 1), device=ranks.device) if m > 1 else torch.zeros_like(ranks)
     return ((density - epsilon) + scaled * 2 * epsilon).reshape(tau.shape)
 
 
