@@ -205,6 +205,8 @@ def test_merge_with_random_seed_draws_mergekits_masks(family, tmp_path, method, 
     assert res.exit_code == 0, res.output
     a, b = load_folder(tmp_path / "out"), load_folder(tmp_path / "cli")
     assert all(torch.equal(a[n], b[n]) for n in a)
+    card = (tmp_path / "cli" / "README.md").read_text()  # the card reruns it with the same seed
+    assert "--random-seed 42" in card and "mergekit's masks replayed" in card
 
 
 def test_cli_sparsifier_dare_with_random_seed(family, tmp_path):

@@ -249,7 +249,8 @@ def merge(
     copy_side_files(Path(base.folder), out_dir)
     if config.semantics == "mergekit":  # its tokenizer_source / chat_template, and dtype in config.json
         finish_mergekit_output(out_dir, config)
-    write_local_card(out_dir, Path(base.folder), config, Path(source_config) if source_config else None)
+    write_local_card(out_dir, Path(base.folder), config, Path(source_config) if source_config else None,
+                     random_seed=random_seed)
 
     result = MergeReport(
         method=opts.method,

@@ -156,7 +156,7 @@ def _local_model(m: ModelEntry, k: float, keeps_all: bool) -> CardModel:
 
 
 def write_local_card(out_dir: Path, base_folder: Path, config: MergeConfig,
-                     source_config: Optional[Path] = None) -> list[str]:
+                     source_config: Optional[Path] = None, random_seed: Optional[int] = None) -> list[str]:
     """README.md and the config beside it, for a local merge; returns the files written.
 
     A mergekit-format merge given as `source_config` keeps the user's YAML verbatim as
@@ -178,6 +178,8 @@ def write_local_card(out_dir: Path, base_folder: Path, config: MergeConfig,
         options[key] = options[key] or "as stored"
     options["dtype"] = config.dtype or "as stored"
     options["out_dtype"] = config.out_dtype or options["dtype"]
+    if random_seed is not None:
+        options["random_seed"] = f"{random_seed} (mergekit's masks replayed)"
     keeps_all = opts.method in ("task_arithmetic", "average")
     models = [_local_model(m, opts.k, keeps_all) for m in config.models]
     side = ("The config and other side files are the base's; the tokenizer is "
@@ -187,7 +189,8 @@ def write_local_card(out_dir: Path, base_folder: Path, config: MergeConfig,
         side += " The chat template is the config's (`chat_template`)."
     text = render_card(base_model=config.base_model, base_folder=base_folder, method=opts.method, options=options,
                        models=models, config_file=config_file,
-                       rerun=f"tiesfed merge --config {config_file} -o OUT/", side_files=side)
+                       rerun=f"tiesfed merge --config {config_file} -o OUT/"
+                       + (f" --random-seed {random_seed}" if random_seed is not None else ""), side_files=side)
     _write_text(out_dir / CARD_FILE, text)
     return [CARD_FILE, config_file]
 
