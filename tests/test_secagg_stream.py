@@ -27,7 +27,7 @@ from tiesfed.client.secure import TrimmedPieces, flat_contribution
 from tiesfed.coordinator.secure.publish import FlatAggregator
 from tiesfed.core.accumulators import FinalizeSpec, elect, majority_sign, sign_balance
 from tiesfed.core.options import MergeOptions
-from tiesfed.core.secagg import FixedPoint, secure_finalize
+from tiesfed.core.secagg import FixedPoint, quantise, secure_finalize
 from tiesfed.core.secagg.support import SupportReader, SupportWriter, merge_supports, pack_support, release_support
 from tiesfed.core.trim import TrimSpec
 from tiesfed.io.model_io import ModelReader
@@ -142,14 +142,30 @@ def test_streamed_round_in_tiny_blocks_equals_the_whole_reference(ids, tiny, mon
 
 
 def test_streamed_client_sends_the_bytes_of_the_in_memory_one(ids, tiny):
-    """The same client, its contribution whole or in pieces: the same bitmap, and masked bytes
-    that differ only by the masks (its keys are its own): both decode to the same sum."""
+    """One client's contribution whole (one piece, U in one read) or in pieces with gaps and tiny
+    bitmap steps, with the same keys and seed: the same bitmap, the same masked bytes in the
+    same wire pieces, whatever the chunk."""
     rnd = make_round(3, 2)
     src, idx, val = pieces_of(0)
     whole = SecAggClient(ids["org-a"], rnd, idx, val)
     streamed = SecAggClient(ids["org-a"], rnd, pieces=src)
-    assert streamed._bitmap == whole._bitmap == pack_support(idx[val.abs() > 2 ** -25], NUMEL)
+    kept, _ = quantise(idx, val, rnd.fixed)
+    assert streamed._bitmap == whole._bitmap == pack_support(kept, NUMEL)
     assert streamed.survivors == whole.survivors == idx.numel()
+    others = {c: SecAggClient(ids[c], rnd, *contribution(ORGS.index(c))) for c in ORGS[1:3]}
+    server = SecAggServer(rnd)
+    for c in (whole, *others.values()):
+        server.receive_advert(c.advertise())
+    keys = server.close_keys()
+    for c in (whole, *others.values()):
+        server.receive_shares(c.share(keys))
+    req = server.close_shares()["org-a"]
+    state = {k: v for k, v in vars(whole).items() if k not in ("_pieces", "_digests", "survivors")}
+    vars(streamed).update(state)  # the same keys, seed, peers and shares: only the source differs
+    for chunk in (1, 7, 4096):
+        want = list(whole.masked_stream(req, chunk)) if chunk == 1 else list(whole.masked_again(chunk))
+        got = list(streamed.masked_stream(req, chunk)) if chunk == 1 else list(streamed.masked_again(chunk))
+        assert got == want and len(want) == (server.support_size + chunk - 1) // chunk
 
 
 def test_a_contribution_that_changes_between_the_passes_is_refused(ids, tiny):
