@@ -9,7 +9,12 @@ by its block on a model many blocks large."""
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -221,23 +226,20 @@ def traced_peak(fn):
         tracemalloc.stop()
 
 
-def test_client_memory_is_bounded_by_its_block(ids, tmp_path, monkeypatch):
-    """A model of 2^20 parameters (tensors up to 2^19) trimmed in blocks of 2^14: the client's
-    largest range is the block, its largest U chunk the chunk, and what numpy and Python allocate
-    while it scans and masks is the trimmer's own working set plus well under a byte a parameter
-    (the whole-vector client allocated a bool a parameter for its bitmap, U's unpacked bits and
-    8 bytes a position of U on top)."""
-    monkeypatch.setattr(support_mod, "BITMAP_BLOCK", 1 << 14)
-    monkeypatch.setattr(client_mod, "BITMAP_BLOCK", 1 << 14)
+def client_memory_figures(tmp: Path) -> dict:
+    """A model of 2^20 parameters (tensors up to 2^19) trimmed in blocks of 2^14, one client
+    scanning and masking it: its largest range and U chunk (`PEAK`), and the peaks of what numpy
+    and Python allocated (tracemalloc) in the plain trimmer alone, in its scan and in its masking."""
+    support_mod.BITMAP_BLOCK = client_mod.BITMAP_BLOCK = 1 << 14
+    ids = make_pki(tmp / "pki")
     shapes = {"a": (512, 1024), "b": (1024,), "c": (256, 1024), "d": (256, 1024)}
     base_t, fts = random_family(shapes, 2, seed=4)
-    base = make_model(tmp_path / "base", base_t)
-    models = [make_model(tmp_path / f"ft{i}", t) for i, t in enumerate(fts)]
+    base = make_model(tmp / "base", base_t)
+    models = [make_model(tmp / f"ft{i}", t) for i, t in enumerate(fts)]
     numel = sum(int(np.prod(s)) for s in shapes.values())
     spec = pb.RoundSpec(round_id="round-1", manifest=[pb.TensorSpec(name=n, shape=list(s)) for n, s in shapes.items()])
     opts, trim, block = MergeOptions(), TrimSpec(kind="topk", fraction=0.2, scope="global"), 1 << 14
     rnd = SecAggRound("round-1", numel, 2, FixedPoint(bound=1.0, max_clients=5), FinalizeSpec())
-    client_mod.PEAK.update(ranges=0, positions=0)
     with ModelReader(base) as b, ModelReader(models[0]) as f0, ModelReader(models[1]) as f1:
         src = TrimmedPieces(spec, b, f0, trim, opts, "m0", block=block)
         _, trimmer = traced_peak(lambda: sum(1 for _ in src()))  # the plain trimmer's own working set
@@ -252,8 +254,27 @@ def test_client_memory_is_bounded_by_its_block(ids, tmp_path, monkeypatch):
         req = server.close_shares()["org-a"]
         sent, masking = traced_peak(lambda: sum(len(p) for p in a.masked_stream(req, 4096)))
     lay = rnd.layout
-    assert server.support_size > numel // 4 and a.survivors >= numel // 5
-    assert sent == server.support_size * lay.width * lay.bytes_per_element
-    assert client_mod.PEAK == {"ranges": block, "positions": 4096}
-    assert scan < trimmer + numel // 4, (scan, trimmer)
-    assert masking < trimmer + numel // 2, (masking, trimmer)
+    return {"numel": numel, "block": block, "u": server.support_size, "survivors": a.survivors, "sent": sent,
+            "want": server.support_size * lay.width * lay.bytes_per_element, "peak": dict(client_mod.PEAK),
+            "trimmer": trimmer, "scan": scan, "masking": masking}
+
+
+def test_client_memory_is_bounded_by_its_block(tmp_path):
+    """The client's largest range is its block, its largest U chunk the chunk, and what numpy and
+    Python allocate while it scans and masks is the trimmer's own working set plus well under a
+    byte a parameter (the whole-vector client allocated a bool a parameter for its bitmap, U's
+    unpacked bits and 8 bytes a position of U on top). In a fresh process: no other test's
+    threads allocate while tracemalloc counts."""
+    code = ("import json, sys; from pathlib import Path; from tests.test_secagg_stream import client_memory_figures; "
+            "print(json.dumps(client_memory_figures(Path(sys.argv[1]))))")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    f = json.loads(out.stdout.strip().splitlines()[-1])
+    numel = f["numel"]
+    assert f["u"] > numel // 4 and f["survivors"] >= numel // 5 and f["sent"] == f["want"]
+    assert f["peak"] == {"ranges": f["block"], "positions": 4096}
+    assert f["scan"] < f["trimmer"] + numel // 4, f
+    assert f["masking"] < f["trimmer"] + numel // 2, f

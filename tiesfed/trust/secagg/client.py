@@ -13,8 +13,9 @@ writes the support bitmap range by range (`SupportWriter`), keeping only the bit
 about 0.1 byte a parameter at k = 20 %) and a sha256 per piece. Pass 2 (the masked upload,
 again on a resume) reads the pieces again, checks each against its pass-1 digest, reads U's
 bitmap for the same range (`SupportReader`), lays the piece over those positions and adds the
-masks for that range of U (AES-CTR is seekable): memory is one piece and `chunk` positions of
-U, and the bytes are those the whole vector would give.
+masks for that range of U (AES-CTR is seekable), `BITMAP_BLOCK` positions of the piece at a
+time: memory is one piece, the lanes of one such step and `chunk` positions of U, and the bytes
+are those the whole vector would give.
 """
 
 from __future__ import annotations
@@ -271,7 +272,10 @@ class SecAggClient:
             n += 1
             PEAK["ranges"] = max(PEAK["ranges"], hi - lo)
             yield from gap(lo)
-            yield from lay_over(u.take(hi), idx, q)
+            for a in range(lo, hi, BITMAP_BLOCK):  # U's positions and the lanes of one step at a time
+                b = min(hi, a + BITMAP_BLOCK)
+                i, j = (int(x) for x in torch.searchsorted(idx, torch.tensor([a, b])))
+                yield from lay_over(u.take(b), idx[i:j], q[i:j])
         if n != len(self._digests):
             raise SecAggError(f"client {self.id!r}: the contribution read again has {n} pieces, not "
                               f"{len(self._digests)}: did the model change?")
@@ -308,6 +312,6 @@ class SecAggClient:
 def _digest(lo: int, hi: int, idx: torch.Tensor, q: torch.Tensor) -> bytes:
     """What pass 2 checks a piece against: its range and quantised survivors."""
     h = hashlib.sha256(f"{lo}:{hi}:{idx.numel()}".encode())
-    h.update(idx.numpy().tobytes())
-    h.update(q.numpy().tobytes())
+    h.update(idx.numpy())
+    h.update(q.numpy())
     return h.digest()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,6 +32,7 @@ class RingFile:
         self.path, self.count, self.layout = Path(path), count, layout
         self._k = layout.bytes_per_element
         self._fd: Optional[int] = fd
+        self._gone = weakref.finalize(self, _remove, fd, self.path)  # dropped without close: no file left
         os.ftruncate(fd, count * self._k)
 
     def _io(self) -> int:
@@ -61,7 +63,10 @@ class RingFile:
 
     def close(self) -> None:
         """Delete the file (idempotent)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self.path.unlink(missing_ok=True)
+        self._fd = None
+        self._gone()
+
+
+def _remove(fd: int, path: Path) -> None:
+    os.close(fd)
+    path.unlink(missing_ok=True)
