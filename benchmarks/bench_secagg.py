@@ -160,7 +160,7 @@ s.SecureSettings.model_rebuild(force=True)
 
 
 def memory_round(params: float, work: Path, family_dir: Path | None, tiesfed_src: str | None,
-                 message_mib: int = 0) -> None:
+                 message_mib: int = 0, plain: bool = False) -> None:
     """One secure round, every party its own process; peak RSS and CPU of each, the merged sha256.
     `message_mib`: lift the gRPC message limit of every process to this (the support phase's
     messages carry whole bitmaps, about 0.1 byte a parameter: above ~35M parameters they exceed
@@ -175,14 +175,15 @@ def memory_round(params: float, work: Path, family_dir: Path | None, tiesfed_src
 
     cfg = shapes_for(params)
     base, fts = family(family_dir or work, cfg)
-    run = work / f"run-{'src' if tiesfed_src else 'here'}"
+    run = work / f"run-{'plain' if plain else 'src' if tiesfed_src else 'here'}"
     env = tool_env(tiesfed_src)
     if message_mib:
         site = work / "message-limit"
         site.mkdir(parents=True, exist_ok=True)
         (site / "sitecustomize.py").write_text(MESSAGE_LIMIT.format(limit=message_mib << 20))
         env["PYTHONPATH"] = os.pathsep.join([env.get("PYTHONPATH", ""), str(site)]).strip(os.pathsep)
-    res = run_federated(base, fts, run, work, env, timeout=3600, coordinator_args=("--secure-aggregation",))
+    res = run_federated(base, fts, run, work, env, timeout=3600,
+                        coordinator_args=() if plain else ("--secure-aggregation",))
     merged = next((run / "federated" / "spool").rglob("merged.tfs"))
     sha = hashlib.sha256()
     with open(merged, "rb") as f:
@@ -190,7 +191,7 @@ def memory_round(params: float, work: Path, family_dir: Path | None, tiesfed_src
             sha.update(piece)
     rows = [("coordinator", res["coordinator"]), *((f"client submit {i}", s) for i, s in enumerate(res["submits"])),
             ("client fetch", res["fetch"])]
-    print(f"secure round, {count_params(cfg) / 1e6:.1f}M params, 3 clients, k = 20 %, tiesfed from "
+    print(f"{'plain' if plain else 'secure'} round, {count_params(cfg) / 1e6:.1f}M params, 3 clients, k = 20 %, tiesfed from "
           f"{tiesfed_src or 'this checkout'}; wall {res['wall_s']:.1f} s")
     print("| process | peak RSS MiB | CPU s (user + sys) |")
     print("|---|---|---|")
@@ -220,12 +221,13 @@ def main() -> None:
     ap.add_argument("--family-dir", type=Path, help="where the family is (or goes); default: --work")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tiesfed-bench-secagg"))
     ap.add_argument("--tiesfed-src", help="a checkout whose tiesfed the measured processes run")
+    ap.add_argument("--plain", action="store_true", help="--memory: the plain round instead, for comparison")
     ap.add_argument("--message-mib", type=int, default=0,
                     help="--memory: lift every process's gRPC message limit to this many MiB (needed above ~35M params)")
     a = ap.parse_args()
     numel = a.params
     if a.memory:
-        memory_round(a.family_params, a.work, a.family_dir, a.tiesfed_src, a.message_mib)
+        memory_round(a.family_params, a.work, a.family_dir, a.tiesfed_src, a.message_mib, a.plain)
         return
     if a.round:
         print("| round | clients | params | k % | wall s | CPU s (coordinator + clients, one process) |")
