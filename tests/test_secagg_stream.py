@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+import tiesfed.client.secure as secure_mod
 import tiesfed.coordinator.rounds.finalize as fin
 import tiesfed.core.secagg.support as support_mod
 import tiesfed.trust.secagg.client as client_mod
@@ -253,10 +254,17 @@ def client_memory_figures(tmp: Path) -> dict:
             server.receive_shares(c.share(keys))
         req = server.close_shares()["org-a"]
         sent, masking = traced_peak(lambda: sum(len(p) for p in a.masked_stream(req, 4096)))
+        whole = flat_contribution(spec, b, f0, trim, opts, "m0", block=block)
+        secure_mod.PIECE_ELEMS = 1000  # records cut into pieces: the same survivors, ranges tiling the space
+        cut = list(TrimmedPieces(spec, b, f0, trim, opts, "m0", block=block)())
+        tiled = all(p[1] == q[0] for p, q in zip(cut, cut[1:])) and cut[0][0] == 0 and cut[-1][1] == numel
+        same = torch.equal(torch.cat([p[2] for p in cut]), whole[0]) and torch.equal(torch.cat([p[3] for p in cut]),
+                                                                                       whole[1])
     lay = rnd.layout
     return {"numel": numel, "block": block, "u": server.support_size, "survivors": a.survivors, "sent": sent,
             "want": server.support_size * lay.width * lay.bytes_per_element, "peak": dict(client_mod.PEAK),
-            "trimmer": trimmer, "scan": scan, "masking": masking}
+            "trimmer": trimmer, "scan": scan, "masking": masking,
+            "cut": {"tiled": tiled, "same": same, "longest": max(p[1] - p[0] for p in cut)}}
 
 
 def test_client_memory_is_bounded_by_its_block(tmp_path):
@@ -276,5 +284,6 @@ def test_client_memory_is_bounded_by_its_block(tmp_path):
     numel = f["numel"]
     assert f["u"] > numel // 4 and f["survivors"] >= numel // 5 and f["sent"] == f["want"]
     assert f["peak"] == {"ranges": f["block"], "positions": 4096}
+    assert f["cut"] == {"tiled": True, "same": True, "longest": 1000}
     assert f["scan"] < f["trimmer"] + numel // 4, f
     assert f["masking"] < f["trimmer"] + numel // 2, f

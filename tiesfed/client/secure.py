@@ -40,6 +40,9 @@ from tiesfed.trust.secagg.client import Pieces
 from tiesfed.trust.secagg.messages import KeyList, MaskRequest, UnmaskRequest
 from tiesfed.trust.secagg.params import SecAggRound, from_public_json
 
+#: Flat elements of a record one piece covers at most: the secure client quantises and lays out
+#: a piece at a time (tens of bytes a survivor), so a record of a whole block is cut.
+PIECE_ELEMS = 1 << 22
 #: Seconds one Poll waits on the coordinator before asking again.
 POLL_S = 5.0
 T = TypeVar("T")
@@ -90,8 +93,9 @@ def secagg_round(spec: pb.RoundSpec, secure: spb.SecureSpec, opts: MergeOptions)
 
 class TrimmedPieces:
     """The trimmed task vector as `SecAggClient` pieces: (flat range, flat int64 indices, float64
-    values) per record of `iter_contribution`, read again from the models on every call, with the
-    global threshold found once (so every read keeps the same survivors). `stats` hears the first read."""
+    values) per record of `iter_contribution`, cut at `PIECE_ELEMS`, read again from the models
+    on every call, with the global threshold found once (so every read keeps the same
+    survivors). `stats` hears the first read."""
 
     def __init__(self, spec: pb.RoundSpec, base: ModelReader, ft: ModelReader, trim: TrimSpec, opts: MergeOptions,
                  model_key: str, *, device: str = "cpu", value_dtype: Optional[torch.dtype] = None,
@@ -115,7 +119,10 @@ class TrimmedPieces:
                                                  threshold=self.threshold, block=self.block),
                                self.spec.max_abs_value, self.spec.round_id):
             off = self.offsets[st.name]
-            yield off + st.start, off + st.stop, st.indices.to(torch.int64) + off, st.values.to(torch.float64)
+            for a in range(st.start, st.stop, PIECE_ELEMS):  # float64/int64 copies of a piece at a time
+                b = min(st.stop, a + PIECE_ELEMS)
+                i, j = (int(x) for x in torch.searchsorted(st.indices, torch.tensor([a, b], dtype=st.indices.dtype)))
+                yield off + a, off + b, st.indices[i:j].to(torch.int64) + off, st.values[i:j].to(torch.float64)
 
 
 def flat_contribution(spec: pb.RoundSpec, base: ModelReader, ft: ModelReader, trim: TrimSpec, opts: MergeOptions,
