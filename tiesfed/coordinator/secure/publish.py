@@ -32,6 +32,7 @@ from tiesfed.io.files import write_json_atomic
 from tiesfed.protos.codec import SparseTensor
 from tiesfed.trust import signing
 from tiesfed.trust.certs import fingerprint
+from tiesfed.trust.secagg import SecAggError
 from tiesfed.trust.secagg.messages import KeyAdvert, to_bytes
 from tiesfed.trust.secagg.sums import DECODE_BLOCK, UnmaskedSums
 
@@ -52,7 +53,8 @@ class FlatAggregator:
             self.offsets.append(at)
             at += n
         if at != sums.numel:
-            raise ValueError(f"the manifest holds {at} parameters, the sums {sums.numel}")
+            sums.close()
+            raise SecAggError(f"the manifest holds {at} parameters, the secure sums {sums.numel}")
         self._balance: Optional[int] = None
 
     def fold(self, *args: object, **kw: object) -> None:
