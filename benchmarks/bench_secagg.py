@@ -18,6 +18,13 @@ above every |τ|. Checks the secure accumulator equals a plain fold of the quant
     python benchmarks/bench_secagg.py --params 4000000 --clients 5
     python benchmarks/bench_secagg.py --update-readme         # also the README's secagg table
     python benchmarks/bench_secagg.py --round --params 4000000 --clients 3   # whole rounds over gRPC
+    python benchmarks/bench_secagg.py --memory --family-params 134e6 --message-mib 64 --work /tmp/secmem [--tiesfed-src DIR]
+
+`--memory` runs one secure round of 3 clients on a generated Llama-shaped family
+(`benchmarks.common.family`), every party its own measured process over mutual TLS
+(`benchmarks.peers.run_federated`: `coordinator serve --secure-aggregation`, 3 `client submit`,
+1 `client fetch`), and prints each process's peak RSS and CPU seconds and the merged stream's
+sha256. `--tiesfed-src` runs another checkout's tiesfed (e.g. an older commit, for before/after).
 """
 
 from __future__ import annotations
@@ -142,6 +149,59 @@ def round_timing(params: int, n: int, k: float, secure: bool, root: Path) -> tup
     return time.perf_counter() - w0, cpu() - c0
 
 
+#: Written as `sitecustomize.py` for `--message-mib`: the measured processes' gRPC message limit, and
+#: the phase deadline (`phase_s`, 60 s by default: too short for 2-core masking of 100M+ parameters).
+MESSAGE_LIMIT = """import tiesfed.protos.v1 as v
+v.MAX_MESSAGE_BYTES = {limit}
+from tiesfed.coordinator.secure import settings as s
+s.SecureSettings.model_fields["phase_s"].default = 3600.0
+s.SecureSettings.model_rebuild(force=True)
+"""
+
+
+def memory_round(params: float, work: Path, family_dir: Path | None, tiesfed_src: str | None,
+                 message_mib: int = 0, plain: bool = False) -> None:
+    """One secure round, every party its own process; peak RSS and CPU of each, the merged sha256.
+    `message_mib`: lift the gRPC message limit of every process to this (the support phase's
+    messages carry whole bitmaps, about 0.1 byte a parameter: above ~35M parameters they exceed
+    the 4 MiB default)."""
+    import hashlib
+    import json
+    import os
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.common import count_params, family, shapes_for
+    from benchmarks.peers import run_federated, tool_env
+
+    cfg = shapes_for(params)
+    base, fts = family(family_dir or work, cfg)
+    run = work / f"run-{'plain' if plain else 'src' if tiesfed_src else 'here'}"
+    env = tool_env(tiesfed_src)
+    if message_mib:
+        site = work / "message-limit"
+        site.mkdir(parents=True, exist_ok=True)
+        (site / "sitecustomize.py").write_text(MESSAGE_LIMIT.format(limit=message_mib << 20))
+        env["PYTHONPATH"] = os.pathsep.join([env.get("PYTHONPATH", ""), str(site)]).strip(os.pathsep)
+    res = run_federated(base, fts, run, work, env, timeout=3600,
+                        coordinator_args=() if plain else ("--secure-aggregation",))
+    merged = next((run / "federated" / "spool").rglob("merged.tfs"))
+    sha = hashlib.sha256()
+    with open(merged, "rb") as f:
+        while piece := f.read(1 << 24):
+            sha.update(piece)
+    rows = [("coordinator", res["coordinator"]), *((f"client submit {i}", s) for i, s in enumerate(res["submits"])),
+            ("client fetch", res["fetch"])]
+    print(f"{'plain' if plain else 'secure'} round, {count_params(cfg) / 1e6:.1f}M params, 3 clients, k = 20 %, tiesfed from "
+          f"{tiesfed_src or 'this checkout'}; wall {res['wall_s']:.1f} s")
+    print("| process | peak RSS MiB | CPU s (user + sys) |")
+    print("|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['peak_rss_mib']:.0f} | {r.get('user_s', 0) + r.get('sys_s', 0):.1f} |")
+    print(f"merged stream: {merged.stat().st_size:,} bytes, sha256 {sha.hexdigest()}")
+    keep = ("peak_rss_mib", "user_s", "sys_s", "wall_s", "rc", "bytes_sent")
+    print(json.dumps({"rows": {n: {k: r.get(k) for k in keep} for n, r in rows}, "merged_sha256": sha.hexdigest()}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=int, default=1_000_000)
@@ -155,8 +215,20 @@ def main() -> None:
                     help="also write the table into README.md's <!-- figures:secagg --> block")
     ap.add_argument("--round", action="store_true",
                     help="time whole rounds instead: plain and secure, over gRPC and mutual TLS in this process")
+    ap.add_argument("--memory", action="store_true",
+                    help="peak RSS of each process of one secure round on a generated family (see above)")
+    ap.add_argument("--family-params", type=float, default=134e6)
+    ap.add_argument("--family-dir", type=Path, help="where the family is (or goes); default: --work")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/tiesfed-bench-secagg"))
+    ap.add_argument("--tiesfed-src", help="a checkout whose tiesfed the measured processes run")
+    ap.add_argument("--plain", action="store_true", help="--memory: the plain round instead, for comparison")
+    ap.add_argument("--message-mib", type=int, default=0,
+                    help="--memory: lift every process's gRPC message limit to this many MiB (needed above ~35M params)")
     a = ap.parse_args()
     numel = a.params
+    if a.memory:
+        memory_round(a.family_params, a.work, a.family_dir, a.tiesfed_src, a.message_mib, a.plain)
+        return
     if a.round:
         print("| round | clients | params | k % | wall s | CPU s (coordinator + clients, one process) |")
         print("|---|---|---|---|---|---|")

@@ -2,11 +2,16 @@
 when the round's spec says the round is secure, with no flag of its own.
 
 The trimmed contribution comes from the same trimmer as a plain upload (`iter_contribution`,
-the same threshold, the same value dtype), flattened to the round's parameter space (the
-manifest's tensors concatenated in order); then `SecAggClient` runs the protocol: keys →
-support and shares → the masked vector (streamed in chunks, one chunk of U in memory) →
-unmasking shares. Its secrets live in this process only: a client restarted mid-round is a
-dropout.
+the same threshold, the same value dtype), each record placed in the round's flat parameter
+space (the manifest's tensors concatenated in order); then `SecAggClient` runs the protocol:
+keys → support and shares → the masked vector (streamed in chunks) → unmasking shares.
+
+Memory is bounded by the client's block, never by the model: `TrimmedPieces` re-runs the
+trimmer record by record (a tensor, or one block of a larger one) each time it is read.
+The support bitmap comes from a first read, the masked vector from a second one (and again
+for a resumed upload), checked record by record against the first (`SecAggClient`). What
+stays is the bitmap (deflated, about 0.1 byte a parameter at k = 20 %) and U's, as received.
+Its secrets live in this process only: a client restarted mid-round is a dropout.
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ from tiesfed.protos.v1 import secagg_pb2 as spb
 from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
 from tiesfed.protos.v1 import tiesfed_pb2 as pb
 from tiesfed.trust.secagg import SecAggClient, SecAggError, from_bytes, to_bytes
+from tiesfed.trust.secagg.client import Pieces
 from tiesfed.trust.secagg.messages import KeyList, MaskRequest, UnmaskRequest
 from tiesfed.trust.secagg.params import SecAggRound, from_public_json
 
+#: Flat elements of a record one piece covers at most: the secure client quantises and lays out
+#: a piece at a time (tens of bytes a survivor), so a record of a whole block is cut.
+PIECE_ELEMS = 1 << 22
 #: Seconds one Poll waits on the coordinator before asking again.
 POLL_S = 5.0
 T = TypeVar("T")
@@ -82,25 +91,52 @@ def secagg_round(spec: pb.RoundSpec, secure: spb.SecureSpec, opts: MergeOptions)
     return rnd
 
 
+class TrimmedPieces:
+    """The trimmed task vector as `SecAggClient` pieces: (flat range, flat int64 indices, float64
+    values) per record of `iter_contribution`, cut at `PIECE_ELEMS`, read again from the models
+    on every call, with the global threshold found once (so every read keeps the same
+    survivors). `stats` hears the first read."""
+
+    def __init__(self, spec: pb.RoundSpec, base: ModelReader, ft: ModelReader, trim: TrimSpec, opts: MergeOptions,
+                 model_key: str, *, device: str = "cpu", value_dtype: Optional[torch.dtype] = None,
+                 block: Optional[int] = None, stats: Optional[TrimStats] = None) -> None:
+        self.offsets, at = {}, 0
+        for t in spec.manifest:
+            self.offsets[t.name] = at
+            at += int(torch.tensor(list(t.shape), dtype=torch.int64).prod())
+        self.spec, self.base, self.ft, self.trim, self.opts, self.model_key = spec, base, ft, trim, opts, model_key
+        self.device, self.value_dtype, self.block, self.stats = device, value_dtype, block, stats
+        self.threshold = contribution_threshold(base, ft, trim, keep_base=opts.keep_base, device=device, block=block)
+        self.reads = 0
+
+    def __call__(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        from tiesfed.client.submit import within_bound
+
+        stats, self.reads = (self.stats if self.reads == 0 else None), self.reads + 1
+        for st in within_bound(iter_contribution(self.base, self.ft, self.trim, model_key=self.model_key,
+                                                 keep_base=self.opts.keep_base, device=self.device,
+                                                 value_dtype=self.value_dtype, stats=stats,
+                                                 threshold=self.threshold, block=self.block),
+                               self.spec.max_abs_value, self.spec.round_id):
+            off = self.offsets[st.name]
+            for a in range(st.start, st.stop, PIECE_ELEMS):  # float64/int64 copies of a piece at a time
+                b = min(st.stop, a + PIECE_ELEMS)
+                i, j = (int(x) for x in torch.searchsorted(st.indices, torch.tensor([a, b], dtype=st.indices.dtype)))
+                yield off + a, off + b, st.indices[i:j].to(torch.int64) + off, st.values[i:j].to(torch.float64)
+
+
 def flat_contribution(spec: pb.RoundSpec, base: ModelReader, ft: ModelReader, trim: TrimSpec, opts: MergeOptions,
                       model_key: str, *, device: str = "cpu", value_dtype: Optional[torch.dtype] = None,
                       block: Optional[int] = None, stats: Optional[TrimStats] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trimmed task vector as (flat int64 indices, values) over the round's parameter space:
-    the very records a plain upload would carry, each tensor's indices shifted by its offset."""
-    from tiesfed.client.submit import within_bound
-
-    offsets, at = {}, 0
-    for t in spec.manifest:
-        offsets[t.name] = at
-        at += int(torch.tensor(list(t.shape), dtype=torch.int64).prod())
-    threshold = contribution_threshold(base, ft, trim, keep_base=opts.keep_base, device=device, block=block)
+    """The trimmed task vector as (flat int64 indices, values) over the round's parameter space,
+    whole in memory (16 bytes a survivor: tests and small models; `submit_secure` streams
+    `TrimmedPieces` instead): the very records a plain upload would carry."""
+    pieces = TrimmedPieces(spec, base, ft, trim, opts, model_key, device=device, value_dtype=value_dtype,
+                           block=block, stats=stats)
     idx, val = [], []
-    for st in within_bound(iter_contribution(base, ft, trim, model_key=model_key, keep_base=opts.keep_base,
-                                             device=device, value_dtype=value_dtype, stats=stats,
-                                             threshold=threshold, block=block),
-                           spec.max_abs_value, spec.round_id):
-        idx.append(st.indices.to(torch.int64) + offsets[st.name])
-        val.append(st.values.to(torch.float64))
+    for _, _, i, v in pieces():
+        idx.append(i)
+        val.append(v)
     if not idx:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64)
     return torch.cat(idx), torch.cat(val)
@@ -127,13 +163,14 @@ def _resume(pieces: Iterator[bytes], start: int,
 class SecureFlow:
     """One client's secure round over `conn`, one method per phase (`run` does them all)."""
 
-    def __init__(self, conn: Connection, rnd: SecAggRound, indices: torch.Tensor, values: torch.Tensor,
-                 chunk_bytes: int = 1 << 20, fault: Optional[Fault] = None) -> None:
+    def __init__(self, conn: Connection, rnd: SecAggRound, indices: Optional[torch.Tensor] = None,
+                 values: Optional[torch.Tensor] = None, chunk_bytes: int = 1 << 20, fault: Optional[Fault] = None,
+                 *, pieces: Optional[Pieces] = None) -> None:
         if conn.identity is None:
             raise FederatedError("a secure round needs mutual TLS (--tls): each client signs its keys with its "
                                  "certificate key", "FAILED_PRECONDITION")
         try:
-            self.client = SecAggClient(conn.identity, rnd, indices, values)
+            self.client = SecAggClient(conn.identity, rnd, indices, values, pieces=pieces)
         except (SecAggError, ValueError) as e:
             raise FederatedError(f"round {rnd.round_id!r}: {e}", "INVALID_ARGUMENT") from None
         self.conn, self.round, self.chunk_bytes = conn, rnd, min(chunk_bytes, MAX_CHUNK_BYTES)
@@ -256,10 +293,10 @@ def submit_secure(conn: Connection, spec: pb.RoundSpec, secure: spb.SecureSpec, 
 
     rnd = secagg_round(spec, secure, opts)
     stats = TrimStats()
-    idx, val = flat_contribution(spec, base, ft, trim, opts, model_key, device=device, value_dtype=value_dtype,
-                                 block=block, stats=stats)
-    flow = SecureFlow(conn, rnd, idx, val, chunk_bytes, fault)
+    pieces = TrimmedPieces(spec, base, ft, trim, opts, model_key, device=device, value_dtype=value_dtype,
+                           block=block, stats=stats)
+    flow = SecureFlow(conn, rnd, chunk_bytes=chunk_bytes, fault=fault, pieces=pieces)
     flow.run()
     return SubmitResult(spec.round_id, conn.client_id, flow.sha256.hexdigest(), flow.sent, flow.sent,
-                        int(idx.numel()), flow.attempts, flow.resumed_from, stats=stats,
+                        flow.client.survivors, flow.attempts, flow.resumed_from, stats=stats,
                         seconds=time.perf_counter() - started, signed=True)

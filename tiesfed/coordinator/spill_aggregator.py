@@ -233,51 +233,12 @@ class SpillAggregator:
         (default: a block) whole, a larger one as span records of `span_elems` from its
         element 0; so the same records, the same stream bytes. Memory: a block's
         accumulators and one record's dense values."""
-        span = span_elems or self.block
-        buf: Optional[torch.Tensor] = None  # a record's values, gathered from block pieces
-        for t, start, vals in self._pieces(majority):
-            name, numel = self.names[t], self.sizes[t]
-            if numel == 0:
-                idx, v = dense_to_sparse(vals)
-                yield SparseTensor(name, shapes[name], idx, v)
-                continue
-            rec = min(numel, span)
-            pos, n = 0, vals.numel()
-            while pos < n:
-                e = start + pos  # element of the tensor
-                lo = e // rec * rec
-                hi = min(numel, lo + rec)
-                take = min(n - pos, hi - e)
-                part = vals[pos:pos + take]
-                full: Optional[torch.Tensor] = None
-                if e == lo and take == hi - lo:
-                    full = part
-                else:
-                    if e == lo:
-                        buf = torch.empty(hi - lo, dtype=torch.float32)
-                    buf[e - lo:e - lo + take] = part
-                    if e + take == hi:
-                        full, buf = buf, None
-                if full is not None:
-                    idx, v = dense_to_sparse(full)
-                    if numel <= span:
-                        yield SparseTensor(name, shapes[name], idx, v)
-                    else:
-                        yield SparseTensor(name, shapes[name], idx + lo, v, start=lo, count=hi - lo)
-                pos += take
+        return cut_records(self._pieces(majority), self.names, self.sizes, shapes, span_elems or self.block)
 
     def finalize(self, majority: int) -> Iterator[tuple[str, torch.Tensor]]:
         """`AggregatorLike`'s dense tensors (each assembled whole: memory grows with the largest;
         the coordinator writes `finalize_records` instead)."""
-        out: Optional[torch.Tensor] = None
-        for t, start, vals in self._pieces(majority):
-            if start == 0:
-                out = vals if vals.numel() == self.sizes[t] else torch.empty(self.sizes[t], dtype=torch.float32)
-            if out is not vals:
-                out[start:start + vals.numel()] = vals
-            if start + vals.numel() == self.sizes[t]:
-                yield self.names[t], out
-                out = None
+        return join_tensors(self._pieces(majority), self.names, self.sizes)
 
     def merged(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.finalize(majority_sign(self.sign_balance()))
@@ -304,6 +265,59 @@ class SpillAggregator:
             self.close()
         except Exception:
             pass
+
+
+def cut_records(pieces: Iterable[tuple[int, int, torch.Tensor]], names: list[str], sizes: list[int],
+                shapes: dict[str, tuple[int, ...]], span: int) -> Iterator[SparseTensor]:
+    """Merged pieces (tensor number, first element, float32 values; in flat order, covering
+    every tensor) as the codec records `rounds.finalize.merged_records` cuts: a tensor of at
+    most `span` elements whole, a larger one as span records of `span` from its element 0.
+    Memory: one record's dense values."""
+    buf: Optional[torch.Tensor] = None  # a record's values, gathered from pieces
+    for t, start, vals in pieces:
+        name, numel = names[t], sizes[t]
+        if numel == 0:
+            idx, v = dense_to_sparse(vals)
+            yield SparseTensor(name, shapes[name], idx, v)
+            continue
+        rec = min(numel, span)
+        pos, n = 0, vals.numel()
+        while pos < n:
+            e = start + pos  # element of the tensor
+            lo = e // rec * rec
+            hi = min(numel, lo + rec)
+            take = min(n - pos, hi - e)
+            part = vals[pos:pos + take]
+            full: Optional[torch.Tensor] = None
+            if e == lo and take == hi - lo:
+                full = part
+            else:
+                if e == lo:
+                    buf = torch.empty(hi - lo, dtype=torch.float32)
+                buf[e - lo:e - lo + take] = part
+                if e + take == hi:
+                    full, buf = buf, None
+            if full is not None:
+                idx, v = dense_to_sparse(full)
+                if numel <= span:
+                    yield SparseTensor(name, shapes[name], idx, v)
+                else:
+                    yield SparseTensor(name, shapes[name], idx + lo, v, start=lo, count=hi - lo)
+            pos += take
+
+
+def join_tensors(pieces: Iterable[tuple[int, int, torch.Tensor]], names: list[str],
+                 sizes: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Merged pieces joined into whole dense tensors (memory: the largest tensor)."""
+    out: Optional[torch.Tensor] = None
+    for t, start, vals in pieces:
+        if start == 0:
+            out = vals if vals.numel() == sizes[t] else torch.empty(sizes[t], dtype=torch.float32)
+        if out is not vals:
+            out[start:start + vals.numel()] = vals
+        if start + vals.numel() == sizes[t]:
+            yield names[t], out
+            out = None
 
 
 def _slice(acc: Accumulator, a: int, z: int, weight_total: float) -> Accumulator:

@@ -34,7 +34,8 @@ class Round(RoundState):
         r = cls(config, spool, aggregator_factory, **kw)
         spool.create(config.model_dump(mode="json", by_alias=True))
         r._persist()
-        if r.fold_mode != "final" and not r.agg_pending:  # pending: `readiness.attach` builds it
+        # pending: `readiness.attach` builds it; a secure round has none (secure/ holds its sums)
+        if r.fold_mode != "final" and not r.agg_pending and not config.secure_aggregation:
             r.agg = r._new_aggregator()
         r._emit("ROUND_OPENED", message=f"round {r.id} opened for {len(r.participants)} participant(s)")
         return r

@@ -111,8 +111,9 @@ class RoundState:
         self.committed: dict[str, Committed] = {}
         self.agg: Optional[AggregatorLike] = None
         #: the aggregator waits for the factory (`readiness`): records and commits are spooled
-        #: and folded when `readiness.attach` gives the round its aggregator
-        self.agg_pending = not readiness.ready
+        #: and folded when `readiness.attach` gives the round its aggregator. A secure round never
+        #: has one: its sums are folded, unmasked and decoded block by block by `secure/`
+        self.agg_pending = not readiness.ready and not config.secure_aggregation
         self.agg_error = ""  # why building this round's aggregator failed (it stays pending)
         self.attaching: Optional[threading.Event] = None  # set while `readiness.attach` builds it
         #: while pending: the records of contributions committed meanwhile (client -> its session's

@@ -9,7 +9,9 @@ round fails with that message before anything is unmasked. What the phase closes
 key list, each client's mask request, the unmask request) waits in an outbox for the
 clients' polls. The masked vectors are spooled to a file while they stream in (they are
 uniform bytes); a broken stream's prefix stays there and the client resumes at its end
-(`masked_status`). A complete one is folded into the one running sum, once.
+(`masked_status`). A complete one is folded into the one running sum, once. The running
+sum is a file in the round's spool folder (`SecAggServer`'s `RingFile`), folded and unmasked
+a block at a time and decoded block by block when published (`FlatAggregator`).
 
 Every message, masked upload and phase close is kept in the round's journal (`journal`)
 before it is acknowledged or shown, so a restarted coordinator replays it into a fresh
@@ -66,7 +68,7 @@ class SecureSession:
         self.round = r
         self.params = secagg_round(r.config)
         self.phase_s = float(effective(r.config).phase_s)
-        self.server = SecAggServer(self.params, ca_pem)
+        self.server = SecAggServer(self.params, ca_pem, workdir=started_marker(r).parent)
         self.clock = clock
         self.cond = threading.Condition()
         self.phase = "keys"
@@ -170,7 +172,7 @@ class SecureSession:
         `total` bytes are in and their sha256 is the client's."""
         with self.cond:
             self._check_phase(client_id, "masked")
-            need = self.params.layout.width * self.params.layout.bytes_per_element * self.server.support.numel()
+            need = self.params.layout.width * self.params.layout.bytes_per_element * self.server.support_size
             if total != need:
                 raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r}: {total} bytes declared, "
                                  f"U needs {need}")
@@ -231,7 +233,7 @@ class SecureSession:
         """(bytes held, their sha256, the size declared, whether the vector is in the sum)."""
         with self.cond:
             if client_id in self.folded:
-                need = self.params.layout.width * self.params.layout.bytes_per_element * self.server.support.numel()
+                need = self.params.layout.width * self.params.layout.bytes_per_element * self.server.support_size
                 return need, "", need, True
             if self.failed:
                 raise RoundError("FAILED_PRECONDITION", f"round {self.round.id!r} failed: {self.failed}")
@@ -321,6 +323,7 @@ class SecureSession:
                     self.failed = why + (f" (missing: {', '.join(missing)})" if missing else "")
                     self._drop_partials()
                     self.journal.drop_masked()
+                    self.server.discard()
                     log.warning("round %s: secure aggregation failed: %s", self.round.id, self.failed)
                     self.cond.notify_all()
                     with self.round.lock:
@@ -360,8 +363,7 @@ class SecureSession:
             nxt = set(ur.survivors)
             self.counted = set(ur.survivors)
         else:
-            acc = self.server.finish()
-            result = FlatAggregator(acc, self.round.config.manifest or [], self.round.spec)
+            result = FlatAggregator(self.server.finish_stream(), self.round.config.manifest or [], self.round.spec)
             nxt = set()
         if record:
             self.journal.close(phase, arrived)
@@ -376,3 +378,5 @@ class SecureSession:
     def stop(self) -> None:
         """Stop the driver; the journal stays (masked prefixes included) for the next start."""
         self._stop.set()
+        with self.cond:  # the running sum file goes (a restart re-folds the journal's masked vectors)
+            self.server.discard()

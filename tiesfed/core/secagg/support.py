@@ -56,3 +56,135 @@ def release_support(supports: list[torch.Tensor], min_release: int, numel: int) 
     for s in supports:
         counts.index_add_(0, s.to(torch.int64), torch.ones(s.numel(), dtype=torch.int32))
     return torch.nonzero(counts >= min_release).reshape(-1)
+
+
+#: Flat positions one streamed step of a bitmap covers at most (a bool mask of this many bytes).
+BITMAP_BLOCK = 1 << 22
+
+
+class SupportWriter:
+    """`pack_support`'s bytes built range by range in flat order: memory is one range's mask
+    and the deflated output (the same bytes as `pack_support` of all the positions)."""
+
+    def __init__(self, numel: int) -> None:
+        self.numel, self.at, self.count = numel, 0, 0
+        self._z = zlib.compressobj(9)
+        self._out: list[bytes] = []
+        self._carry = np.zeros(0, dtype=bool)
+
+    def _bits(self, mask: np.ndarray) -> None:
+        buf = np.concatenate([self._carry, mask]) if self._carry.size else mask
+        whole = buf.size // 8 * 8
+        self._out.append(self._z.compress(np.packbits(buf[:whole]).tobytes()))
+        self._carry = buf[whole:].copy()
+
+    def _zeros_to(self, lo: int) -> None:
+        while self.at < lo:
+            n = min(lo - self.at, BITMAP_BLOCK)
+            self._bits(np.zeros(n, dtype=bool))
+            self.at += n
+
+    def add(self, lo: int, hi: int, positions: np.ndarray) -> None:
+        """The positions (sorted, absolute) of the range [lo, hi); ranges come in increasing order."""
+        if not self.at <= lo <= hi <= self.numel:
+            raise RingError(f"support range {lo}..{hi} out of order or outside 0..{self.numel}")
+        pos = np.asarray(positions, dtype=np.int64)
+        if pos.size and (pos[0] < lo or pos[-1] >= hi):
+            raise RingError(f"support positions outside their range {lo}..{hi}")
+        self._zeros_to(lo)
+        for a in range(lo, hi, BITMAP_BLOCK):
+            b = min(hi, a + BITMAP_BLOCK)
+            mask = np.zeros(b - a, dtype=bool)
+            i, j = np.searchsorted(pos, [a, b])
+            mask[pos[i:j] - a] = True
+            self._bits(mask)
+        self.count += int(pos.size)
+        self.at = hi
+
+    def finish(self) -> bytes:
+        self._zeros_to(self.numel)
+        if self._carry.size:
+            self._out.append(self._z.compress(np.packbits(self._carry).tobytes()))
+            self._carry = np.zeros(0, dtype=bool)
+        self._out.append(self._z.flush())
+        return b"".join(self._out)
+
+
+class SupportReader:
+    """The positions of a `pack_support` bitmap, range by range in flat order, inflated as they
+    are read: memory is one range's bits. `close` checks what `unpack_support` checks
+    (length, end of stream, padding bits), so a malformed bitmap is an error at the latest there."""
+
+    def __init__(self, data: bytes, numel: int) -> None:
+        self.numel, self.at = numel, 0
+        self._d = zlib.decompressobj()
+        self._tail = data
+        self._raw = b""  # inflated bytes from byte `self._byte0` on
+        self._byte0 = 0
+
+    def _inflate(self, need: int) -> None:
+        while len(self._raw) < need:
+            try:
+                got = self._d.decompress(self._tail, max(need - len(self._raw), 1 << 16))
+            except zlib.error as e:
+                raise RingError(f"support bitmap does not inflate: {e}") from None
+            self._tail = self._d.unconsumed_tail
+            if not got:
+                raise RingError(f"support bitmap is not {(self.numel + 7) // 8} bytes for {self.numel} parameters")
+            self._raw += got
+
+    def take(self, hi: int) -> np.ndarray:
+        """The sorted int64 positions in [at, hi), then at = hi."""
+        if not self.at <= hi <= self.numel:
+            raise RingError(f"support read to {hi}: out of order or beyond {self.numel}")
+        out = []
+        while self.at < hi:
+            b = min(hi, self.at + BITMAP_BLOCK)
+            need = (b + 7) // 8 - self._byte0
+            self._inflate(need)
+            bits = np.unpackbits(np.frombuffer(self._raw[:need], dtype=np.uint8))
+            first = self.at - 8 * self._byte0
+            out.append(np.flatnonzero(bits[first:first + b - self.at]).astype(np.int64) + self.at)
+            keep = b // 8 - self._byte0
+            self._raw, self._byte0, self.at = self._raw[keep:], b // 8, b
+        return np.concatenate(out) if len(out) > 1 else (out[0] if out else np.zeros(0, dtype=np.int64))
+
+    def close(self) -> None:
+        """Read to the end and check the bitmap is exactly `numel` bits, zero-padded."""
+        self.take(self.numel)
+        want = (self.numel + 7) // 8 - self._byte0
+        self._inflate(want)
+        try:
+            extra = self._d.decompress(self._tail, 1)
+        except zlib.error as e:
+            raise RingError(f"support bitmap does not inflate: {e}") from None
+        if len(self._raw) != want or extra or self._d.unconsumed_tail or not self._d.eof:
+            raise RingError(f"support bitmap is not {(self.numel + 7) // 8} bytes for {self.numel} parameters")
+        if want and np.unpackbits(np.frombuffer(self._raw, dtype=np.uint8))[self.numel % 8:].any():
+            raise RingError("support bitmap sets padding bits")
+
+
+def count_support(data: bytes, numel: int) -> int:
+    """The number of positions of a bitmap, checked as `unpack_support` checks it, streamed."""
+    r, n = SupportReader(data, numel), 0
+    for lo in range(0, numel, BITMAP_BLOCK):
+        n += r.take(min(numel, lo + BITMAP_BLOCK)).size
+    r.close()
+    return n
+
+
+def merge_supports(bitmaps: list[bytes], min_release: int, numel: int) -> tuple[bytes, int]:
+    """(the bitmap of U, |U|): `release_support` over the clients' bitmaps, block by block
+    (memory: a block's counts, never the positions of the whole model)."""
+    readers = [SupportReader(b, numel) for b in bitmaps]
+    w = SupportWriter(numel)
+    need = max(1, min_release)
+    for lo in range(0, numel, BITMAP_BLOCK):
+        hi = min(numel, lo + BITMAP_BLOCK)
+        counts = np.zeros(hi - lo, dtype=np.int32)
+        for r in readers:
+            counts[r.take(hi) - lo] += 1
+        w.add(lo, hi, np.flatnonzero(counts >= need) + lo)
+    for r in readers:
+        r.close()
+    return w.finish(), w.count

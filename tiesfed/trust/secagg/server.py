@@ -2,10 +2,17 @@
 
 collect adverts → close_keys → collect shares → close_shares → collect masked uploads →
 close_masked → collect unmask replies → finish. What it holds: public keys, sealed boxes it
-cannot open, support bitmaps, and ONE running sum of masked vectors (each upload is added
-the moment it arrives and not kept). Unmasking reconstructs the self-mask seeds of the
-uploaders and the mask keys of the sharers that did not upload, removes their masks, and
-decodes the sum into an `Accumulator` that `finalize` merges as on every other path.
+cannot open, support bitmaps (as sent: deflated bits), and ONE running sum of masked vectors
+(each upload is added the moment it arrives and not kept). Unmasking reconstructs the self-mask
+seeds of the uploaders and the mask keys of the sharers that did not upload, removes their
+masks, and decodes the sum into accumulators that `finalize` merges as on every other path.
+
+Memory is bounded by blocks, not by the model: U is formed from the bitmaps block by block
+(`merge_supports`) and kept as its bitmap; the running sum is a `RingFile` on disk (under
+`workdir`), folded a piece of an upload at a time and unmasked `RING_BLOCK` elements at a
+time (AES-CTR masks are seekable); `finish_stream` hands it over as `UnmaskedSums`, decoded a
+flat block at a time. What stays in memory grows with the number of clients (their bitmaps,
+about 0.1 byte a parameter each at k = 20 %, as the share phase received them), not with U.
 
 A message that does not fit the current step is refused with a SecAggError and changes
 nothing. Fewer than t clients at any step fail the round before anything is unmasked.
@@ -13,6 +20,7 @@ nothing. Fewer than t clients at any step fail the round before anything is unma
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -20,11 +28,11 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tiesfed.core.accumulators import Accumulator
-from tiesfed.core.secagg.decode import decode_sums, secure_finalize
+from tiesfed.core.secagg.decode import secure_finalize
 from tiesfed.core.secagg.encode import quantise_weight
 from tiesfed.core.secagg.ring import RingError, ring_add, ring_sub
 from tiesfed.core.secagg.shamir import ShamirError, combine, share_from_bytes
-from tiesfed.core.secagg.support import pack_support, release_support, unpack_support
+from tiesfed.core.secagg.support import count_support, merge_supports, unpack_support
 from tiesfed.trust.secagg.keys import SecAggError, check_advert, load_public, public_bytes
 from tiesfed.trust.secagg.messages import (
     KeyAdvert,
@@ -37,26 +45,30 @@ from tiesfed.trust.secagg.messages import (
 )
 from tiesfed.trust.secagg.params import SecAggRound
 from tiesfed.trust.secagg.prg import MASK_INFO, mask, pair_key, pair_sign, self_seed_key
+from tiesfed.trust.secagg.ringfile import RING_BLOCK, RingFile
+from tiesfed.trust.secagg.sums import UnmaskedSums
 
 PHASES = ("keys", "shares", "masked", "unmask", "done")
 
 
 class SecAggServer:
     """The coordinator in one secure round. `ca_pem`: when given, adverts are checked on
-    arrival too (the clients check them regardless)."""
+    arrival too (the clients check them regardless). `workdir`: where the running sum's file
+    goes (the round's spool folder; a temporary folder when None)."""
 
-    def __init__(self, rnd: SecAggRound, ca_pem: Optional[bytes] = None) -> None:
+    def __init__(self, rnd: SecAggRound, ca_pem: Optional[bytes] = None, workdir: Optional[Path] = None) -> None:
         self.round = rnd
         self._ca = ca_pem
+        self._workdir = workdir
         self._layout = rnd.layout
         self._phase = 0
         self._adverts: dict[str, KeyAdvert] = {}
         self._keyed: tuple[str, ...] = ()
         self._uploads: dict[str, ShareUpload] = {}
-        self._supports: dict[str, torch.Tensor] = {}
         self._sharers: tuple[str, ...] = ()
-        self.support: torch.Tensor = torch.zeros(0, dtype=torch.int64)
-        self._sum: Optional[np.ndarray] = None
+        self.support_packed = b""  # U's bitmap, as the mask requests carry it
+        self.support_size = 0  # |U|
+        self._ring: Optional[RingFile] = None
         self._uploaded: list[str] = []
         self._survivors: tuple[str, ...] = ()
         self._replies: dict[str, UnmaskReply] = {}
@@ -69,6 +81,22 @@ class SecAggServer:
     @property
     def phase(self) -> str:
         return PHASES[self._phase]
+
+    @property
+    def support(self) -> torch.Tensor:
+        """U's positions, unpacked whole (tests and small rounds: 8 bytes a position)."""
+        return unpack_support(self.support_packed, self.round.numel)
+
+    @property
+    def _sum(self) -> Optional[np.ndarray]:
+        """The running sum read back whole (tests and small rounds)."""
+        return None if self._ring is None else self._ring.read(0, self._ring.count)
+
+    def discard(self) -> None:
+        """Delete the running sum's file (a failed or stopped round)."""
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
 
     # ------------------------------------------------------------------ keys
     def receive_advert(self, adv: KeyAdvert) -> None:
@@ -96,23 +124,21 @@ class SecAggServer:
         if set(up.boxes) != want:
             raise SecAggError(f"shares from {who!r} are addressed to {sorted(up.boxes)}, expected {sorted(want)}")
         try:
-            support = unpack_support(up.support, self.round.numel)
+            count_support(up.support, self.round.numel)  # checked now, read again block by block at close
         except RingError as e:
             raise SecAggError(f"support of {who!r}: {e}") from None
         self._uploads[who] = up
-        self._supports[who] = support
 
     def close_shares(self) -> dict[str, MaskRequest]:
         """U1 (who shared), the union support U, and each sharer's inbox of boxes."""
         self._in("shares", "closing the share phase")
         sharers = self.round.require(self._uploads, "shared their keys")
         self._sharers = sharers
-        self.support = release_support([self._supports[c] for c in sharers], self.round.min_release,
-                                       self.round.numel)
-        self._supports.clear()  # only U is needed from here on
-        packed = pack_support(self.support, self.round.numel)
+        packed, m = merge_supports([self._uploads[c].support for c in sharers], self.round.min_release,
+                                   self.round.numel)
+        self.support_packed, self.support_size = packed, m
+        self._ring = RingFile(self._layout.width * m, self._layout, self._workdir)
         self._phase += 1
-        self._sum = np.zeros(self._layout.width * self.support.numel(), dtype=np.uint64)
         out = {v: MaskRequest(self.round.round_id, sharers, packed,
                               {u: self._uploads[u].boxes[v] for u in sharers if u != v}) for v in sharers}
         self._uploads.clear()
@@ -133,8 +159,8 @@ class SecAggServer:
         self._in("masked", f"masked upload from {who!r}")
         if who not in self._sharers or who in self._uploaded:
             raise SecAggError(f"masked upload from {who!r}: not a sharer, or sent twice")
-        assert self._sum is not None
-        k, total = self._layout.bytes_per_element, self._sum.size
+        assert self._ring is not None
+        k, total = self._layout.bytes_per_element, self._ring.count
         if size != total * k:
             raise SecAggError(f"masked upload from {who!r}: {size} bytes, U needs {total} elements of {k} bytes")
         applied, exact = self._fold_stream(source(), total, ring_add)
@@ -144,16 +170,16 @@ class SecAggServer:
         self._uploaded.append(who)
 
     def _fold_stream(self, pieces: Iterable[bytes], limit: int, op: Callable[..., np.ndarray]) -> tuple[int, bool]:
-        """Apply `op` to sum[:n] and the stream's first n ≤ limit elements; (n, whether the
-        stream held exactly `limit` elements)."""
-        assert self._sum is not None
+        """Apply `op` to sum[:n] and the stream's first n ≤ limit elements, piece by piece on the
+        sum's file; (n, whether the stream held exactly `limit` elements)."""
+        assert self._ring is not None
         lay, k = self._layout, self._layout.bytes_per_element
         at, rest = 0, b""
         for piece in pieces:
             rest += piece
             n = min(len(rest) // k, limit - at)
             if n:
-                op(self._sum[at:at + n], lay.from_bytes(rest[:n * k], n), lay)
+                self._ring.apply(at, lay.from_bytes(rest[:n * k], n), op)
                 at, rest = at + n, rest[n * k:]
             if at == limit and rest:
                 return at, False
@@ -178,13 +204,21 @@ class SecAggServer:
         self._replies[who] = rep
 
     def finish(self) -> Accumulator:
-        """Remove every mask and decode the sum of the survivors' contributions."""
+        """Remove every mask and decode the sum of the survivors' contributions, whole."""
+        sums = self.finish_stream()
+        try:
+            return sums.accumulator()
+        finally:
+            sums.close()
+
+    def finish_stream(self) -> UnmaskedSums:
+        """Remove every mask from the sum's file, `RING_BLOCK` elements at a time, and hand it over
+        to be decoded block by block. Every secret is rebuilt and checked before the file changes."""
         self._in("unmask", "finishing")
         repliers = self.round.require(self._replies, "sent unmasking shares")
         lay, rid, t = self._layout, self.round.round_id, self.round.threshold
         x = {c: i + 1 for i, c in enumerate(self._keyed)}
-        assert self._sum is not None
-        total, count = self._sum.copy(), self._sum.size
+        assert self._ring is not None
 
         def secret(v: str, field: str) -> bytes:
             shares = [(x[r], share_from_bytes(getattr(self._replies[r], field)[v])) for r in repliers]
@@ -193,20 +227,27 @@ class SecAggServer:
             except ShamirError as e:
                 raise SecAggError(f"cannot reconstruct the {field[:-7]} of {v!r}: {e}") from None
 
+        removals: list[tuple[Callable[..., np.ndarray], bytes]] = []
         for v in self._survivors:
-            ring_sub(total, mask(self_seed_key(secret(v, "seed_shares"), rid, v), count, lay), lay)
+            removals.append((ring_sub, self_seed_key(secret(v, "seed_shares"), rid, v)))
         for d in (c for c in self._sharers if c not in self._survivors):
             sk = X25519PrivateKey.from_private_bytes(secret(d, "key_shares"))
             if public_bytes(sk) != self._adverts[d].s_pk:
                 raise SecAggError(f"the reconstructed mask key of {d!r} is not the one it advertised")
             for u in self._survivors:
-                m = mask(pair_key(sk, load_public(self._adverts[u].s_pk, u), MASK_INFO, rid, u, d), count, lay)
-                (ring_sub if pair_sign(u, d) > 0 else ring_add)(total, m, lay)
+                key = pair_key(sk, load_public(self._adverts[u].s_pk, u), MASK_INFO, rid, u, d)
+                removals.append((ring_sub if pair_sign(u, d) > 0 else ring_add, key))
+        ring = self._ring
+        for lo in range(0, ring.count, RING_BLOCK):
+            n = min(RING_BLOCK, ring.count - lo)
+            y = ring.read(lo, n)
+            for op, key in removals:
+                op(y, mask(key, n, lay, start=lo), lay)
+            ring.write(lo, y)
         weights_q = [quantise_weight(self.round.weight(c), lay) for c in self._survivors]
-        acc = decode_sums(total, self.support, self.round.numel, self.round.spec, lay, weights_q)
         self._phase += 1
-        self._sum = None
-        return acc
+        self._ring = None
+        return UnmaskedSums(ring, self.support_packed, self.round.numel, self.round.spec, lay, weights_q)
 
     def merged(self, acc: Accumulator) -> torch.Tensor:
         """The merged task vector (min_support and the zero-sign rule as on every path)."""
