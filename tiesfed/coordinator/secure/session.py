@@ -68,7 +68,7 @@ class SecureSession:
         self.round = r
         self.params = secagg_round(r.config)
         self.phase_s = float(effective(r.config).phase_s)
-        self.server = SecAggServer(self.params, ca_pem, workdir=started_marker(r).parent)
+        self.server = SecAggServer(self.params, ca_pem, workdir=r.spool.dir)
         self.clock = clock
         self.cond = threading.Condition()
         self.phase = "keys"
