@@ -149,6 +149,9 @@ class MergeConfig(BaseModel):
     #: base's (`tokenizer_source: MODEL`), and the chat template written into it (`chat_template`)
     tokenizer_source: Optional[str] = None
     chat_template: Optional[str] = None
+    #: "base": a fine-tune whose vocabulary grew (tokens appended after the base's) is read at the
+    #: base's rows (`--vocab base`; mergekit's `tokenizer_source: base`, `tiesfed.io.vocab_rows`)
+    vocab: Optional[Literal["base"]] = None
 
     @model_validator(mode="before")
     @classmethod

@@ -55,6 +55,7 @@ from tiesfed.io.model_io import (
     copy_side_files,
     mergeable,
 )
+from tiesfed.io.vocab_rows import read_at_base_rows
 from tiesfed.report import MergeReport, ModelReport
 
 
@@ -108,6 +109,8 @@ def merge(
         base = stack.enter_context(ModelReader(config.base_model))
         fts = [stack.enter_context(ModelReader(m.model)) for m in config.models]
         for ft in fts:
+            if config.vocab == "base":  # a grown vocabulary read at the base's rows
+                read_at_base_rows(base, ft)
             check_compatible(base, ft, opts.keep_base, allow_architecture_mismatch)
         adapter = None if lora_rank is None else AdapterPlan(fts, lora_rank, Path(lora_out or out_dir / "adapter"),
                                                              overwrite)

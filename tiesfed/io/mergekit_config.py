@@ -15,7 +15,7 @@ before the merge. What tiesfed cannot do is refused with an error naming the fie
 `round_plan` turns such a config into what a federated round carries (the options, with the
 sparsifier lifted into them so each client runs it, and one weight and density per model),
 refusing by field what a round cannot carry (gradients, filters, differing gammas, casts, another
-tokenizer). `slices:`/`modules:` that keep every layer in place read as `models:` (`mergekit_layout`);
+tokenizer, fine-tunes read at the base's rows). `slices:`/`modules:` that keep every layer in place read as `models:` (`mergekit_layout`);
 `tokenizer_source` and `chat_template` are checked and resolved by `tokenizer_source`.
 """
 
@@ -39,6 +39,7 @@ from tiesfed.io.tokenizer_source import (
     resolve_chat_template,
     tokenizer_setting,
 )
+from tiesfed.io.vocab_rows import any_resized
 
 #: mergekit's generalized task arithmetic methods: (consensus, sparsification, normalize, rescale)
 GTA = {
@@ -241,7 +242,7 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
     )
     return MergeConfig(base_model=base, models=entries, options=options, dtype=_dtype(raw, "dtype"),
                        out_dtype=_dtype(raw, "out_dtype"), semantics="mergekit", tokenizer_source=donor,
-                       chat_template=template)
+                       chat_template=template, vocab="base" if tok_source is not None else None)
 
 
 def _layers(ref: Any, cwd: Path) -> int:
@@ -342,6 +343,11 @@ def round_plan(config: MergeConfig) -> tuple[MergeOptions, list[tuple[float, Opt
         key = "tokenizer_source" if config.tokenizer_source else "chat_template"
         raise RoundPlanError(f"{key}: a round's model carries the base's tokenizer files: merge locally "
                              "(tiesfed merge --config)")
+    if config.vocab == "base" and (grown := any_resized(config.base_model, [m.model for m in config.models])):
+        key = "tokenizer_source" if config.semantics == "mergekit" else "vocab"
+        raise RoundPlanError(f"{key}: base: {grown} has a resized vocabulary, and a round's client uploads its "
+                             "model's tensors at their own shapes (it does not cut rows): merge locally (tiesfed "
+                             "merge --config)")
     return opts, plan
 
 
