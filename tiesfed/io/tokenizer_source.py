@@ -87,7 +87,8 @@ def tokenizer_setting(raw: dict) -> tuple[str, Any]:
 
 
 def _first_difference(a: dict[str, int], b: dict[str, int]) -> str:
-    for tok in sorted(set(a) | set(b)):
+    """The first of the base's (`a`) tokens, by id, that `b` holds elsewhere or lacks; else the first extra one."""
+    for tok in [*sorted(a, key=lambda t: a[t]), *sorted(set(b) - set(a))]:
         if a.get(tok) != b.get(tok):
             return f"token {tok!r}: id {b.get(tok)} here, {a.get(tok)} in the base"
     return "they differ"
