@@ -12,7 +12,8 @@ differ by more than rounding (4 ulps) and how many of those sit at a cut-off tie
 and DELLA (random masks in each tool) the norm ratio of the merged task vectors; and
 whether the tokenizer vocabulary and chat template match mergekit's output. Then three generated
 configs over a fine-tune that appended tokens and grew its embeddings (`added_tokens_*`):
-`tokenizer_source: base` (tiesfed reads its rows at the base's) and `union` (refused by tiesfed).
+`tokenizer_source: base` (tiesfed reads its rows at the base's) and `union` (the output grows
+the rows of its tokens).
 
     PYTHONPATH=. python benchmarks/mergekit_real.py [--work DIR] [--only NAME...] [--json out.json]
 """
@@ -139,7 +140,7 @@ def write_added_tokens_model(family: Path, name: str = "ft_added", source: str =
 def added_tokens_configs(family: Path, out: Path) -> list[Path]:
     """mergekit configs over a fine-tune that appended tokens (`write_added_tokens_model`): ties and
     task_arithmetic with `tokenizer_source: base` (tiesfed reads its rows at the base's), and ties with
-    `union` (mergekit grows the output's rows; tiesfed refuses, naming `tokenizer_source: base`)."""
+    `union` (the output grows by the rows of its tokens)."""
     import yaml
 
     write_added_tokens_model(family)

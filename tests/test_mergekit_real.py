@@ -341,6 +341,45 @@ def test_tokenizer_source_base_reads_appended_tokens_at_the_bases_rows(family, a
     assert model.get_input_embeddings().weight.shape == (128, 16)
 
 
+def test_tokenizer_source_union_grows_the_rows_of_one_fine_tunes_added_tokens(family, added, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    c = from_mergekit({**ADDED, "tokenizer_source": "union"}, cwd=family)
+    assert c.vocab == "union"
+    out = tmp_path / "out"
+    merge(c, out, progress=False)
+    # the reference, as mergekit's PermutedVocabulary hands the models to the merge: every model's rows for
+    # the base's tokens, then ft_added's rows of its 3 tokens (the base and ft2 lack them: the donor's)
+    with ModelReader(added) as r:
+        tail = {n: r.get(n)[128:131].clone() for n in VOCAB_TENSORS}
+    ref_dirs = {}
+    for name in ("base", "ft_cut", "ft2"):
+        d = tmp_path / f"grown_{name}"
+        shutil.copytree(family / name, d)
+        with ModelReader(family / name) as r:
+            data = {n: torch.cat([r.get(n), tail[n]]) if n in VOCAB_TENSORS else r.get(n) for n in r.names}
+        with ShardedWriter(d, [(n, tuple(t.shape), t.dtype) for n, t in data.items()], overwrite=True) as w:
+            for n, t in data.items():
+                w.write(n, t)
+        ref_dirs[name] = str(d)
+    raw = {**ADDED, "base_model": ref_dirs["base"], "models": [
+        {**m, "model": {"./base": ref_dirs["base"], "./ft_added": ref_dirs["ft_cut"], "./ft2": ref_dirs["ft2"]}[m["model"]]}
+        for m in ADDED["models"]]}
+    merge(from_mergekit(raw, cwd=family), tmp_path / "ref", progress=False)
+    _same(out, tmp_path / "ref")
+    got = tensors(out)
+    for n in VOCAB_TENSORS:  # every τ is 0 on the new rows: the donor's rows, as they are
+        assert got[n].shape == (131, 16) and torch.equal(got[n][128:], tail[n])
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 131
+    v = vocabulary(out)
+    assert len(v) == 131 and {t: v[t] for t in ADDED_TOKENS} == {"<pad>": 128, "<|im_start|>": 129, "<|im_end|>": 130}
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 130 and model.get_input_embeddings().weight.shape == (131, 16)
+    with pytest.raises(RoundPlanError, match="^tokenizer_source: union: "):
+        round_plan(c)
+
+
 def test_cli_vocab_base_and_the_yaml_key(family, added, tmp_path):
     from click.testing import CliRunner
 
@@ -379,10 +418,15 @@ def test_what_cannot_be_read_at_the_bases_rows_is_refused_naming_the_option(fami
     from tiesfed.core.options import MergeConfig, ModelEntry
     from tiesfed.io.model_io import ModelError
 
-    for key, value in (("tokenizer_source", "union"), ("tokenizer", {"source": "./ft_added"})):
-        with pytest.raises(MergekitConfigError, match=rf"^{key}(\.source)?: .* appends 3 token\(s\) to the base's "
-                                                       r"vocabulary \('<pad>', .*give tokenizer_source: base"):
-            from_mergekit({**ADDED, key: value}, cwd=family)
+    with pytest.raises(MergekitConfigError, match=r"^tokenizer\.source: .* appends 3 token\(s\) to the base's "
+                                                  r"vocabulary \('<pad>', .*give tokenizer_source: base"):
+        from_mergekit({**ADDED, "tokenizer": {"source": "./ft_added"}}, cwd=family)  # a model source
+    write_added_tokens_model(family, "ft_added2", "ft2", ("<x>",), 130)
+    two = {**ADDED, "models": [*ADDED["models"][:2], {"model": "./ft_added2", "parameters": {"weight": 1.0}}]}
+    with pytest.raises(MergekitConfigError, match="^tokenizer_source: 'union': more than one model appends tokens "
+                                                  r"\(.*ft_added, .*ft_added2\): .*give tokenizer_source: base"):
+        from_mergekit({**two, "tokenizer_source": "union"}, cwd=family)
+    assert from_mergekit({**two, "tokenizer_source": "base"}, cwd=family).vocab == "base"
     plain = from_mergekit(ADDED, cwd=family)  # no tokenizer source: mergekit stops at the shapes too
     with pytest.raises(ModelError, match="resized vocabulary .*tokenizer_source: base"):
         merge(plain, tmp_path / "plain", progress=False)
@@ -406,6 +450,7 @@ def test_what_cannot_be_read_at_the_bases_rows_is_refused_naming_the_option(fami
 
 def test_reader_keeps_a_flat_prefix_of_rows(family, added, tmp_path):
     from tiesfed.io.model_io import ModelError, fingerprint
+    from tiesfed.io.vocab_rows import GrownReader
 
     n = "lm_head.weight"
     with ModelReader(added) as r:
@@ -430,3 +475,9 @@ def test_reader_keeps_a_flat_prefix_of_rows(family, added, tmp_path):
             r.keep_rows(name, 128)
         assert fingerprint(r) != cut_fp  # (both cut now, not only the head)
         assert fingerprint(r) == fingerprint(c)  # ft_cut = ft_added cut: same bytes, same fingerprint
+    with ModelReader(family / "base") as b, ModelReader(added) as r:  # union's reader: base rows + a donor's tail
+        grown = GrownReader(b, {n: [(b, n, 0, 2048), (r, n, 2048, 2048 + 48)]})
+        want = torch.cat([b.get(n), full[128:131]])
+        assert grown.info(n).shape == (131, 16) and torch.equal(grown.get(n), want)
+        assert torch.equal(grown.get_range(n, 2040, 2060), want.reshape(-1)[2040:2060])  # across the two parts
+        assert [t.shape for t in grown.manifest() if t.name == n] == [(131, 16)] and n in grown

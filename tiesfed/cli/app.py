@@ -64,9 +64,10 @@ def main() -> None:
 @click.option("--allow-architecture-mismatch", is_flag=True,
               help="merge models whose config.json names another architecture than the base's (e.g. model_type, "
               "hidden_size); the error without it lists what differs")
-@click.option("--vocab", type=click.Choice(["base"]),
+@click.option("--vocab", type=click.Choice(["base", "union"]),
               help="base: a fine-tune whose vocabulary grew (tokens appended after the base's, embeddings resized) is "
-              "read at the base's rows, its added tokens dropped (mergekit's tokenizer_source: base)")
+              "read at the base's rows, its added tokens dropped (mergekit's tokenizer_source: base); union: the "
+              "output also grows the rows of the tokens one fine-tune appended, its rows (mergekit's union)")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the report as JSON")
 @click.option("--overwrite", is_flag=True, help="replace the weights of an existing output folder")
 @click.option("--max-memory", help="memory budget for tensor data, e.g. 4GB (default: half the machine's); "

@@ -150,8 +150,9 @@ class MergeConfig(BaseModel):
     tokenizer_source: Optional[str] = None
     chat_template: Optional[str] = None
     #: "base": a fine-tune whose vocabulary grew (tokens appended after the base's) is read at the
-    #: base's rows (`--vocab base`; mergekit's `tokenizer_source: base`, `tiesfed.io.vocab_rows`)
-    vocab: Optional[Literal["base"]] = None
+    #: base's rows (`--vocab base`; mergekit's `tokenizer_source: base`, `tiesfed.io.vocab_rows`);
+    #: "union": the output also grows the rows of one fine-tune's added tokens, as mergekit's `union`
+    vocab: Optional[Literal["base", "union"]] = None
 
     @model_validator(mode="before")
     @classmethod

@@ -55,7 +55,7 @@ from tiesfed.io.model_io import (
     copy_side_files,
     mergeable,
 )
-from tiesfed.io.vocab_rows import read_at_base_rows
+from tiesfed.io.vocab_rows import finish_union, grow_union, read_at_base_rows
 from tiesfed.report import MergeReport, ModelReport
 
 
@@ -108,6 +108,8 @@ def merge(
     with ExitStack() as stack:
         base = stack.enter_context(ModelReader(config.base_model))
         fts = [stack.enter_context(ModelReader(m.model)) for m in config.models]
+        if config.vocab == "union":  # one fine-tune's added tokens: every model grows by its rows
+            base, fts, _ = grow_union(base, fts)
         for ft in fts:
             if config.vocab == "base":  # a grown vocabulary read at the base's rows
                 read_at_base_rows(base, ft)
@@ -239,6 +241,8 @@ def merge(
                 report.upload_bytes = _upload_size(base, fts[i], trims[i], str(i), opts.keep_base, device,
                                                    value_dtype, s.threshold)
     copy_side_files(Path(base.folder), out_dir)
+    if config.vocab == "union":
+        finish_union(out_dir, config.base_model, [m.model for m in config.models])
     if config.semantics == "mergekit":  # its tokenizer_source / chat_template, and dtype in config.json
         finish_mergekit_output(out_dir, config)
     write_local_card(out_dir, Path(base.folder), config, Path(source_config) if source_config else None)

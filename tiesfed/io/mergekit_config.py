@@ -39,7 +39,7 @@ from tiesfed.io.tokenizer_source import (
     resolve_chat_template,
     tokenizer_setting,
 )
-from tiesfed.io.vocab_rows import any_resized
+from tiesfed.io.vocab_rows import VocabularyError, any_resized, union_donor
 
 #: mergekit's generalized task arithmetic methods: (consensus, sparsification, normalize, rescale)
 GTA = {
@@ -235,14 +235,14 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
         opt_method = "average" if normalize else "task_arithmetic"
     else:
         opt_method = "ties"
-    donor, template = _tokenizer(raw, tok_field, tok_source, base, [e.model for e in entries], cwd)
+    donor, template, vocab = _tokenizer(raw, tok_field, tok_source, base, [e.model for e in entries], cwd)
     options = MergeOptions(
         method=opt_method, k=100.0, lam=lam, trim="tensor", election="mass", zero_sign="positive",
         disjoint="mean" if normalize else "sum", weight_semantics="mergekit",
     )
     return MergeConfig(base_model=base, models=entries, options=options, dtype=_dtype(raw, "dtype"),
                        out_dtype=_dtype(raw, "out_dtype"), semantics="mergekit", tokenizer_source=donor,
-                       chat_template=template, vocab="base" if tok_source is not None else None)
+                       chat_template=template, vocab=vocab)
 
 
 def _layers(ref: Any, cwd: Path) -> int:
@@ -259,9 +259,10 @@ def _layers(ref: Any, cwd: Path) -> int:
 
 
 def _tokenizer(raw: dict, field: str, source: Any, base: str, models: list[str],
-               cwd: Path) -> tuple[Optional[str], Optional[str]]:
-    """The folder whose tokenizer the output takes (None: the base's) and the chat template to write."""
-    donor = None
+               cwd: Path) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """The folder whose tokenizer the output takes (None: the base's), the chat template to write and
+    how grown vocabularies are read (`MergeConfig.vocab`)."""
+    donor, vocab = None, None
     try:
         if source is not None:
             if source in ("union", "base"):
@@ -269,10 +270,15 @@ def _tokenizer(raw: dict, field: str, source: Any, base: str, models: list[str],
             else:
                 donor_path = _model_path(field, source, cwd)
             donor = check_tokenizer_source(field, str(source), base, models, donor_path)
+            vocab = "base"
+            if source == "union" and union_donor(base, models) is not None:
+                vocab = "union"
         refs = [base, *models] + ([donor] if donor else [])
-        return donor, resolve_chat_template(raw.get("chat_template"), list(dict.fromkeys(refs)))
+        return donor, resolve_chat_template(raw.get("chat_template"), list(dict.fromkeys(refs))), vocab
     except TokenizerSourceError as e:
         raise MergekitConfigError(str(e)) from None
+    except VocabularyError as e:
+        raise MergekitConfigError(f"{field}: {source!r}: {e}") from None
 
 
 def _sparsifier(field: str, method: str, rescale: bool, own: dict, chain: list[dict], densities: tuple) -> dict:
@@ -343,9 +349,9 @@ def round_plan(config: MergeConfig) -> tuple[MergeOptions, list[tuple[float, Opt
         key = "tokenizer_source" if config.tokenizer_source else "chat_template"
         raise RoundPlanError(f"{key}: a round's model carries the base's tokenizer files: merge locally "
                              "(tiesfed merge --config)")
-    if config.vocab == "base" and (grown := any_resized(config.base_model, [m.model for m in config.models])):
+    if config.vocab and (grown := any_resized(config.base_model, [m.model for m in config.models])):
         key = "tokenizer_source" if config.semantics == "mergekit" else "vocab"
-        raise RoundPlanError(f"{key}: base: {grown} has a resized vocabulary, and a round's client uploads its "
+        raise RoundPlanError(f"{key}: {config.vocab}: {grown} has a resized vocabulary, and a round's client uploads its "
                              "model's tensors at their own shapes (it does not cut rows): merge locally (tiesfed "
                              "merge --config)")
     return opts, plan

@@ -8,9 +8,10 @@ that re-indexing keeps each model's first vocab_size rows (rows past them, paddi
 dropped: `vocab_rows`), so the weights merge as without a tokenizer source; what differs
 is only which tokenizer files the output carries (the named model's, for a model source)
 and its chat template. `base` also takes fine-tunes that appended tokens after the base's
-(their added rows are not read). Anything else (`union` or a model source with added
-tokens, which would grow new rows; a model whose vocabulary differs; a vocabulary that
-does not fill the embedding rows, which mergekit would resize) is refused naming the field. Vocabularies are read from the tokenizer files themselves
+(their added rows are not read), and `union` one fine-tune that did (the output grows its
+rows, `vocab_rows.grow_union`). Anything else (a model source with added tokens; tokens
+added by several models; a model whose vocabulary differs; a vocabulary that does not fill
+the embedding rows, which mergekit would resize) is refused naming the field. Vocabularies are read from the tokenizer files themselves
 (`tokenizer.json`, or `vocab.json`; a sentencepiece `tokenizer.model` is compared byte
 for byte), without loading transformers.
 """
@@ -122,16 +123,15 @@ def check_tokenizer_source(field: str, source: str, base: str, models: Sequence[
         if v == base_vocab:
             continue
         added = appended_tokens(base_vocab, v)
-        if added is not None and source == "base" and folder != donor:
-            continue  # its grown embeddings are read at the base's rows (`vocab_rows`), as mergekit gives them
+        if added is not None and source in ("base", "union") and folder != donor:
+            continue  # read at the base's rows, or grown as union grows them (`vocab_rows`)
         if added is not None:
             shown = ", ".join(repr(t) for t in added[:3]) + (", …" if len(added) > 3 else "")
             raise TokenizerSourceError(
                 f"{what}: {folder} appends {len(added)} token(s) to the base's vocabulary ({shown}): mergekit "
-                "would give the output new embedding rows for them, taken from the models that have them (and, "
-                "with tokens added by more than one model, ids in an order that varies from run to run in "
-                "mergekit 0.1.5), which tiesfed does not build; give tokenizer_source: base to merge at the base's "
-                "vocabulary (the added tokens dropped, their rows not read), or merge with mergekit")
+                "would re-index every model's embeddings to that model's tokenizer, which tiesfed does not do; "
+                "give tokenizer_source: base to merge at the base's vocabulary (the added tokens dropped, their "
+                "rows not read) or union (their rows added), or merge with mergekit")
         raise TokenizerSourceError(
             f"{what}: {folder}'s vocabulary is not the base's ({len(v)} tokens, base {len(base_vocab)}; "
             f"{_first_difference(base_vocab, v)}): mergekit would build a new tokenizer and re-index the "
