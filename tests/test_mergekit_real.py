@@ -396,6 +396,11 @@ def test_cli_vocab_base_and_the_yaml_key(family, added, tmp_path):
     res = CliRunner().invoke(main, ["merge", *ref, "-q", "--k", "100", "-o", str(tmp_path / "ref")])
     assert res.exit_code == 0, res.output
     _same(tmp_path / "out", tmp_path / "ref")
+    res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "union"), "--vocab", "union"])
+    assert res.exit_code == 0, res.output
+    with ModelReader(tmp_path / "union") as r:
+        assert r.info("lm_head.weight").shape == (131, 16)
+    assert "tokens a fine-tune appended" in (tmp_path / "union" / "README.md").read_text()
     yml = tmp_path / "merge.yml"
     yml.write_text(yaml.safe_dump({"method": "ties", "base_model": str(family / "base"), "vocab": "base",
                                    "models": [str(added), str(family / "ft2")], "options": {"k": 100}}))
