@@ -444,13 +444,23 @@ def test_what_cannot_be_read_at_the_bases_rows_is_refused_naming_the_option(fami
     with pytest.raises(ModelError, match=r"does not start with the base's: the base's token 'w5' \(id 5\) is id 6"):
         merge(cfg, tmp_path / "moved", progress=False)
     assert not (tmp_path / "moved").exists()
-    # a round: each client uploads its model's tensors at their own shapes
-    with pytest.raises(RoundPlanError, match=r"^tokenizer_source: base: .*ft_added \('model.embed_tokens.weight': "
-                                             r"136 rows, base 128\) has a resized vocabulary"):
-        round_plan(from_mergekit({**ADDED, "tokenizer_source": "base"}, cwd=family))
-    with pytest.raises(RoundPlanError, match="^vocab: base: "):
-        round_plan(cfg.model_copy(update={"models": [ModelEntry(model=str(added))]}))
-    assert round_plan(from_mergekit({**AS_MODELS, "tokenizer_source": "base"}, cwd=family))  # none resized: fine
+    # a round: union would grow the output's rows, which no client holds
+    with pytest.raises(RoundPlanError, match=r"^tokenizer_source: union: .*ft_added \('model.embed_tokens.weight': "
+                                             r"136 rows, base 128\) appended tokens.*client submit --vocab base"):
+        round_plan(from_mergekit({**ADDED, "tokenizer_source": "union"}, cwd=family))
+    with pytest.raises(RoundPlanError, match="^vocab: union: "):
+        round_plan(cfg.model_copy(update={"models": [ModelEntry(model=str(added))], "vocab": "union"}))
+    assert round_plan(from_mergekit({**AS_MODELS, "tokenizer_source": "union"}, cwd=family))  # none resized: fine
+
+
+def test_a_round_reads_each_clients_model_at_the_bases_rows(family, added, tmp_path):
+    from tiesfed.federated_merge import federated_merge
+
+    c = from_mergekit({**ADDED, "tokenizer_source": "base"}, cwd=family)
+    assert round_plan(c)
+    federated_merge(c, tmp_path / "fed", aggregator="local", tls=False, timeout=120)
+    merge(c, tmp_path / "local", progress=False)
+    _same(tmp_path / "fed", tmp_path / "local")  # each client cut its own rows: the local merge, bit for bit
 
 
 def test_reader_keeps_a_flat_prefix_of_rows(family, added, tmp_path):

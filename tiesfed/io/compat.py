@@ -125,9 +125,10 @@ def _shape_problem(n: str, o: TensorInfo, b: TensorInfo) -> str:
     if len(o.shape) == len(b.shape) and o.shape[1:] == b.shape[1:] and len(o.shape) >= 1:
         return (f"{n!r}: shape {list(o.shape)}, base has {list(b.shape)}: a resized vocabulary ({o.shape[0]} rows, "
                 f"base {b.shape[0]}); to merge it at the base's vocabulary (tokens appended after the base's "
-                "dropped, as mergekit's tokenizer_source: base), give --vocab base to tiesfed merge (vocab: base in "
-                "tiesfed's YAML, tokenizer_source: base in a mergekit config; a federated client reads its model "
-                f"as is), or --keep-base '{n}' (and the other resized tensors) to keep them at the base's value")
+                "dropped, as mergekit's tokenizer_source: base), give --vocab base to tiesfed merge or tiesfed "
+                "client submit (vocab: base in tiesfed's YAML, tokenizer_source: base in a mergekit config; --vocab "
+                f"union keeps them), or --keep-base '{n}' (and the other resized tensors) to keep them at the base's "
+                "value")
     return f"{n!r}: shape {list(o.shape)}, base has {list(b.shape)}"
 
 

@@ -15,7 +15,7 @@ before the merge. What tiesfed cannot do is refused with an error naming the fie
 `round_plan` turns such a config into what a federated round carries (the options, with the
 sparsifier lifted into them so each client runs it, and one weight and density per model),
 refusing by field what a round cannot carry (gradients, filters, differing gammas, casts, another
-tokenizer, fine-tunes read at the base's rows). `slices:`/`modules:` that keep every layer in place read as `models:` (`mergekit_layout`);
+tokenizer, a vocabulary grown by union; fine-tunes read at the base's rows are each client's own cut). `slices:`/`modules:` that keep every layer in place read as `models:` (`mergekit_layout`);
 `tokenizer_source` and `chat_template` are checked and resolved by `tokenizer_source`.
 """
 
@@ -349,11 +349,12 @@ def round_plan(config: MergeConfig) -> tuple[MergeOptions, list[tuple[float, Opt
         key = "tokenizer_source" if config.tokenizer_source else "chat_template"
         raise RoundPlanError(f"{key}: a round's model carries the base's tokenizer files: merge locally "
                              "(tiesfed merge --config)")
-    if config.vocab and (grown := any_resized(config.base_model, [m.model for m in config.models])):
+    if config.vocab == "union" and (grown := any_resized(config.base_model, [m.model for m in config.models])):
         key = "tokenizer_source" if config.semantics == "mergekit" else "vocab"
-        raise RoundPlanError(f"{key}: {config.vocab}: {grown} has a resized vocabulary, and a round's client uploads its "
-                             "model's tensors at their own shapes (it does not cut rows): merge locally (tiesfed "
-                             "merge --config)")
+        raise RoundPlanError(f"{key}: union: {grown} appended tokens, whose rows the merge would grow, and a round's "
+                             "model has the base's shapes (each client reads its own model only): merge locally "
+                             "(tiesfed merge --config), or give base (each client reads its model at the base's "
+                             "rows: client submit --vocab base)")
     return opts, plan
 
 
