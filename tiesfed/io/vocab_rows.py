@@ -10,6 +10,14 @@ the base's, those are its first rows. So such a tensor is read as a flat prefix 
 merge goes on as usual; the added tokens' rows are never read. A fine-tune whose tokens sit at
 other ids is refused naming the first that differs (mergekit would gather its rows by token;
 tiesfed does not), and so is one without the base's tokens.
+
+`union` (`--vocab union`, mergekit's `tokenizer_source: union`) with one fine-tune that appended
+tokens: mergekit gives each model its rows of the base's tokens, then, for the added tokens, the
+fine-tune's own rows (the base and the other models lack them: the one model that has them is
+their source). `GrownReader` reads exactly that, as flat ranges of the two files; every τ is 0
+on the new rows, so the output's are the fine-tune's, and the trim counts the grown tensor as
+mergekit's does. Tokens appended by several models are refused: mergekit 0.1.5 numbers them in
+the order of a Python set of the models, which changes from run to run (`union_donor`).
 """
 
 from __future__ import annotations
@@ -212,9 +220,10 @@ class GrownReader:
             at += b - a
         return torch.cat(out) if out else torch.empty(0, dtype=dtype)
 
-    def iter_raw(self, name: str, chunk_bytes: int = 0):
+    def iter_raw(self, name: str, chunk_bytes: int = 1 << 24):
+        """Raw bytes; a grown tensor's in one chunk (a vocabulary tensor, read whole)."""
         if name not in self._parts:
-            yield from (self._inner.iter_raw(name, chunk_bytes) if chunk_bytes else self._inner.iter_raw(name))
+            yield from self._inner.iter_raw(name, chunk_bytes)
             return
         yield memoryview(self.get_range(name, 0, self._infos[name].numel).view(torch.uint8).numpy()).cast("B")
 
