@@ -228,7 +228,8 @@ def cut_ties(cfg_path: Path, name: str, base: Weights, fts: list[Weights], model
             continue
         d = resolve(name, m.density_settings or (), position(name, layers), 1.0)
         n = b.numel()
-        tau = (by_path[m.model].get(name).to(cast).float() - b).to(cast).float().abs()
+        theta = by_path[m.model].get(name)[: b.shape[0]]  # a grown vocabulary: its rows at the base's
+        tau = (theta.to(cast).float() - b).to(cast).float().abs()
         if d >= 1 or (m.sparsifier and m.sparsifier["method"] in ("random", "della_magprune")):
             continue  # a random mask has no cut
         if m.sparsifier and m.sparsifier["method"] == "magnitude_outliers":

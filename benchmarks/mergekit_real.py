@@ -10,7 +10,10 @@ whether each tool ran (and tiesfed's error where it refused), the output's tenso
 mergekit's (same names, shapes and dtypes), the fraction of elements that differ, how many
 differ by more than rounding (4 ulps) and how many of those sit at a cut-off tie; for DARE
 and DELLA (random masks in each tool) the norm ratio of the merged task vectors; and
-whether the tokenizer vocabulary and chat template match mergekit's output.
+whether the tokenizer vocabulary and chat template match mergekit's output. Then three generated
+configs over a fine-tune that appended tokens and grew its embeddings (`added_tokens_*`):
+`tokenizer_source: base` (tiesfed reads its rows at the base's) and `union` (the output grows
+the rows of its tokens).
 
     PYTHONPATH=. python benchmarks/mergekit_real.py [--work DIR] [--only NAME...] [--json out.json]
 """
@@ -94,6 +97,72 @@ def write_real_family(root: Path, n_finetunes: int = N_FINETUNES, seed: int = 0)
     return root
 
 
+#: tokens a fine-tune appends after the base's vocabulary (as `tokenizer.add_special_tokens` does), and the
+#: rows its embeddings and output head grow to (the added tokens, padded to a multiple of 8)
+ADDED_TOKENS = ("<pad>", "<|im_start|>", "<|im_end|>")
+ADDED_ROWS = 136
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def write_added_tokens_model(family: Path, name: str = "ft_added", source: str = "ft1",
+                             tokens: tuple[str, ...] = ADDED_TOKENS, rows: int = ADDED_ROWS, seed: int = 7) -> Path:
+    """`family`/`name`: `source` with `tokens` appended to its tokenizer (special added tokens) and its
+    embeddings and output head grown to `rows` rows (new rows random), config.json's vocab_size to match."""
+    import shutil
+
+    from tokenizers import AddedToken, Tokenizer
+
+    from tiesfed.io.model_io import ModelReader, ShardedWriter
+
+    src, dst = Path(family) / source, Path(family) / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    tok = Tokenizer.from_file(str(dst / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+    tok.save(str(dst / "tokenizer.json"))
+    g = torch.Generator().manual_seed(seed)
+    with ModelReader(src) as r:
+        data = {n: r.get(n) for n in r.names}
+    for n in VOCAB_TENSORS:
+        t = data[n]
+        data[n] = torch.cat([t, 0.02 * torch.randn(rows - t.shape[0], *t.shape[1:], generator=g, dtype=t.dtype)])
+    for f in dst.glob("*.safetensors*"):
+        f.unlink()
+    with ShardedWriter(dst, [(n, tuple(t.shape), t.dtype) for n, t in data.items()], overwrite=True) as w:
+        for n, t in data.items():
+            w.write(n, t)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "vocab_size": rows}, indent=1) + "\n")
+    return dst
+
+
+def added_tokens_configs(family: Path, out: Path) -> list[Path]:
+    """mergekit configs over a fine-tune that appended tokens (`write_added_tokens_model`): ties and
+    task_arithmetic with `tokenizer_source: base` (tiesfed reads its rows at the base's), and ties with
+    `union` (the output grows by the rows of its tokens)."""
+    import yaml
+
+    write_added_tokens_model(family)
+    models = [{"model": "./ft_added", "parameters": {"weight": 1.0, "density": 0.5}},
+              {"model": "./ft2", "parameters": {"weight": 0.7, "density": 0.5}}]
+    cases = {
+        "added_tokens_ties_base": {"merge_method": "ties", "base_model": "./base", "models": models,
+                                   "parameters": {"normalize": True}, "tokenizer_source": "base", "dtype": "float32"},
+        "added_tokens_task_arithmetic_base": {"merge_method": "task_arithmetic", "base_model": "./base",
+                                              "models": models, "tokenizer": {"source": "base"}},
+        "added_tokens_ties_union": {"merge_method": "ties", "base_model": "./base", "models": models,
+                                    "tokenizer_source": "union", "dtype": "float32"},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, raw in cases.items():
+        path = out / f"{name}.yml"
+        path.write_text(f"# generated: {added_tokens_configs.__doc__.split(':')[0]}\n" + yaml.safe_dump(raw))
+        paths.append(path)
+    return paths
+
+
 def tokenizer_view(folder: Path) -> dict:
     """What a user sees of a merged model's tokenizer: its vocabulary (size and digest) and chat template."""
     import hashlib
@@ -121,7 +190,7 @@ def vote_ties(cfg_path: Path, family: Path, mk: Path, tf: Path) -> int:
 
     cfg = load_config(cfg_path, cwd=family)
     a, b, base = Weights(mk), Weights(tf), Weights(family / "base")
-    by_path = {str(family / f"ft{i}"): Weights(family / f"ft{i}") for i in range(1, N_FINETUNES + 1)}
+    by_path = {str(f): Weights(f) for f in _finetunes(family)}
     layers = layer_count(base.where)
     found = 0
     for n in sorted(a.where):
@@ -139,13 +208,17 @@ def vote_ties(cfg_path: Path, family: Path, mk: Path, tf: Path) -> int:
             t = position(n, layers)
             w = resolve(n, m.weight_settings or (), t, m.weight)
             d = resolve(n, m.density_settings or (), t, 1.0)
-            tau = (by_path[m.model].get(n).to(cast) - b0).double()
+            tau = (by_path[m.model].get(n)[: b0.shape[0]].to(cast) - b0).double()  # a grown vocabulary: base rows
             k = max(1, int(d * tau.numel()))
             kept = tau.abs() >= tau.abs().flatten().topk(k).values[-1]
             mass += w * tau * kept
             size += (w * tau * kept).abs()
         found += int((odd & (mass.abs() <= 8 * torch.finfo(cast).eps * size)).sum())
     return found
+
+
+def _finetunes(family: Path) -> list[Path]:
+    return [family / f"ft{i}" for i in range(1, N_FINETUNES + 1)] + [p for p in [family / "ft_added"] if p.exists()]
 
 
 def run_one(path: Path, family: Path, out: Path, exe: Path) -> dict:
@@ -176,7 +249,7 @@ def run_one(path: Path, family: Path, out: Path, exe: Path) -> dict:
     import yaml
 
     method = yaml.safe_load(path.read_text())["merge_method"]
-    fts = [family / f"ft{i}" for i in range(1, N_FINETUNES + 1)]
+    fts = _finetunes(family)
     cwd = os.getcwd()
     os.chdir(family)  # compare re-reads the config: its paths resolve from here, as mergekit's did
     try:
@@ -218,7 +291,8 @@ def main() -> int:
     print("| config | mergekit | tiesfed | tensors (names, shapes; dtypes) | elements | tokenizer |")
     print("|---|---|---|---|---|---|")
     rows = []
-    for path in sorted(Path(args.configs).glob("*.yml")):
+    paths = sorted(Path(args.configs).glob("*.yml")) + added_tokens_configs(family, work / "added_tokens")
+    for path in paths:
         if args.only and path.stem not in args.only:
             continue
         row = run_one(path.resolve(), family, work / "out", exe)

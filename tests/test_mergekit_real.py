@@ -2,7 +2,8 @@
 ./ft1 … ./ft5) run unchanged on a generated 32-layer Llama family: each either merges, and
 its output has the base's tensors with the dtypes mergekit writes and the tokenizer mergekit
 would give it, or is refused with an error naming the field. Then the features they need,
-one by one: slices and modules that keep every layer in place, tokenizer_source, chat_template.
+one by one: slices and modules that keep every layer in place, tokenizer_source, chat_template,
+and a fine-tune that appended tokens (read at the base's rows under tokenizer_source: base / --vocab base).
 (`benchmarks/mergekit_real.py` runs the same files through mergekit 0.1.5 and compares.)"""
 
 from __future__ import annotations
@@ -17,11 +18,19 @@ import yaml
 
 pytest.importorskip("tokenizers")  # the family's tokenizer (installed with transformers, the test extra)
 
-from benchmarks.mergekit_real import CHAT_TEMPLATE, CONFIGS, write_real_family  # noqa: E402
+from benchmarks.mergekit_real import (  # noqa: E402
+    ADDED_ROWS,
+    ADDED_TOKENS,
+    CHAT_TEMPLATE,
+    CONFIGS,
+    VOCAB_TENSORS,
+    write_added_tokens_model,
+    write_real_family,
+)
 from tiesfed.engine import merge  # noqa: E402
 from tiesfed.io.merge_config import load_config  # noqa: E402
 from tiesfed.io.mergekit_config import MergekitConfigError, RoundPlanError, from_mergekit, round_plan  # noqa: E402
-from tiesfed.io.model_io import ModelReader  # noqa: E402
+from tiesfed.io.model_io import ModelReader, ShardedWriter  # noqa: E402
 from tiesfed.io.tokenizer_source import chat_template_of, vocabulary  # noqa: E402
 
 #: every stored config: None where it merges, else the field its error starts with
@@ -267,3 +276,223 @@ def test_what_mergekit_ignores_per_model_is_ignored_and_slices_run_federated(fam
     del sliced["dtype"]  # a round carries no cast
     opts, plan = round_plan(from_mergekit(sliced, cwd=family))
     assert plan == [(0.5, 1.0), (0.5, 1.0)] and opts.method == "task_arithmetic"  # density: mergekit's 1.0
+
+
+# ------------------------------------------------------------------ a fine-tune that appended tokens
+
+ADDED = {**AS_MODELS, "models": [{"model": "./base"},
+                                 {"model": "./ft_added", "parameters": {"weight": 1.0, "density": 0.5}},
+                                 {"model": "./ft2", "parameters": {"weight": 0.6, "density": 0.3}}]}
+
+
+def _with(raw: dict, model: str) -> dict:
+    return {**raw, "models": [{**m, "model": model} if m["model"] == "./ft_added" else m for m in raw["models"]]}
+
+
+@pytest.fixture(scope="module")
+def added(family) -> Path:
+    """family/ft_added (ft1 with 3 tokens appended, embeddings and head grown to 136 rows) and the
+    reference family/ft_cut: its tensors cut to the base's 128 rows, with the base's tokenizer."""
+    ft = write_added_tokens_model(family)
+    cut = family / "ft_cut"
+    shutil.copytree(family / "base", cut, dirs_exist_ok=True)
+    with ModelReader(ft) as r:
+        data = {n: r.get(n)[:128].clone() if n in VOCAB_TENSORS else r.get(n) for n in r.names}
+    with ShardedWriter(cut, [(n, tuple(t.shape), t.dtype) for n, t in data.items()], overwrite=True) as w:
+        for n, t in data.items():
+            w.write(n, t)
+    return ft
+
+
+def _same(a: Path, b: Path) -> None:
+    x, y = tensors(a), tensors(b)
+    assert sorted(x) == sorted(y)
+    for n in x:
+        assert torch.equal(x[n], y[n]), n
+
+
+def test_added_tokens_fixture_is_what_a_resized_fine_tune_looks_like(family, added):
+    with ModelReader(added) as r, ModelReader(family / "ft1") as ft1:
+        for n in VOCAB_TENSORS:
+            assert r.info(n).shape == (ADDED_ROWS, 16)
+            assert torch.equal(r.get(n)[:128], ft1.get(n))
+    v = vocabulary(added)
+    assert {t: v[t] for t in ADDED_TOKENS} == {"<pad>": 128, "<|im_start|>": 129, "<|im_end|>": 130}
+    assert json.loads((added / "config.json").read_text())["vocab_size"] == ADDED_ROWS
+
+
+def test_tokenizer_source_base_reads_appended_tokens_at_the_bases_rows(family, added, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    for key, value in (("tokenizer_source", "base"), ("tokenizer", {"source": "base"})):
+        c = from_mergekit({**ADDED, key: value}, cwd=family)
+        assert c.vocab == "base" and c.tokenizer_source is None
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    merge(c, out, progress=False)
+    merge(from_mergekit(_with(ADDED, "./ft_cut"), cwd=family), ref, progress=False)  # the rows cut by hand
+    _same(out, ref)
+    with ModelReader(out) as r:
+        assert [r.info(n).shape for n in VOCAB_TENSORS] == [(128, 16)] * 2
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 128
+    assert vocabulary(out) == vocabulary(family / "base")  # the base's tokenizer: the added tokens dropped
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) == 128 and "<pad>" not in tok.get_vocab()
+    assert model.get_input_embeddings().weight.shape == (128, 16)
+
+
+def test_tokenizer_source_union_grows_the_rows_of_one_fine_tunes_added_tokens(family, added, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    c = from_mergekit({**ADDED, "tokenizer_source": "union"}, cwd=family)
+    assert c.vocab == "union"
+    out = tmp_path / "out"
+    merge(c, out, progress=False)
+    # the reference, as mergekit's PermutedVocabulary hands the models to the merge: every model's rows for
+    # the base's tokens, then ft_added's rows of its 3 tokens (the base and ft2 lack them: the donor's)
+    with ModelReader(added) as r:
+        tail = {n: r.get(n)[128:131].clone() for n in VOCAB_TENSORS}
+    ref_dirs = {}
+    for name in ("base", "ft_cut", "ft2"):
+        d = tmp_path / f"grown_{name}"
+        shutil.copytree(family / name, d)
+        with ModelReader(family / name) as r:
+            data = {n: torch.cat([r.get(n), tail[n]]) if n in VOCAB_TENSORS else r.get(n) for n in r.names}
+        with ShardedWriter(d, [(n, tuple(t.shape), t.dtype) for n, t in data.items()], overwrite=True) as w:
+            for n, t in data.items():
+                w.write(n, t)
+        ref_dirs[name] = str(d)
+    raw = {**ADDED, "base_model": ref_dirs["base"], "models": [
+        {**m, "model": {"./base": ref_dirs["base"], "./ft_added": ref_dirs["ft_cut"], "./ft2": ref_dirs["ft2"]}[m["model"]]}
+        for m in ADDED["models"]]}
+    merge(from_mergekit(raw, cwd=family), tmp_path / "ref", progress=False)
+    _same(out, tmp_path / "ref")
+    got = tensors(out)
+    for n in VOCAB_TENSORS:  # every τ is 0 on the new rows: the donor's rows, as they are
+        assert got[n].shape == (131, 16) and torch.equal(got[n][128:], tail[n])
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 131
+    v = vocabulary(out)
+    assert len(v) == 131 and {t: v[t] for t in ADDED_TOKENS} == {"<pad>": 128, "<|im_start|>": 129, "<|im_end|>": 130}
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 130 and model.get_input_embeddings().weight.shape == (131, 16)
+    with pytest.raises(RoundPlanError, match="^tokenizer_source: union: "):
+        round_plan(c)
+
+
+def test_cli_vocab_base_and_the_yaml_key(family, added, tmp_path):
+    from click.testing import CliRunner
+
+    from tiesfed.cli import main
+
+    args = ["merge", str(family / "base"), str(added), str(family / "ft2"), "-q", "--k", "100"]
+    res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "no")])
+    assert res.exit_code != 0 and "resized vocabulary (136 rows, base 128)" in res.output
+    assert "--vocab base" in res.output and "tokenizer_source: base" in res.output and "'lm_head.weight'" in res.output
+    assert not (tmp_path / "no").exists()
+    res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "out"), "--vocab", "base"])
+    assert res.exit_code == 0, res.output
+    ref = [str(family / "base"), str(family / "ft_cut"), str(family / "ft2")]
+    res = CliRunner().invoke(main, ["merge", *ref, "-q", "--k", "100", "-o", str(tmp_path / "ref")])
+    assert res.exit_code == 0, res.output
+    _same(tmp_path / "out", tmp_path / "ref")
+    res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "union"), "--vocab", "union"])
+    assert res.exit_code == 0, res.output
+    with ModelReader(tmp_path / "union") as r:
+        assert r.info("lm_head.weight").shape == (131, 16)
+    assert "tokens a fine-tune appended" in (tmp_path / "union" / "README.md").read_text()
+    yml = tmp_path / "merge.yml"
+    yml.write_text(yaml.safe_dump({"method": "ties", "base_model": str(family / "base"), "vocab": "base",
+                                   "models": [str(added), str(family / "ft2")], "options": {"k": 100}}))
+    merge(load_config(yml), tmp_path / "yaml", progress=False)
+    _same(tmp_path / "yaml", tmp_path / "ref")
+
+
+def _moved(family: Path, tmp_path: Path, added: Path) -> Path:
+    """ft_added with the base's tokens w5 and w6 swapped: its rows are not the base's."""
+    moved = tmp_path / "ft_moved"
+    shutil.copytree(added, moved)
+    data = json.loads((moved / "tokenizer.json").read_text())
+    v = data["model"]["vocab"]
+    v["w5"], v["w6"] = v["w6"], v["w5"]
+    (moved / "tokenizer.json").write_text(json.dumps(data))
+    return moved
+
+
+def test_what_cannot_be_read_at_the_bases_rows_is_refused_naming_the_option(family, added, tmp_path):
+    from tiesfed.core.options import MergeConfig, ModelEntry
+    from tiesfed.io.model_io import ModelError
+
+    with pytest.raises(MergekitConfigError, match=r"^tokenizer\.source: .* appends 3 token\(s\) to the base's "
+                                                  r"vocabulary \('<pad>', .*give tokenizer_source: base"):
+        from_mergekit({**ADDED, "tokenizer": {"source": "./ft_added"}}, cwd=family)  # a model source
+    write_added_tokens_model(family, "ft_added2", "ft2", ("<x>",), 130)
+    two = {**ADDED, "models": [*ADDED["models"][:2], {"model": "./ft_added2", "parameters": {"weight": 1.0}}]}
+    with pytest.raises(MergekitConfigError, match="^tokenizer_source: 'union': more than one model appends tokens "
+                                                  r"\(.*ft_added, .*ft_added2\): .*give tokenizer_source: base"):
+        from_mergekit({**two, "tokenizer_source": "union"}, cwd=family)
+    assert from_mergekit({**two, "tokenizer_source": "base"}, cwd=family).vocab == "base"
+    plain = from_mergekit(ADDED, cwd=family)  # no tokenizer source: mergekit stops at the shapes too
+    with pytest.raises(ModelError, match="resized vocabulary .*tokenizer_source: base"):
+        merge(plain, tmp_path / "plain", progress=False)
+    assert not (tmp_path / "plain").exists()
+    moved = _moved(family, tmp_path, added)
+    with pytest.raises(MergekitConfigError, match="^tokenizer_source: 'base': .*ft_moved's vocabulary is not the "
+                                                  "base's .*token 'w5'"):
+        from_mergekit({**_with(ADDED, str(moved)), "tokenizer_source": "base"}, cwd=family)
+    cfg = MergeConfig(base_model=str(family / "base"), models=[ModelEntry(model=str(moved))], vocab="base")
+    with pytest.raises(ModelError, match=r"does not start with the base's: the base's token 'w5' \(id 5\) is id 6"):
+        merge(cfg, tmp_path / "moved", progress=False)
+    assert not (tmp_path / "moved").exists()
+    # a round: union would grow the output's rows, which no client holds
+    with pytest.raises(RoundPlanError, match=r"^tokenizer_source: union: .*ft_added \('model.embed_tokens.weight': "
+                                             r"136 rows, base 128\) appended tokens.*client submit --vocab base"):
+        round_plan(from_mergekit({**ADDED, "tokenizer_source": "union"}, cwd=family))
+    with pytest.raises(RoundPlanError, match="^vocab: union: "):
+        round_plan(cfg.model_copy(update={"models": [ModelEntry(model=str(added))], "vocab": "union"}))
+    assert round_plan(from_mergekit({**AS_MODELS, "tokenizer_source": "union"}, cwd=family))  # none resized: fine
+
+
+def test_a_round_reads_each_clients_model_at_the_bases_rows(family, added, tmp_path):
+    from tiesfed.federated_merge import federated_merge
+
+    c = from_mergekit({**ADDED, "tokenizer_source": "base"}, cwd=family)
+    assert round_plan(c)
+    federated_merge(c, tmp_path / "fed", aggregator="local", tls=False, timeout=120)
+    merge(c, tmp_path / "local", progress=False)
+    _same(tmp_path / "fed", tmp_path / "local")  # each client cut its own rows: the local merge, bit for bit
+
+
+def test_reader_keeps_a_flat_prefix_of_rows(family, added, tmp_path):
+    from tiesfed.io.model_io import ModelError, fingerprint
+    from tiesfed.io.vocab_rows import GrownReader
+
+    n = "lm_head.weight"
+    with ModelReader(added) as r:
+        full = r.get(n)
+        r.keep_rows(n, 128)
+        assert r.info(n).shape == (128, 16) and torch.equal(r.get(n), full[:128])
+        assert torch.equal(r.get_range(n, 100, 2048), full.reshape(-1)[100:2048])
+        assert b"".join(bytes(c) for c in r.iter_raw(n, 1000)) == full[:128].contiguous().numpy().tobytes()
+        with pytest.raises(ModelError, match="outside"):
+            r.get_range(n, 0, 2049)
+        with pytest.raises(ModelError, match="cannot keep 200"):
+            r.keep_rows(n, 200)
+        cut_fp = fingerprint(r)
+    bin_dir = tmp_path / "bin"  # a PyTorch checkpoint reads the same
+    bin_dir.mkdir()
+    torch.save({"lm_head.weight": full}, bin_dir / "pytorch_model.bin")
+    with ModelReader(bin_dir) as b:
+        b.keep_rows(n, 128)
+        assert torch.equal(b.get(n), full[:128]) and torch.equal(b.get_range(n, 5, 9), full.reshape(-1)[5:9])
+    with ModelReader(family / "ft_cut") as c, ModelReader(added) as r:
+        for name in VOCAB_TENSORS:
+            r.keep_rows(name, 128)
+        assert fingerprint(r) != cut_fp  # (both cut now, not only the head)
+        assert fingerprint(r) == fingerprint(c)  # ft_cut = ft_added cut: same bytes, same fingerprint
+    with ModelReader(family / "base") as b, ModelReader(added) as r:  # union's reader: base rows + a donor's tail
+        grown = GrownReader(b, {n: [(b, n, 0, 2048), (r, n, 2048, 2048 + 48)]})
+        want = torch.cat([b.get(n), full[128:131]])
+        assert grown.info(n).shape == (131, 16) and torch.equal(grown.get(n), want)
+        assert torch.equal(grown.get_range(n, 2040, 2060), want.reshape(-1)[2040:2060])  # across the two parts
+        assert [t.shape for t in grown.manifest() if t.name == n] == [(131, 16)] and n in grown

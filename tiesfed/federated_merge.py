@@ -145,7 +145,7 @@ def federated_merge(
                     results[i] = submit(
                         target, round_id, ids[i], config.base_model, config.models[i].model, device=device,
                         chunk_bytes=chunk_bytes, work_dir=tmp, progress=progress, retry=Retry(),
-                        **client_transport(identities, ids[i]),
+                        vocab="base" if config.vocab else None, **client_transport(identities, ids[i]),
                     )
                 except BaseException as e:  # stop the round so the fetch does not wait forever
                     errors.append(e)

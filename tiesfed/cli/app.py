@@ -64,6 +64,10 @@ def main() -> None:
 @click.option("--allow-architecture-mismatch", is_flag=True,
               help="merge models whose config.json names another architecture than the base's (e.g. model_type, "
               "hidden_size); the error without it lists what differs")
+@click.option("--vocab", type=click.Choice(["base", "union"]),
+              help="base: a fine-tune whose vocabulary grew (tokens appended after the base's, embeddings resized) is "
+              "read at the base's rows, its added tokens dropped (mergekit's tokenizer_source: base); union: the "
+              "output also grows the rows of the tokens one fine-tune appended, its rows (mergekit's union)")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the report as JSON")
 @click.option("--overwrite", is_flag=True, help="replace the weights of an existing output folder")
 @click.option("--max-memory", help="memory budget for tensor data, e.g. 4GB (default: half the machine's); "
@@ -80,8 +84,8 @@ def main() -> None:
               help="mergekit-yaml's --random-seed: DARE and DELLA draw mergekit's own masks, so the merge equals "
                    "mergekit's (Llama, Mistral, Qwen2, GPT-2; refused where mergekit's order cannot be replayed)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
-def merge(base, models, out_dir, config_path, weights, device, shard_size, allow_architecture_mismatch, report_path,
-          overwrite, max_memory, upload_size, lora_rank, lora_out, random_seed, quiet, **opts) -> None:
+def merge(base, models, out_dir, config_path, weights, device, shard_size, allow_architecture_mismatch, vocab,
+          report_path, overwrite, max_memory, upload_size, lora_rank, lora_out, random_seed, quiet, **opts) -> None:
     """Merge fine-tuned MODELS of BASE locally (same pipeline as the federated path)."""
     from tiesfed.engine import merge as run_merge
 
@@ -111,6 +115,8 @@ def merge(base, models, out_dir, config_path, weights, device, shard_size, allow
         raise click.UsageError(flag_message(e, click.get_current_context(), {"lambda": "lam"})) from None
     except MergekitConfigError as e:
         raise click.UsageError(f"{config_path}: {e}") from None
+    if vocab:
+        cfg = cfg.model_copy(update={"vocab": vocab})
     try:
         report = run_merge(
             cfg, out_dir, device=device, shard_bytes=shard_bytes, progress=not quiet,

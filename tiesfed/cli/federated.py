@@ -427,12 +427,15 @@ def client() -> None:
 @click.option("--allow-architecture-mismatch", is_flag=True,
               help="upload although MODEL's config.json names another architecture than BASE's (e.g. model_type, "
               "hidden_size); the error without it lists what differs")
+@click.option("--vocab", type=click.Choice(["base"]),
+              help="base: a MODEL that appended tokens after BASE's (embeddings resized) is read at BASE's rows, "
+              "its added tokens dropped (mergekit's tokenizer_source: base)")
 @THREADS
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @WAIT
 @QUIET
 def submit_cmd(base, model, target, round_id, tls, insecure, server_name, client_id, device, chunk_size, retries,
-               max_memory, allow_architecture_mismatch, threads, as_json, wait_s, quiet) -> None:
+               max_memory, allow_architecture_mismatch, vocab, threads, as_json, wait_s, quiet) -> None:
     """Trim MODEL's task vector against BASE and upload it to the round."""
     from tiesfed.client.federated import FederatedError, Retry, submit
     from tiesfed.io.model_io import ModelError
@@ -445,7 +448,7 @@ def submit_cmd(base, model, target, round_id, tls, insecure, server_name, client
         res = submit(target, round_id, client_id, base, model, device=device, chunk_bytes=parse_size(chunk_size),
                      retry=Retry(attempts=retries), progress=not quiet, wait_for_coordinator=wait_s,
                      max_memory=parse_size(max_memory) if max_memory else None,
-                     allow_architecture_mismatch=allow_architecture_mismatch,
+                     allow_architecture_mismatch=allow_architecture_mismatch, vocab=vocab,
                      **_transport(tls, insecure, server_name, client_id))
     except (FederatedError, ModelError, ValueError, TrustError) as e:
         raise click.ClickException(str(e)) from None

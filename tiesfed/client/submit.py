@@ -59,6 +59,7 @@ from tiesfed.io.model_io import (
     check_compatible,
     mergeable,
 )
+from tiesfed.io.vocab_rows import read_at_base_rows
 from tiesfed.protos.codec import SparseTensor, StreamWriter
 from tiesfed.protos.v1 import (
     MAX_CHUNK_BYTES,
@@ -203,11 +204,15 @@ def submit(
     max_memory: Optional[int] = None,
     block: Optional[int] = None,
     allow_architecture_mismatch: bool = False,
+    vocab: Optional[str] = None,
 ) -> SubmitResult:
     """Compute, trim, encode and upload this client's contribution to `round_id`.
     `max_memory` (bytes) bounds what it holds (see the module's docstring); `block`
     sets the elements per record directly instead (tests). `allow_architecture_mismatch`:
-    upload even when MODEL's config.json names another architecture than BASE's."""
+    upload even when MODEL's config.json names another architecture than BASE's. `vocab`
+    "base": a MODEL that appended tokens is read at BASE's embedding rows (`io.vocab_rows`)."""
+    if vocab not in (None, "base"):
+        raise ValueError(f"vocab {vocab!r}: a client reads its model at the base's rows ('base') or as it is")
     started = time.perf_counter()
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"the upload chunk size (--chunk-size) must be at most {MAX_CHUNK_BYTES >> 20} MiB "
@@ -230,6 +235,8 @@ def submit(
 
         with ModelReader(base) as b, ModelReader(model) as ft:
             fp = check_base(spec, b, opts)
+            if vocab == "base":
+                read_at_base_rows(b, ft)
             check_compatible(b, ft, opts.keep_base, allow_architecture_mismatch)
             check_whole(mergeable(b.manifest(), opts.keep_base), trim, block)  # before any upload
             from tiesfed.client.secure import secure_spec, submit_secure  # issue 13: the round says if it is secure

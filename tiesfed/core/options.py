@@ -149,6 +149,10 @@ class MergeConfig(BaseModel):
     #: base's (`tokenizer_source: MODEL`), and the chat template written into it (`chat_template`)
     tokenizer_source: Optional[str] = None
     chat_template: Optional[str] = None
+    #: "base": a fine-tune whose vocabulary grew (tokens appended after the base's) is read at the
+    #: base's rows (`--vocab base`; mergekit's `tokenizer_source: base`, `tiesfed.io.vocab_rows`);
+    #: "union": the output also grows the rows of one fine-tune's added tokens, as mergekit's `union`
+    vocab: Optional[Literal["base", "union"]] = None
 
     @model_validator(mode="before")
     @classmethod

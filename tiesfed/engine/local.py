@@ -57,6 +57,7 @@ from tiesfed.io.model_io import (
     copy_side_files,
     mergeable,
 )
+from tiesfed.io.vocab_rows import finish_union, grow_union, read_at_base_rows
 from tiesfed.report import MergeReport, ModelReport
 
 
@@ -113,8 +114,12 @@ def merge(
     with ExitStack() as stack:
         base = stack.enter_context(ModelReader(config.base_model))
         fts = [stack.enter_context(ModelReader(m.model)) for m in config.models]
+        if config.vocab == "union":  # one fine-tune's added tokens: every model grows by its rows
+            base, fts, _ = grow_union(base, fts)
         stored = [set(r.names) for r in (base, *fts)]  # as the files have them, before tied copies are reconciled
         for ft in fts:
+            if config.vocab == "base":  # a grown vocabulary read at the base's rows
+                read_at_base_rows(base, ft)
             check_compatible(base, ft, opts.keep_base, allow_architecture_mismatch)
         adapter = None if lora_rank is None else AdapterPlan(fts, lora_rank, Path(lora_out or out_dir / "adapter"),
                                                              overwrite)
@@ -247,6 +252,8 @@ def merge(
                 report.upload_bytes = _upload_size(base, fts[i], trims[i], str(i), opts.keep_base, device,
                                                    value_dtype, s.threshold)
     copy_side_files(Path(base.folder), out_dir)
+    if config.vocab == "union":
+        finish_union(out_dir, config.base_model, [m.model for m in config.models])
     if config.semantics == "mergekit":  # its tokenizer_source / chat_template, and dtype in config.json
         finish_mergekit_output(out_dir, config)
     write_local_card(out_dir, Path(base.folder), config, Path(source_config) if source_config else None,

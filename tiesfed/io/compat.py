@@ -12,7 +12,7 @@ Three checks, each with an error that names what differs and what to do:
   missing copy read as its partner, so both merge;
 - the tensors: every base tensor present, same shape, same kind (float or not).
   A tensor whose rows differ is a resized vocabulary: the error names the
-  tensor, both shapes and `--keep-base`.
+  tensor, both shapes, `--vocab base` (`vocab_rows`) and `--keep-base`.
 """
 
 from __future__ import annotations
@@ -124,9 +124,11 @@ def reconcile_tied(base: ModelReader, other: ModelReader) -> list[str]:
 def _shape_problem(n: str, o: TensorInfo, b: TensorInfo) -> str:
     if len(o.shape) == len(b.shape) and o.shape[1:] == b.shape[1:] and len(o.shape) >= 1:
         return (f"{n!r}: shape {list(o.shape)}, base has {list(b.shape)}: a resized vocabulary ({o.shape[0]} rows, "
-                f"base {b.shape[0]}); tiesfed keeps the base's tokenizer: give --keep-base '{n}' (and the other "
-                "resized tensors) to keep them at the base's value (mergekit's tokenizer_source: union, which "
-                "re-indexes a resized vocabulary, is not supported)")
+                f"base {b.shape[0]}); to merge it at the base's vocabulary (tokens appended after the base's "
+                "dropped, as mergekit's tokenizer_source: base), give --vocab base to tiesfed merge or tiesfed "
+                "client submit (vocab: base in tiesfed's YAML, tokenizer_source: base in a mergekit config; --vocab "
+                f"union keeps them), or --keep-base '{n}' (and the other resized tensors) to keep them at the base's "
+                "value")
     return f"{n!r}: shape {list(o.shape)}, base has {list(b.shape)}"
 
 

@@ -15,7 +15,7 @@ before the merge. What tiesfed cannot do is refused with an error naming the fie
 `round_plan` turns such a config into what a federated round carries (the options, with the
 sparsifier lifted into them so each client runs it, and one weight and density per model),
 refusing by field what a round cannot carry (gradients, filters, differing gammas, casts, another
-tokenizer). `slices:`/`modules:` that keep every layer in place read as `models:` (`mergekit_layout`);
+tokenizer, a vocabulary grown by union; fine-tunes read at the base's rows are each client's own cut). `slices:`/`modules:` that keep every layer in place read as `models:` (`mergekit_layout`);
 `tokenizer_source` and `chat_template` are checked and resolved by `tokenizer_source`.
 """
 
@@ -39,6 +39,7 @@ from tiesfed.io.tokenizer_source import (
     resolve_chat_template,
     tokenizer_setting,
 )
+from tiesfed.io.vocab_rows import VocabularyError, any_resized, union_donor
 
 #: mergekit's generalized task arithmetic methods: (consensus, sparsification, normalize, rescale)
 GTA = {
@@ -234,14 +235,14 @@ def from_mergekit(raw: dict, cwd: Optional[Path] = None) -> MergeConfig:
         opt_method = "average" if normalize else "task_arithmetic"
     else:
         opt_method = "ties"
-    donor, template = _tokenizer(raw, tok_field, tok_source, base, [e.model for e in entries], cwd)
+    donor, template, vocab = _tokenizer(raw, tok_field, tok_source, base, [e.model for e in entries], cwd)
     options = MergeOptions(
         method=opt_method, k=100.0, lam=lam, trim="tensor", election="mass", zero_sign="positive",
         disjoint="mean" if normalize else "sum", weight_semantics="mergekit",
     )
     return MergeConfig(base_model=base, models=entries, options=options, dtype=_dtype(raw, "dtype"),
                        out_dtype=_dtype(raw, "out_dtype"), semantics="mergekit", tokenizer_source=donor,
-                       chat_template=template)
+                       chat_template=template, vocab=vocab)
 
 
 def _layers(ref: Any, cwd: Path) -> int:
@@ -258,9 +259,10 @@ def _layers(ref: Any, cwd: Path) -> int:
 
 
 def _tokenizer(raw: dict, field: str, source: Any, base: str, models: list[str],
-               cwd: Path) -> tuple[Optional[str], Optional[str]]:
-    """The folder whose tokenizer the output takes (None: the base's) and the chat template to write."""
-    donor = None
+               cwd: Path) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """The folder whose tokenizer the output takes (None: the base's), the chat template to write and
+    how grown vocabularies are read (`MergeConfig.vocab`)."""
+    donor, vocab = None, None
     try:
         if source is not None:
             if source in ("union", "base"):
@@ -268,10 +270,15 @@ def _tokenizer(raw: dict, field: str, source: Any, base: str, models: list[str],
             else:
                 donor_path = _model_path(field, source, cwd)
             donor = check_tokenizer_source(field, str(source), base, models, donor_path)
+            vocab = "base"
+            if source == "union" and union_donor(base, models) is not None:
+                vocab = "union"
         refs = [base, *models] + ([donor] if donor else [])
-        return donor, resolve_chat_template(raw.get("chat_template"), list(dict.fromkeys(refs)))
+        return donor, resolve_chat_template(raw.get("chat_template"), list(dict.fromkeys(refs))), vocab
     except TokenizerSourceError as e:
         raise MergekitConfigError(str(e)) from None
+    except VocabularyError as e:
+        raise MergekitConfigError(f"{field}: {source!r}: {e}") from None
 
 
 def _sparsifier(field: str, method: str, rescale: bool, own: dict, chain: list[dict], densities: tuple) -> dict:
@@ -342,6 +349,12 @@ def round_plan(config: MergeConfig) -> tuple[MergeOptions, list[tuple[float, Opt
         key = "tokenizer_source" if config.tokenizer_source else "chat_template"
         raise RoundPlanError(f"{key}: a round's model carries the base's tokenizer files: merge locally "
                              "(tiesfed merge --config)")
+    if config.vocab == "union" and (grown := any_resized(config.base_model, [m.model for m in config.models])):
+        key = "tokenizer_source" if config.semantics == "mergekit" else "vocab"
+        raise RoundPlanError(f"{key}: union: {grown} appended tokens, whose rows the merge would grow, and a round's "
+                             "model has the base's shapes (each client reads its own model only): merge locally "
+                             "(tiesfed merge --config), or give base (each client reads its model at the base's "
+                             "rows: client submit --vocab base)")
     return opts, plan
 
 

@@ -187,6 +187,11 @@ def write_local_card(out_dir: Path, base_folder: Path, config: MergeConfig,
             else "The config, tokenizer and other side files are the base's.")
     if config.chat_template:
         side += " The chat template is the config's (`chat_template`)."
+    if config.vocab == "union":
+        side += (" Its vocabulary also holds the tokens a fine-tune appended, with that fine-tune's embedding "
+                 "rows (`vocab: union`): the tokenizer and config.json's vocab_size include them.")
+    elif config.vocab == "base":
+        side += " A fine-tune with appended tokens is read at the base's embedding rows (`vocab: base`)."
     text = render_card(base_model=config.base_model, base_folder=base_folder, method=opts.method, options=options,
                        models=models, config_file=config_file,
                        rerun=f"tiesfed merge --config {config_file} -o OUT/"

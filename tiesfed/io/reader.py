@@ -211,6 +211,22 @@ class ModelReader:
         self.total_float_params -= info.numel if info.is_float else 0
         self.total_bytes -= info.nbytes
 
+    def keep_rows(self, name: str, rows: int) -> None:
+        """Make `name` read as its first `rows` rows: a flat prefix of its bytes (a resized
+        vocabulary read at the base's rows, `tiesfed.io.vocab_rows`); nothing else is read."""
+        info = self.info(name)
+        if not info.shape or not 0 < rows <= info.shape[0]:
+            raise ModelError(f"tensor {name!r} in model {self.path}: cannot keep {rows} of shape {list(info.shape)}")
+        cut = TensorInfo(name, (rows, *info.shape[1:]), info.dtype, info.file)
+        self._infos[name] = cut
+        if name in self._ranges:
+            b, _ = self._ranges[name]
+            self._ranges[name] = (b, b + cut.nbytes)
+        if self._bin is not None:
+            self._bin[name] = self._bin[name][:rows]
+        self.total_float_params -= (info.numel - cut.numel) if info.is_float else 0
+        self.total_bytes -= info.nbytes - cut.nbytes
+
     def byte_range(self, name: str) -> tuple[Path, int, int]:
         """(file, absolute start, absolute end) of the tensor's raw little-endian bytes (safetensors only)."""
         i = self.info(name)

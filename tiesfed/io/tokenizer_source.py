@@ -4,11 +4,14 @@ can give mergekit 0.1.5's result: every model's tokenizer has the base's vocabul
 mergekit then builds its output tokenizer (`union`: the base's plus every model's
 tokens; `base`; or a named model's) and re-indexes each model's embedding rows to it
 (`PermutedVocabulary`). With one vocabulary whose ids are exactly 0 … vocab_size − 1
-that re-indexing is the identity, so the weights merge as without a tokenizer source;
-what differs is only which tokenizer files the output carries (the named model's, for a
-model source) and its chat template. Anything else (a model whose vocabulary differs,
-a vocabulary that does not fill the embedding rows, which mergekit would resize) is
-refused naming the field. Vocabularies are read from the tokenizer files themselves
+that re-indexing keeps each model's first vocab_size rows (rows past them, padding, are
+dropped: `vocab_rows`), so the weights merge as without a tokenizer source; what differs
+is only which tokenizer files the output carries (the named model's, for a model source)
+and its chat template. `base` also takes fine-tunes that appended tokens after the base's
+(their added rows are not read), and `union` one fine-tune that did (the output grows its
+rows, `vocab_rows.grow_union`). Anything else (a model source with added tokens; tokens
+added by several models; a model whose vocabulary differs; a vocabulary that does not fill
+the embedding rows, which mergekit would resize) is refused naming the field. Vocabularies are read from the tokenizer files themselves
 (`tokenizer.json`, or `vocab.json`; a sentencepiece `tokenizer.model` is compared byte
 for byte), without loading transformers.
 """
@@ -24,7 +27,7 @@ from typing import Any, Optional, Sequence
 from tiesfed.io.compat import read_config
 from tiesfed.io.mergekit_layout import fail
 
-__all__ = ["TOKENIZER_FILES", "TokenizerSourceError", "apply_tokenizer", "chat_template_of", "check_tokenizer_source",
+__all__ = ["TOKENIZER_FILES", "TokenizerSourceError", "appended_tokens", "apply_tokenizer", "chat_template_of", "check_tokenizer_source",
            "resolve_chat_template", "tokenizer_setting", "vocabulary"]
 
 #: the files a tokenizer is saved as (transformers' save_pretrained, sentencepiece, GPT-2 style)
@@ -85,17 +88,27 @@ def tokenizer_setting(raw: dict) -> tuple[str, Any]:
 
 
 def _first_difference(a: dict[str, int], b: dict[str, int]) -> str:
-    for tok in sorted(set(a) | set(b)):
+    """The first of the base's (`a`) tokens, by id, that `b` holds elsewhere or lacks; else the first extra one."""
+    for tok in [*sorted(a, key=lambda t: a[t]), *sorted(set(b) - set(a))]:
         if a.get(tok) != b.get(tok):
             return f"token {tok!r}: id {b.get(tok)} here, {a.get(tok)} in the base"
     return "they differ"
 
 
+def appended_tokens(base_vocab: dict[str, int], vocab: dict[str, int]) -> Optional[list[str]]:
+    """The tokens `vocab` adds after the base's, by id, or None when it does not hold every base
+    token at the base's id (a re-indexed vocabulary)."""
+    if any(vocab.get(t) != i for t, i in base_vocab.items()):
+        return None
+    return [t for t, _ in sorted(((t, i) for t, i in vocab.items() if t not in base_vocab), key=lambda ti: ti[1])]
+
+
 def check_tokenizer_source(field: str, source: str, base: str, models: Sequence[str],
                            donor: Optional[str]) -> Optional[str]:
-    """Check that mergekit's `source` ('union', 'base' or a model, `donor` its folder) leaves
-    the weights as they are, and return the folder whose tokenizer files the output takes
-    (None: the base's). Raises TokenizerSourceError naming `field` otherwise."""
+    """Check that mergekit's `source` ('union', 'base' or a model, `donor` its folder) gives the
+    weights as tiesfed reads them: every vocabulary the base's, or, for 'base', fine-tunes whose
+    tokens come after the base's (read at the base's rows, `vocab_rows`). Returns the folder whose
+    tokenizer files the output takes (None: the base's). Raises TokenizerSourceError naming `field`."""
     what = f"{field}: {source!r}"
     base_vocab = vocabulary(base)
     if base_vocab is None:
@@ -107,12 +120,23 @@ def check_tokenizer_source(field: str, source: str, base: str, models: Sequence[
             if folder == donor:
                 raise TokenizerSourceError(f"{what}: {folder} has no tokenizer files")
             continue  # mergekit: "Unable to load tokenizer … Assuming same as" the base
-        if v != base_vocab:
+        if v == base_vocab:
+            continue
+        added = appended_tokens(base_vocab, v)
+        if added is not None and source in ("base", "union") and folder != donor:
+            continue  # read at the base's rows, or grown as union grows them (`vocab_rows`)
+        if added is not None:
+            shown = ", ".join(repr(t) for t in added[:3]) + (", …" if len(added) > 3 else "")
             raise TokenizerSourceError(
-                f"{what}: {folder}'s vocabulary is not the base's ({len(v)} tokens, base {len(base_vocab)}; "
-                f"{_first_difference(base_vocab, v)}): mergekit would build a new tokenizer and re-index the "
-                "embeddings, which tiesfed does not do; merge with mergekit, or give models that share the base's "
-                "tokenizer")
+                f"{what}: {folder} appends {len(added)} token(s) to the base's vocabulary ({shown}): mergekit "
+                "would re-index every model's embeddings to that model's tokenizer, which tiesfed does not do; "
+                "give tokenizer_source: base to merge at the base's vocabulary (the added tokens dropped, their "
+                "rows not read) or union (their rows added), or merge with mergekit")
+        raise TokenizerSourceError(
+            f"{what}: {folder}'s vocabulary is not the base's ({len(v)} tokens, base {len(base_vocab)}; "
+            f"{_first_difference(base_vocab, v)}): mergekit would build a new tokenizer and re-index the "
+            "embeddings, which tiesfed does not do (tokenizer_source: base reads only fine-tunes whose tokens "
+            "come after the base's); merge with mergekit, or give models that share the base's tokenizer")
     cfg = read_config(Path(base)) or {}
     rows = cfg.get("vocab_size")
     ids = sorted(i for i in base_vocab.values() if i >= 0)
