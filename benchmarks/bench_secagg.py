@@ -18,7 +18,7 @@ above every |τ|. Checks the secure accumulator equals a plain fold of the quant
     python benchmarks/bench_secagg.py --params 4000000 --clients 5
     python benchmarks/bench_secagg.py --update-readme         # also the README's secagg table
     python benchmarks/bench_secagg.py --round --params 4000000 --clients 3   # whole rounds over gRPC
-    python benchmarks/bench_secagg.py --memory --family-params 134e6 --message-mib 64 --work /tmp/secmem [--tiesfed-src DIR]
+    python benchmarks/bench_secagg.py --memory --family-params 134e6 --work /tmp/secmem [--tiesfed-src DIR]
 
 `--memory` runs one secure round of 3 clients on a generated Llama-shaped family
 (`benchmarks.common.family`), every party its own measured process over mutual TLS
@@ -136,7 +136,7 @@ def round_timing(params: int, n: int, k: float, secure: bool, root: Path) -> tup
     shapes = {f"layers.{i}.weight": (side, side) for i in range(max(1, params // (side * side)))}
     base, fts = write_family(root / "family", n, torch.float32, shapes)
     clients = [f"org-{i}" for i in range(n)]
-    extra = {"secure_aggregation": True, "secagg": {"bound": 0.0625, "phase_s": 600}} if secure else {}
+    extra = {"secure_aggregation": True, "secagg": {"bound": 0.0625}} if secure else {}
     rc = RoundConfig(round_id="r1", participants=clients, options={"k": k}, **extra)
     spool = root / f"spool-{'secure' if secure else 'plain'}-{time.monotonic_ns()}"
     cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=spool, base_model=str(base), tls_dir=root / "server",
@@ -149,25 +149,12 @@ def round_timing(params: int, n: int, k: float, secure: bool, root: Path) -> tup
     return time.perf_counter() - w0, cpu() - c0
 
 
-#: Written as `sitecustomize.py` for `--message-mib`: the measured processes' gRPC message limit, and
-#: the phase deadline (`phase_s`, 60 s by default: too short for 2-core masking of 100M+ parameters).
-MESSAGE_LIMIT = """import tiesfed.protos.v1 as v
-v.MAX_MESSAGE_BYTES = {limit}
-from tiesfed.coordinator.secure import settings as s
-s.SecureSettings.model_fields["phase_s"].default = 3600.0
-s.SecureSettings.model_rebuild(force=True)
-"""
-
-
 def memory_round(params: float, work: Path, family_dir: Path | None, tiesfed_src: str | None,
-                 message_mib: int = 0, plain: bool = False) -> None:
-    """One secure round, every party its own process; peak RSS and CPU of each, the merged sha256.
-    `message_mib`: lift the gRPC message limit of every process to this (the support phase's
-    messages carry whole bitmaps, about 0.1 byte a parameter: above ~35M parameters they exceed
-    the 4 MiB default)."""
+                 plain: bool = False) -> None:
+    """One secure round, every party its own process with the default gRPC message limit and
+    `phase_s`; peak RSS and CPU of each, the merged sha256."""
     import hashlib
     import json
-    import os
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks.common import count_params, family, shapes_for
@@ -177,11 +164,6 @@ def memory_round(params: float, work: Path, family_dir: Path | None, tiesfed_src
     base, fts = family(family_dir or work, cfg)
     run = work / f"run-{'plain' if plain else 'src' if tiesfed_src else 'here'}"
     env = tool_env(tiesfed_src)
-    if message_mib:
-        site = work / "message-limit"
-        site.mkdir(parents=True, exist_ok=True)
-        (site / "sitecustomize.py").write_text(MESSAGE_LIMIT.format(limit=message_mib << 20))
-        env["PYTHONPATH"] = os.pathsep.join([env.get("PYTHONPATH", ""), str(site)]).strip(os.pathsep)
     res = run_federated(base, fts, run, work, env, timeout=3600,
                         coordinator_args=() if plain else ("--secure-aggregation",))
     merged = next((run / "federated" / "spool").rglob("merged.tfs"))
@@ -222,12 +204,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/tiesfed-bench-secagg"))
     ap.add_argument("--tiesfed-src", help="a checkout whose tiesfed the measured processes run")
     ap.add_argument("--plain", action="store_true", help="--memory: the plain round instead, for comparison")
-    ap.add_argument("--message-mib", type=int, default=0,
-                    help="--memory: lift every process's gRPC message limit to this many MiB (needed above ~35M params)")
     a = ap.parse_args()
     numel = a.params
     if a.memory:
-        memory_round(a.family_params, a.work, a.family_dir, a.tiesfed_src, a.message_mib, a.plain)
+        memory_round(a.family_params, a.work, a.family_dir, a.tiesfed_src, a.plain)
         return
     if a.round:
         print("| round | clients | params | k % | wall s | CPU s (coordinator + clients, one process) |")

@@ -45,6 +45,9 @@ from tiesfed.trust.secagg.params import SecAggRound, from_public_json
 PIECE_ELEMS = 1 << 22
 #: Seconds one Poll waits on the coordinator before asking again.
 POLL_S = 5.0
+#: Largest chunk of a step message or a poll's answer (the coordinator's bound too): the
+#: support phase's messages carry whole bitmaps (about numel/8 bytes), far above gRPC's limit.
+STEP_CHUNK_BYTES = 1 << 20
 T = TypeVar("T")
 #: A masked upload broken with one of these resumes (DATA_LOSS: the coordinator dropped a
 #: prefix whose hash was wrong, so the vector goes again from 0).
@@ -76,6 +79,65 @@ def _call(conn: Connection, name: str, request, timeout: float = 60.0):
                 raise FederatedError.from_rpc(e, f"{name} for {conn.client_id!r} at {conn.target}") from None
             conn.retry.sleep(n)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _retried(conn: Connection, name: str, call: Callable[[], T]) -> T:
+    """`call()` (a streaming SecureAggregation call, made afresh each time), retried on
+    transient errors as `_call` retries a unary one."""
+    for n in range(conn.retry.attempts + 1):
+        try:
+            return call()
+        except grpc.RpcError as e:
+            if e.code() not in RETRYABLE or n == conn.retry.attempts:
+                raise FederatedError.from_rpc(e, f"{name} for {conn.client_id!r} at {conn.target}") from None
+            conn.retry.sleep(n)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def step_stream(conn: Connection, round_id: str, phase: str, payload: bytes,
+                chunk_bytes: int = STEP_CHUNK_BYTES) -> spb.SecAggAck:
+    """One step message through `StepStream`, in chunks of at most `chunk_bytes` (1 MiB): the
+    first names the round, phase and size, the last carries the sha256."""
+    size = max(1, min(chunk_bytes, STEP_CHUNK_BYTES))
+    digest = hashlib.sha256(payload).hexdigest()
+
+    def chunks() -> Iterator[spb.StepChunk]:
+        view = memoryview(payload)
+        last = max(0, (len(payload) - 1) // size * size)
+        for at in range(0, max(len(payload), 1), size):
+            yield spb.StepChunk(round_id=round_id if at == 0 else "", phase=phase if at == 0 else "",
+                                total_bytes=len(payload) if at == 0 else 0, data=bytes(view[at:at + size]),
+                                sha256=digest if at == last else "")
+
+    stub = spb_grpc.SecureAggregationStub(conn.channel)
+    return _retried(conn, "StepStream", lambda: stub.StepStream(chunks(), metadata=conn.metadata, timeout=600))
+
+
+def poll_stream(conn: Connection, round_id: str, phase: str, wait_s: float,
+                chunk_bytes: int = STEP_CHUNK_BYTES) -> Optional[bytes]:
+    """What `phase` closed to for this client, through `PollStream` (None: not closed within
+    `wait_s`); its size and sha256 are checked against the first chunk's."""
+    stub = spb_grpc.SecureAggregationStub(conn.channel)
+    req = spb.SecAggPoll(round_id=round_id, phase=phase, wait_seconds=wait_s,
+                         max_chunk_bytes=max(1, min(chunk_bytes, STEP_CHUNK_BYTES)))
+
+    def one() -> Optional[bytes]:
+        it = stub.PollStream(req, metadata=conn.metadata, timeout=wait_s + 600)
+        first = next(it, None)
+        if first is None or not first.ready:
+            return None
+        buf = bytearray(first.data)
+        for chunk in it:
+            if len(buf) + len(chunk.data) > first.total_bytes:
+                raise FederatedError(f"the coordinator's {phase} answer runs past the {first.total_bytes} bytes it "
+                                     "declared", "DATA_LOSS")
+            buf += chunk.data
+        if len(buf) != first.total_bytes or hashlib.sha256(buf).hexdigest() != first.sha256:
+            raise FederatedError(f"the coordinator's {phase} answer: {len(buf)} bytes received, "
+                                 f"{first.total_bytes} declared, or not the sha256 it declared", "DATA_LOSS")
+        return bytes(buf)
+
+    return _retried(conn, "PollStream", one)
 
 
 def secagg_round(spec: pb.RoundSpec, secure: spb.SecureSpec, opts: MergeOptions) -> SecAggRound:
@@ -181,16 +243,15 @@ class SecureFlow:
         self.attempts = 1
 
     def _step(self, phase: str, payload: bytes) -> None:
-        _call(self.conn, "Step", spb.SecAggStep(round_id=self.round.round_id, phase=phase, payload=payload))
+        step_stream(self.conn, self.round.round_id, phase, payload, self.chunk_bytes)
         self.sent += len(payload)
 
     def _poll(self, phase: str, kind: Callable[..., T]) -> T:
         """Wait for `phase` to close (the coordinator's deadline bounds it) and read what it closed to."""
         while True:
-            rep = _call(self.conn, "Poll", spb.SecAggPoll(round_id=self.round.round_id, phase=phase,
-                                                          wait_seconds=POLL_S), timeout=POLL_S + 60)
-            if rep.ready:
-                msg = from_bytes(rep.payload)
+            payload = poll_stream(self.conn, self.round.round_id, phase, POLL_S, self.chunk_bytes)
+            if payload is not None:
+                msg = from_bytes(payload)
                 if not isinstance(msg, kind):
                     raise FederatedError(f"the coordinator answered phase {phase!r} with a {type(msg).__name__}")
                 return msg

@@ -7,6 +7,7 @@ at start for a round whose journal shows its protocol had started (replayed wher
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from typing import Iterator, Optional
@@ -16,12 +17,14 @@ import grpc
 from tiesfed.coordinator.rounds import Round, RoundError
 from tiesfed.coordinator.secure.journal import Journal
 from tiesfed.coordinator.secure.session import SecureSession
-from tiesfed.coordinator.service import CoordinatorService, rpc
+from tiesfed.coordinator.service import CoordinatorService, rpc, rpc_stream
 from tiesfed.protos.v1 import secagg_pb2 as spb
 from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
 from tiesfed.trust.secagg.params import public_json
 
 log = logging.getLogger("tiesfed.coordinator")
+#: Largest chunk of StepStream / PollStream data (bytes), well under gRPC's message limit.
+SECAGG_CHUNK_BYTES = 1 << 20
 #: How long a call waits for its round's replay before answering UNAVAILABLE (clients retry).
 REPLAY_WAIT_S = 30.0
 
@@ -112,6 +115,65 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
         s, cid, fp = self._session(request.round_id, context)
         phase = s.step(cid, request.phase, request.payload, fp)
         return spb.SecAggAck(phase=phase)
+
+    @rpc
+    def StepStream(self, request_iterator, context):
+        """A step message in chunks: the declared size is checked against the round's bound
+        before anything is buffered, then the size and sha256 of what arrived; only a whole,
+        matching message reaches the session (a bad stream changes nothing)."""
+        first = next(request_iterator, None)
+        if first is None:
+            raise RoundError("INVALID_ARGUMENT", "empty step stream")
+        s, cid, fp = self._session(first.round_id, context)
+        total, phase = first.total_bytes, first.phase
+        limit = s.step_limit(phase)
+        if total > limit:
+            raise RoundError("INVALID_ARGUMENT", f"a {phase} message of {total} bytes declared by {cid!r}: this "
+                             f"round's parameters allow at most {limit}")
+        buf, sha, want = bytearray(), hashlib.sha256(), ""
+        s.attach(cid)
+        try:
+            chunk = first
+            while chunk is not None:
+                if (chunk.round_id and chunk.round_id != s.round.id) or (chunk.phase and chunk.phase != phase):
+                    raise RoundError("INVALID_ARGUMENT", "chunks of one step stream name different rounds or phases")
+                if len(buf) + len(chunk.data) > total:
+                    raise RoundError("INVALID_ARGUMENT", f"{phase} message of {cid!r}: more than the {total} bytes "
+                                     "declared")
+                buf += chunk.data
+                sha.update(chunk.data)
+                want = chunk.sha256 or want
+                if chunk.data:
+                    s.advance(cid)
+                try:
+                    chunk = next(request_iterator, None)
+                except grpc.RpcError:
+                    raise RoundError("CANCELLED", f"{phase} message of {cid!r}: the stream broke") from None
+        finally:
+            s.detach(cid)
+        if len(buf) != total:
+            raise RoundError("INVALID_ARGUMENT", f"{phase} message of {cid!r} ended after {len(buf)} of {total} bytes")
+        if want != sha.hexdigest():
+            raise RoundError("DATA_LOSS", f"{phase} message of {cid!r}: the {total} bytes received do not have the "
+                             f"sha256 the client sent ({want or 'none'})")
+        return spb.SecAggAck(phase=s.step(cid, phase, bytes(buf), fp))
+
+    @rpc_stream
+    def PollStream(self, request, context):
+        """Poll's answer in chunks of at most `SECAGG_CHUNK_BYTES` (or the client's smaller
+        `max_chunk_bytes`); the first chunk carries the whole size and sha256."""
+        s, cid, _ = self._session(request.round_id, context)
+        out = s.poll(cid, request.phase, request.wait_seconds)
+        phase = s.status()["phase"]
+        if out is None:
+            yield spb.PollChunk(ready=False, phase=phase)
+            return
+        size = min(request.max_chunk_bytes or SECAGG_CHUNK_BYTES, SECAGG_CHUNK_BYTES)
+        view = memoryview(out)
+        yield spb.PollChunk(ready=True, phase=phase, total_bytes=len(out), sha256=hashlib.sha256(out).hexdigest(),
+                            data=bytes(view[:size]))
+        for at in range(size, len(out), size):
+            yield spb.PollChunk(data=bytes(view[at:at + size]))
 
     @rpc
     def Poll(self, request, context):

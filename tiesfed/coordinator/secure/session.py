@@ -4,8 +4,11 @@ fewer than t clients are left.
 
 Phases: keys → shares → masked → unmask → done. A phase closes once every client it
 expects has sent its message, or `phase_s` after it opened (the key phase's clock starts
-at the first advert), with whoever arrived; the protocol then refuses fewer than t, and the
-round fails with that message before anything is unmasked. What the phase closes to (the
+at the first advert), with whoever arrived, except while an expected client's stream (its
+message or masked vector) is attached and delivered bytes within the last `phase_s`: an
+honest slow client is waited for as long as it makes progress, a stalled one is not. The
+protocol then refuses fewer than t, and the round fails with that message before anything
+is unmasked. What the phase closes to (the
 key list, each client's mask request, the unmask request) waits in an outbox for the
 clients' polls. The masked vectors are spooled to a file while they stream in (they are
 uniform bytes); a broken stream's prefix stays there and the client resumes at its end
@@ -43,6 +46,12 @@ from tiesfed.trust.secagg.messages import KeyAdvert, Message, from_bytes, to_byt
 log = logging.getLogger("tiesfed.coordinator")
 
 PHASES = ("keys", "shares", "masked", "unmask", "done")
+#: Bounds on a step message's size (`step_limit`): the fixed part (a key advert: two keys, a
+#: certificate, a signature; the JSON header) and what each client adds (a share box or an
+#: unmasking share, with its id); a ShareUpload adds its support bitmap, deflated (zlib's worst
+#: case is the raw bitmap plus 5 bytes per 16 KiB stored block).
+STEP_FIXED_BYTES = 64 << 10
+STEP_PER_CLIENT_BYTES = 1 << 10
 
 
 class _Partial:
@@ -78,6 +87,8 @@ class SecureSession:
         self.outbox: dict[str, Union[bytes, dict[str, bytes]]] = {}
         self.failed = ""
         self.uploading: set[str] = set()
+        self.streaming: dict[str, int] = {}  # client → its streams attached now (messages or masked vector)
+        self.progress: dict[str, float] = {}  # client → when its last stream bytes arrived (this phase)
         self.partial: dict[str, _Partial] = {}  # masked uploads in progress: what arrived so far
         self.folded: set[str] = set()  # whose masked vector is in the running sum
         self.adverts: dict[str, KeyAdvert] = {}
@@ -92,13 +103,58 @@ class SecureSession:
         self._thread.start()
 
     # ------------------------------------------------------------------ arrivals
+    def step_limit(self, phase: str) -> int:
+        """The most bytes a `phase` step message of this round can need: a larger declared
+        size is refused before anything is buffered."""
+        if phase not in STEP_TYPES:
+            raise RoundError("INVALID_ARGUMENT", f"phase {phase!r} takes no step message (steps: "
+                             f"{', '.join(STEP_TYPES)}; the masked vector goes through UploadMasked)")
+        n = len(self.round.participants)
+        limit = STEP_FIXED_BYTES + n * STEP_PER_CLIENT_BYTES
+        if phase == "shares":
+            raw = (self.params.numel + 7) // 8
+            limit += raw + 5 * (raw // (16 << 10) + 1)
+        return limit
+
+    def attach(self, client_id: str) -> None:
+        """A stream of this client's opened: while it delivers bytes, its phase waits (`_late`)."""
+        with self.cond:
+            self.streaming[client_id] = self.streaming.get(client_id, 0) + 1
+            self.progress[client_id] = self.clock()
+
+    def advance(self, client_id: str) -> None:
+        """Bytes of an attached stream arrived."""
+        with self.cond:
+            self.progress[client_id] = self.clock()
+
+    def detach(self, client_id: str) -> None:
+        with self.cond:
+            left = self.streaming.get(client_id, 0) - 1
+            if left > 0:
+                self.streaming[client_id] = left
+            else:
+                self.streaming.pop(client_id, None)
+
+    def _late(self) -> bool:
+        """Whether the open phase is past its deadline (lock held): `phase_s` after it opened,
+        and no expected client still missing has a stream attached that delivered bytes within
+        the last `phase_s`."""
+        if self.opened_at is None:
+            return False
+        now = self.clock()
+        if now < self.opened_at + self.phase_s:
+            return False
+        missing = self.expected - set(self.arrived)
+        return not any(self.streaming.get(c) and now - self.progress.get(c, 0.0) < self.phase_s for c in missing)
+
     def step(self, client_id: str, phase: str, payload: bytes, cert_fingerprint: Optional[str]) -> str:
         """One client message of `phase`; its sender must be the caller (`client_id`, the
         certificate's). Refused messages change nothing."""
-        want = STEP_TYPES.get(phase)
-        if want is None:
-            raise RoundError("INVALID_ARGUMENT", f"phase {phase!r} takes no step message (steps: "
-                             f"{', '.join(STEP_TYPES)}; the masked vector goes through UploadMasked)")
+        limit = self.step_limit(phase)
+        if len(payload) > limit:
+            raise RoundError("INVALID_ARGUMENT", f"a {phase} message of {len(payload)} bytes from {client_id!r}: "
+                             f"this round's parameters allow at most {limit}")
+        want = STEP_TYPES[phase]
         try:
             msg: Message = from_bytes(payload)
         except SecAggError as e:
@@ -180,6 +236,8 @@ class SecureSession:
                 raise RoundError("ABORTED", f"client {client_id!r} has a masked upload stream open already (a "
                                  "broken one not yet noticed?); ask MaskedStatus and retry")
             self.uploading.add(client_id)
+            self.streaming[client_id] = self.streaming.get(client_id, 0) + 1
+            self.progress[client_id] = self.clock()
             part = self.partial.setdefault(client_id, _Partial(total))
         path = self.journal.partial_path(client_id)
         try:
@@ -201,6 +259,7 @@ class SecureSession:
                     f.flush()
                     with self.cond:
                         part.add(data)
+                        self.progress[client_id] = self.clock()
                     want = sha or want
             if part.size != total:
                 raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r} ended after {part.size} of "
@@ -228,6 +287,7 @@ class SecureSession:
         finally:
             with self.cond:
                 self.uploading.discard(client_id)
+            self.detach(client_id)
 
     def masked_status(self, client_id: str) -> tuple[int, str, int, bool]:
         """(bytes held, their sha256, the size declared, whether the vector is in the sum)."""
@@ -312,8 +372,7 @@ class SecureSession:
                         return
                     continue
                 everyone = self.expected <= set(self.arrived)
-                late = self.opened_at is not None and self.clock() >= self.opened_at + self.phase_s
-                if not (everyone or late):
+                if not (everyone or self._late()):
                     continue
                 try:
                     result = self.close_phase()
@@ -372,6 +431,7 @@ class SecureSession:
                  f"; missing: {', '.join(dropped)}" if dropped else "")
         self.phase = PHASES[PHASES.index(phase) + 1]
         self.expected, self.arrived = nxt, []
+        self.progress.clear()
         self.opened_at = self.clock()
         return result
 

@@ -31,8 +31,9 @@ class SecureSettings(BaseModel):
                                        "default: the participants")
     min_release: int = Field(1, ge=1, description="the release rule: U keeps only positions at least this many "
                              "clients' supports cover (1: the union)")
-    phase_s: float = Field(60.0, gt=0, description="a phase closes once everyone expected has sent, or this long "
-                           "after it opened (the key phase: after the first advert), with whoever arrived")
+    phase_s: float = Field(300.0, gt=0, description="a phase closes once everyone expected has sent, or this long "
+                           "after it opened (the key phase: after the first advert), with whoever arrived; it "
+                           "stays open while an expected client's stream delivered bytes within the last phase_s")
 
 
 def effective(config: "RoundConfig") -> SecureSettings:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etiesfed/protos/v1/secagg.proto\x12\ntiesfed.v1\"%\n\x11SecureSpecRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"C\n\nSecureSpec\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06secure\x18\x02 \x01(\x08\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\">\n\nSecAggStep\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"+\n\tSecAggAck\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"C\n\nSecAggPoll\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"<\n\x0bSecAggReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\r\n\x05phase\x18\x03 \x01(\t\"b\n\x0bMaskedChunk\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"m\n\x12MaskedUploadStatus\x12\x18\n\x10\x63ommitted_offset\x18\x01 \x01(\x04\x12\x15\n\rprefix_sha256\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x11\n\tcommitted\x18\x04 \x01(\x08\"\x96\x01\n\x0cSecAggStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07\x61rrived\x18\x03 \x03(\t\x12\x13\n\x0bwaiting_for\x18\x04 \x03(\t\x12\x1b\n\x13phase_deadline_unix\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x11\n\tthreshold\x18\x07 \x01(\x05\x32\x9f\x03\n\x11SecureAggregation\x12\x46\n\rGetSecureSpec\x12\x1d.tiesfed.v1.SecureSpecRequest\x1a\x16.tiesfed.v1.SecureSpec\x12\x35\n\x04Step\x12\x16.tiesfed.v1.SecAggStep\x1a\x15.tiesfed.v1.SecAggAck\x12\x37\n\x04Poll\x12\x16.tiesfed.v1.SecAggPoll\x1a\x17.tiesfed.v1.SecAggReply\x12@\n\x0cUploadMasked\x12\x17.tiesfed.v1.MaskedChunk\x1a\x15.tiesfed.v1.SecAggAck(\x01\x12M\n\x0cMaskedStatus\x12\x1d.tiesfed.v1.SecureSpecRequest\x1a\x1e.tiesfed.v1.MaskedUploadStatus\x12\x41\n\x06Status\x12\x1d.tiesfed.v1.SecureSpecRequest\x1a\x18.tiesfed.v1.SecAggStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etiesfed/protos/v1/secagg.proto\x12\ntiesfed.v1\"%\n\x11SecureSpecRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"C\n\nSecureSpec\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06secure\x18\x02 \x01(\x08\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\">\n\nSecAggStep\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"+\n\tSecAggAck\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\\\n\nSecAggPoll\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"_\n\tStepChunk\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\\\n\tPollChunk\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"<\n\x0bSecAggReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\r\n\x05phase\x18\x03 \x01(\t\"b\n\x0bMaskedChunk\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"m\n\x12MaskedUploadStatus\x12\x18\n\x10\x63ommitted_offset\x18\x01 \x01(\x04\x12\x15\n\rprefix_sha256\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x11\n\tcommitted\x18\x04 \x01(\x08\"\x96\x01\n\x0cSecAggStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07\x61rrived\x18\x03 \x03(\t\x12\x13\n\x0bwaiting_for\x18\x04 \x03(\t\x12\x1b\n\x13phase_deadline_unix\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x11\n\tthreshold\x18\x07 \x01(\x05\x32\x9c\x04\n\x11SecureAggregation\x12\x46\n\rGetSecureSpec\x12\x1d.tiesfed.v1.SecureSpecRequest\x1a\x16.tiesfed.v1.SecureSpec\x12\x35\n\x04Step\x12\x16.tiesfed.v1.SecAggStep\x1a\x15.tiesfed.v1.SecAggAck\x12<\n\nStepStream\x12\x15.tiesfed.v1.StepChunk\x1a\x15.tiesfed.v1.SecAggAck(\x01\x12\x37\n\x04Poll\x12\x16.tiesfed.v1.SecAggPoll\x1a\x17.tiesfed.v1.SecAggReply\x12=\n\nPollStream\x12\x16.tiesfed.v1.SecAggPoll\x1a\x15.tiesfed.v1.PollChunk0\x01\x12@\n\x0cUploadMasked\x12\x17.tiesfed.v1.MaskedChunk\x1a\x15.tiesfed.v1.SecAggAck(\x01\x12M\n\x0cMaskedStatus\x12\x1d.tiesfed.v1.SecureSpecRequest\x1a\x1e.tiesfed.v1.MaskedUploadStatus\x12\x41\n\x06Status\x12\x1d.tiesfed.v1.SecureSpecRequest\x1a\x18.tiesfed.v1.SecAggStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,15 +40,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SECAGGACK']._serialized_start=218
   _globals['_SECAGGACK']._serialized_end=261
   _globals['_SECAGGPOLL']._serialized_start=263
-  _globals['_SECAGGPOLL']._serialized_end=330
-  _globals['_SECAGGREPLY']._serialized_start=332
-  _globals['_SECAGGREPLY']._serialized_end=392
-  _globals['_MASKEDCHUNK']._serialized_start=394
-  _globals['_MASKEDCHUNK']._serialized_end=492
-  _globals['_MASKEDUPLOADSTATUS']._serialized_start=494
-  _globals['_MASKEDUPLOADSTATUS']._serialized_end=603
-  _globals['_SECAGGSTATUS']._serialized_start=606
-  _globals['_SECAGGSTATUS']._serialized_end=756
-  _globals['_SECUREAGGREGATION']._serialized_start=759
-  _globals['_SECUREAGGREGATION']._serialized_end=1174
+  _globals['_SECAGGPOLL']._serialized_end=355
+  _globals['_STEPCHUNK']._serialized_start=357
+  _globals['_STEPCHUNK']._serialized_end=452
+  _globals['_POLLCHUNK']._serialized_start=454
+  _globals['_POLLCHUNK']._serialized_end=546
+  _globals['_SECAGGREPLY']._serialized_start=548
+  _globals['_SECAGGREPLY']._serialized_end=608
+  _globals['_MASKEDCHUNK']._serialized_start=610
+  _globals['_MASKEDCHUNK']._serialized_end=708
+  _globals['_MASKEDUPLOADSTATUS']._serialized_start=710
+  _globals['_MASKEDUPLOADSTATUS']._serialized_end=819
+  _globals['_SECAGGSTATUS']._serialized_start=822
+  _globals['_SECAGGSTATUS']._serialized_end=972
+  _globals['_SECUREAGGREGATION']._serialized_start=975
+  _globals['_SECUREAGGREGATION']._serialized_end=1515
 # @@protoc_insertion_point(module_scope)

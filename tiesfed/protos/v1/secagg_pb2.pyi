@@ -41,14 +41,44 @@ class SecAggAck(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SecAggPoll(_message.Message):
-    __slots__ = ("round_id", "phase", "wait_seconds")
+    __slots__ = ("round_id", "phase", "wait_seconds", "max_chunk_bytes")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     phase: str
     wait_seconds: float
-    def __init__(self, round_id: _Optional[str] = ..., phase: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+    max_chunk_bytes: int
+    def __init__(self, round_id: _Optional[str] = ..., phase: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class StepChunk(_message.Message):
+    __slots__ = ("round_id", "phase", "total_bytes", "data", "sha256")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    phase: str
+    total_bytes: int
+    data: bytes
+    sha256: str
+    def __init__(self, round_id: _Optional[str] = ..., phase: _Optional[str] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class PollChunk(_message.Message):
+    __slots__ = ("ready", "phase", "total_bytes", "sha256", "data")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    phase: str
+    total_bytes: int
+    sha256: str
+    data: bytes
+    def __init__(self, ready: _Optional[bool] = ..., phase: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class SecAggReply(_message.Message):
     __slots__ = ("ready", "payload", "phase")

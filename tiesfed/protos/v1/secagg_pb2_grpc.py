@@ -44,10 +44,20 @@ class SecureAggregationStub:
                 request_serializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggStep.SerializeToString,
                 response_deserializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggAck.FromString,
                 _registered_method=True)
+        self.StepStream = channel.stream_unary(
+                '/tiesfed.v1.SecureAggregation/StepStream',
+                request_serializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.StepChunk.SerializeToString,
+                response_deserializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggAck.FromString,
+                _registered_method=True)
         self.Poll = channel.unary_unary(
                 '/tiesfed.v1.SecureAggregation/Poll',
                 request_serializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggPoll.SerializeToString,
                 response_deserializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggReply.FromString,
+                _registered_method=True)
+        self.PollStream = channel.unary_stream(
+                '/tiesfed.v1.SecureAggregation/PollStream',
+                request_serializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggPoll.SerializeToString,
+                response_deserializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.PollChunk.FromString,
                 _registered_method=True)
         self.UploadMasked = channel.stream_unary(
                 '/tiesfed.v1.SecureAggregation/UploadMasked',
@@ -77,7 +87,18 @@ class SecureAggregationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Step(self, request, context):
-        """One protocol message of `phase` (keys: KeyAdvert, shares: ShareUpload, unmask: UnmaskReply).
+        """One protocol message of `phase` (keys: KeyAdvert, shares: ShareUpload, unmask: UnmaskReply),
+        whole in one gRPC message: only for messages well under the message limit (tests, tools).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepStream(self, request_iterator, context):
+        """The same message in chunks of at most 1 MiB (what clients use: a ShareUpload carries the
+        support bitmap, about numel/8 bytes). The first chunk names the round, the phase and the
+        whole size, which the coordinator refuses before buffering if the round's parameters
+        cannot need it; the last carries the sha256. A bad stream changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,6 +108,14 @@ class SecureAggregationServicer:
         """What the coordinator sends once `phase` has closed (keys: KeyList, shares: this
         client's MaskRequest, masked: UnmaskRequest); ready = false if it has not closed yet
         after wait_seconds. A failed round answers FAILED_PRECONDITION with its reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PollStream(self, request, context):
+        """Poll's answer in chunks of at most 1 MiB (what clients use: a MaskRequest carries U's
+        bitmap and the boxes). The first chunk says ready, the phase, the whole size and its sha256.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,10 +157,20 @@ def add_SecureAggregationServicer_to_server(servicer, server):
                     request_deserializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggStep.FromString,
                     response_serializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggAck.SerializeToString,
             ),
+            'StepStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.StepStream,
+                    request_deserializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.StepChunk.FromString,
+                    response_serializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggAck.SerializeToString,
+            ),
             'Poll': grpc.unary_unary_rpc_method_handler(
                     servicer.Poll,
                     request_deserializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggPoll.FromString,
                     response_serializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggReply.SerializeToString,
+            ),
+            'PollStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.PollStream,
+                    request_deserializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggPoll.FromString,
+                    response_serializer=tiesfed_dot_protos_dot_v1_dot_secagg__pb2.PollChunk.SerializeToString,
             ),
             'UploadMasked': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadMasked,
@@ -214,6 +253,33 @@ class SecureAggregation:
             _registered_method=True)
 
     @staticmethod
+    def StepStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tiesfed.v1.SecureAggregation/StepStream',
+            tiesfed_dot_protos_dot_v1_dot_secagg__pb2.StepChunk.SerializeToString,
+            tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Poll(request,
             target,
             options=(),
@@ -230,6 +296,33 @@ class SecureAggregation:
             '/tiesfed.v1.SecureAggregation/Poll',
             tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggPoll.SerializeToString,
             tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PollStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tiesfed.v1.SecureAggregation/PollStream',
+            tiesfed_dot_protos_dot_v1_dot_secagg__pb2.SecAggPoll.SerializeToString,
+            tiesfed_dot_protos_dot_v1_dot_secagg__pb2.PollChunk.FromString,
             options,
             channel_credentials,
             insecure,
