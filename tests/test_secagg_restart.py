@@ -37,10 +37,9 @@ from tests.test_secagg_round import (  # noqa: F401
     secure_server,
     submit_threads,
 )
-from tiesfed.client.connection import Connection, Retry, spec_options
-from tiesfed.client.secure import SecureFlow, flat_contribution, secagg_round, secure_spec
-from tiesfed.core.methods import get_method
-from tiesfed.io.model_io import ModelReader
+from tests.test_secagg_round import flows_for as round_flows
+from tiesfed.client.connection import Connection, Retry
+from tiesfed.client.secure import SecureFlow
 from tiesfed.protos.v1 import channel_options
 from tiesfed.protos.v1 import secagg_pb2 as spb
 from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
@@ -100,19 +99,8 @@ class Coordinator:
 
 
 def flows_for(target: str, pki, family, chunk_bytes: int = 1 << 20) -> tuple[list[Connection], list[SecureFlow]]:
-    """One `SecureFlow` per client (client i submits model i), each on its own connection with
-    a retry policy that outlasts a restart."""
-    conns, flows = [], []
-    for i, c in enumerate(CLIENTS):
-        conn = Connection(target, tls=pki.client(c), retry=PATIENT)
-        conns.append(conn)
-        spec = conn.round_spec("r1")
-        opts = spec_options(spec)
-        with ModelReader(family[0]) as b, ModelReader(family[1][i]) as ft:
-            idx, val = flat_contribution(spec, b, ft, get_method(opts.method).trim_spec(opts, None), opts,
-                                         spec.participants[i].model_key)
-        flows.append(SecureFlow(conn, secagg_round(spec, secure_spec(conn, "r1"), opts), idx, val, chunk_bytes))
-    return conns, flows
+    """One `SecureFlow` per client, with a retry policy that outlasts a restart."""
+    return round_flows(target, pki, family, PATIENT, chunk_bytes)
 
 
 def secure_stub_call(target: str, pki, method: str, request, client: str = "org-a"):

@@ -355,6 +355,27 @@ def test_a_broken_masked_upload_resumes_where_the_coordinator_stopped(family, tm
     assert_identical(fetch_secure(srv.target, pki, family, tmp_path), plain_round(family, tmp_path, [0, 1, 2]))
 
 
+def flows_for(target: str, pki, family, retry, chunk_bytes: int = 1 << 20) -> tuple[list, list]:
+    """One `SecureFlow` per client (client i submits model i), each on its own connection with
+    `retry` as its retry policy: driven phase by phase by the test."""
+    from tiesfed.client.connection import Connection, spec_options
+    from tiesfed.client.secure import SecureFlow, flat_contribution, secagg_round, secure_spec
+    from tiesfed.core.methods import get_method
+    from tiesfed.io.model_io import ModelReader
+
+    conns, flows = [], []
+    for i, c in enumerate(CLIENTS):
+        conn = Connection(target, tls=pki.client(c), retry=retry)
+        conns.append(conn)
+        spec = conn.round_spec("r1")
+        opts = spec_options(spec)
+        with ModelReader(family[0]) as b, ModelReader(family[1][i]) as ft:
+            idx, val = flat_contribution(spec, b, ft, get_method(opts.method).trim_spec(opts, None), opts,
+                                         spec.participants[i].model_key)
+        flows.append(SecureFlow(conn, secagg_round(spec, secure_spec(conn, "r1"), opts), idx, val, chunk_bytes))
+    return conns, flows
+
+
 def test_masked_upload_refusals_keep_the_held_prefix_or_drop_a_wrong_one(family, tmp_path, pki, secure_server):
     """The coordinator's side of the resume, driven chunk by chunk: a stream that ends short
     keeps its prefix (MaskedStatus reports it and its sha256); a chunk at another offset is
@@ -363,24 +384,10 @@ def test_masked_upload_refusals_keep_the_held_prefix_or_drop_a_wrong_one(family,
     equals the plain round."""
     import hashlib
 
-    from tiesfed.client.connection import Connection, spec_options
-    from tiesfed.client.secure import SecureFlow, flat_contribution, secagg_round
-    from tiesfed.client.secure import secure_spec as read_secure_spec
-    from tiesfed.core.methods import get_method
-    from tiesfed.io.model_io import ModelReader
     from tiesfed.trust.secagg.messages import MaskRequest
 
     srv = secure_server(secure_config())
-    conns, flows = [], []
-    for i, c in enumerate(CLIENTS):
-        conn = Connection(srv.target, tls=pki.client(c), retry=FAST)
-        conns.append(conn)
-        spec = conn.round_spec("r1")
-        opts = spec_options(spec)
-        with ModelReader(family[0]) as b, ModelReader(family[1][i]) as ft:
-            idx, val = flat_contribution(spec, b, ft, get_method(opts.method).trim_spec(opts, None), opts,
-                                         spec.participants[i].model_key)
-        flows.append(SecureFlow(conn, secagg_round(spec, read_secure_spec(conn, "r1"), opts), idx, val))
+    conns, flows = flows_for(srv.target, pki, family, FAST)
     try:
         for f in flows:
             f.keys()
