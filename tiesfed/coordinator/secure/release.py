@@ -13,38 +13,47 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import torch
+import numpy as np
 
 from tiesfed.coordinator.secure.journal import Journal
 from tiesfed.core.secagg.ring import RingError
-from tiesfed.core.secagg.support import unpack_support
+from tiesfed.core.secagg.support import BITMAP_BLOCK, SupportReader
 from tiesfed.trust.secagg import SecAggError
 from tiesfed.trust.secagg.messages import ShareUpload, from_bytes
 from tiesfed.trust.secagg.params import SecAggRound
 
 
-def check_release(journal: Journal, rnd: SecAggRound, support: torch.Tensor, sharers: Iterable[str],
+def _support(journal: Journal, rnd: SecAggRound, client_id: str) -> bytes:
+    held = journal.message("shares", client_id)
+    up = from_bytes(held) if held is not None else None
+    if not isinstance(up, ShareUpload):
+        raise SecAggError(f"round {rnd.round_id!r}: the journal holds no share upload of {client_id!r}")
+    return up.support
+
+
+def check_release(journal: Journal, rnd: SecAggRound, support_packed: bytes, sharers: Iterable[str],
                   survivors: list[str]) -> None:
-    """SecAggError (naming who dropped and how many positions) if some position of U (`support`)
-    is covered by fewer than `rnd.min_release` of the `survivors`' supports; nothing to check
-    with m = 1 or no sharer missing. The supports are read back from the journal's share
-    uploads one at a time, into one int32 count per parameter."""
+    """SecAggError (naming who dropped and how many positions) if some position of U (its
+    packed bitmap) is covered by fewer than `rnd.min_release` of the `survivors`' supports;
+    nothing to check with m = 1 or no sharer missing. The bitmaps (U's, and each survivor's
+    from the journal) are read block by block: memory is one block's counts."""
     m = rnd.min_release
     dropped = sorted(set(sharers) - set(survivors))
     if m <= 1 or not dropped:
         return
-    counts = torch.zeros(rnd.numel, dtype=torch.int32)
-    for c in survivors:
-        held = journal.message("shares", c)
-        up = from_bytes(held) if held is not None else None
-        if not isinstance(up, ShareUpload):
-            raise SecAggError(f"round {rnd.round_id!r}: the journal holds no share upload of {c!r}")
-        try:
-            idx = unpack_support(up.support, rnd.numel)
-        except RingError as e:
-            raise SecAggError(f"round {rnd.round_id!r}: the journalled support of {c!r}: {e}") from None
-        counts.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.int32))
-    thin = int((counts[support] < m).sum())
+    readers = [SupportReader(_support(journal, rnd, c), rnd.numel) for c in survivors]
+    u, thin = SupportReader(support_packed, rnd.numel), 0
+    try:
+        for lo in range(0, rnd.numel, BITMAP_BLOCK):
+            hi = min(rnd.numel, lo + BITMAP_BLOCK)
+            counts = np.zeros(hi - lo, dtype=np.int32)
+            for r in readers:
+                counts[r.take(hi) - lo] += 1
+            thin += int((counts[u.take(hi) - lo] < m).sum())
+        for r in readers:
+            r.close()
+    except RingError as e:
+        raise SecAggError(f"round {rnd.round_id!r}: a journalled support bitmap: {e}") from None
     if thin:
         raise SecAggError(
             f"round {rnd.round_id!r}: the release rule cannot hold after {', '.join(dropped)} dropped out before "

@@ -310,7 +310,7 @@ class SecureSession:
 
     def restore_partials(self) -> None:
         """The masked prefixes the journal holds, as a restart found them (lock held)."""
-        total = self.params.layout.width * self.params.layout.bytes_per_element * self.server.support.numel()
+        total = self.params.layout.width * self.params.layout.bytes_per_element * self.server.support_size
         for path in self.journal.partial_files():
             part = _Partial(total)
             for piece in pieces(path):
@@ -416,7 +416,7 @@ class SecureSession:
             self._sharers = set(reqs)
         elif phase == "masked":
             self._drop_partials()
-            check_release(self.journal, self.params, self.server.support, self._sharers, arrived)
+            check_release(self.journal, self.params, self.server.support_packed, self._sharers, arrived)
             ur = self.server.close_masked()
             self.outbox["masked"] = to_bytes(ur)
             nxt = set(ur.survivors)
