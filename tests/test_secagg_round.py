@@ -198,22 +198,6 @@ def fetch_secure(target: str, pki, family, tmp_path) -> dict[str, torch.Tensor]:
     return load_folder(out)
 
 
-# ----------------------------------------------------------------------------- the wire
-
-
-def test_committed_secagg_stubs_are_current(tmp_path):
-    pytest.importorskip("grpc_tools")
-    from grpc_tools import protoc
-
-    proto = "tiesfed/protos/v1/secagg.proto"
-    rc = protoc.main(["grpc_tools.protoc", f"-I{ROOT}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
-                      f"--grpc_python_out={tmp_path}", str(ROOT / proto)])
-    assert rc == 0
-    for name in ("secagg_pb2.py", "secagg_pb2.pyi", "secagg_pb2_grpc.py"):
-        fresh = (tmp_path / "tiesfed/protos/v1" / name).read_bytes()
-        assert fresh == (ROOT / "tiesfed/protos/v1" / name).read_bytes(), f"{name} is stale: regenerate (see {proto})"
-
-
 # ----------------------------------------------------------------------------- rounds
 
 

@@ -1,4 +1,4 @@
-"""Regenerate the gRPC stubs of tiesfed/protos/v1/tiesfed.proto.
+"""Regenerate the gRPC stubs of tiesfed/protos/v1/tiesfed.proto and secagg.proto.
 
     python -m tiesfed.protos.generate            # rewrite the committed stubs in place
     python -m tiesfed.protos.generate --out DIR  # write them under DIR instead (tests)
@@ -17,12 +17,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PROTO = "tiesfed/protos/v1/tiesfed.proto"
-GENERATED = (
-    "tiesfed/protos/v1/tiesfed_pb2.py",
-    "tiesfed/protos/v1/tiesfed_pb2.pyi",
-    "tiesfed/protos/v1/tiesfed_pb2_grpc.py",
-)
+PROTOS = ("tiesfed/protos/v1/tiesfed.proto", "tiesfed/protos/v1/secagg.proto")
+#: per proto, in PROTOS' order: its _pb2.py, _pb2.pyi and _pb2_grpc.py
+GENERATED = tuple(p.removesuffix(".proto") + suffix for p in PROTOS for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
 
 
 def generate(out_dir: str | Path = ROOT) -> list[Path]:
@@ -30,14 +27,14 @@ def generate(out_dir: str | Path = ROOT) -> list[Path]:
     from grpc_tools import protoc
 
     out = Path(out_dir).resolve()
-    (out / Path(PROTO).parent).mkdir(parents=True, exist_ok=True)
+    (out / Path(PROTOS[0]).parent).mkdir(parents=True, exist_ok=True)
     args = [
         "grpc_tools.protoc",
         f"-I{ROOT}",
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",
-        str(ROOT / PROTO),
+        *(str(ROOT / p) for p in PROTOS),
     ]
     rc = protoc.main(args)
     if rc != 0:
