@@ -210,3 +210,32 @@ def test_a_stalled_masked_upload_is_dropped_at_the_deadline(family, tmp_path, pk
         st = pb_grpc.CoordinatorStub(ch).GetRoundStatus(pb.GetRoundStatusRequest(round_id="r1"), timeout=10)
     assert st.state == pb.ROUND_STATE_FINALIZED
     assert_identical(fetch_secure(srv.target, pki, family, tmp_path), plain_round(family, tmp_path, [0, 1]))
+
+
+def test_a_participants_long_polls_are_capped_and_the_others_still_answer(family, pki, secure_server):  # noqa: F811
+    """A secure Poll holds a server thread for up to 30 s, so a participant's polls count as
+    Watch calls: two at once, a third is RESOURCE_EXHAUSTED at once naming the cap (before, any
+    number could take the worker threads), and another participant's calls still answer."""
+    srv = secure_server(config(phase_s=60))
+    poll = spb.SecAggPoll(round_id="r1", phase="keys", wait_seconds=4)  # keys stays open: each waits 4 s
+    with secure_channel(srv.target, Identity.load(pki.client("org-a")), options=channel_options()) as ch:
+        stub = spb_grpc.SecureAggregationStub(ch)
+        unary = stub.Poll.future(poll, timeout=30)
+        streamed: list = []
+        reader = threading.Thread(target=lambda: streamed.extend(stub.PollStream(poll, timeout=30)))
+        reader.start()
+        end = time.monotonic() + 10
+        while srv.gate.in_flight("Watch") < 2:
+            assert time.monotonic() < end, "the two polls were not admitted"
+            time.sleep(0.02)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Poll(poll, timeout=30)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "SecurePoll" in ei.value.details() and "org-a" in ei.value.details()
+        with secure_channel(srv.target, Identity.load(pki.client("org-b")), options=channel_options()) as other:
+            st = spb_grpc.SecureAggregationStub(other).Status(spb.SecureSpecRequest(round_id="r1"), timeout=10)
+            assert st.phase == "keys"
+        assert not unary.result().ready
+        reader.join(30)
+        assert [c.ready for c in streamed] == [False]
+    assert srv.gate.in_flight("Watch") == 0  # released when the calls end

@@ -271,7 +271,8 @@ def default_max_round_params(aggregator: str) -> int:
 
 
 def stream_gate(config: CoordinatorConfig) -> StreamGate:
-    """The caps on long-lived calls: Watch, Download, and Upload with waiting ReserveUploads."""
+    """The caps on long-lived calls: Watch, Download, and Upload with waiting ReserveUploads;
+    a secure round's polls count as watches, its step streams and masked uploads as uploads."""
     return StreamGate(
         pools={"Watch": (config.max_watch_streams, "max_watch_streams"),
                "Download": (config.max_download_streams, "max_download_streams"),
@@ -280,7 +281,12 @@ def stream_gate(config: CoordinatorConfig) -> StreamGate:
                "Download": Cap("Download", config.max_downloads_per_client, "max_downloads_per_client"),
                # one stream per client id (the manager's rule); a second one may wait for the first to end
                "Upload": Cap("Upload", 2, None),
-               "ReserveUpload": Cap("Upload", 1, None)},
+               "ReserveUpload": Cap("Upload", 1, None),
+               # a secure round's calls that hold a thread: its long polls as watches, its
+               # step messages and masked vector as uploads (one in flight, one dying)
+               "SecurePoll": Cap("Watch", 2, None),
+               "SecureStep": Cap("Upload", 2, None),
+               "SecureUpload": Cap("Upload", 2, None)},
     )
 
 

@@ -34,6 +34,7 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
 
     def __init__(self, service: CoordinatorService, ca_pem: Optional[bytes]) -> None:
         self.service = service
+        self.gate = service.gate  # the Coordinator's caps on calls that hold a thread
         self.manager = service.manager
         self.ca_pem = ca_pem
         self.sessions: dict[str, SecureSession] = {}
@@ -113,7 +114,8 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
     @rpc
     def Step(self, request, context):
         s, cid, fp = self._session(request.round_id, context)
-        phase = s.step(cid, request.phase, request.payload, fp)
+        with self.gate.held("SecureStep", cid):
+            phase = s.step(cid, request.phase, request.payload, fp)
         return spb.SecAggAck(phase=phase)
 
     @rpc
@@ -130,6 +132,12 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
         if total > limit:
             raise RoundError("INVALID_ARGUMENT", f"a {phase} message of {total} bytes declared by {cid!r}: this "
                              f"round's parameters allow at most {limit}")
+        with self.gate.held("SecureStep", cid):
+            return spb.SecAggAck(phase=self._gather(s, cid, fp, phase, total, first, request_iterator))
+
+    def _gather(self, s: SecureSession, cid: str, fp: Optional[str], phase: str, total: int, first,
+                request_iterator) -> str:
+        """A step stream's chunks gathered, checked (size, sha256) and handed to the session."""
         buf, sha, want = bytearray(), hashlib.sha256(), ""
         s.attach(cid)
         try:
@@ -156,14 +164,15 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
         if want != sha.hexdigest():
             raise RoundError("DATA_LOSS", f"{phase} message of {cid!r}: the {total} bytes received do not have the "
                              f"sha256 the client sent ({want or 'none'})")
-        return spb.SecAggAck(phase=s.step(cid, phase, bytes(buf), fp))
+        return s.step(cid, phase, bytes(buf), fp)
 
     @rpc_stream
     def PollStream(self, request, context):
         """Poll's answer in chunks of at most `SECAGG_CHUNK_BYTES` (or the client's smaller
         `max_chunk_bytes`); the first chunk carries the whole size and sha256."""
         s, cid, _ = self._session(request.round_id, context)
-        out = s.poll(cid, request.phase, request.wait_seconds)
+        with self.gate.held("SecurePoll", cid):
+            out = s.poll(cid, request.phase, request.wait_seconds)
         phase = s.status()["phase"]
         if out is None:
             yield spb.PollChunk(ready=False, phase=phase)
@@ -178,7 +187,8 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
     @rpc
     def Poll(self, request, context):
         s, cid, _ = self._session(request.round_id, context)
-        out = s.poll(cid, request.phase, request.wait_seconds)
+        with self.gate.held("SecurePoll", cid):
+            out = s.poll(cid, request.phase, request.wait_seconds)
         return spb.SecAggReply(ready=out is not None, payload=out or b"", phase=s.status()["phase"])
 
     @rpc
@@ -199,7 +209,8 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
                 except grpc.RpcError:  # the client went away: what arrived is kept for its resume
                     raise RoundError("CANCELLED", f"masked upload of {cid!r}: the stream broke") from None
 
-        s.upload(cid, first.total_bytes, chunks())
+        with self.gate.held("SecureUpload", cid):
+            s.upload(cid, first.total_bytes, chunks())
         return spb.SecAggAck(phase=s.status()["phase"])
 
     @rpc
