@@ -496,3 +496,38 @@ def test_reader_keeps_a_flat_prefix_of_rows(family, added, tmp_path):
         assert grown.info(n).shape == (131, 16) and torch.equal(grown.get(n), want)
         assert torch.equal(grown.get_range(n, 2040, 2060), want.reshape(-1)[2040:2060])  # across the two parts
         assert [t.shape for t in grown.manifest() if t.name == n] == [(131, 16)] and n in grown
+
+
+def test_cli_client_submit_vocab_base_in_a_round(family, added, tmp_path):
+    """`tiesfed client submit BASE FT_ADDED --vocab base` against a running coordinator: the
+    client cuts its own grown rows; the fetched merge equals `tiesfed merge --vocab base`."""
+    from click.testing import CliRunner
+
+    from tiesfed.cli import main
+    from tiesfed.client.federated import fetch
+    from tiesfed.coordinator.rounds import ParticipantConfig, RoundConfig
+    from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
+    from tiesfed.core.options import MergeOptions
+
+    base, models = family / "base", [family / "ft2", added]
+    srv = CoordinatorServer(CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool",
+                                              base_model=str(base), aggregator="local", insecure=True)).start()
+    try:
+        rnd = srv.manager.open_round(RoundConfig(round_id="r1", options=MergeOptions(k=30), participants=[
+            ParticipantConfig(client_id=c) for c in ("org-a", "org-b")]))
+        runner = CliRunner()
+        refused = runner.invoke(main, ["client", "submit", str(base), str(added), "--target", srv.target, "--round",
+                                       "r1", "--client-id", "org-b", "-q", "--insecure"])
+        assert refused.exit_code != 0 and "--vocab base" in refused.output  # the grown model alone: named option
+        for c, m in zip(("org-a", "org-b"), models):
+            res = runner.invoke(main, ["client", "submit", str(base), str(m), "--target", srv.target, "--round", "r1",
+                                       "--client-id", c, "-q", "--insecure", "--vocab", "base"])
+            assert res.exit_code == 0, res.output
+        assert rnd.wait_closed(60) and rnd.state == "finalized", rnd.message
+        fetch(srv.target, "r1", "org-a", str(base), tmp_path / "fed", timeout=60, insecure=True)
+    finally:
+        srv.stop(grace=0)
+    res = CliRunner().invoke(main, ["merge", str(base), *map(str, models), "-o", str(tmp_path / "local"), "-q",
+                                    "--k", "30", "--vocab", "base"])
+    assert res.exit_code == 0, res.output
+    _same(tmp_path / "fed", tmp_path / "local")
