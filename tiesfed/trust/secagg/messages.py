@@ -126,12 +126,15 @@ def _check(value: Any, hint: str, what: str) -> Any:
 
 def _dec(node: Any, blob: memoryview) -> Any:
     if isinstance(node, dict) and set(node) == {"$b"}:
-        start, length = node["$b"]
-        if not (isinstance(start, int) and isinstance(length, int) and 0 <= start and start + length <= len(blob)):
+        ref = node["$b"]
+        if not (isinstance(ref, list) and len(ref) == 2 and all(type(v) is int and v >= 0 for v in ref)):
+            raise SecAggError("a byte field's reference is not [offset, length]")
+        start, length = ref
+        if start + length > len(blob):
             raise SecAggError("a byte field points outside the message")
         return bytes(blob[start:start + length])
     if isinstance(node, dict) and "$t" in node:
-        cls = TYPES.get(node["$t"])
+        cls = TYPES.get(node["$t"]) if isinstance(node["$t"], str) else None
         if cls is None:
             raise SecAggError(f"unknown message type {node['$t']!r}")
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
@@ -159,6 +162,11 @@ def from_bytes(data: bytes) -> Message:
         header = json.loads(data[_PREFIX.size:start])
     except ValueError as e:
         raise SecAggError(f"message header is not JSON: {e}") from None
+    except RecursionError:
+        raise SecAggError("message header is nested too deeply") from None
     if not (isinstance(header, dict) and "$t" in header):
         raise SecAggError("message header names no type")
-    return _dec(header, memoryview(data)[start:])
+    try:
+        return _dec(header, memoryview(data)[start:])
+    except RecursionError:
+        raise SecAggError("message header is nested too deeply") from None
