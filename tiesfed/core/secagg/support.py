@@ -34,6 +34,8 @@ def unpack_support(data: bytes, numel: int) -> torch.Tensor:
         raise RingError(f"support bitmap does not inflate: {e}") from None
     if len(raw) != want or d.unconsumed_tail or not d.eof:
         raise RingError(f"support bitmap is not {want} bytes for {numel} parameters")
+    if d.unused_data:
+        raise RingError(f"support bitmap: {len(d.unused_data)} bytes follow its deflate stream")
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))
     if bits[numel:].any():
         raise RingError("support bitmap sets padding bits")
@@ -160,6 +162,8 @@ class SupportReader:
             raise RingError(f"support bitmap does not inflate: {e}") from None
         if len(self._raw) != want or extra or self._d.unconsumed_tail or not self._d.eof:
             raise RingError(f"support bitmap is not {(self.numel + 7) // 8} bytes for {self.numel} parameters")
+        if self._d.unused_data:
+            raise RingError(f"support bitmap: {len(self._d.unused_data)} bytes follow its deflate stream")
         if want and np.unpackbits(np.frombuffer(self._raw, dtype=np.uint8))[self.numel % 8:].any():
             raise RingError("support bitmap sets padding bits")
 
