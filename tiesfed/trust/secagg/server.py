@@ -31,7 +31,7 @@ from tiesfed.core.accumulators import Accumulator
 from tiesfed.core.secagg.decode import secure_finalize
 from tiesfed.core.secagg.encode import quantise_weight
 from tiesfed.core.secagg.ring import RingError, ring_add, ring_sub
-from tiesfed.core.secagg.shamir import ShamirError, combine, share_from_bytes
+from tiesfed.core.secagg.shamir import SHARE_BYTES, ShamirError, combine, share_from_bytes
 from tiesfed.core.secagg.support import count_support, merge_supports, unpack_support
 from tiesfed.trust.secagg.keys import SecAggError, check_advert, load_public, public_bytes
 from tiesfed.trust.secagg.messages import (
@@ -49,6 +49,10 @@ from tiesfed.trust.secagg.ringfile import RING_BLOCK, RingFile
 from tiesfed.trust.secagg.sums import UnmaskedSums
 
 PHASES = ("keys", "shares", "masked", "unmask", "done")
+#: A sealed box's size: nonce, AES-GCM tag, and the plaintext `SecAggClient.share` seals (its x
+#: as 4 bytes, a share of b_u and one of s_u's key). The coordinator cannot open a box, but
+#: refuses one of another size, which its recipient could not open either.
+BOX_BYTES = 12 + 16 + 4 + 2 * SHARE_BYTES
 
 
 class SecAggServer:
@@ -123,6 +127,9 @@ class SecAggServer:
         want = set(self._keyed) - {who}
         if set(up.boxes) != want:
             raise SecAggError(f"shares from {who!r} are addressed to {sorted(up.boxes)}, expected {sorted(want)}")
+        bad = sorted(c for c, box in up.boxes.items() if len(box) != BOX_BYTES)
+        if bad:
+            raise SecAggError(f"shares from {who!r}: the boxes for {bad} are not {BOX_BYTES} bytes")
         try:
             count_support(up.support, self.round.numel)  # checked now, read again block by block at close
         except RingError as e:
@@ -201,6 +208,12 @@ class SecAggServer:
         if set(rep.seed_shares) != set(self._survivors) or set(rep.key_shares) != dropped:
             raise SecAggError(f"unmasking shares from {who!r} do not cover exactly the survivors' seeds "
                               "and the dropped clients' keys")
+        for field, shares in (("seed", rep.seed_shares), ("key", rep.key_shares)):
+            for v, share in shares.items():
+                try:  # finish_stream reads them again; a malformed one must not get that far
+                    share_from_bytes(share)
+                except ShamirError as e:
+                    raise SecAggError(f"unmasking shares from {who!r}: its share of {v!r}'s {field}: {e}") from None
         self._replies[who] = rep
 
     def finish(self) -> Accumulator:
@@ -221,8 +234,8 @@ class SecAggServer:
         assert self._ring is not None
 
         def secret(v: str, field: str) -> bytes:
-            shares = [(x[r], share_from_bytes(getattr(self._replies[r], field)[v])) for r in repliers]
             try:
+                shares = [(x[r], share_from_bytes(getattr(self._replies[r], field)[v])) for r in repliers]
                 return combine(shares, t, 32)
             except ShamirError as e:
                 raise SecAggError(f"cannot reconstruct the {field[:-7]} of {v!r}: {e}") from None
