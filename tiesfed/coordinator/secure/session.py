@@ -26,6 +26,7 @@ the merge is published.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import threading
 import time
@@ -39,7 +40,7 @@ from tiesfed.coordinator.secure.journal import STEP_TYPES, Journal, pieces, repl
 from tiesfed.coordinator.secure.publish import FlatAggregator, publish
 from tiesfed.coordinator.secure.release import check_release
 from tiesfed.coordinator.secure.settings import effective, secagg_round
-from tiesfed.trust.certs import fingerprint
+from tiesfed.trust.certs import TrustError, fingerprint
 from tiesfed.trust.secagg import SecAggError, SecAggServer
 from tiesfed.trust.secagg.messages import KeyAdvert, Message, from_bytes, to_bytes
 
@@ -164,9 +165,15 @@ class SecureSession:
         if msg.client_id != client_id:
             raise RoundError("PERMISSION_DENIED", f"a {want.__name__} naming {msg.client_id!r} sent by "
                              f"{client_id!r}: a client speaks only for its own certificate's id")
-        if isinstance(msg, KeyAdvert) and cert_fingerprint is not None and fingerprint(msg.cert_pem) != cert_fingerprint:
-            raise RoundError("PERMISSION_DENIED", f"the key advertisement of {client_id!r} carries a certificate "
-                             "other than the one it connected with")
+        if isinstance(msg, KeyAdvert) and cert_fingerprint is not None:
+            try:
+                same = fingerprint(msg.cert_pem) == cert_fingerprint
+            except TrustError as e:  # not a certificate at all
+                raise RoundError("PERMISSION_DENIED", f"the key advertisement of {client_id!r} carries no usable "
+                                 f"certificate: {e}") from None
+            if not same:
+                raise RoundError("PERMISSION_DENIED", f"the key advertisement of {client_id!r} carries a "
+                                 "certificate other than the one it connected with")
         with self.cond:
             if self._taken(client_id, phase, payload):  # a retry (its ack was lost, or a restart came between)
                 return self.phase
@@ -226,6 +233,8 @@ class SecureSession:
         the client's spool file, which keeps what a broken stream delivered; the next stream
         resumes at its end (or starts afresh at 0). Folded into the running sum once, when all
         `total` bytes are in and their sha256 is the client's."""
+        chunks = iter(chunks)
+        head = next(chunks, None)  # its offset is checked before anything is kept for this stream
         with self.cond:
             self._check_phase(client_id, "masked")
             need = self.params.layout.width * self.params.layout.bytes_per_element * self.server.support_size
@@ -235,6 +244,13 @@ class SecureSession:
             if client_id in self.uploading:
                 raise RoundError("ABORTED", f"client {client_id!r} has a masked upload stream open already (a "
                                  "broken one not yet noticed?); ask MaskedStatus and retry")
+            held = self.partial[client_id].size if client_id in self.partial else 0
+            if head is not None and head[0] not in (0, held):
+                raise RoundError("ABORTED", f"masked upload of {client_id!r}: a stream starting at {head[0]}, the "
+                                 f"coordinator holds {held} bytes: resume there (MaskedStatus) or start at 0")
+            if head is not None and len(head[1]) > total:
+                raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r}: a chunk of {len(head[1])} "
+                                 f"bytes, more than the {total} declared")
             self.uploading.add(client_id)
             self.streaming[client_id] = self.streaming.get(client_id, 0) + 1
             self.progress[client_id] = self.clock()
@@ -243,7 +259,7 @@ class SecureSession:
         try:
             want = ""
             with self.journal.open_partial(client_id) as f:
-                for n, (offset, data, sha) in enumerate(chunks):
+                for n, (offset, data, sha) in enumerate(itertools.chain([head] if head else [], chunks)):
                     if n == 0 and offset == 0 and part.size:  # the client starts afresh
                         with self.cond:
                             part.restart()
