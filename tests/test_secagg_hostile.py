@@ -1,0 +1,423 @@
+"""An authenticated participant attacking a running coordinator's secure-aggregation service
+(issue 13): hostile calls in every phase are refused with a status naming the problem, never
+INTERNAL/UNKNOWN, never hang, and leave the session exactly as it was (phase, arrivals,
+messages taken, masked prefixes, journal files); afterwards the honest clients complete the
+round and it equals the plain round bit for bit.
+
+The attacker is org-a itself, before it sends each phase's honest message (or org-c, after it
+sent its own: replays). Real gRPC over mutual TLS, as in test_secagg_round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import threading
+import time
+import zlib
+
+import grpc
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.test_federated import FAST, assert_identical
+from tests.test_secagg_round import (  # noqa: F401
+    CLIENTS,
+    family,
+    fetch_secure,
+    flows_for,
+    plain_round,
+    secure_config,
+)
+from tiesfed.coordinator.rounds import RoundConfig
+from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
+from tiesfed.core.secagg.shamir import ShamirError, share_from_bytes
+from tiesfed.protos.v1 import secagg_pb2 as spb
+from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
+from tiesfed.trust.identity import Identity
+from tiesfed.trust.secagg import SecAggClient, SecAggError
+from tiesfed.trust.secagg.messages import (
+    MAGIC,
+    VERSION,
+    KeyAdvert,
+    KeyList,
+    MaskRequest,
+    ShareUpload,
+    UnmaskReply,
+    UnmaskRequest,
+    from_bytes,
+    to_bytes,
+)
+
+REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND}
+
+
+@pytest.fixture
+def start():
+    """`start(tmp_path, family, pki, *rounds)`: an in-process coordinator over mutual TLS."""
+    started = []
+
+    def run(tmp_path, family, pki, *rounds: RoundConfig) -> CoordinatorServer:  # noqa: F811
+        cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool", base_model=str(family[0]),
+                                tls_dir=pki.server, aggregator="local", rounds=list(rounds))
+        srv = CoordinatorServer(cfg).start()
+        started.append(srv)
+        return srv
+
+    yield run
+    for srv in started:
+        srv.stop(grace=0)
+
+
+def snapshot(srv) -> tuple:
+    """Everything a refused call must leave as it was: the session's state and its journal's files."""
+    s = srv.secure.sessions["r1"]
+    with s.cond:
+        state = (s.phase, tuple(s.arrived), s.failed, dict(s.taken), sorted(s.folded),
+                 {c: (p.size, p.sha.hexdigest()) for c, p in s.partial.items()}, sorted(s.outbox))
+    files = {str(p.relative_to(s.journal.dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(s.journal.dir.rglob("*")) if p.is_file()} if s.journal.dir.exists() else {}
+    return state, files
+
+
+class Attacker:
+    """Raw calls on a participant's authenticated channel; each must be refused."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.stub = spb_grpc.SecureAggregationStub(conn.channel)
+
+    def refused(self, name: str, request, *, codes=REFUSALS, says: str = "") -> grpc.RpcError:
+        call = getattr(self.stub, name)
+        with pytest.raises(grpc.RpcError) as e:
+            out = call(request, metadata=self.conn.metadata, timeout=20)
+            if name == "PollStream":
+                list(out)
+        err = e.value
+        assert err.code() in codes, (name, err.code(), err.details())
+        assert says in (err.details() or ""), err.details()
+        return err
+
+    def step(self, phase: str, payload: bytes, **kw) -> grpc.RpcError:
+        return self.refused("Step", spb.SecAggStep(round_id="r1", phase=phase, payload=payload), **kw)
+
+    def stream(self, *chunks: spb.StepChunk, **kw) -> grpc.RpcError:
+        return self.refused("StepStream", iter(chunks), **kw)
+
+    def upload(self, *chunks: spb.MaskedChunk, **kw) -> grpc.RpcError:
+        return self.refused("UploadMasked", iter(chunks), **kw)
+
+
+def frame(header: object, blob: bytes = b"") -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<4sBI", MAGIC, VERSION, len(h)) + h + blob
+
+
+def common_hostile(a: Attacker, phase: str) -> None:
+    """Calls that are wrong in any phase: unknown or insecure round, non-step phases, junk frames."""
+    a.refused("Status", spb.SecureSpecRequest(round_id="nope"), codes={grpc.StatusCode.NOT_FOUND})
+    a.refused("Step", spb.SecAggStep(round_id="plain", phase="keys", payload=b"x"),
+              codes={grpc.StatusCode.FAILED_PRECONDITION}, says="not a secure-aggregation round")
+    a.refused("MaskedStatus", spb.SecureSpecRequest(round_id="plain"), codes={grpc.StatusCode.FAILED_PRECONDITION})
+    a.step("masked", b"x", codes={grpc.StatusCode.INVALID_ARGUMENT}, says="takes no step message")
+    a.step("", b"x", codes={grpc.StatusCode.INVALID_ARGUMENT})
+    a.refused("Poll", spb.SecAggPoll(round_id="r1", phase="unmask"), codes={grpc.StatusCode.INVALID_ARGUMENT})
+    a.refused("PollStream", spb.SecAggPoll(round_id="r1", phase="done"), codes={grpc.StatusCode.INVALID_ARGUMENT})
+    for junk in (b"", b"TSAG", frame([]), frame({"$t": []}), frame({"$t": "KeyAdvert", "client_id": {"$b": 7}}),
+                 frame({"$t": "KeyAdvert", "client_id": {"$b": [0, -1]}}),
+                 frame({"$t": "KeyAdvert", "client_id": {"$b": "ab"}}), frame({"$t": {"$t": 1}}),
+                 struct.pack("<4sBI", MAGIC, VERSION, 3) + b"\xff\xfe\xfd",
+                 struct.pack("<4sBI", MAGIC, VERSION, 40000) + b"[" * 40000):
+        a.step(phase, junk, codes={grpc.StatusCode.INVALID_ARGUMENT})
+    a.stream(codes={grpc.StatusCode.INVALID_ARGUMENT}, says="empty step stream")
+    a.stream(spb.StepChunk(round_id="r1", phase=phase, total_bytes=1 << 62), codes={grpc.StatusCode.INVALID_ARGUMENT})
+    a.stream(spb.StepChunk(round_id="r1", phase=phase, total_bytes=4, data=b"TSAG"),
+             spb.StepChunk(round_id="r2", data=b""), codes={grpc.StatusCode.INVALID_ARGUMENT})
+    a.stream(spb.StepChunk(round_id="r1", phase=phase, total_bytes=3, data=b"TSAG"),
+             codes={grpc.StatusCode.INVALID_ARGUMENT}, says="more than the 3 bytes")
+    a.upload(codes={grpc.StatusCode.INVALID_ARGUMENT}, says="empty masked upload")
+
+
+@st.composite
+def mutations(draw, good: bytes) -> bytes:
+    """A hostile variant of an honest message: truncated, extended, bit-flipped, spliced, or a
+    random header over its blobs."""
+    kind = draw(st.sampled_from(["truncate", "extend", "flip", "splice", "header"]))
+    if kind == "truncate":
+        return good[:draw(st.integers(0, len(good) - 1))]
+    if kind == "extend":
+        return good + draw(st.binary(min_size=1, max_size=64))
+    if kind == "flip":
+        at = draw(st.integers(0, len(good) - 1))
+        return good[:at] + bytes([good[at] ^ (1 << draw(st.integers(0, 7)))]) + good[at + 1:]
+    if kind == "splice":
+        at = draw(st.integers(0, len(good)))
+        return good[:at] + draw(st.binary(max_size=64)) + good[at + draw(st.integers(1, 64)):]
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-2, 1 << 20), st.text(max_size=8),
+                     st.builds(lambda a, b: {"$b": [a, b]}, st.integers(-5, 2000), st.integers(-5, 2000)))
+    node = st.recursive(leaf, lambda c: st.one_of(st.lists(c, max_size=4),
+                                                   st.dictionaries(st.sampled_from(
+                                                       ["$t", "$b", "client_id", "c_pk", "s_pk", "cert_pem",
+                                                        "signature", "support", "boxes", "seed_shares",
+                                                        "key_shares", "org-b"]), c, max_size=6)), max_leaves=12)
+    header = draw(st.one_of(node, st.fixed_dictionaries({"$t": st.sampled_from(
+        ["KeyAdvert", "ShareUpload", "UnmaskReply", "KeyList", "MaskedUpload"])}, optional={
+        k: node for k in ("client_id", "c_pk", "s_pk", "cert_pem", "signature", "support", "boxes",
+                          "seed_shares", "key_shares")})))
+    return frame(header, good[-256:])
+
+
+def fuzz(srv, a: Attacker, phase: str, good: bytes, examples: int) -> None:
+    """Hostile variants of `good` (org-a's honest message of `phase`): each is refused and
+    changes nothing. A variant that decodes to the honest message itself is skipped."""
+    honest = from_bytes(good)
+
+    def opaque_change(msg) -> bool:
+        """Whether `msg` differs from the honest message only inside bytes the coordinator cannot
+        check (a sealed box, a share's value): a participant may send any such message of its own."""
+        if isinstance(msg, ShareUpload) and isinstance(honest, ShareUpload):
+            return (msg.client_id, msg.support) == (honest.client_id, honest.support) and \
+                {k: len(v) for k, v in msg.boxes.items()} == {k: len(v) for k, v in honest.boxes.items()}
+        if isinstance(msg, UnmaskReply) and isinstance(honest, UnmaskReply):
+            def shape(m):
+                return m.client_id, sorted(m.seed_shares), sorted(m.key_shares)
+            try:
+                for v in (*msg.seed_shares.values(), *msg.key_shares.values()):
+                    share_from_bytes(v)
+            except ShamirError:
+                return False
+            return shape(msg) == shape(honest)
+        return False
+
+    @settings(max_examples=examples, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(mutations(good))
+    def one(payload: bytes) -> None:
+        try:
+            msg = from_bytes(payload)
+            same = msg == honest or opaque_change(msg)
+        except SecAggError:
+            same = False
+        if same:
+            return
+        before = snapshot(srv)
+        a.step(phase, payload)
+        assert snapshot(srv) == before
+
+    one()
+
+
+def poll(flow, phase: str, kind):
+    return flow._poll(phase, kind)
+
+
+def test_hostile_calls_in_every_phase_are_refused_and_the_round_still_equals_the_plain_one(
+        family, tmp_path, pki, start):  # noqa: F811
+    srv = start(tmp_path, family, pki, secure_config(), RoundConfig(round_id="plain", participants=CLIENTS))
+    conns, flows = flows_for(srv.target, pki, family, FAST)
+    a, c = Attacker(conns[0]), Attacker(conns[2])
+    alice, carol = flows[0], flows[2]
+    try:
+        # ---------------------------------------------------------------- keys
+        good = to_bytes(alice.client.advertise())
+        before = snapshot(srv)
+        common_hostile(a, "keys")
+        fuzz(srv, a, "keys", good, 60)
+        adv = from_bytes(good)
+        bob = Identity.load(pki.client("org-b"))
+        dave = Identity.load(pki.client("org-d"))
+        for forged, code in (
+                (KeyAdvert("org-a", adv.c_pk, adv.s_pk, dave.cert_pem, adv.signature), grpc.StatusCode.PERMISSION_DENIED),
+                (KeyAdvert("org-a", adv.c_pk, adv.s_pk, b"-----BEGIN CERTIFICATE-----\nAAAA\n", adv.signature),
+                 grpc.StatusCode.PERMISSION_DENIED),
+                (KeyAdvert("org-a", adv.c_pk, adv.s_pk, b"x" * 60000, adv.signature), grpc.StatusCode.PERMISSION_DENIED),
+                (KeyAdvert("org-a", adv.c_pk, adv.s_pk, adv.cert_pem, adv.signature[:-1] + b"\0"),
+                 grpc.StatusCode.INVALID_ARGUMENT),
+                (KeyAdvert("org-a", adv.c_pk[:31], adv.s_pk, adv.cert_pem, adv.signature), grpc.StatusCode.INVALID_ARGUMENT),
+                (KeyAdvert("org-a", adv.s_pk, adv.c_pk, adv.cert_pem, adv.signature), grpc.StatusCode.INVALID_ARGUMENT),
+                (KeyAdvert("org-b", adv.c_pk, adv.s_pk, bob.cert_pem, adv.signature), grpc.StatusCode.PERMISSION_DENIED)):
+            a.step("keys", to_bytes(forged), codes={code})
+        a.step("shares", to_bytes(ShareUpload("org-a", b"", {})), codes={grpc.StatusCode.FAILED_PRECONDITION})
+        assert not stub_poll(a, "keys", float("nan")).ready and not stub_poll(a, "keys", -5).ready
+        a.upload(spb.MaskedChunk(round_id="r1", total_bytes=8, data=b"x" * 8), codes={grpc.StatusCode.FAILED_PRECONDITION})
+        assert snapshot(srv) == before
+        for f in flows[1:]:
+            f.keys()
+        c.step("keys", good, codes={grpc.StatusCode.PERMISSION_DENIED})  # org-a's advert replayed by org-c
+        other = to_bytes(SecAggClient(conns[2].identity, carol.round, torch.tensor([3]), torch.tensor([0.01])).advertise())  # org-c's second advert
+        c.step("keys", other, codes={grpc.StatusCode.ALREADY_EXISTS}, says="already sent a different keys")
+        assert snapshot(srv)[0][1] == ("org-b", "org-c")
+        alice._step("keys", good)
+
+        # ---------------------------------------------------------------- shares
+        keys = poll(alice, "keys", KeyList)
+        good = to_bytes(alice.client.share(keys))
+        up = from_bytes(good)
+        before = snapshot(srv)
+        fuzz(srv, a, "shares", good, 40)
+        box = up.boxes["org-b"]
+        raw = (srv.secure.sessions["r1"].params.numel + 7) // 8
+        bomb = zlib.compress(b"\xff" * (64 << 20), 9)  # a 64 MiB bitmap in ~64 KiB
+        for hostile, code in (
+                (ShareUpload("org-a", up.support, {"org-b": box}), grpc.StatusCode.INVALID_ARGUMENT),
+                (ShareUpload("org-a", up.support, {**up.boxes, "org-a": box}), grpc.StatusCode.INVALID_ARGUMENT),
+                (ShareUpload("org-a", up.support, {**up.boxes, "org-d": box}), grpc.StatusCode.INVALID_ARGUMENT),
+                (ShareUpload("org-a", up.support, {"org-b": box[:20], "org-c": up.boxes["org-c"]}),
+                 grpc.StatusCode.INVALID_ARGUMENT),
+                (ShareUpload("org-a", up.support, {"org-b": box * 300, "org-c": up.boxes["org-c"]}),
+                 grpc.StatusCode.INVALID_ARGUMENT),
+                (ShareUpload("org-a", b"", up.boxes), grpc.StatusCode.INVALID_ARGUMENT),
+                (ShareUpload("org-a", up.support[:-3], up.boxes), grpc.StatusCode.INVALID_ARGUMENT),
+                (ShareUpload("org-a", zlib.compress(b"\xff" * (raw + 1)), up.boxes), grpc.StatusCode.INVALID_ARGUMENT),
+                (ShareUpload("org-a", zlib.compress(b"\xff" * raw) + b"junk", up.boxes), grpc.StatusCode.INVALID_ARGUMENT),
+                (ShareUpload("org-a", zlib.compress(b"\xff" * (1 << 24)), up.boxes), grpc.StatusCode.INVALID_ARGUMENT),
+                (ShareUpload("org-b", up.support, up.boxes), grpc.StatusCode.PERMISSION_DENIED)):
+            a.step("shares", to_bytes(hostile), codes={code})
+        a.step("shares", to_bytes(ShareUpload("org-a", bomb, up.boxes)), codes={grpc.StatusCode.INVALID_ARGUMENT},
+               says=f"is not {raw} bytes")  # inflated no further than the round's bitmap needs
+        limit = srv.secure.sessions["r1"].step_limit("shares")
+        a.stream(spb.StepChunk(round_id="r1", phase="shares", total_bytes=limit + 1, data=bomb[:1000]),
+                 codes={grpc.StatusCode.INVALID_ARGUMENT}, says="allow at most")
+        again = a.stub.Step(spb.SecAggStep(round_id="r1", phase="keys", payload=to_bytes(adv)),
+                            metadata=a.conn.metadata, timeout=20)
+        assert again.phase == "shares"  # the very advert again: a retry, acknowledged, nothing changes
+        other = to_bytes(SecAggClient(conns[0].identity, alice.round, torch.tensor([3]), torch.tensor([0.01])).advertise())
+        a.step("keys", other, codes={grpc.StatusCode.ALREADY_EXISTS}, says="already sent a different keys")
+        a.step("unmask", to_bytes(UnmaskReply("org-a", {}, {})), codes={grpc.StatusCode.FAILED_PRECONDITION})
+        assert snapshot(srv) == before
+        for f in flows[1:]:
+            f.shares()
+        alice._step("shares", good)
+
+        # ---------------------------------------------------------------- masked
+        req = poll(alice, "shares", MaskRequest)
+        data = b"".join(alice.client.masked_stream(req, 64))
+        total, digest = len(data), hashlib.sha256(data).hexdigest()
+        before = snapshot(srv)
+        a.upload(spb.MaskedChunk(round_id="r1", total_bytes=total + 8, data=data[:8]),
+                 codes={grpc.StatusCode.INVALID_ARGUMENT}, says="U needs")
+        a.upload(spb.MaskedChunk(round_id="r1", total_bytes=1 << 63, data=data[:8]),
+                 codes={grpc.StatusCode.INVALID_ARGUMENT})
+        a.upload(spb.MaskedChunk(round_id="r1", total_bytes=total, offset=8, data=data[8:16]),
+                 codes={grpc.StatusCode.ABORTED}, says="holds 0 bytes")
+        a.upload(spb.MaskedChunk(round_id="r1", total_bytes=total, offset=1 << 62, data=b"x"),
+                 codes={grpc.StatusCode.ABORTED})
+        a.upload(spb.MaskedChunk(round_id="r1", total_bytes=total, data=data + b"x"),
+                 codes={grpc.StatusCode.INVALID_ARGUMENT}, says="more than the")
+        a.upload(spb.MaskedChunk(round_id="nope", total_bytes=total, data=data), codes={grpc.StatusCode.NOT_FOUND})
+        assert snapshot(srv) == before
+        assert masked_status(a).total_bytes == 0  # nothing was kept for any of those streams
+        # a broken stream's prefix (8 bytes) is kept for a resume, and a wrong sha256 drops it: as documented
+        a.upload(spb.MaskedChunk(round_id="r1", total_bytes=total, data=data[:8]),
+                 spb.MaskedChunk(round_id="r9", offset=8, data=data[8:16]), codes={grpc.StatusCode.INVALID_ARGUMENT})
+        assert masked_status(a).committed_offset == 8
+        a.upload(spb.MaskedChunk(round_id="r1", total_bytes=total, data=data, sha256="0" * 64),
+                 codes={grpc.StatusCode.DATA_LOSS})
+        assert masked_status(a).committed_offset == 0
+        before = snapshot(srv)
+        assert a.stub.Step(spb.SecAggStep(round_id="r1", phase="shares", payload=good), metadata=a.conn.metadata,
+                           timeout=20).phase == "masked"  # a retry of the message taken: acknowledged
+        a.step("shares", good[:-1] + bytes([good[-1] ^ 1]), codes={grpc.StatusCode.ALREADY_EXISTS})
+        a.step("unmask", to_bytes(UnmaskReply("org-a", {}, {})), codes={grpc.StatusCode.FAILED_PRECONDITION})
+        assert snapshot(srv) == before
+        # two streams of the same client at once: the second is ABORTED while the first holds
+        gate = threading.Event()
+
+        def slow():
+            yield spb.MaskedChunk(round_id="r1", total_bytes=total, data=data[:8])
+            gate.wait(20)
+
+        first = a.stub.UploadMasked.future(slow(), metadata=a.conn.metadata, timeout=30)
+        try:
+            end = time.monotonic() + 10
+            while "org-a" not in srv.secure.sessions["r1"].uploading and time.monotonic() < end:
+                time.sleep(0.02)
+            a.upload(spb.MaskedChunk(round_id="r1", total_bytes=total, data=data[:8]),
+                     codes={grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+        finally:
+            gate.set()
+        with pytest.raises(grpc.RpcError):
+            first.result()
+        for f in flows[1:]:
+            f.masked()
+        stub = a.stub
+        stub.UploadMasked(iter([spb.MaskedChunk(round_id="r1", total_bytes=total, data=data, sha256=digest)]),
+                          metadata=a.conn.metadata, timeout=30)
+        a.upload(spb.MaskedChunk(round_id="r1", total_bytes=total, data=data, sha256=digest),
+                 codes={grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION})
+
+        # ---------------------------------------------------------------- unmask
+        ureq = poll(alice, "masked", UnmaskRequest)
+        good = to_bytes(alice.client.unmask(ureq))
+        rep = from_bytes(good)
+        before = snapshot(srv)
+        fuzz(srv, a, "unmask", good, 40)
+        seed = dict(rep.seed_shares)
+        for hostile in (
+                UnmaskReply("org-a", {k: v[:10] for k, v in seed.items()}, {}),
+                UnmaskReply("org-a", {k: v + b"\0" for k, v in seed.items()}, {}),
+                UnmaskReply("org-a", {k: b"\xff" * len(v) for k, v in seed.items()}, {}),
+                UnmaskReply("org-a", {**seed, "org-d": seed["org-b"]}, {}),
+                UnmaskReply("org-a", {k: v for k, v in seed.items() if k != "org-b"}, {}),
+                UnmaskReply("org-a", seed, {"org-b": seed["org-b"]})):
+            a.step("unmask", to_bytes(hostile), codes={grpc.StatusCode.INVALID_ARGUMENT})
+        a.step("unmask", to_bytes(UnmaskReply("org-c", seed, {})), codes={grpc.StatusCode.PERMISSION_DENIED})
+        assert snapshot(srv) == before
+        for f in flows[1:]:
+            f.unmask()
+        alice._step("unmask", good)
+    finally:
+        for conn in conns:
+            conn.close()
+    r = srv.manager.get("r1")
+    assert r.wait_closed(60) and r.state == "finalized", r.message
+    assert_identical(fetch_secure(srv.target, pki, family, tmp_path), plain_round(family, tmp_path, [0, 1, 2]))
+
+
+def stub_poll(a: Attacker, phase: str, wait: float) -> spb.SecAggReply:
+    return a.stub.Poll(spb.SecAggPoll(round_id="r1", phase=phase, wait_seconds=wait), metadata=a.conn.metadata,
+                       timeout=20)
+
+
+def masked_status(a: Attacker) -> spb.MaskedUploadStatus:
+    return a.stub.MaskedStatus(spb.SecureSpecRequest(round_id="r1"), metadata=a.conn.metadata, timeout=20)
+
+
+# ----------------------------------------------------------------------------- the fixes, each on its own
+
+
+@pytest.mark.parametrize("header", [{"$t": []}, {"$t": {"$t": 1}}, {"$t": "KeyAdvert", "client_id": {"$b": 7}},
+                                    {"$t": "KeyAdvert", "client_id": {"$b": [0, -1]}},
+                                    {"$t": "KeyAdvert", "client_id": {"$b": [0, 1, 2]}},
+                                    {"$t": "KeyAdvert", "client_id": {"$b": [True, 1]}}])
+def test_a_malformed_header_is_a_secagg_error_not_a_crash(header):
+    """Was TypeError/ValueError (an UNKNOWN status over gRPC) or, for a negative length, a field
+    silently cut short."""
+    with pytest.raises(SecAggError):
+        from_bytes(frame(header, b"abc"))
+
+
+def test_a_deeply_nested_header_is_a_secagg_error():
+    """Was RecursionError out of json.loads (an UNKNOWN status)."""
+    with pytest.raises(SecAggError, match="nested too deeply"):
+        from_bytes(struct.pack("<4sBI", MAGIC, VERSION, 40000) + b"[" * 40000)
+    with pytest.raises(SecAggError, match="nested too deeply"):
+        from_bytes(frame({"$t": "KeyAdvert", "c_pk": "", "s_pk": "", "cert_pem": "", "signature": "",
+                          "client_id": json.loads("[" * 900 + "]" * 900)}))  # json takes it, the decoder's recursion not
+
+
+def test_a_support_bitmap_with_bytes_after_its_deflate_stream_is_refused():
+    """Was accepted (zlib keeps bytes after the stream's end in unused_data, which nothing read)."""
+    from tiesfed.core.secagg.ring import RingError
+    from tiesfed.core.secagg.support import count_support, unpack_support
+
+    good = zlib.compress(b"\x0f" * 4)
+    assert count_support(good, 32) == 16
+    for check in (count_support, unpack_support):
+        with pytest.raises(RingError, match="follow its deflate stream"):
+            check(good + b"junk", 32)
