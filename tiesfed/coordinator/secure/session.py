@@ -275,7 +275,8 @@ class SecureSession:
                     f.flush()
                     with self.cond:
                         part.add(data)
-                        self.progress[client_id] = self.clock()
+                        if data:  # only bytes count as progress: empty chunks do not hold the phase open
+                            self.progress[client_id] = self.clock()
                     want = sha or want
             if part.size != total:
                 raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r} ended after {part.size} of "
