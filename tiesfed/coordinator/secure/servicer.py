@@ -25,6 +25,9 @@ from tiesfed.trust.secagg.params import public_json
 log = logging.getLogger("tiesfed.coordinator")
 #: Largest chunk of StepStream / PollStream data (bytes), well under gRPC's message limit.
 SECAGG_CHUNK_BYTES = 1 << 20
+#: Smallest PollStream chunk (bytes) whatever the client asks: tiny chunks would turn one answer
+#: into a message per byte, work on the coordinator that the caller chooses.
+MIN_POLL_CHUNK_BYTES = 4 << 10
 #: How long a call waits for its round's replay before answering UNAVAILABLE (clients retry).
 REPLAY_WAIT_S = 30.0
 
@@ -177,7 +180,7 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
         if out is None:
             yield spb.PollChunk(ready=False, phase=phase)
             return
-        size = min(request.max_chunk_bytes or SECAGG_CHUNK_BYTES, SECAGG_CHUNK_BYTES)
+        size = max(MIN_POLL_CHUNK_BYTES, min(request.max_chunk_bytes or SECAGG_CHUNK_BYTES, SECAGG_CHUNK_BYTES))
         view = memoryview(out)
         yield spb.PollChunk(ready=True, phase=phase, total_bytes=len(out), sha256=hashlib.sha256(out).hexdigest(),
                             data=bytes(view[:size]))
