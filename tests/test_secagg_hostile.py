@@ -421,3 +421,70 @@ def test_a_support_bitmap_with_bytes_after_its_deflate_stream_is_refused():
     for check in (count_support, unpack_support):
         with pytest.raises(RingError, match="follow its deflate stream"):
             check(good + b"junk", 32)
+
+
+def test_poll_stream_chunks_are_not_smaller_than_the_floor(family, pki, start, tmp_path):  # noqa: F811
+    """max_chunk_bytes = 1 used to stream the answer a byte per message (work the caller chose);
+    now chunks are at least MIN_POLL_CHUNK_BYTES and still reassemble to the answer."""
+    from tiesfed.coordinator.secure.servicer import MIN_POLL_CHUNK_BYTES
+
+    srv = start(tmp_path, family, pki, secure_config())
+    conns, flows = flows_for(srv.target, pki, family, FAST)
+    try:
+        for f in flows:
+            f.keys()
+        a = Attacker(conns[0])
+        chunks = list(a.stub.PollStream(spb.SecAggPoll(round_id="r1", phase="keys", wait_seconds=20,
+                                                       max_chunk_bytes=1), metadata=a.conn.metadata, timeout=30))
+        assert chunks[0].ready and chunks[0].total_bytes > 1000
+        body = b"".join(c.data for c in chunks)
+        assert hashlib.sha256(body).hexdigest() == chunks[0].sha256 and isinstance(from_bytes(body), KeyList)
+        assert len(chunks) == -(-len(body) // MIN_POLL_CHUNK_BYTES)
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_empty_masked_chunks_do_not_hold_the_phase_open(family, pki, start, tmp_path):  # noqa: F811
+    """A masked stream that sends only empty chunks used to count as progress, holding the phase
+    open past its deadline for as long as it liked; now the phase closes without it, and the
+    round of the other two equals their plain round."""
+    srv = start(tmp_path, family, pki, RoundConfig(round_id="r1", participants=CLIENTS, secure_aggregation=True,
+                                                   secagg={"bound": 0.125, "threshold": 2, "phase_s": 1.5}))
+    conns, flows = flows_for(srv.target, pki, family, FAST)
+    stop = threading.Event()
+    try:
+        for f in flows:
+            f.keys()
+        for f in flows:
+            f.shares()
+        flows[0]._poll("shares", MaskRequest)
+        s = srv.secure.sessions["r1"]
+        total = s.params.layout.width * s.params.layout.bytes_per_element * s.server.support_size
+
+        def idle():
+            yield spb.MaskedChunk(round_id="r1", total_bytes=total)
+            while not stop.wait(0.1):
+                yield spb.MaskedChunk(round_id="r1")
+
+        a = Attacker(conns[0])
+        stalled = a.stub.UploadMasked.future(idle(), metadata=a.conn.metadata, timeout=60)
+        for f in flows[1:]:
+            f.masked()
+        end = time.monotonic() + 40
+        while s.status()["phase"] == "masked" and time.monotonic() < end:
+            time.sleep(0.05)
+        assert s.status()["phase"] == "unmask" and not stalled.done()  # closed while the empty stream was open
+        stop.set()
+        with pytest.raises(grpc.RpcError) as e:
+            stalled.result()
+        assert e.value.code() in REFUSALS
+        for f in flows[1:]:
+            f.unmask()
+    finally:
+        stop.set()
+        for conn in conns:
+            conn.close()
+    r = srv.manager.get("r1")
+    assert r.wait_closed(60) and r.state == "finalized", r.message
+    assert_identical(fetch_secure(srv.target, pki, family, tmp_path), plain_round(family, tmp_path, [1, 2]))
