@@ -488,3 +488,32 @@ def test_empty_masked_chunks_do_not_hold_the_phase_open(family, pki, start, tmp_
     r = srv.manager.get("r1")
     assert r.wait_closed(60) and r.state == "finalized", r.message
     assert_identical(fetch_secure(srv.target, pki, family, tmp_path), plain_round(family, tmp_path, [1, 2]))
+
+
+def test_an_unexpected_error_closing_a_phase_fails_the_round_instead_of_hanging_it(family, pki, start, tmp_path,  # noqa: F811
+                                                                                 monkeypatch):
+    """Only SecAggError and OSError used to be caught: anything else (as the malformed share
+    above once was) ended the phase driver, and the round waited forever. Injected here at the
+    share phase's close: the round fails naming the error, and a poll says so."""
+    import tiesfed.trust.secagg.server as server
+
+    def broken(*a, **kw):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(server, "merge_supports", broken)
+    srv = start(tmp_path, family, pki, secure_config())
+    conns, flows = flows_for(srv.target, pki, family, FAST)
+    try:
+        for f in flows:
+            f.keys()
+        for f in flows:
+            f.shares()
+        a = Attacker(conns[0])
+        err = a.refused("Poll", spb.SecAggPoll(round_id="r1", phase="shares", wait_seconds=20),
+                        codes={grpc.StatusCode.FAILED_PRECONDITION}, says="closing phase 'shares' failed")
+        assert "injected" in err.details()
+    finally:
+        for conn in conns:
+            conn.close()
+    r = srv.manager.get("r1")
+    assert r.wait_closed(10) and r.state == "failed" and "injected" in r.message

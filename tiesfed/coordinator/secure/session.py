@@ -393,9 +393,12 @@ class SecureSession:
                     continue
                 try:
                     result = self.close_phase()
-                except (SecAggError, OSError) as e:
+                except Exception as e:  # anything else too: a dead driver would leave the round hanging
                     missing = sorted(self.expected - set(self.arrived))
-                    why = f"{e}" if isinstance(e, SecAggError) else f"the journal could not be written: {e!r}"
+                    why = (f"{e}" if isinstance(e, SecAggError) else f"the journal could not be written: {e!r}"
+                           if isinstance(e, OSError) else f"closing phase {self.phase!r} failed: {e!r}")
+                    if not isinstance(e, (SecAggError, OSError)):
+                        log.exception("round %s: closing secure phase %s", self.round.id, self.phase)
                     self.failed = why + (f" (missing: {', '.join(missing)})" if missing else "")
                     self._drop_partials()
                     self.journal.drop_masked()
