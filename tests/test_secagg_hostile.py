@@ -35,9 +35,10 @@ from tests.test_secagg_round import (  # noqa: F401
 from tiesfed.coordinator.rounds import RoundConfig
 from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
 from tiesfed.core.secagg.shamir import ShamirError, share_from_bytes
+from tiesfed.protos.v1 import channel_options
 from tiesfed.protos.v1 import secagg_pb2 as spb
 from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
-from tiesfed.trust.identity import Identity
+from tiesfed.trust.identity import Identity, secure_channel
 from tiesfed.trust.secagg import SecAggClient, SecAggError
 from tiesfed.trust.secagg.messages import (
     MAGIC,
@@ -212,6 +213,41 @@ def fuzz(srv, a: Attacker, phase: str, good: bytes, examples: int) -> None:
     one()
 
 
+def fuzz_calls(srv, a: Attacker, examples: int) -> None:
+    """The read-only and stream calls with arbitrary round ids, phases, waits and chunk sizes:
+    a status naming the problem (or a plain answer for r1), never a crash, nothing changed."""
+
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(["Status", "MaskedStatus", "GetSecureSpec", "Poll", "PollStream", "StepStream",
+                            "UploadMasked"]),
+           st.one_of(st.just("r1"), st.just("plain"), st.text(max_size=300)),
+           st.one_of(st.sampled_from(["keys", "shares", "masked", "unmask", "done"]), st.text(max_size=20)),
+           st.one_of(st.just(float("nan")), st.floats(-1e9, 0.5)),  # waits short: the keys phase has not closed
+           st.integers(0, (1 << 32) - 1), st.integers(0, (1 << 64) - 1), st.binary(max_size=64))
+    def one(name, rid, phase, wait, chunk, size, data) -> None:
+        before = snapshot(srv)
+        req = {"Status": lambda: spb.SecureSpecRequest(round_id=rid),
+               "MaskedStatus": lambda: spb.SecureSpecRequest(round_id=rid),
+               "GetSecureSpec": lambda: spb.SecureSpecRequest(round_id=rid),
+               "Poll": lambda: spb.SecAggPoll(round_id=rid, phase=phase, wait_seconds=wait, max_chunk_bytes=chunk),
+               "PollStream": lambda: spb.SecAggPoll(round_id=rid, phase=phase, wait_seconds=wait,
+                                                    max_chunk_bytes=chunk),
+               "StepStream": lambda: iter([spb.StepChunk(round_id=rid, phase=phase, total_bytes=size, data=data)]),
+               "UploadMasked": lambda: iter([spb.MaskedChunk(round_id=rid, offset=size, total_bytes=size,
+                                                             data=data)])}[name]()
+        try:
+            out = getattr(a.stub, name)(req, metadata=a.conn.metadata, timeout=20)
+            if name == "PollStream":
+                out = list(out)
+        except grpc.RpcError as e:
+            assert e.code() in REFUSALS, (name, e.code(), e.details())
+        else:
+            assert rid == "r1" or (name == "GetSecureSpec" and rid == "plain"), (name, rid, out)
+        assert snapshot(srv) == before
+
+    one()
+
+
 def poll(flow, phase: str, kind):
     return flow._poll(phase, kind)
 
@@ -227,6 +263,15 @@ def test_hostile_calls_in_every_phase_are_refused_and_the_round_still_equals_the
         good = to_bytes(alice.client.advertise())
         before = snapshot(srv)
         common_hostile(a, "keys")
+        fuzz_calls(srv, a, 40)
+        with secure_channel(srv.target, Identity.load(pki.client("org-d")), options=channel_options()) as ch:
+            outsider = spb_grpc.SecureAggregationStub(ch)  # a valid certificate of the CA, not of this round
+            for name, req in (("Status", spb.SecureSpecRequest(round_id="r1")),
+                              ("Step", spb.SecAggStep(round_id="r1", phase="keys", payload=good)),
+                              ("Poll", spb.SecAggPoll(round_id="r1", phase="keys"))):
+                with pytest.raises(grpc.RpcError) as e:
+                    getattr(outsider, name)(req, timeout=20)
+                assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value.details()
         fuzz(srv, a, "keys", good, 60)
         adv = from_bytes(good)
         bob = Identity.load(pki.client("org-b"))
