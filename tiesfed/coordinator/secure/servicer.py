@@ -172,20 +172,21 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
     @rpc_stream
     def PollStream(self, request, context):
         """Poll's answer in chunks of at most `SECAGG_CHUNK_BYTES` (or the client's smaller
-        `max_chunk_bytes`); the first chunk carries the whole size and sha256."""
+        `max_chunk_bytes`); the first chunk carries the whole size and sha256. The gate is held
+        while the answer is sent too: a caller that stops reading holds one of its two polls."""
         s, cid, _ = self._session(request.round_id, context)
         with self.gate.held("SecurePoll", cid):
             out = s.poll(cid, request.phase, request.wait_seconds)
-        phase = s.status()["phase"]
-        if out is None:
-            yield spb.PollChunk(ready=False, phase=phase)
-            return
-        size = max(MIN_POLL_CHUNK_BYTES, min(request.max_chunk_bytes or SECAGG_CHUNK_BYTES, SECAGG_CHUNK_BYTES))
-        view = memoryview(out)
-        yield spb.PollChunk(ready=True, phase=phase, total_bytes=len(out), sha256=hashlib.sha256(out).hexdigest(),
-                            data=bytes(view[:size]))
-        for at in range(size, len(out), size):
-            yield spb.PollChunk(data=bytes(view[at:at + size]))
+            phase = s.status()["phase"]
+            if out is None:
+                yield spb.PollChunk(ready=False, phase=phase)
+                return
+            size = max(MIN_POLL_CHUNK_BYTES, min(request.max_chunk_bytes or SECAGG_CHUNK_BYTES, SECAGG_CHUNK_BYTES))
+            view = memoryview(out)
+            yield spb.PollChunk(ready=True, phase=phase, total_bytes=len(out),
+                                sha256=hashlib.sha256(out).hexdigest(), data=bytes(view[:size]))
+            for at in range(size, len(out), size):
+                yield spb.PollChunk(data=bytes(view[at:at + size]))
 
     @rpc
     def Poll(self, request, context):
