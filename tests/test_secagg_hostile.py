@@ -31,9 +31,9 @@ from tests.test_secagg_round import (  # noqa: F401
     flows_for,
     plain_round,
     secure_config,
+    secure_server,
 )
 from tiesfed.coordinator.rounds import RoundConfig
-from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
 from tiesfed.core.secagg.shamir import ShamirError, share_from_bytes
 from tiesfed.protos.v1 import channel_options
 from tiesfed.protos.v1 import secagg_pb2 as spb
@@ -56,23 +56,6 @@ from tiesfed.trust.secagg.messages import (
 REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION,
             grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.RESOURCE_EXHAUSTED,
             grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND}
-
-
-@pytest.fixture
-def start():
-    """`start(tmp_path, family, pki, *rounds)`: an in-process coordinator over mutual TLS."""
-    started = []
-
-    def run(tmp_path, family, pki, *rounds: RoundConfig) -> CoordinatorServer:  # noqa: F811
-        cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool", base_model=str(family[0]),
-                                tls_dir=pki.server, aggregator="local", rounds=list(rounds))
-        srv = CoordinatorServer(cfg).start()
-        started.append(srv)
-        return srv
-
-    yield run
-    for srv in started:
-        srv.stop(grace=0)
 
 
 def snapshot(srv) -> tuple:
@@ -253,8 +236,8 @@ def poll(flow, phase: str, kind):
 
 
 def test_hostile_calls_in_every_phase_are_refused_and_the_round_still_equals_the_plain_one(
-        family, tmp_path, pki, start):  # noqa: F811
-    srv = start(tmp_path, family, pki, secure_config(), RoundConfig(round_id="plain", participants=CLIENTS))
+        family, tmp_path, pki, secure_server):  # noqa: F811
+    srv = secure_server(secure_config(), RoundConfig(round_id="plain", participants=CLIENTS))
     conns, flows = flows_for(srv.target, pki, family, FAST)
     a, c = Attacker(conns[0]), Attacker(conns[2])
     alice, carol = flows[0], flows[2]
@@ -468,12 +451,12 @@ def test_a_support_bitmap_with_bytes_after_its_deflate_stream_is_refused():
             check(good + b"junk", 32)
 
 
-def test_poll_stream_chunks_are_not_smaller_than_the_floor(family, pki, start, tmp_path):  # noqa: F811
+def test_poll_stream_chunks_are_not_smaller_than_the_floor(family, pki, secure_server, tmp_path):  # noqa: F811
     """max_chunk_bytes = 1 used to stream the answer a byte per message (work the caller chose);
     now chunks are at least MIN_POLL_CHUNK_BYTES and still reassemble to the answer."""
     from tiesfed.coordinator.secure.servicer import MIN_POLL_CHUNK_BYTES
 
-    srv = start(tmp_path, family, pki, secure_config())
+    srv = secure_server(secure_config())
     conns, flows = flows_for(srv.target, pki, family, FAST)
     try:
         for f in flows:
@@ -490,11 +473,11 @@ def test_poll_stream_chunks_are_not_smaller_than_the_floor(family, pki, start, t
             conn.close()
 
 
-def test_empty_masked_chunks_do_not_hold_the_phase_open(family, pki, start, tmp_path):  # noqa: F811
+def test_empty_masked_chunks_do_not_hold_the_phase_open(family, pki, secure_server, tmp_path):  # noqa: F811
     """A masked stream that sends only empty chunks used to count as progress, holding the phase
     open past its deadline for as long as it liked; now the phase closes without it, and the
     round of the other two equals their plain round."""
-    srv = start(tmp_path, family, pki, RoundConfig(round_id="r1", participants=CLIENTS, secure_aggregation=True,
+    srv = secure_server(RoundConfig(round_id="r1", participants=CLIENTS, secure_aggregation=True,
                                                    secagg={"bound": 0.125, "threshold": 2, "phase_s": 1.5}))
     conns, flows = flows_for(srv.target, pki, family, FAST)
     stop = threading.Event()
@@ -535,7 +518,7 @@ def test_empty_masked_chunks_do_not_hold_the_phase_open(family, pki, start, tmp_
     assert_identical(fetch_secure(srv.target, pki, family, tmp_path), plain_round(family, tmp_path, [1, 2]))
 
 
-def test_an_unexpected_error_closing_a_phase_fails_the_round_instead_of_hanging_it(family, pki, start, tmp_path,  # noqa: F811
+def test_an_unexpected_error_closing_a_phase_fails_the_round_instead_of_hanging_it(family, pki, secure_server, tmp_path,  # noqa: F811
                                                                                  monkeypatch):
     """Only SecAggError and OSError used to be caught: anything else (as the malformed share
     above once was) ended the phase driver, and the round waited forever. Injected here at the
@@ -546,7 +529,7 @@ def test_an_unexpected_error_closing_a_phase_fails_the_round_instead_of_hanging_
         raise RuntimeError("injected")
 
     monkeypatch.setattr(server, "merge_supports", broken)
-    srv = start(tmp_path, family, pki, secure_config())
+    srv = secure_server(secure_config())
     conns, flows = flows_for(srv.target, pki, family, FAST)
     try:
         for f in flows:

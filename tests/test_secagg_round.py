@@ -70,12 +70,13 @@ def secure_config(clients=CLIENTS, threshold=2, round_id="r1") -> RoundConfig:
 
 @pytest.fixture
 def secure_server(tmp_path, family, pki):
-    """An in-process coordinator over mutual TLS (real gRPC) with one secure round r1."""
+    """An in-process coordinator over mutual TLS (real gRPC) with its rounds (a secure r1, and
+    any others given)."""
     started = []
 
-    def start(config: RoundConfig, base: Path | None = None) -> CoordinatorServer:
+    def start(config: RoundConfig, *more: RoundConfig, base: Path | None = None) -> CoordinatorServer:
         cfg = CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool", base_model=str(base or family[0]),
-                                tls_dir=pki.server, aggregator="local", rounds=[config])
+                                tls_dir=pki.server, aggregator="local", rounds=[config, *more])
         srv = CoordinatorServer(cfg).start()
         started.append(srv)
         return srv
@@ -475,7 +476,7 @@ def test_secure_round_is_within_the_stated_tolerance_of_the_plain_round(tmp_path
 
     _, _, base_dir, paths = write_family(tmp_path / "fam", 3, seed=5, spec=SPEC, base_shards=1)
     fam = (base_dir, paths)
-    srv = secure_server(secure_config(), base_dir)
+    srv = secure_server(secure_config(), base=base_dir)
     results = submit_threads(pki, fam, srv.target, [0, 1, 2])
     assert all(not isinstance(x, Exception) for x in results), results
     r = srv.manager.get("r1")
