@@ -383,7 +383,7 @@ class SecureSession:
                 if self.failed or self.phase == "done" or self.round.state != "open":
                     if self.round.state == "failed" and not self.failed:  # an admin abort
                         self.failed = self.round.message
-                        self.journal.drop_masked()
+                        self._abandon()
                         self.cond.notify_all()
                     if self.phase == "done" or self.failed:
                         return
@@ -395,14 +395,15 @@ class SecureSession:
                     result = self.close_phase()
                 except Exception as e:  # anything else too: a dead driver would leave the round hanging
                     missing = sorted(self.expected - set(self.arrived))
-                    why = (f"{e}" if isinstance(e, SecAggError) else f"the journal could not be written: {e!r}"
-                           if isinstance(e, OSError) else f"closing phase {self.phase!r} failed: {e!r}")
-                    if not isinstance(e, (SecAggError, OSError)):
+                    if isinstance(e, SecAggError):
+                        why = f"{e}"
+                    elif isinstance(e, OSError):
+                        why = f"the journal could not be written: {e!r}"
+                    else:
+                        why = f"closing phase {self.phase!r} failed: {e!r}"
                         log.exception("round %s: closing secure phase %s", self.round.id, self.phase)
                     self.failed = why + (f" (missing: {', '.join(missing)})" if missing else "")
-                    self._drop_partials()
-                    self.journal.drop_masked()
-                    self.server.discard()
+                    self._abandon()
                     log.warning("round %s: secure aggregation failed: %s", self.round.id, self.failed)
                     self.cond.notify_all()
                     with self.round.lock:
@@ -413,6 +414,12 @@ class SecureSession:
             if result is not None:  # outside the session's lock: writing the merge takes a while
                 self._publish(result)
                 return
+
+    def _abandon(self) -> None:
+        """A failed or aborted round keeps no masked byte and no running sum (lock held)."""
+        self._drop_partials()
+        self.journal.drop_masked()
+        self.server.discard()
 
     def _publish(self, result: FlatAggregator) -> None:
         publish(self.round, result, [self.adverts[c] for c in sorted(self.counted)])
