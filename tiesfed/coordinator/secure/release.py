@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import numpy as np
-
 from tiesfed.coordinator.secure.journal import Journal
 from tiesfed.core.secagg.ring import RingError
-from tiesfed.core.secagg.support import BITMAP_BLOCK, SupportReader
+from tiesfed.core.secagg.support import SupportReader, coverage
 from tiesfed.trust.secagg import SecAggError
 from tiesfed.trust.secagg.messages import ShareUpload, from_bytes
 from tiesfed.trust.secagg.params import SecAggRound
@@ -41,17 +39,10 @@ def check_release(journal: Journal, rnd: SecAggRound, support_packed: bytes, sha
     dropped = sorted(set(sharers) - set(survivors))
     if m <= 1 or not dropped:
         return
-    readers = [SupportReader(_support(journal, rnd, c), rnd.numel) for c in survivors]
     u, thin = SupportReader(support_packed, rnd.numel), 0
     try:
-        for lo in range(0, rnd.numel, BITMAP_BLOCK):
-            hi = min(rnd.numel, lo + BITMAP_BLOCK)
-            counts = np.zeros(hi - lo, dtype=np.int32)
-            for r in readers:
-                counts[r.take(hi) - lo] += 1
+        for lo, hi, counts in coverage([_support(journal, rnd, c) for c in survivors], rnd.numel):
             thin += int((counts[u.take(hi) - lo] < m).sum())
-        for r in readers:
-            r.close()
     except RingError as e:
         raise SecAggError(f"round {rnd.round_id!r}: a journalled support bitmap: {e}") from None
     if thin:

@@ -7,6 +7,7 @@ signs); packed 8 positions a byte and deflated, about the binary entropy of the 
 from __future__ import annotations
 
 import zlib
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -177,18 +178,25 @@ def count_support(data: bytes, numel: int) -> int:
     return n
 
 
-def merge_supports(bitmaps: list[bytes], min_release: int, numel: int) -> tuple[bytes, int]:
-    """(the bitmap of U, |U|): `release_support` over the clients' bitmaps, block by block
-    (memory: a block's counts, never the positions of the whole model)."""
+def coverage(bitmaps: list[bytes], numel: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(lo, hi, counts): how many of the `bitmaps` cover each position of [lo, hi), block by
+    block (memory: a block's counts); the bitmaps are checked whole once the last block is out."""
     readers = [SupportReader(b, numel) for b in bitmaps]
-    w = SupportWriter(numel)
-    need = max(1, min_release)
     for lo in range(0, numel, BITMAP_BLOCK):
         hi = min(numel, lo + BITMAP_BLOCK)
         counts = np.zeros(hi - lo, dtype=np.int32)
         for r in readers:
             counts[r.take(hi) - lo] += 1
-        w.add(lo, hi, np.flatnonzero(counts >= need) + lo)
+        yield lo, hi, counts
     for r in readers:
         r.close()
+
+
+def merge_supports(bitmaps: list[bytes], min_release: int, numel: int) -> tuple[bytes, int]:
+    """(the bitmap of U, |U|): `release_support` over the clients' bitmaps, block by block
+    (memory: a block's counts, never the positions of the whole model)."""
+    w = SupportWriter(numel)
+    need = max(1, min_release)
+    for lo, hi, counts in coverage(bitmaps, numel):
+        w.add(lo, hi, np.flatnonzero(counts >= need) + lo)
     return w.finish(), w.count
