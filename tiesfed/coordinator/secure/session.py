@@ -252,8 +252,7 @@ class SecureSession:
                 raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r}: a chunk of {len(head[1])} "
                                  f"bytes, more than the {total} declared")
             self.uploading.add(client_id)
-            self.streaming[client_id] = self.streaming.get(client_id, 0) + 1
-            self.progress[client_id] = self.clock()
+            self.attach(client_id)  # the condition's lock is re-entrant
             part = self.partial.setdefault(client_id, _Partial(total))
         path = self.journal.partial_path(client_id)
         try:
@@ -276,7 +275,7 @@ class SecureSession:
                     with self.cond:
                         part.add(data)
                         if data:  # only bytes count as progress: empty chunks do not hold the phase open
-                            self.progress[client_id] = self.clock()
+                            self.advance(client_id)
                     want = sha or want
             if part.size != total:
                 raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r} ended after {part.size} of "
