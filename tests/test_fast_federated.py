@@ -31,6 +31,7 @@ from tests.test_federated import (  # noqa: F401  (coordinator, family: the fixt
 from tiesfed.client.federated import FederatedError, submit
 from tiesfed.coordinator.aggregator import Aggregator
 from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
+from tiesfed.protos.codec.stream import Record, StreamReader
 from tiesfed.protos.v1 import CLIENT_ID_KEY, channel_options
 from tiesfed.protos.v1 import tiesfed_pb2 as pb
 from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
@@ -143,6 +144,11 @@ def test_uploads_taken_while_the_aggregator_starts_are_folded_once_it_is(family,
         assert mid.wait(60)
         wait_until(lambda: CLIENTS[2] in rnd.sessions and rnd.sessions[CLIENTS[2]].offset == 6 * 512)
         s = rnd.sessions[CLIENTS[2]]
+        # The offset moves before the chunk's records are taken: wait for every record the
+        # partial file completes (parsed here from the file itself) to be noted.
+        received = [(ev.tensor.name, ev.offset, ev.length)
+                    for ev in StreamReader(rnd.limits).feed(s.path.read_bytes()) if isinstance(ev, Record)]
+        wait_until(lambda: [(n, o, ln) for n, o, ln, _ in list(s.pending)] == received)
         with rnd.lock:
             pending = list(s.pending)
             assert pending and not s.folded, "records received while starting are noted, not folded"
