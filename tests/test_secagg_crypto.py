@@ -41,9 +41,12 @@ def ids(tmp_path_factory) -> dict[str, Identity]:
     return make_pki(tmp_path_factory.mktemp("secagg-pki"))
 
 
+COMMIT = bytes(range(32))  # a seed commitment (any 32 bytes sign and verify alike)
+
+
 def advert(ident: Identity, keys: RoundKeys, round_id: str = "r1", client_id: str | None = None):
     cid = client_id or ident.name
-    return (round_id, cid, keys.c_pk, keys.s_pk, ident.cert_pem, keys.sign(ident, round_id, cid))
+    return (round_id, cid, keys.c_pk, keys.s_pk, COMMIT, ident.cert_pem, keys.sign(ident, round_id, cid, COMMIT))
 
 
 def test_signed_keys_verify_against_the_certificate(ids):
@@ -54,23 +57,28 @@ def test_signed_keys_verify_against_the_certificate(ids):
 def test_substituted_public_key_is_detected(ids):
     """The coordinator swaps org-a's mask key for one it holds, keeping org-a's signature and certificate."""
     k, evil = RoundKeys.generate(), RoundKeys.generate()
-    rid, cid, c_pk, _, cert, sig = advert(ids["org-a"], k)
+    rid, cid, c_pk, _, commit, cert, sig = advert(ids["org-a"], k)
     with pytest.raises(SecAggError, match="not the ones it signed"):
-        check_advert(rid, cid, c_pk, evil.s_pk, cert, sig, ids["org-b"].ca_pem)
+        check_advert(rid, cid, c_pk, evil.s_pk, commit, cert, sig, ids["org-b"].ca_pem)
     with pytest.raises(SecAggError, match="not the ones it signed"):
-        check_advert(rid, cid, evil.c_pk, k.s_pk, cert, sig, ids["org-b"].ca_pem)
+        check_advert(rid, cid, evil.c_pk, k.s_pk, commit, cert, sig, ids["org-b"].ca_pem)
+    # ... or its seed commitment (to pass off a seed rebuilt from wrong shares)
+    with pytest.raises(SecAggError, match="not the ones it signed"):
+        check_advert(rid, cid, c_pk, k.s_pk, bytes(32), cert, sig, ids["org-b"].ca_pem)
+    with pytest.raises(SecAggError, match="seed commitment .* 31 bytes"):
+        check_advert(rid, cid, c_pk, k.s_pk, commit[:31], cert, sig, ids["org-b"].ca_pem)
 
 
 def test_keys_signed_by_another_certificate_are_refused(ids):
     evil = RoundKeys.generate()
     # the coordinator signs keys for org-a with its own (server) certificate
-    rid, _, c_pk, s_pk, cert, sig = advert(ids["server"], evil, client_id="org-a")
+    rid, _, c_pk, s_pk, commit, cert, sig = advert(ids["server"], evil, client_id="org-a")
     with pytest.raises(SecAggError, match="certificate of '127.0.0.1'"):
-        check_advert(rid, "org-a", c_pk, s_pk, cert, sig, ids["org-b"].ca_pem)
+        check_advert(rid, "org-a", c_pk, s_pk, commit, cert, sig, ids["org-b"].ca_pem)
     # org-c signs keys claiming to be org-a
-    rid, _, c_pk, s_pk, cert, sig = advert(ids["org-c"], evil, client_id="org-a")
+    rid, _, c_pk, s_pk, commit, cert, sig = advert(ids["org-c"], evil, client_id="org-a")
     with pytest.raises(SecAggError, match="certificate of 'org-c'"):
-        check_advert(rid, "org-a", c_pk, s_pk, cert, sig, ids["org-b"].ca_pem)
+        check_advert(rid, "org-a", c_pk, s_pk, commit, cert, sig, ids["org-b"].ca_pem)
     # a certificate for org-b from another CA
     with pytest.raises(SecAggError, match="not issued by CA"):
         check_advert(*advert(ids["rogue"], evil), ids["org-a"].ca_pem)
@@ -78,9 +86,9 @@ def test_keys_signed_by_another_certificate_are_refused(ids):
 
 def test_keys_of_another_round_are_refused(ids):
     k = RoundKeys.generate()
-    _, cid, c_pk, s_pk, cert, sig = advert(ids["org-a"], k, round_id="r0")
+    _, cid, c_pk, s_pk, commit, cert, sig = advert(ids["org-a"], k, round_id="r0")
     with pytest.raises(SecAggError, match="replayed"):
-        check_advert("r1", cid, c_pk, s_pk, cert, sig, ids["org-b"].ca_pem)
+        check_advert("r1", cid, c_pk, s_pk, commit, cert, sig, ids["org-b"].ca_pem)
 
 
 def test_pair_seeds_agree_and_are_bound_to_round_pair_and_purpose():

@@ -260,15 +260,22 @@ def test_hostile_calls_in_every_phase_are_refused_and_the_round_still_equals_the
         bob = Identity.load(pki.client("org-b"))
         dave = Identity.load(pki.client("org-d"))
         for forged, code in (
-                (KeyAdvert("org-a", adv.c_pk, adv.s_pk, dave.cert_pem, adv.signature), grpc.StatusCode.PERMISSION_DENIED),
-                (KeyAdvert("org-a", adv.c_pk, adv.s_pk, b"-----BEGIN CERTIFICATE-----\nAAAA\n", adv.signature),
+                (KeyAdvert("org-a", adv.c_pk, adv.s_pk, adv.seed_commit, dave.cert_pem, adv.signature),
                  grpc.StatusCode.PERMISSION_DENIED),
-                (KeyAdvert("org-a", adv.c_pk, adv.s_pk, b"x" * 60000, adv.signature), grpc.StatusCode.PERMISSION_DENIED),
-                (KeyAdvert("org-a", adv.c_pk, adv.s_pk, adv.cert_pem, adv.signature[:-1] + b"\0"),
+                (KeyAdvert("org-a", adv.c_pk, adv.s_pk, adv.seed_commit, b"-----BEGIN CERTIFICATE-----\nAAAA\n", adv.signature),
+                 grpc.StatusCode.PERMISSION_DENIED),
+                (KeyAdvert("org-a", adv.c_pk, adv.s_pk, adv.seed_commit, b"x" * 60000, adv.signature),
+                 grpc.StatusCode.PERMISSION_DENIED),
+                (KeyAdvert("org-a", adv.c_pk, adv.s_pk, adv.seed_commit, adv.cert_pem, adv.signature[:-1] + b"\0"),
                  grpc.StatusCode.INVALID_ARGUMENT),
-                (KeyAdvert("org-a", adv.c_pk[:31], adv.s_pk, adv.cert_pem, adv.signature), grpc.StatusCode.INVALID_ARGUMENT),
-                (KeyAdvert("org-a", adv.s_pk, adv.c_pk, adv.cert_pem, adv.signature), grpc.StatusCode.INVALID_ARGUMENT),
-                (KeyAdvert("org-b", adv.c_pk, adv.s_pk, bob.cert_pem, adv.signature), grpc.StatusCode.PERMISSION_DENIED)):
+                (KeyAdvert("org-a", adv.c_pk[:31], adv.s_pk, adv.seed_commit, adv.cert_pem, adv.signature),
+                 grpc.StatusCode.INVALID_ARGUMENT),
+                (KeyAdvert("org-a", adv.s_pk, adv.c_pk, adv.seed_commit, adv.cert_pem, adv.signature),
+                 grpc.StatusCode.INVALID_ARGUMENT),
+                (KeyAdvert("org-a", adv.c_pk, adv.s_pk, bytes(32), adv.cert_pem, adv.signature),
+                 grpc.StatusCode.INVALID_ARGUMENT),
+                (KeyAdvert("org-b", adv.c_pk, adv.s_pk, adv.seed_commit, bob.cert_pem, adv.signature),
+                 grpc.StatusCode.PERMISSION_DENIED)):
             a.step("keys", to_bytes(forged), codes={code})
         a.step("shares", to_bytes(ShareUpload("org-a", b"", {})), codes={grpc.StatusCode.FAILED_PRECONDITION})
         assert not stub_poll(a, "keys", float("nan")).ready and not stub_poll(a, "keys", -5).ready
@@ -435,7 +442,7 @@ def test_a_deeply_nested_header_is_a_secagg_error():
     with pytest.raises(SecAggError, match="nested too deeply"):
         from_bytes(struct.pack("<4sBI", MAGIC, VERSION, 40000) + b"[" * 40000)
     with pytest.raises(SecAggError, match="nested too deeply"):
-        from_bytes(frame({"$t": "KeyAdvert", "c_pk": "", "s_pk": "", "cert_pem": "", "signature": "",
+        from_bytes(frame({"$t": "KeyAdvert", "c_pk": "", "s_pk": "", "seed_commit": "", "cert_pem": "", "signature": "",
                           "client_id": json.loads("[" * 900 + "]" * 900)}))  # json takes it, the decoder's recursion not
 
 
@@ -473,10 +480,13 @@ def test_poll_stream_chunks_are_not_smaller_than_the_floor(family, pki, secure_s
             conn.close()
 
 
-def test_empty_masked_chunks_do_not_hold_the_phase_open(family, pki, secure_server, tmp_path):  # noqa: F811
-    """A masked stream that sends only empty chunks used to count as progress, holding the phase
-    open past its deadline for as long as it liked; now the phase closes without it, and the
-    round of the other two equals their plain round."""
+@pytest.mark.parametrize("piece", [0, 256])
+def test_empty_or_trickled_masked_chunks_do_not_hold_the_phase_open(family, pki, secure_server, tmp_path,  # noqa: F811
+                                                                    piece):
+    """A masked stream that sends only empty chunks, or a few bytes now and then (2.5 KB/s, far
+    below the round's min_rate), used to count as progress, holding the phase open past its
+    deadline for as long as it liked; now the phase closes without it, and the round of the
+    other two equals their plain round."""
     srv = secure_server(RoundConfig(round_id="r1", participants=CLIENTS, secure_aggregation=True,
                                                    secagg={"bound": 0.125, "threshold": 2, "phase_s": 1.5}))
     conns, flows = flows_for(srv.target, pki, family, FAST)
@@ -492,8 +502,10 @@ def test_empty_masked_chunks_do_not_hold_the_phase_open(family, pki, secure_serv
 
         def idle():
             yield spb.MaskedChunk(round_id="r1", total_bytes=total)
+            at = 0
             while not stop.wait(0.1):
-                yield spb.MaskedChunk(round_id="r1")
+                yield spb.MaskedChunk(round_id="r1", offset=at, data=b"\x07" * piece)
+                at += piece
 
         a = Attacker(conns[0])
         stalled = a.stub.UploadMasked.future(idle(), metadata=a.conn.metadata, timeout=60)

@@ -17,6 +17,7 @@ from tests.test_secagg_crypto import ORGS, make_pki
 from tiesfed.core.accumulators import FinalizeSpec, fold, new_accumulator
 from tiesfed.core.secagg import FixedPoint, RingError, decode_sums, quantise, quantise_weight, secure_finalize
 from tiesfed.core.secagg.encode import dequantise, encode_lanes, weight_value
+from tiesfed.core.secagg.shamir import PRIME, share_bytes, share_from_bytes
 from tiesfed.core.secagg.support import release_support, union_support
 from tiesfed.protos.codec import CodecError, read_stream
 from tiesfed.trust.secagg import SecAggClient, SecAggError, SecAggRound, SecAggServer, from_bytes, to_bytes
@@ -48,8 +49,9 @@ def make_round(n: int, t: int, spec: FinalizeSpec = FinalizeSpec(min_support=2),
     return SecAggRound("round-1", NUMEL, t, FixedPoint(bound=1.0, max_clients=5, frac_bits=24), spec, **kw)
 
 
-def run(ids, rnd: SecAggRound, orgs, drop_before_upload=(), drop_after_upload=(), keep=None, chunk=0):
-    """One secure round; `keep` collects each client's masked-upload bytes."""
+def run(ids, rnd: SecAggRound, orgs, drop_before_upload=(), drop_after_upload=(), keep=None, chunk=0, reply=None):
+    """One secure round; `keep` collects each client's masked-upload bytes; `reply(client, reply)`
+    may change an unmasking reply before it is sent."""
     clients = {c: SecAggClient(ids[c], rnd, *contribution(ORGS.index(c))) for c in orgs}
     server = SecAggServer(rnd, ca_pem=ids["org-a"].ca_pem)
     for c in clients.values():
@@ -73,7 +75,16 @@ def run(ids, rnd: SecAggRound, orgs, drop_before_upload=(), drop_after_upload=()
     req = wire(server.close_masked())
     for cid in req.survivors:
         if cid not in drop_after_upload:
-            server.receive_unmask(wire(clients[cid].unmask(req)))
+            rep = clients[cid].unmask(req)
+            server.receive_unmask(wire(reply(clients[cid], rep) if reply else rep))
+    if reply:
+        before = server._sum.copy()
+        try:
+            acc = server.finish()
+        except SecAggError:
+            assert server.phase == "unmask" and np.array_equal(server._sum, before), "refused, yet changed"
+            raise
+        return acc, server.merged(acc), server
     acc = server.finish()
     return acc, server.merged(acc), server
 
@@ -195,6 +206,49 @@ def test_fewer_than_t_unmasking_replies_fail_loudly(ids):
     rnd = make_round(5, 3)
     with pytest.raises(SecAggError, match="only 2 client\\(s\\) sent unmasking shares"):
         run(ids, rnd, ORGS, drop_after_upload=("org-a", "org-b", "org-c"))
+
+
+def shifted_share(share: bytes, x: int, xs: list[int]) -> bytes:
+    """A wrong share crafted to move the secret the shares at `xs` rebuild by +1 (so it still looks
+    like a 32-byte secret): y + 1/λ_x, λ_x the Lagrange coefficient of x at 0."""
+    lam = 1
+    for j in xs:
+        if j != x:
+            lam = lam * j * pow(j - x, -1, PRIME) % PRIME
+    return share_bytes((share_from_bytes(share) + pow(lam, -1, PRIME)) % PRIME)
+
+
+def forge(culprit: str, field: str, owner: str, xs_of):
+    """An unmasking-reply hook: `culprit` sends a crafted wrong share of `owner`'s secret."""
+    def hook(client, rep):
+        if client.id != culprit:
+            return rep
+        shares = dict(getattr(rep, field))
+        shares[owner] = shifted_share(shares[owner], client.x, xs_of(client))
+        return dataclasses.replace(rep, **{field: shares})
+    return hook
+
+
+def test_exactly_t_replies_with_a_crafted_wrong_seed_share_fail_loudly(ids):
+    """With exactly t replies a wrong share cannot be outvoted; the seed it rebuilds does not match the
+    commitment org-c signed, so the round fails naming why, and the sum's file is left as it was."""
+    rnd = make_round(5, 3)
+    xs = lambda c: [1, 2, 3]  # noqa: E731  (org-a..org-c reply: x = 1..3)
+    with pytest.raises(SecAggError, match="self-mask seed of 'org-c'.*wrong share.*no spare reply"):
+        run(ids, rnd, ORGS, drop_after_upload=("org-d", "org-e"), reply=forge("org-b", "seed_shares", "org-c", xs))
+
+
+@pytest.mark.parametrize("field", ["seed_shares", "key_shares"])
+def test_one_wrong_share_among_more_than_t_replies_is_found_and_left_out(ids, field):
+    """Four replies, t = 3: org-b's crafted share of org-c's seed (or of dropped org-e's mask key) is
+    found by leaving each reply out in turn, named, and the round equals the plain one."""
+    rnd = make_round(5, 3)
+    owner, drop = ("org-c", ()) if field == "seed_shares" else ("org-e", ("org-e",))
+    orgs = [c for c in ORGS if c not in drop]
+    acc, merged, server = run(ids, rnd, ORGS, drop_before_upload=drop,
+                              reply=forge("org-b", field, owner, lambda c: [1, 2, 3]))
+    assert server.wrong_shares == {"org-b"}
+    assert_same(acc, merged, *plain(rnd, orgs))
 
 
 def test_fewer_than_t_keys_fail(ids):

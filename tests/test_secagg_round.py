@@ -450,7 +450,7 @@ def test_a_message_naming_another_client_is_refused(family, pki, secure_server):
     and the round has taken nothing; a plain upload to the secure round is refused too."""
     srv = secure_server(secure_config())
     bob = Identity.load(pki.client("org-b"))
-    forged = KeyAdvert("org-b", b"c" * 32, b"s" * 32, bob.cert_pem, b"x" * 64)
+    forged = KeyAdvert("org-b", b"c" * 32, b"s" * 32, b"h" * 32, bob.cert_pem, b"x" * 64)
     with secure_channel(srv.target, Identity.load(pki.client("org-a")), options=channel_options()) as ch:
         stub = spb_grpc.SecureAggregationStub(ch)
         with pytest.raises(grpc.RpcError) as e:
@@ -458,7 +458,7 @@ def test_a_message_naming_another_client_is_refused(family, pki, secure_server):
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "naming 'org-b' sent by 'org-a'" in e.value.details()
         # org-a's own id but org-b's certificate inside: refused as well
-        forged = KeyAdvert("org-a", b"c" * 32, b"s" * 32, bob.cert_pem, b"x" * 64)
+        forged = KeyAdvert("org-a", b"c" * 32, b"s" * 32, b"h" * 32, bob.cert_pem, b"x" * 64)
         with pytest.raises(grpc.RpcError) as e:
             stub.Step(spb.SecAggStep(round_id="r1", phase="keys", payload=to_bytes(forged)), timeout=10)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED

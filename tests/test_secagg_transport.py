@@ -51,9 +51,9 @@ LIMIT = 64 << 10  # the gRPC message limit of the small-limit round, on both sid
 PHASE_S = 1.5
 
 
-def config(phase_s: float, threshold: int = 2) -> RoundConfig:
+def config(phase_s: float, threshold: int = 2, **secagg) -> RoundConfig:
     return RoundConfig(round_id="r1", participants=list(CLIENTS), secure_aggregation=True,
-                       secagg={"bound": 0.125, "threshold": threshold, "phase_s": phase_s})
+                       secagg={"bound": 0.125, "threshold": threshold, "phase_s": phase_s, **secagg})
 
 
 def wait_done(srv, timeout: float = 60.0) -> str:
@@ -165,9 +165,9 @@ def run_flows(fl: list[SecureFlow]) -> list:
 def test_a_slow_steady_masked_upload_is_waited_for_past_the_deadline(family, tmp_path, pki,  # noqa: F811
                                                                     secure_server):
     """phase_s = 1.5 s and a masked upload that takes several times that, a piece every
-    0.25 s: the phase stays open while its bytes keep coming, and the slow client is counted
-    (the merge of all three)."""
-    srv = secure_server(config(PHASE_S))
+    0.25 s (1 KB/s, above this round's min_rate): the phase stays open while its bytes keep
+    coming, and the slow client is counted (the merge of all three)."""
+    srv = secure_server(config(PHASE_S, min_rate=256))
     seen: dict[str, float] = {}
 
     def slow(attempt: int, i: int) -> bool:

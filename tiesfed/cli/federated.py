@@ -150,7 +150,7 @@ def coordinator() -> None:
 @click.option("--secure-aggregation", is_flag=True, help="every round this serve opens is a secure round: the "
               "coordinator learns only the sums (docs/secure-aggregation.md); clients follow the round spec")
 @click.option("--secagg", "secagg", multiple=True, help="with --secure-aggregation: a setting KEY=VALUE of its "
-              "rounds (repeatable): threshold, bound, frac_bits, max_clients, min_release, phase_s")
+              "rounds (repeatable): threshold, bound, frac_bits, max_clients, min_release, phase_s, min_rate")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="write the bound port here (for scripts)")
 @click.option("--exit-when-done", is_flag=True,
               help="exit once every round is finished and every participant fetched the merge")
@@ -300,7 +300,7 @@ def _status_text(st) -> str:
 @click.option("--secure-aggregation", is_flag=True, help="a secure round: the coordinator learns only the sums "
               "(docs/secure-aggregation.md); clients follow the round spec")
 @click.option("--secagg", "secagg", multiple=True, help="a secure round's setting KEY=VALUE (repeatable): "
-              "threshold, bound, frac_bits, max_clients, min_release, phase_s; e.g. threshold=3")
+              "threshold, bound, frac_bits, max_clients, min_release, phase_s, min_rate; e.g. threshold=3")
 def open_round(target, tls, insecure, server_name, admin_token, admin_token_file, round_config, round_id, clients,
                weights, quorum, deadline, late_policy, replace_policy, options, secure_aggregation, secagg) -> None:
     """Open a round on a running coordinator (its base gives manifest and fingerprint)."""

@@ -216,7 +216,7 @@ def replay(s: "SecureSession") -> Optional["FlatAggregator"]:
         if closed is None:
             if phase == "masked":
                 s.restore_partials()
-            s.opened_at = s.clock() if arrived or phase != "keys" else None  # a fresh phase_s to come back
+            s.deadline.open(s.clock() if arrived or phase != "keys" else None)  # a fresh phase_s to come back
             log.info("round %s: secure session replayed from its journal: phase %s, %d client(s) in", s.round.id,
                      phase, len(arrived))
             return None

@@ -154,8 +154,7 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
                 buf += chunk.data
                 sha.update(chunk.data)
                 want = chunk.sha256 or want
-                if chunk.data:
-                    s.advance(cid)
+                s.advance(cid, len(chunk.data))
                 try:
                     chunk = next(request_iterator, None)
                 except grpc.RpcError:

@@ -3,12 +3,10 @@ its phases closed by quorum or deadline, and the round failed (its status says w
 fewer than t clients are left.
 
 Phases: keys → shares → masked → unmask → done. A phase closes once every client it
-expects has sent its message, or `phase_s` after it opened (the key phase's clock starts
-at the first advert), with whoever arrived, except while an expected client's stream (its
-message or masked vector) is attached and delivered bytes within the last `phase_s`: an
-honest slow client is waited for as long as it makes progress, a stalled one is not. The
-protocol then refuses fewer than t, and the round fails with that message before anything
-is unmasked. What the phase closes to (the
+expects has sent its message, or at its deadline with whoever arrived (`deadline`: `phase_s`
+after it opened, the key phase's clock starting at the first advert, longer while a missing
+client's stream keeps making progress). The protocol then refuses fewer than t, and the
+round fails with that message before anything is unmasked. What the phase closes to (the
 key list, each client's mask request, the unmask request) waits in an outbox for the
 clients' polls. The masked vectors are spooled to a file while they stream in (they are
 uniform bytes); a broken stream's prefix stays there and the client resumes at its end
@@ -36,6 +34,7 @@ from typing import Callable, Iterator, Optional, Union
 from tiesfed.coordinator.rounds.events import RoundError
 from tiesfed.coordinator.rounds.finalize import fail
 from tiesfed.coordinator.rounds.state import RoundState
+from tiesfed.coordinator.secure.deadline import PhaseClock
 from tiesfed.coordinator.secure.journal import STEP_TYPES, Journal, pieces, replay
 from tiesfed.coordinator.secure.publish import FlatAggregator, publish
 from tiesfed.coordinator.secure.release import check_release
@@ -77,19 +76,17 @@ class SecureSession:
     def __init__(self, r: RoundState, ca_pem: Optional[bytes], clock: Callable[[], float] = time.time) -> None:
         self.round = r
         self.params = secagg_round(r.config)
-        self.phase_s = float(effective(r.config).phase_s)
+        settings = effective(r.config)
+        self.deadline = PhaseClock(float(settings.phase_s), float(settings.min_rate))
         self.server = SecAggServer(self.params, ca_pem, workdir=r.spool.dir)
         self.clock = clock
         self.cond = threading.Condition()
         self.phase = "keys"
         self.expected: set[str] = set(r.participants)
         self.arrived: list[str] = []
-        self.opened_at: Optional[float] = None
         self.outbox: dict[str, Union[bytes, dict[str, bytes]]] = {}
         self.failed = ""
         self.uploading: set[str] = set()
-        self.streaming: dict[str, int] = {}  # client → its streams attached now (messages or masked vector)
-        self.progress: dict[str, float] = {}  # client → when its last stream bytes arrived (this phase)
         self.partial: dict[str, _Partial] = {}  # masked uploads in progress: what arrived so far
         self.folded: set[str] = set()  # whose masked vector is in the running sum
         self.adverts: dict[str, KeyAdvert] = {}
@@ -118,35 +115,22 @@ class SecureSession:
         return limit
 
     def attach(self, client_id: str) -> None:
-        """A stream of this client's opened: while it delivers bytes, its phase waits (`_late`)."""
+        """A stream of this client's opened: while it makes progress, its phase waits (`deadline`)."""
         with self.cond:
-            self.streaming[client_id] = self.streaming.get(client_id, 0) + 1
-            self.progress[client_id] = self.clock()
+            self.deadline.attach(client_id, self.clock())
 
-    def advance(self, client_id: str) -> None:
-        """Bytes of an attached stream arrived."""
+    def advance(self, client_id: str, nbytes: int) -> None:
+        """`nbytes` of an attached stream arrived."""
         with self.cond:
-            self.progress[client_id] = self.clock()
+            self.deadline.advance(client_id, nbytes, self.clock())
 
     def detach(self, client_id: str) -> None:
         with self.cond:
-            left = self.streaming.get(client_id, 0) - 1
-            if left > 0:
-                self.streaming[client_id] = left
-            else:
-                self.streaming.pop(client_id, None)
+            self.deadline.detach(client_id)
 
     def _late(self) -> bool:
-        """Whether the open phase is past its deadline (lock held): `phase_s` after it opened,
-        and no expected client still missing has a stream attached that delivered bytes within
-        the last `phase_s`."""
-        if self.opened_at is None:
-            return False
-        now = self.clock()
-        if now < self.opened_at + self.phase_s:
-            return False
-        missing = self.expected - set(self.arrived)
-        return not any(self.streaming.get(c) and now - self.progress.get(c, 0.0) < self.phase_s for c in missing)
+        """Whether the open phase is past its deadline (lock held)."""
+        return self.deadline.late(self.expected - set(self.arrived), self.clock())
 
     def step(self, client_id: str, phase: str, payload: bytes, cert_fingerprint: Optional[str]) -> str:
         """One client message of `phase`; its sender must be the caller (`client_id`, the
@@ -191,8 +175,7 @@ class SecureSession:
             self.taken[phase, client_id] = hashlib.sha256(payload).hexdigest()
             if isinstance(msg, KeyAdvert):
                 self.adverts[client_id] = msg
-                if self.opened_at is None:
-                    self.opened_at = self.clock()
+                self.deadline.start(self.clock())
             self._arrive(client_id)
         return self.phase
 
@@ -274,8 +257,7 @@ class SecureSession:
                     f.flush()
                     with self.cond:
                         part.add(data)
-                        if data:  # only bytes count as progress: empty chunks do not hold the phase open
-                            self.advance(client_id)
+                        self.advance(client_id, len(data))  # empty chunks do not count as progress
                     want = sha or want
             if part.size != total:
                 raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r} ended after {part.size} of "
@@ -365,7 +347,7 @@ class SecureSession:
 
     def status(self) -> dict:
         with self.cond:
-            deadline = self.opened_at + self.phase_s if self.opened_at is not None and self.phase != "done" else 0.0
+            deadline = self.deadline.deadline if self.phase != "done" else 0.0
             return {"phase": "failed" if self.failed else self.phase, "arrived": sorted(self.arrived),
                     "waiting_for": sorted(self.expected - set(self.arrived)) if self.phase != "done" else [],
                     "deadline": deadline, "message": self.failed or self.round.message,
@@ -449,6 +431,9 @@ class SecureSession:
             self.counted = set(ur.survivors)
         else:
             result = FlatAggregator(self.server.finish_stream(), self.round.config.manifest or [], self.round.spec)
+            if self.server.wrong_shares:
+                log.warning("round %s: unmasking replies from %s held a wrong share; the secrets were rebuilt "
+                            "without them", self.round.id, ", ".join(sorted(self.server.wrong_shares)))
             nxt = set()
         if record:
             self.journal.close(phase, arrived)
@@ -457,8 +442,7 @@ class SecureSession:
                  f"; missing: {', '.join(dropped)}" if dropped else "")
         self.phase = PHASES[PHASES.index(phase) + 1]
         self.expected, self.arrived = nxt, []
-        self.progress.clear()
-        self.opened_at = self.clock()
+        self.deadline.open(self.clock())
         return result
 
     def stop(self) -> None:

@@ -33,7 +33,11 @@ class SecureSettings(BaseModel):
                              "clients' supports cover (1: the union)")
     phase_s: float = Field(300.0, gt=0, description="a phase closes once everyone expected has sent, or this long "
                            "after it opened (the key phase: after the first advert), with whoever arrived; it "
-                           "stays open while an expected client's stream delivered bytes within the last phase_s")
+                           "stays open while an expected client's stream delivered bytes within the last phase_s "
+                           "and keeps up min_rate")
+    min_rate: float = Field(float(1 << 20), gt=0, description="bytes a second a late client's stream must average "
+                            "(after a grace of phase_s) to hold its phase open past phase_s: a stream that trickles "
+                            "cannot hold the round")
 
 
 def effective(config: "RoundConfig") -> SecureSettings:

@@ -33,7 +33,14 @@ from tiesfed.core.secagg.shamir import SHARE_BYTES, share_bytes, share_from_byte
 from tiesfed.core.secagg.support import BITMAP_BLOCK, SupportReader, SupportWriter
 from tiesfed.trust.identity import Identity
 from tiesfed.trust.secagg.boxes import open_box, seal
-from tiesfed.trust.secagg.keys import RoundKeys, SecAggError, check_advert, load_public, private_bytes
+from tiesfed.trust.secagg.keys import (
+    RoundKeys,
+    SecAggError,
+    check_advert,
+    load_public,
+    private_bytes,
+    seed_commitment,
+)
 from tiesfed.trust.secagg.messages import (
     KeyAdvert,
     KeyList,
@@ -120,9 +127,10 @@ class SecAggClient:
     # ------------------------------------------------------------------ 1. keys
     def advertise(self) -> KeyAdvert:
         self._advance("advertise")
-        k = self._keys
-        return KeyAdvert(self.id, k.c_pk, k.s_pk, self._identity.cert_pem,
-                         k.sign(self._identity, self.round.round_id, self.id))
+        k, rid = self._keys, self.round.round_id
+        commit = seed_commitment(rid, self.id, self._seed)
+        return KeyAdvert(self.id, k.c_pk, k.s_pk, commit, self._identity.cert_pem,
+                         k.sign(self._identity, rid, self.id, commit))
 
     # ------------------------------------------------------------------ 2. support + shares
     def share(self, keys: KeyList) -> ShareUpload:
@@ -134,9 +142,11 @@ class SecAggClient:
         if len(set(ids)) != len(ids):
             raise SecAggError(f"a client is listed twice in the key list: {sorted(ids)}")
         for a in keys.adverts:
-            check_advert(rid, a.client_id, a.c_pk, a.s_pk, a.cert_pem, a.signature, self._identity.ca_pem)
+            check_advert(rid, a.client_id, a.c_pk, a.s_pk, a.seed_commit, a.cert_pem, a.signature,
+                         self._identity.ca_pem)
         mine = {a.client_id: a for a in keys.adverts}.get(self.id)
-        if mine is None or (mine.c_pk, mine.s_pk) != (self._keys.c_pk, self._keys.s_pk):
+        if mine is None or (mine.c_pk, mine.s_pk, mine.seed_commit) != (
+                self._keys.c_pk, self._keys.s_pk, seed_commitment(rid, self.id, self._seed)):
             raise SecAggError(f"client {self.id!r}: the key list does not carry this client's own keys")
         order = self.round.require(ids, "advertised keys")
         self._advance("share")

@@ -7,10 +7,15 @@ key it signs its contributions with (`tiesfed.trust.signing`, ECDSA P-256), and 
 other client checks that signature against the advertiser's certificate, the
 certificate against the round's CA, and the certificate's subject against the id. A
 coordinator relaying the keys can drop an advertisement but not substitute a key.
+
+The advert also carries a commitment to the client's self-mask seed b_u (a hash, bound to the
+round and the client): whoever rebuilds b_u from Shamir shares can tell a right seed from one
+a wrong share produced (the mask key needs no commitment: its public key is advertised).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
@@ -20,7 +25,8 @@ from tiesfed.trust import signing
 from tiesfed.trust.certs import TrustError, common_name, role
 from tiesfed.trust.identity import Identity
 
-ADVERT_KIND = "tiesfed.secagg.keys.v1"
+ADVERT_KIND = "tiesfed.secagg.keys.v2"
+SEED_COMMIT_KIND = b"tiesfed.secagg.seed-commitment.v1"
 RAW = serialization.Encoding.Raw
 
 
@@ -42,10 +48,19 @@ def load_public(data: bytes, who: str) -> X25519PublicKey:
     return X25519PublicKey.from_public_bytes(data)
 
 
-def advert_manifest(round_id: str, client_id: str, c_pk: bytes, s_pk: bytes) -> dict[str, str]:
-    """What a client signs: both public keys, bound to the round and to itself."""
+def seed_commitment(round_id: str, client_id: str, seed: bytes) -> bytes:
+    """sha256 of the self-mask seed, bound to the round and the client (each part length-prefixed).
+    The seed is 32 random bytes, so the hash reveals nothing of it."""
+    h = hashlib.sha256(SEED_COMMIT_KIND)
+    for part in (round_id.encode(), client_id.encode(), seed):
+        h.update(len(part).to_bytes(4, "big") + part)
+    return h.digest()
+
+
+def advert_manifest(round_id: str, client_id: str, c_pk: bytes, s_pk: bytes, seed_commit: bytes) -> dict[str, str]:
+    """What a client signs: both public keys and its seed commitment, bound to the round and to itself."""
     return {"kind": ADVERT_KIND, "round_id": round_id, "client_id": client_id,
-            "c_pk": c_pk.hex(), "s_pk": s_pk.hex()}
+            "c_pk": c_pk.hex(), "s_pk": s_pk.hex(), "seed_commit": seed_commit.hex()}
 
 
 @dataclass(frozen=True)
@@ -67,14 +82,14 @@ class RoundKeys:
     def s_pk(self) -> bytes:
         return public_bytes(self.s_sk)
 
-    def sign(self, identity: Identity, round_id: str, client_id: str) -> bytes:
-        return signing.sign(identity.key_pem, advert_manifest(round_id, client_id, self.c_pk, self.s_pk))
+    def sign(self, identity: Identity, round_id: str, client_id: str, seed_commit: bytes) -> bytes:
+        return signing.sign(identity.key_pem, advert_manifest(round_id, client_id, self.c_pk, self.s_pk, seed_commit))
 
 
-def check_advert(round_id: str, client_id: str, c_pk: bytes, s_pk: bytes, cert_pem: bytes,
+def check_advert(round_id: str, client_id: str, c_pk: bytes, s_pk: bytes, seed_commit: bytes, cert_pem: bytes,
                  signature: bytes, ca_pem: bytes) -> None:
     """Raise SecAggError unless `client_id`'s certificate (issued by the round's CA, role
-    client) signed these keys for this round."""
+    client) signed these keys and this seed commitment for this round."""
     try:
         signing.verify_chain(cert_pem, ca_pem)
         cn, r = common_name(cert_pem), role(cert_pem)
@@ -83,8 +98,10 @@ def check_advert(round_id: str, client_id: str, c_pk: bytes, s_pk: bytes, cert_p
     if cn != client_id or r != "client":
         raise SecAggError(f"keys advertised for {client_id!r} come with the certificate of {cn!r} (role {r!r})")
     load_public(c_pk, client_id), load_public(s_pk, client_id)
+    if len(seed_commit) != 32:
+        raise SecAggError(f"the seed commitment of {client_id!r} is {len(seed_commit)} bytes, not 32")
     try:
-        signing.verify(cert_pem, advert_manifest(round_id, client_id, c_pk, s_pk), signature)
+        signing.verify(cert_pem, advert_manifest(round_id, client_id, c_pk, s_pk, seed_commit), signature)
     except TrustError as e:
         raise SecAggError(f"keys advertised for {client_id!r} in round {round_id!r} are not the ones "
                           f"it signed (substituted or replayed): {e}") from None

@@ -6,7 +6,7 @@ offset and length, so a large masked vector is not base64-inflated). `from_bytes
 the framing, the type and every field's type: a malformed message is a SecAggError.
 
 Flow (client → coordinator ↑, coordinator → client ↓):
-  ↑ KeyAdvert    both X25519 public keys, signed with the client's certificate key
+  ↑ KeyAdvert    both X25519 public keys and a seed commitment, signed with the client's certificate key
   ↓ KeyList      every advertisement (the clients check each signature)
   ↑ ShareUpload  the support bitmap + one sealed box of Shamir shares per other client
   ↓ MaskRequest  who shared (U1), the union support U, the boxes addressed to this client
@@ -25,7 +25,7 @@ from typing import Any, Union
 
 from tiesfed.trust.secagg.keys import SecAggError
 
-MAGIC, VERSION = b"TSAG", 1
+MAGIC, VERSION = b"TSAG", 2  # 2: KeyAdvert carries the seed commitment
 _PREFIX = struct.Struct("<4sBI")
 
 
@@ -34,6 +34,7 @@ class KeyAdvert:
     client_id: str
     c_pk: bytes
     s_pk: bytes
+    seed_commit: bytes  # `keys.seed_commitment` of the client's self-mask seed
     cert_pem: bytes
     signature: bytes
 

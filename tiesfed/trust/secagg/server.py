@@ -33,7 +33,7 @@ from tiesfed.core.secagg.encode import quantise_weight
 from tiesfed.core.secagg.ring import RingError, ring_add, ring_sub
 from tiesfed.core.secagg.shamir import SHARE_BYTES, ShamirError, combine, share_from_bytes
 from tiesfed.core.secagg.support import count_support, merge_supports, unpack_support
-from tiesfed.trust.secagg.keys import SecAggError, check_advert, load_public, public_bytes
+from tiesfed.trust.secagg.keys import SecAggError, check_advert, load_public, public_bytes, seed_commitment
 from tiesfed.trust.secagg.messages import (
     KeyAdvert,
     KeyList,
@@ -76,6 +76,7 @@ class SecAggServer:
         self._uploaded: list[str] = []
         self._survivors: tuple[str, ...] = ()
         self._replies: dict[str, UnmaskReply] = {}
+        self.wrong_shares: set[str] = set()  # repliers caught sending a wrong share (`_rebuild`)
 
     def _in(self, phase: str, what: str) -> None:
         if PHASES[self._phase] != phase:
@@ -108,8 +109,8 @@ class SecAggServer:
         if adv.client_id in self._adverts:
             raise SecAggError(f"client {adv.client_id!r} advertised keys twice")
         if self._ca is not None:
-            check_advert(self.round.round_id, adv.client_id, adv.c_pk, adv.s_pk, adv.cert_pem, adv.signature,
-                         self._ca)
+            check_advert(self.round.round_id, adv.client_id, adv.c_pk, adv.s_pk, adv.seed_commit, adv.cert_pem,
+                         adv.signature, self._ca)
         self._adverts[adv.client_id] = adv
 
     def close_keys(self) -> KeyList:
@@ -228,25 +229,18 @@ class SecAggServer:
         """Remove every mask from the sum's file, `RING_BLOCK` elements at a time, and hand it over
         to be decoded block by block. Every secret is rebuilt and checked before the file changes."""
         self._in("unmask", "finishing")
-        repliers = self.round.require(self._replies, "sent unmasking shares")
-        lay, rid, t = self._layout, self.round.round_id, self.round.threshold
-        x = {c: i + 1 for i, c in enumerate(self._keyed)}
+        self.round.require(self._replies, "sent unmasking shares")
+        lay, rid = self._layout, self.round.round_id
         assert self._ring is not None
-
-        def secret(v: str, field: str) -> bytes:
-            try:
-                shares = [(x[r], share_from_bytes(getattr(self._replies[r], field)[v])) for r in repliers]
-                return combine(shares, t, 32)
-            except ShamirError as e:
-                raise SecAggError(f"cannot reconstruct the {field[:-7]} of {v!r}: {e}") from None
-
         removals: list[tuple[Callable[..., np.ndarray], bytes]] = []
         for v in self._survivors:
-            removals.append((ring_sub, self_seed_key(secret(v, "seed_shares"), rid, v)))
+            commit = self._adverts[v].seed_commit
+            seed = self._rebuild(v, "seed_shares", lambda b, v=v, c=commit: seed_commitment(rid, v, b) == c)
+            removals.append((ring_sub, self_seed_key(seed, rid, v)))
         for d in (c for c in self._sharers if c not in self._survivors):
-            sk = X25519PrivateKey.from_private_bytes(secret(d, "key_shares"))
-            if public_bytes(sk) != self._adverts[d].s_pk:
-                raise SecAggError(f"the reconstructed mask key of {d!r} is not the one it advertised")
+            pk = self._adverts[d].s_pk
+            sk = X25519PrivateKey.from_private_bytes(
+                self._rebuild(d, "key_shares", lambda b, pk=pk: public_bytes(X25519PrivateKey.from_private_bytes(b)) == pk))
             for u in self._survivors:
                 key = pair_key(sk, load_public(self._adverts[u].s_pk, u), MASK_INFO, rid, u, d)
                 removals.append((ring_sub if pair_sign(u, d) > 0 else ring_add, key))
@@ -261,6 +255,31 @@ class SecAggServer:
         self._phase += 1
         self._ring = None
         return UnmaskedSums(ring, self.support_packed, self.round.numel, self.round.spec, lay, weights_q)
+
+    def _rebuild(self, v: str, field: str, right: Callable[[bytes], bool]) -> bytes:
+        """`v`'s secret from the repliers' shares, checked by `right` (its advertised commitment or
+        public key), so a wrong share cannot pass unseen. With more than t replies, one wrong reply is
+        found by leaving each out in turn, named in `wrong_shares`, and the secret rebuilt without it."""
+        what = "self-mask seed" if field == "seed_shares" else "mask key"
+        t, x = self.round.threshold, {c: i + 1 for i, c in enumerate(self._keyed)}
+        try:
+            shares = {r: (x[r], share_from_bytes(getattr(rep, field)[v])) for r, rep in self._replies.items()}
+        except ShamirError as e:
+            raise SecAggError(f"cannot reconstruct the {what} of {v!r}: {e}") from None
+        trusted = [r for r in shares if r not in self.wrong_shares]
+        for left_out in [None, *trusted] if len(trusted) > t else [None]:
+            try:
+                secret = combine([shares[r] for r in trusted if r != left_out], t, 32)
+            except ShamirError:
+                continue
+            if right(secret):
+                if left_out is not None:
+                    self.wrong_shares.add(left_out)
+                return secret
+        raise SecAggError(f"cannot reconstruct the {what} of {v!r}: the {len(trusted)} unmasking replies hold a "
+                          f"wrong share (the result does not match what {v!r} advertised), and "
+                          + ("no single reply explains it" if len(trusted) > t else
+                             f"with threshold {t} there is no spare reply to find which"))
 
     def merged(self, acc: Accumulator) -> torch.Tensor:
         """The merged task vector (min_support and the zero-sign rule as on every path)."""
