@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tiesfed.core import radix
 from tiesfed.core.trim import (
     GlobalThreshold,
     keep_count,
@@ -84,6 +85,18 @@ def test_tensor_trim_matches_stable_sort(seed, n, fraction, ties):
     want = want[tau[want] != 0]
     assert torch.equal(idx, want)
     assert torch.equal(val, tau[want])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 5000), fraction=st.floats(0.0005, 0.9999), ties=st.booleans())
+def test_top_count_sorted_and_histogram_paths_agree(seed, n, fraction, ties):
+    """Small tensors take a stable sort, large ones the histogram: the same indices, ties included."""
+    (tau,) = _pieces(seed, [n], ties)
+    keep = keep_count(n, fraction)
+    if not 0 < keep < n:
+        return
+    bits = radix.abs_bits(tau)
+    assert torch.equal(radix.top_count_sorted(bits, keep), radix.top_count_histogram(bits, keep))
 
 
 def test_zeros_never_survive():

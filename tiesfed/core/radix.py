@@ -100,13 +100,27 @@ def split_at_bucket(bits: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torc
     return select(idx, ~member), select(idx, member), select(got, member), zeros
 
 
+#: Up to this many elements a stable sort is faster than the 64K-bucket histogram (whose
+#: fixed cost, a few ms, dominates a LayerNorm's or a bias's top-k).
+SORT_BELOW = 16384
+
+
 def top_count(bits: torch.Tensor, keep: int) -> torch.Tensor:
     """Flat indices (ascending) of the `keep` largest of `bits`, minus any zeros;
-    among equal values at the boundary the lower index wins (0 < keep < n).
+    among equal values at the boundary the lower index wins (0 < keep < n)."""
+    return top_count_sorted(bits, keep) if bits.numel() < SORT_BELOW else top_count_histogram(bits, keep)
 
-    One histogram finds the bucket of the keep-th largest; the survivors are
-    then taken from that bucket's lower edge up, so the bucket's few members
-    settle the exact boundary without a second pass over the tensor."""
+
+def top_count_sorted(bits: torch.Tensor, keep: int) -> torch.Tensor:
+    """`top_count` by a stable descending sort (equal values keep index order)."""
+    values, order = torch.sort(bits.reshape(-1), descending=True, stable=True)
+    return torch.sort(order[:keep][values[:keep] != 0]).values
+
+
+def top_count_histogram(bits: torch.Tensor, keep: int) -> torch.Tensor:
+    """`top_count` without sorting the tensor: one histogram finds the bucket of the
+    keep-th largest; the survivors are then taken from that bucket's lower edge up, so
+    the bucket's few members settle the exact boundary without a second pass."""
     n = bits.numel()
     bucket, inner = locate(coarse_histogram(bits), n - keep + 1)
     if bucket == 0:  # the boundary is among zeros and subnormals: rare, take the plain way
