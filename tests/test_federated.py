@@ -279,6 +279,40 @@ def test_broken_connection_resumes_from_committed_offset(family, tmp_path, coord
     assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
 
 
+def test_breaks_that_make_progress_do_not_use_up_the_retries(family, tmp_path, coordinator):
+    """A stream broken after every 3rd chunk (as a slow client loses its slot to a waiting one)
+    with one retry allowed: each break leaves the coordinator holding more, so the count starts
+    again, and the upload completes after many more attempts than retries."""
+    srv = coordinator()
+    rnd = open_round(srv)
+
+    def fault(attempt: int, i: int) -> bool:
+        if i < 3:
+            return False
+        deadline = time.monotonic() + 10  # the 3 chunks arrived: the break is after progress
+        while rnd.sessions.get("org-a") is None or rnd.sessions["org-a"].offset < 3 * 256 * (attempt + 1):
+            assert time.monotonic() < deadline, "the coordinator never received the chunks"
+            time.sleep(0.005)
+        return True
+
+    one_retry = Retry(attempts=1, backoff_s=0.01, max_backoff_s=0.05)
+    res = submit(srv.target, "r1", "org-a", family[0], family[1][0], retry=one_retry, insecure=True,
+                 chunk_bytes=256, fault=fault)
+    assert res.attempts > 3 and len(res.resumed_from) == res.attempts - 1
+    assert res.bytes_sent == res.bytes  # every break resumed where the coordinator was
+
+    tried: set[int] = set()  # breaks before any byte arrives: no progress, so the one retry is all
+
+    def at_once(attempt: int, i: int) -> bool:
+        tried.add(attempt)
+        return True
+
+    with pytest.raises(FederatedError, match="was cancelled"):
+        submit(srv.target, "r1", "org-b", family[0], family[1][1], retry=one_retry, insecure=True,
+               chunk_bytes=256, fault=at_once)
+    assert tried == {0, 1}
+
+
 def test_abandoned_upload_expires_and_is_unfolded(family, tmp_path, coordinator):
     srv = coordinator(abandon_after_s=0.5)
     rnd = open_round(srv)

@@ -124,6 +124,50 @@ def test_empty_chunks_lose_their_slot_and_an_honest_client_gets_through(family, 
     assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
 
 
+def test_a_trickled_upload_keeps_its_slot_only_while_nobody_waits(family, tmp_path, coordinator):
+    """Before: a stream delivering a few real bytes now and then (here 80 B/s) counted as
+    progress and kept its slot for as long as it liked, so with one slot an honest client
+    never got in. Now, while another client waits, a holder under min_upload_rate gives
+    its slot up; alone, it keeps it. Its bytes stay for a resume, and the round completes."""
+    srv = coordinator(stall_after_s=1.0, max_active_uploads=1, min_upload_rate=4096.0)
+    rnd = open_round(srv)
+    data = contribution_bytes(family, 1)
+    stop, out = threading.Event(), {}
+
+    def trickle():
+        at = 0
+        while at < len(data) and not stop.is_set():
+            yield pb.UploadChunk(round_id="r1", offset=at, data=data[at:at + 16])
+            at += 16
+            time.sleep(0.2)
+
+    def attacker():
+        with grpc.insecure_channel(srv.target, options=channel_options()) as ch:
+            try:
+                pb_grpc.CoordinatorStub(ch).Upload(trickle(), metadata=md("org-b"), timeout=60)
+                out["org-b"] = grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                out["org-b"] = e.code()
+
+    t = threading.Thread(target=attacker)
+    t.start()
+    try:
+        assert wait_until(lambda: srv.manager.slots.holders() == {"org-b": "stream"}, 10)
+        time.sleep(2.5)  # well past the grace: alone, it keeps the slot
+        assert srv.manager.slots.holders() == {"org-b": "stream"} and "org-b" not in out
+        res = send(srv, "r1", "org-a", family, 0)  # queues: the trickle gives its slot up
+        assert res.sha256 and not res.duplicate
+    finally:
+        stop.set()
+        t.join(30)
+    assert out == {"org-b": grpc.StatusCode.CANCELLED}
+    assert rnd.sessions["org-b"].offset > 0  # what it delivered waits for its resume
+    send(srv, "r1", "org-b", family, 1)  # the same id, honest now: resumes and commits
+    send(srv, "r1", "org-c", family, 2)
+    assert rnd.wait_closed(60) and rnd.state == "finalized"
+    assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
+
+
 # ----------------------------------------------------------------------------- one slot per client id
 
 

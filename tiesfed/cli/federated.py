@@ -421,7 +421,9 @@ def client() -> None:
 @click.option("--device", default="cpu", show_default=True, callback=device_option,
               help="where to trim: cpu, cuda, cuda:N or mps")
 @click.option("--chunk-size", default="1MiB", show_default=True, help="upload chunk size (at most 4MiB)")
-@click.option("--retries", type=int, default=8, show_default=True, help="attempts after a broken connection")
+@click.option("--retries", type=int, default=8, show_default=True,
+              help="attempts after a broken connection; an upload counts the breaks in a row after which the "
+              "coordinator held no more of it")
 @click.option("--max-memory", help="memory budget, e.g. 4GB (default: half the machine's); a tensor larger than "
               "the block it allows is read, trimmed and sent in blocks, with the same result")
 @click.option("--allow-architecture-mismatch", is_flag=True,

@@ -22,6 +22,7 @@ it commits.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import tempfile
 import threading
 import time
@@ -337,16 +338,22 @@ def _send(
     seal: Optional[Callable[[str], bytes]] = None,
 ) -> SubmitResult:
     """Stream the pipe to the coordinator, resuming after breaks; `seal(sha256)` signs the
-    finished stream (mutual TLS) for the chunk that carries its last bytes."""
+    finished stream (mutual TLS) for the chunk that carries its last bytes. `retry.attempts`
+    bounds the breaks in a row without progress: a break after which the coordinator holds
+    more of the stream than before (a slow client whose slot went to a waiting one, say)
+    starts the count again."""
     sent = 0
+    failures, held = 0, 0  # breaks in a row without progress; the most the coordinator held
     signature = b""  # made once, when the last bytes are first sent
     resumed: list[int] = []
     bar = tqdm(unit="B", unit_scale=True, disable=not progress, desc=f"upload {conn.client_id}")
     try:
-        for attempt in range(retry.attempts + 1):
+        for attempt in itertools.count():
             start = 0
             if attempt > 0:
                 st = conn.call("UploadStatus", pb.UploadStatusRequest(round_id=round_id))
+                if st.committed_offset > held:  # the last stream got further: progress
+                    failures, held = 0, st.committed_offset
                 if st.committed_offset > 0 and pipe.wait_for(st.committed_offset) >= st.committed_offset:
                     if sha256_file(pipe.path, 0, st.committed_offset) == st.prefix_sha256:
                         start = st.committed_offset
@@ -395,15 +402,15 @@ def _send(
                 # dropping a stalled stream; both resume
                 cancelled = isinstance(e, grpc.FutureCancelledError) or e.code() == grpc.StatusCode.CANCELLED
                 transient = cancelled or e.code() in RETRYABLE
-                if not transient or attempt == retry.attempts:
+                failures += 1
+                if not transient or failures > retry.attempts:
                     if isinstance(e, grpc.RpcError):
                         raise FederatedError.from_rpc(e, f"upload of {conn.client_id!r} to round {round_id!r}") from None
                     raise FederatedError(f"upload of {conn.client_id!r} to round {round_id!r} was cancelled",
                                          "CANCELLED") from None
-                log.warning("upload of %s to round %s interrupted (%s); resuming, attempt %d of %d",
-                            conn.client_id, round_id, "cancelled" if cancelled else e.code().name, attempt + 2,
-                            retry.attempts + 1)
-                retry.sleep(attempt)
+                log.warning("upload of %s to round %s interrupted (%s); resuming, attempt %d", conn.client_id,
+                            round_id, "cancelled" if cancelled else e.code().name, attempt + 2)
+                retry.sleep(failures)
                 continue
             if "error" in holder:
                 raise holder["error"]
@@ -413,9 +420,11 @@ def _send(
                     bytes_sent=sent, nnz=receipt.nnz, attempts=attempt + 1, resumed_from=resumed,
                     duplicate=receipt.duplicate, replaced=receipt.replaced, signed=bool(signature),
                 )
-            retry.sleep(attempt)  # the stream ended before the end marker: resume it
-        raise FederatedError(f"upload of {conn.client_id!r} to round {round_id!r}: gave up after "
-                             f"{retry.attempts + 1} attempts", "UNAVAILABLE")
+            failures += 1
+            if failures > retry.attempts:
+                raise FederatedError(f"upload of {conn.client_id!r} to round {round_id!r}: gave up after "
+                                     f"{failures} attempts in a row without progress", "UNAVAILABLE")
+            retry.sleep(failures)  # the stream ended before the end marker: resume it
     finally:
         bar.close()
 

@@ -121,6 +121,9 @@ class CoordinatorConfig(BaseModel):
                                      "the round is left as it was) instead of filling the disk mid-round")
     stall_after_s: float = Field(120.0, gt=0, description="an upload stream holding a slot without progress "
                                  "for this long is cancelled (the client resumes it)")
+    min_upload_rate: float = Field(float(1 << 20), gt=0, description="bytes a second an upload stream must "
+                                   "average (after a grace of stall_after_s) to keep its slot while another "
+                                   "client waits for one (cancelled, it resumes from the back of the queue)")
     lease_s: float = Field(30.0, gt=0, description="a reserved upload slot lapses if its stream does not open")
     keepalive_ms: int = Field(KEEPALIVE_TIME_MS, ge=100, description="clients ping this often on quiet streams; "
                               "the server accepts pings twice as often (tests compress it)")
@@ -343,6 +346,7 @@ class CoordinatorServer:
             min_free_disk_bytes=config.min_free_disk_bytes,
             abandon_after_s=config.abandon_after_s,
             stall_after_s=config.stall_after_s,
+            min_upload_rate=config.min_upload_rate,
             lease_s=config.lease_s,
             max_round_params=config.max_round_params or default_max_round_params(config.aggregator),
             signer=self.identity,  # signs each merge (merged.sig.json); None when insecure

@@ -48,6 +48,7 @@ class RoundManager:
         min_free_disk_bytes: int = 0,
         abandon_after_s: float = 300.0,
         stall_after_s: float = 120.0,
+        min_upload_rate: float = float(1 << 20),
         lease_s: float = 30.0,
         max_round_params: Optional[int] = None,
         tick_s: float = 0.2,
@@ -70,7 +71,7 @@ class RoundManager:
         self.tick_s = tick_s
         self.max_chunk_bytes = max_chunk_bytes
         self.max_round_params = max_round_params or DEFAULT_MAX_ROUND_PARAMS
-        self.slots = UploadSlots(max_active_uploads, stall_after_s, lease_s)
+        self.slots = UploadSlots(max_active_uploads, stall_after_s, lease_s, min_upload_rate)
         self.lease_s = lease_s
         self._round_kw = dict(
             base_path=base_path, shard_bytes=shard_bytes, max_chunk_bytes=max_chunk_bytes,

@@ -10,6 +10,10 @@ the lease (`hold`). The rules that keep honest clients from being starved:
   most one upload stream open, so a few ids cannot take every slot;
 - progress is bytes: a holder that delivers no new bytes for `stall_after_s`
   is cancelled by `cancel_stalled` (a stream of empty chunks is not progress);
+- and rate: while another client waits for a slot, a holder that has averaged
+  under `min_rate` bytes a second since it took its slot (after a grace of
+  `stall_after_s`) gives it up, so a few bytes now and then cannot keep a slot
+  from the others (the client resumes where it was, from the back of the queue);
 - every wait is bounded, and an unclaimed lease lapses after `lease_s`.
 """
 
@@ -44,6 +48,11 @@ class _Stream:
     cancel: Callable[[], object]
     last_progress: float
     holding: bool = False
+    held_since: float = 0.0  # when it took its slot
+    delivered: int = 0  # new bytes since then
+
+    def too_slow(self, now: float, grace_s: float, min_rate: float) -> bool:
+        return self.delivered < min_rate * (now - self.held_since - grace_s)
 
 
 def _always() -> bool:
@@ -53,9 +62,10 @@ def _always() -> bool:
 class UploadSlots:
     """The upload slots of one coordinator; thread-safe (one condition guards all)."""
 
-    def __init__(self, capacity: int, stall_after_s: float, lease_s: float) -> None:
+    def __init__(self, capacity: int, stall_after_s: float, lease_s: float, min_rate: float = float(1 << 20)) -> None:
         self.capacity = capacity
         self.stall_after_s = stall_after_s
+        self.min_rate = min_rate
         self.lease_s = lease_s
         self._cond = threading.Condition()
         self._free = capacity
@@ -156,11 +166,12 @@ class UploadSlots:
                 self._cond.notify_all()
                 raise
             entry.holding = True
-            entry.last_progress = time.monotonic()
+            entry.last_progress = entry.held_since = time.monotonic()
 
         def progress(nbytes: int) -> None:
             if nbytes > 0:
                 entry.last_progress = time.monotonic()
+                entry.delivered += nbytes
 
         try:
             yield progress
@@ -174,18 +185,27 @@ class UploadSlots:
     # ------------------------------------------------------------------ the ticker's work
 
     def cancel_stalled(self) -> int:
-        """Cancel every holder without new bytes for `stall_after_s`; how many."""
+        """Cancel every holder without new bytes for `stall_after_s`, and, while someone waits
+        for a slot, every holder under `min_rate`; how many."""
         now = time.monotonic()
         with self._cond:
+            waiting = bool(self._queue)
             stalled = [s for s in self._streams.values()
                        if s.holding and now - s.last_progress > self.stall_after_s]
-            for s in stalled:
+            slow = [s for s in self._streams.values() if s.holding and waiting and s not in stalled
+                    and s.too_slow(now, self.stall_after_s, self.min_rate)]
+            for s in stalled + slow:
                 s.last_progress = now  # once per stall
+                s.held_since, s.delivered = now, 0  # and a fresh account: cancelled once, not at every tick
         for s in stalled:
             log.warning("cancelling the upload stream of %r: no new bytes for %.0f s", s.client_id,
                         self.stall_after_s)
             s.cancel()
-        return len(stalled)
+        for s in slow:
+            log.warning("cancelling the upload stream of %r: under %s bytes/s while another client waits for a "
+                        "slot (it resumes from where it was)", s.client_id, f"{self.min_rate:,.0f}")
+            s.cancel()
+        return len(stalled) + len(slow)
 
     def expire_leases(self) -> int:
         """Free the slots of leases not claimed in time; how many."""
