@@ -5,6 +5,7 @@ ring width from the public bounds; Shamir t-of-n."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
@@ -181,6 +182,17 @@ def test_ring_masks_cancel_and_bytes_round_trip():
     assert len(lay.to_bytes(x)) == 1000 * lay.bits // 8
     with pytest.raises(RingError, match="bytes"):
         lay.from_bytes(lay.to_bytes(x)[:-1], 1000)
+
+
+@pytest.mark.parametrize("bits", [8, 16, 24, 32, 40, 48, 56, 64])
+def test_ring_bytes_are_little_endian_low_bytes_at_every_width(bits):
+    """Word widths take a one-cast path: the same bytes as slicing each element's low b/8 bytes."""
+    lay = dataclasses.replace(RingLayout.of(FinalizeSpec(), FixedPoint(1.0, 20, frac_bits=24)), bits=bits)
+    x = lay.reduce(np.random.default_rng(bits).integers(0, 2**64 - 1, size=777, dtype=np.uint64, endpoint=True))
+    data = lay.to_bytes(x)
+    assert data == x.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits // 8].tobytes()
+    y = lay.from_bytes(data, x.size)
+    assert y.dtype == np.uint64 and np.array_equal(y, x)
 
 
 def test_support_bitmap_round_trip_and_union():

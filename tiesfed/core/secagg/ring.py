@@ -162,17 +162,26 @@ class RingLayout:
 
     def to_bytes(self, ring: np.ndarray) -> bytes:
         """The wire form: b/8 little-endian bytes per element."""
+        k = self.bytes_per_element
+        if k in _WORD:  # a machine word: one cast (the elements are already reduced mod 2^b)
+            return np.asarray(ring, dtype=np.uint64).astype(_WORD[k]).tobytes()
         a = np.ascontiguousarray(ring, dtype="<u8").view(np.uint8).reshape(-1, 8)
-        return a[:, : self.bytes_per_element].tobytes()
+        return a[:, :k].tobytes()
 
     def from_bytes(self, data: bytes, count: int) -> np.ndarray:
         """Read `count` elements written by `to_bytes`; a wrong length is an error."""
         k = self.bytes_per_element
         if len(data) != count * k:
             raise RingError(f"a ring vector of {count} elements is {count * k} bytes, got {len(data)}")
+        if k in _WORD:
+            return np.frombuffer(data, dtype=_WORD[k], count=count).astype(np.uint64)
         out = np.zeros((count, 8), dtype=np.uint8)
         out[:, :k] = np.frombuffer(data, dtype=np.uint8).reshape(count, k)
         return out.view("<u8").reshape(count).astype(np.uint64)
+
+
+#: Element widths that are a little-endian machine word, read and written with one cast.
+_WORD = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 
 def ring_add(acc: np.ndarray, x: np.ndarray, layout: RingLayout) -> np.ndarray:
