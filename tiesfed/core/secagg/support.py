@@ -72,6 +72,8 @@ def release_support(supports: list[torch.Tensor], min_release: int, numel: int) 
 BITMAP_BLOCK = 1 << 22
 #: Deflated bytes a `SupportReader` feeds its inflater at a time (what it copies of its input).
 INPUT_PIECE = 1 << 20
+#: The least a `SupportReader` inflates at a time (short ranges are not inflated byte by byte).
+INFLATE_MIN = 1 << 16
 
 
 def _pieces(data: Any) -> Iterator[Any]:
@@ -164,7 +166,7 @@ class SupportReader:
         while len(self._raw) < need:
             inp = self._tail if len(self._tail) else next(self._src, b"")
             try:
-                got = self._d.decompress(inp, max(need - len(self._raw), 1 << 16))
+                got = self._d.decompress(inp, max(need - len(self._raw), INFLATE_MIN))
             except zlib.error as e:
                 raise RingError(f"support bitmap does not inflate: {e}") from None
             self._tail = self._d.unconsumed_tail

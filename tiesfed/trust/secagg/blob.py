@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import weakref
-from typing import Any, BinaryIO, Iterator, Sequence, Union
+from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
 
 #: Bytes read from a file-backed field at a time.
 PIECE_BYTES = 1 << 20
@@ -68,8 +68,9 @@ class FileBlob:
             raise OSError(f"a message field's file ended {n - len(out)} bytes early")
         return out
 
-    def pieces(self, size: int = PIECE_BYTES) -> Iterator[bytes]:
-        """The field's bytes in order, `size` at a time."""
+    def pieces(self, size: Optional[int] = None) -> Iterator[bytes]:
+        """The field's bytes in order, `size` (`PIECE_BYTES`) at a time."""
+        size = size or PIECE_BYTES
         for at in range(0, self.length, size):
             yield self.read(at, size)
 
