@@ -183,10 +183,14 @@ def from_file(path: Union[str, os.PathLike]) -> Message:
     """The message `to_bytes` wrote, from its file, checked as `from_bytes` checks it; byte
     fields of `FILE_FIELD_BYTES` or more stay in the file (`FileBlob`: it keeps its own
     descriptor, so the file may be renamed or unlinked afterwards). A small file is read whole."""
-    if os.path.getsize(path) <= FILE_FIELD_BYTES:
-        with open(path, "rb") as f:
-            return from_bytes(f.read())
-    whole = FileBlob.open(path)
+    return from_blob(FileBlob.open(path))
+
+
+def from_blob(whole: FileBlob) -> Message:
+    """`from_file` of a message that is the whole of a file-backed field (e.g. an answer received
+    into a temporary file); one of at most `FILE_FIELD_BYTES` is read whole."""
+    if whole.length <= FILE_FIELD_BYTES:
+        return from_bytes(bytes(whole))
     return _parse(len(whole), lambda a, b: whole.read(a, b - a), lambda start: whole.slice(start, len(whole) - start),
                   FILE_HEADER_BYTES)
 
