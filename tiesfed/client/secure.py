@@ -251,8 +251,9 @@ class SecureFlow:
         self.resumed_from: list[int] = []
         self.attempts = 1
 
-    def _step(self, phase: str, msg: Message) -> None:
-        out = Outgoing(to_parts(msg))  # a share upload's bitmap is read from its file as it goes
+    def _step(self, phase: str, msg: Union[Message, bytes]) -> None:
+        """Send a step message (or its bytes); a share upload's bitmap is read from its file as it goes."""
+        out = Outgoing([msg] if isinstance(msg, bytes) else to_parts(msg))
         step_stream(self.conn, self.round.round_id, phase, out, self.chunk_bytes)
         self.sent += out.size
 
