@@ -8,9 +8,10 @@ after it opened, the key phase's clock starting at the first advert, longer whil
 client's stream keeps making progress). The protocol then refuses fewer than t, and the
 round fails with that message before anything is unmasked. What the phase closes to (the
 key list, each client's mask request, the unmask request) waits in an outbox for the
-clients' polls, as `Outgoing` pieces: the mask requests refer to U's bitmap in its file, they
-do not copy it. A step message is taken from a file (`step_file`: a stream writes its chunks
-there), parsed without reading its bitmap into memory, and renamed into the journal. The masked vectors are spooled to a file while they stream in (they are
+clients' polls, as `Outgoing` pieces: the mask requests refer to U's bitmap in its file,
+they do not copy it. A step message is taken from a file (`step_file`: a stream writes its
+chunks there), parsed without reading its bitmap into memory, and renamed into the journal.
+The masked vectors are spooled to a file while they stream in (they are
 uniform bytes); a broken stream's prefix stays there and the client resumes at its end
 (`masked_status`). A complete one is folded into the one running sum, once. The running
 sum is a file in the round's spool folder (`SecAggServer`'s `RingFile`), folded and unmasked
