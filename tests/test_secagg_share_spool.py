@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import tiesfed.core.secagg.support as support_mod
 import tiesfed.trust.secagg.blob as blob_mod
@@ -28,8 +29,22 @@ from tiesfed.coordinator.rounds.round import Round
 from tiesfed.coordinator.rounds.state import default_aggregator_factory
 from tiesfed.coordinator.secure.session import SecureSession
 from tiesfed.coordinator.spool import RoundSpool
-from tiesfed.core.secagg.support import merge_supports
-from tiesfed.trust.secagg.messages import KeyAdvert, MaskRequest, ShareUpload, from_bytes, from_file, to_bytes
+from tiesfed.core.accumulators import FinalizeSpec
+from tiesfed.core.secagg import FixedPoint
+from tiesfed.core.secagg.support import merge_supports, pack_support
+from tiesfed.trust.identity import Identity
+from tiesfed.trust.secagg import SecAggClient, SecAggRound, SecAggServer
+from tiesfed.trust.secagg.blob import FileBlob, Outgoing
+from tiesfed.trust.secagg.messages import (
+    KeyAdvert,
+    MaskRequest,
+    ShareUpload,
+    from_blob,
+    from_bytes,
+    from_file,
+    to_bytes,
+    to_parts,
+)
 from tiesfed.trust.secagg.server import BOX_BYTES
 
 ORGS = ("org-a", "org-b", "org-c")
@@ -178,3 +193,38 @@ def test_refused_and_repeated_share_messages_leave_no_file(tmp_path):
         assert s.journal.message_path("shares", "org-a").read_bytes() == good
     finally:
         s.stop()
+
+
+def test_a_clients_bitmap_and_u_stay_in_files(tmp_path, pki):
+    """The client side: its own bitmap is written to a file as pass 1 makes it, its share upload
+    is laid out for sending with the bitmap left there (`to_parts`), and a mask request received
+    into a file (`from_blob`) keeps U there; the bytes are those of the in-memory path, and the
+    client accepts that request and masks over U read from the file."""
+    numel = 1 << 20
+    rnd = SecAggRound("round-1", numel, 2, FixedPoint(bound=1.0, max_clients=5), FinalizeSpec())
+    g = torch.Generator().manual_seed(3)
+    clients = []
+    for i, c in enumerate(("org-a", "org-b")):
+        idx = torch.nonzero(torch.rand(numel, generator=g) < 0.2).reshape(-1)
+        val = (torch.randn(idx.numel(), generator=g) * 0.05).to(torch.float32)
+        clients.append(SecAggClient(Identity.load(pki.client(c)), rnd, idx, val, workdir=tmp_path))
+        assert isinstance(clients[-1]._bitmap, FileBlob) and clients[-1]._bitmap == pack_support(idx, numel)
+    assert list(tmp_path.iterdir()) == []  # unlinked: nothing left behind
+    server = SecAggServer(rnd, workdir=tmp_path)
+    for c in clients:
+        server.receive_advert(c.advertise())
+    keys = server.close_keys()
+    ups = [c.share(keys) for c in clients]
+    parts = to_parts(ups[0])
+    assert any(isinstance(p, FileBlob) and len(p) > 64 << 10 for p in parts)  # sent from its file
+    assert Outgoing(parts).whole() == to_bytes(ups[0])
+    for up in ups:
+        server.receive_shares(up)
+    req = server.close_shares()["org-a"]
+    wire = Outgoing(to_parts(req)).whole()
+    path = tmp_path / "answer"
+    path.write_bytes(wire)
+    got = from_blob(FileBlob.open(path))
+    assert isinstance(got.support, FileBlob) and got == from_bytes(wire)
+    masked = sum(len(p) for p in clients[0].masked_stream(got, 1 << 16))  # U read from the file
+    assert masked == server.support_size * rnd.layout.width * rnd.layout.bytes_per_element
