@@ -336,3 +336,21 @@ def test_full_round_over_mutual_tls_equals_the_local_merge(secure, family, pki, 
                 tls=pki.client("org-a"))
     assert_identical(load_folder(lib.out_dir), want)
     assert srv.identity is not None and srv.identity.role == "server" and srv.admin_token is None
+
+
+def test_a_certificate_with_a_bad_version_field_is_a_trust_error(pki):  # noqa: F811
+    """cryptography raises InvalidVersion (not a ValueError) for a version field out of range: it
+    must still be a TrustError, or a key advert carrying such a certificate is an UNKNOWN error
+    instead of a refusal (the hostile fuzz found a bit flip there)."""
+    import base64
+    import re
+
+    from tiesfed.trust.certs import TrustError, fingerprint
+
+    pem = Path(pki.client("org-a"), "cert.pem").read_bytes()
+    body = re.search(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", pem, re.S).group(1)
+    der = base64.b64decode(b"".join(body.split()))
+    at = der.index(bytes([0xA0, 3, 2, 1, 2])) + 4  # [0] EXPLICIT INTEGER 2 (v3)
+    bad = der[:at] + bytes([10]) + der[at + 1:]
+    with pytest.raises(TrustError, match="not a valid X509 version"):
+        fingerprint(b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bad) + b"-----END CERTIFICATE-----\n")

@@ -129,6 +129,8 @@ def test_step_stream_refuses_an_oversized_declaration_and_a_bad_stream_changes_n
                                sha256=hashlib.sha256(first).hexdigest()))
     assert short.code() == grpc.StatusCode.INVALID_ARGUMENT and "ended after" in short.details()
     assert secure_status(srv.target, pki).arrived == []
+    round_dir = srv.secure.sessions["r1"].journal.dir.parent  # the streams were written there as they came
+    assert list(round_dir.glob(".*.incoming")) == [] and not (round_dir / "secagg" / "keys").exists()
     assert step_stream(conn, "r1", "keys", second, chunk_bytes=100).phase == "keys"  # nothing of `first` was taken
     assert secure_status(srv.target, pki).arrived == ["org-a"]
     conn.close()

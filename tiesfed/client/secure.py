@@ -9,8 +9,10 @@ keys → support and shares → the masked vector (streamed in chunks) → unmas
 Memory is bounded by the client's block, never by the model: `TrimmedPieces` re-runs the
 trimmer record by record (a tensor, or one block of a larger one) each time it is read.
 The support bitmap comes from a first read, the masked vector from a second one (and again
-for a resumed upload), checked record by record against the first (`SecAggClient`). What
-stays is the bitmap (deflated, about 0.1 byte a parameter at k = 20 %) and U's, as received.
+for a resumed upload), checked record by record against the first (`SecAggClient`). The
+bitmap (deflated, about 0.1 byte a parameter at k = 20 %) and U's, as received, stay in
+unlinked temporary files, read block by block: a share upload is sent from its file, and a
+`PollStream` answer is received into one (`from_blob` leaves U's bitmap there).
 Its secrets live in this process only: a client restarted mid-round is a dropout.
 """
 
@@ -18,9 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import tempfile
 import threading
 import time
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Iterator, Optional, TypeVar, Union
 
 import grpc
 import torch
@@ -35,9 +38,10 @@ from tiesfed.protos.v1 import MAX_CHUNK_BYTES
 from tiesfed.protos.v1 import secagg_pb2 as spb
 from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
 from tiesfed.protos.v1 import tiesfed_pb2 as pb
-from tiesfed.trust.secagg import SecAggClient, SecAggError, from_bytes, to_bytes
+from tiesfed.trust.secagg import SecAggClient, SecAggError
+from tiesfed.trust.secagg.blob import FileBlob, Outgoing
 from tiesfed.trust.secagg.client import Pieces
-from tiesfed.trust.secagg.messages import KeyList, MaskRequest, UnmaskRequest
+from tiesfed.trust.secagg.messages import KeyList, MaskRequest, Message, UnmaskRequest, from_blob, to_parts
 from tiesfed.trust.secagg.params import SecAggRound, from_public_json
 
 #: Flat elements of a record one piece covers at most: the secure client quantises and lays out
@@ -94,48 +98,53 @@ def _retried(conn: Connection, name: str, call: Callable[[], T]) -> T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def step_stream(conn: Connection, round_id: str, phase: str, payload: bytes,
+def step_stream(conn: Connection, round_id: str, phase: str, payload: Union[bytes, Outgoing],
                 chunk_bytes: int = STEP_CHUNK_BYTES) -> spb.SecAggAck:
     """One step message through `StepStream`, in chunks of at most `chunk_bytes` (1 MiB): the
-    first names the round, phase and size, the last carries the sha256."""
+    first names the round, phase and size, the last carries the sha256. `payload`: bytes, or an
+    `Outgoing` (a share upload whose bitmap is read from its file chunk by chunk)."""
     size = max(1, min(chunk_bytes, STEP_CHUNK_BYTES))
-    digest = hashlib.sha256(payload).hexdigest()
+    out = payload if isinstance(payload, Outgoing) else Outgoing([payload])
 
     def chunks() -> Iterator[spb.StepChunk]:
-        view = memoryview(payload)
-        last = max(0, (len(payload) - 1) // size * size)
-        for at in range(0, max(len(payload), 1), size):
+        at = 0
+        for data in itertools.chain(out.chunks(size), [b""] if not out.size else []):
             yield spb.StepChunk(round_id=round_id if at == 0 else "", phase=phase if at == 0 else "",
-                                total_bytes=len(payload) if at == 0 else 0, data=bytes(view[at:at + size]),
-                                sha256=digest if at == last else "")
+                                total_bytes=out.size if at == 0 else 0, data=data,
+                                sha256=out.sha256 if at + len(data) == out.size else "")
+            at += len(data)
 
     stub = spb_grpc.SecureAggregationStub(conn.channel)
     return _retried(conn, "StepStream", lambda: stub.StepStream(chunks(), metadata=conn.metadata, timeout=600))
 
 
 def poll_stream(conn: Connection, round_id: str, phase: str, wait_s: float,
-                chunk_bytes: int = STEP_CHUNK_BYTES) -> Optional[bytes]:
+                chunk_bytes: int = STEP_CHUNK_BYTES) -> Optional[FileBlob]:
     """What `phase` closed to for this client, through `PollStream` (None: not closed within
-    `wait_s`); its size and sha256 are checked against the first chunk's."""
+    `wait_s`), received into an unlinked temporary file (a mask request carries U's bitmap: it
+    is not gathered in memory); its size and sha256 are checked against the first chunk's."""
     stub = spb_grpc.SecureAggregationStub(conn.channel)
     req = spb.SecAggPoll(round_id=round_id, phase=phase, wait_seconds=wait_s,
                          max_chunk_bytes=max(1, min(chunk_bytes, STEP_CHUNK_BYTES)))
 
-    def one() -> Optional[bytes]:
+    def one() -> Optional[FileBlob]:
         it = stub.PollStream(req, metadata=conn.metadata, timeout=wait_s + 600)
         first = next(it, None)
         if first is None or not first.ready:
             return None
-        buf = bytearray(first.data)
-        for chunk in it:
-            if len(buf) + len(chunk.data) > first.total_bytes:
-                raise FederatedError(f"the coordinator's {phase} answer runs past the {first.total_bytes} bytes it "
-                                     "declared", "DATA_LOSS")
-            buf += chunk.data
-        if len(buf) != first.total_bytes or hashlib.sha256(buf).hexdigest() != first.sha256:
-            raise FederatedError(f"the coordinator's {phase} answer: {len(buf)} bytes received, "
-                                 f"{first.total_bytes} declared, or not the sha256 it declared", "DATA_LOSS")
-        return bytes(buf)
+        sha, got = hashlib.sha256(), 0
+        with tempfile.TemporaryFile(prefix="secagg-answer-") as f:
+            for chunk in itertools.chain([first], it):
+                if got + len(chunk.data) > first.total_bytes:
+                    raise FederatedError(f"the coordinator's {phase} answer runs past the {first.total_bytes} bytes "
+                                         "it declared", "DATA_LOSS")
+                f.write(chunk.data)
+                sha.update(chunk.data)
+                got += len(chunk.data)
+            if got != first.total_bytes or sha.hexdigest() != first.sha256:
+                raise FederatedError(f"the coordinator's {phase} answer: {got} bytes received, "
+                                     f"{first.total_bytes} declared, or not the sha256 it declared", "DATA_LOSS")
+            return FileBlob.of(f)
 
     return _retried(conn, "PollStream", one)
 
@@ -242,25 +251,27 @@ class SecureFlow:
         self.resumed_from: list[int] = []
         self.attempts = 1
 
-    def _step(self, phase: str, payload: bytes) -> None:
-        step_stream(self.conn, self.round.round_id, phase, payload, self.chunk_bytes)
-        self.sent += len(payload)
+    def _step(self, phase: str, msg: Union[Message, bytes]) -> None:
+        """Send a step message (or its bytes); a share upload's bitmap is read from its file as it goes."""
+        out = Outgoing([msg] if isinstance(msg, bytes) else to_parts(msg))
+        step_stream(self.conn, self.round.round_id, phase, out, self.chunk_bytes)
+        self.sent += out.size
 
     def _poll(self, phase: str, kind: Callable[..., T]) -> T:
         """Wait for `phase` to close (the coordinator's deadline bounds it) and read what it closed to."""
         while True:
             payload = poll_stream(self.conn, self.round.round_id, phase, POLL_S, self.chunk_bytes)
             if payload is not None:
-                msg = from_bytes(payload)
+                msg = from_blob(payload)  # U's bitmap stays in the file
                 if not isinstance(msg, kind):
                     raise FederatedError(f"the coordinator answered phase {phase!r} with a {type(msg).__name__}")
                 return msg
 
     def keys(self) -> None:
-        self._step("keys", to_bytes(self.client.advertise()))
+        self._step("keys", self.client.advertise())
 
     def shares(self) -> None:
-        self._step("shares", to_bytes(self.client.share(self._poll("keys", KeyList))))
+        self._step("shares", self.client.share(self._poll("keys", KeyList)))
 
     def masked(self) -> None:
         """The masked vector over U, streamed chunk by chunk; after a transport error it backs
@@ -331,7 +342,7 @@ class SecureFlow:
         holder["call"].result()
 
     def unmask(self) -> None:
-        self._step("unmask", to_bytes(self.client.unmask(self._poll("masked", UnmaskRequest))))
+        self._step("unmask", self.client.unmask(self._poll("masked", UnmaskRequest)))
 
     def run(self) -> None:
         started = time.monotonic()

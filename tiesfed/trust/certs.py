@@ -42,7 +42,7 @@ def load_cert(pem: PemLike) -> x509.Certificate:
     data = pem.encode() if isinstance(pem, str) else pem
     try:
         return x509.load_pem_x509_certificate(data)
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:  # a bit-flipped version field is InvalidVersion
         raise TrustError(f"not a PEM certificate: {e}") from None
 
 

@@ -10,9 +10,14 @@ Layout under ``<spool>/rounds/<round>/secagg/``::
     masked/<client>.<sha256>.masked  a complete masked upload whose sha256 matched: in the sum
     closed-<phase>.json      {"arrived": [...]}: the phase closed with these clients
 
+A step message arriving by stream is written as its chunks come to ``<round>/.<phase>-<client>-*.incoming``
+(`incoming`), never gathered in memory, and renamed into its place above (`adopt`) once its
+size and sha256 matched and the session took it; a refused one is deleted. It is parsed from
+its file (`messages.from_file`): a share upload's bitmap stays there, read block by block.
+
 Everything here the coordinator has already seen: adverts are public, share boxes are
 sealed to their recipients, masked vectors are uniform in the ring. Persisting them adds
-no exposure. A message is written (fsync + rename, `write_atomic`) before its Step is
+no exposure. A message is written (fsync + rename) before its Step is
 acknowledged; a phase's closing record is written before anything it closed to reaches a
 client, so the key list, the mask requests and the unmask request a restart recomputes
 are the ones the clients already hold (the protocol's closes are deterministic: sorted ids).
@@ -23,16 +28,16 @@ merge is published (the running sum is rebuilt from them); then the whole folder
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Optional
 
-from tiesfed.io.files import DamagedFileError, fsync_dir, read_json, sha256_file, write_atomic, write_json_atomic
+from tiesfed.io.files import DamagedFileError, fsync_dir, read_json, sha256_file, write_json_atomic
 from tiesfed.trust.secagg import SecAggError
-from tiesfed.trust.secagg.messages import KeyAdvert, ShareUpload, UnmaskReply, from_bytes
+from tiesfed.trust.secagg.messages import KeyAdvert, ShareUpload, UnmaskReply, from_file
 
 if TYPE_CHECKING:
     from tiesfed.coordinator.secure.publish import FlatAggregator
@@ -68,22 +73,39 @@ class Journal:
         assert phase in MESSAGE_PHASES, phase
         return self.dir / phase / f"{client_id}.msg"
 
-    def record(self, phase: str, client_id: str, payload: bytes) -> None:
-        """Keep a client's message of `phase` (durable when this returns)."""
-        self._folder(phase)
-        write_atomic(self._message_path(phase, client_id), lambda tmp: tmp.write_bytes(payload))
+    def incoming(self, phase: str, client_id: str) -> tuple[Path, BinaryIO]:
+        """A fresh file (and its open handle) for a step message as it arrives, beside the
+        journal (not in it: until `adopt` it is no part of the round)."""
+        assert phase in MESSAGE_PHASES, phase
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{phase}-{client_id}-", suffix=".incoming", dir=self.dir.parent)
+        return Path(name), os.fdopen(fd, "wb")
+
+    def adopt(self, phase: str, client_id: str, incoming: Path) -> None:
+        """Keep a client's message of `phase`, received into `incoming`: fsync'd and renamed into
+        place, durable when this returns."""
+        with open(incoming, "rb") as f:
+            os.fsync(f.fileno())
+        dst = self._folder(phase) / self._message_path(phase, client_id).name
+        os.replace(incoming, dst)
+        fsync_dir(dst.parent)
+
+    def drop_incoming(self) -> None:
+        """Messages whose stream a stop or crash cut short (never acknowledged)."""
+        for p in self.dir.parent.glob(".*.incoming"):
+            p.unlink(missing_ok=True)
 
     def forget(self, phase: str, client_id: str) -> None:
         """Drop a message the protocol refused after it was recorded."""
         self._message_path(phase, client_id).unlink(missing_ok=True)
 
-    def message(self, phase: str, client_id: str) -> Optional[bytes]:
+    def message_path(self, phase: str, client_id: str) -> Optional[Path]:
         p = self._message_path(phase, client_id)
-        return p.read_bytes() if p.is_file() else None
+        return p if p.is_file() else None
 
-    def messages(self, phase: str) -> dict[str, bytes]:
+    def message_paths(self, phase: str) -> dict[str, Path]:
         d = self.dir / phase
-        return {p.stem: p.read_bytes() for p in sorted(d.glob("*.msg"))} if d.is_dir() else {}
+        return {p.stem: p for p in sorted(d.glob("*.msg"))} if d.is_dir() else {}
 
     # ------------------------------------------------------------------ phase closes
     def close(self, phase: str, arrived: list[str]) -> None:
@@ -104,7 +126,7 @@ class Journal:
 
     def started(self) -> bool:
         """Whether any client message reached the journal (the protocol started)."""
-        return any(self.messages("keys"))
+        return any(self.message_paths("keys"))
 
     # ------------------------------------------------------------------ masked uploads
     def partial_path(self, client_id: str) -> Path:
@@ -191,17 +213,17 @@ def replay(s: "SecureSession") -> Optional["FlatAggregator"]:
                 s.fold(c, path)
                 arrived.append(c)
         else:
-            msgs = j.messages(phase)
+            msgs = j.message_paths(phase)
             for c in closed if closed is not None else sorted(msgs):
                 if c not in msgs:
                     raise DamagedFileError(j.dir / phase, "secure-aggregation journal",
                                            f"has no {phase} message of {c!r}, which the closed phase counted")
                 try:
-                    msg = from_bytes(msgs[c])
+                    msg = from_file(msgs[c])  # a bitmap stays in the file
                     if not isinstance(msg, STEP_TYPES[phase]) or msg.client_id != c:
                         raise SecAggError(f"it is not {c!r}'s {STEP_TYPES[phase].__name__}")
                     receive[phase](msg)
-                    s.taken[phase, c] = hashlib.sha256(msgs[c]).hexdigest()
+                    s.taken[phase, c] = sha256_file(msgs[c])
                 except SecAggError as e:
                     if closed is not None:
                         raise DamagedFileError(j.dir / phase / f"{c}.msg", f"{phase} message", f"is refused: {e}") from None

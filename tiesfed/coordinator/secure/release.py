@@ -11,25 +11,26 @@ still counted: their contributions are in the sum, coverage is unchanged.)
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 from tiesfed.coordinator.secure.journal import Journal
 from tiesfed.core.secagg.ring import RingError
 from tiesfed.core.secagg.support import SupportReader, coverage
 from tiesfed.trust.secagg import SecAggError
-from tiesfed.trust.secagg.messages import ShareUpload, from_bytes
+from tiesfed.trust.secagg.messages import ShareUpload, from_file
 from tiesfed.trust.secagg.params import SecAggRound
 
 
-def _support(journal: Journal, rnd: SecAggRound, client_id: str) -> bytes:
-    held = journal.message("shares", client_id)
-    up = from_bytes(held) if held is not None else None
+def _support(journal: Journal, rnd: SecAggRound, client_id: str) -> Any:
+    """The client's bitmap as its journalled share upload holds it (left in the file)."""
+    held = journal.message_path("shares", client_id)
+    up = from_file(held) if held is not None else None
     if not isinstance(up, ShareUpload):
         raise SecAggError(f"round {rnd.round_id!r}: the journal holds no share upload of {client_id!r}")
     return up.support
 
 
-def check_release(journal: Journal, rnd: SecAggRound, support_packed: bytes, sharers: Iterable[str],
+def check_release(journal: Journal, rnd: SecAggRound, support_packed: Any, sharers: Iterable[str],
                   survivors: list[str]) -> None:
     """SecAggError (naming who dropped and how many positions) if some position of U (its
     packed bitmap) is covered by fewer than `rnd.min_release` of the `survivors`' supports;

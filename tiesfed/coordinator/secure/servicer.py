@@ -140,33 +140,45 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
 
     def _gather(self, s: SecureSession, cid: str, fp: Optional[str], phase: str, total: int, first,
                 request_iterator) -> str:
-        """A step stream's chunks gathered, checked (size, sha256) and handed to the session."""
-        buf, sha, want = bytearray(), hashlib.sha256(), ""
-        s.attach(cid)
+        """A step stream's chunks written to a file as they come (`journal.incoming`: never
+        gathered in memory), checked (size, sha256) and handed to the session, which renames a
+        taken message into its journal; a bad stream's file is deleted and changes nothing."""
+        sha, want, got = hashlib.sha256(), "", 0
+        path, f = s.journal.incoming(phase, cid)
         try:
-            chunk = first
-            while chunk is not None:
-                if (chunk.round_id and chunk.round_id != s.round.id) or (chunk.phase and chunk.phase != phase):
-                    raise RoundError("INVALID_ARGUMENT", "chunks of one step stream name different rounds or phases")
-                if len(buf) + len(chunk.data) > total:
-                    raise RoundError("INVALID_ARGUMENT", f"{phase} message of {cid!r}: more than the {total} bytes "
-                                     "declared")
-                buf += chunk.data
-                sha.update(chunk.data)
-                want = chunk.sha256 or want
-                s.advance(cid, len(chunk.data))
-                try:
-                    chunk = next(request_iterator, None)
-                except grpc.RpcError:
-                    raise RoundError("CANCELLED", f"{phase} message of {cid!r}: the stream broke") from None
+            s.attach(cid)
+            try:
+                with f:
+                    chunk = first
+                    while chunk is not None:
+                        if (chunk.round_id and chunk.round_id != s.round.id) or (chunk.phase and chunk.phase != phase):
+                            raise RoundError("INVALID_ARGUMENT", "chunks of one step stream name different rounds "
+                                             "or phases")
+                        if got + len(chunk.data) > total:
+                            raise RoundError("INVALID_ARGUMENT", f"{phase} message of {cid!r}: more than the "
+                                             f"{total} bytes declared")
+                        try:
+                            f.write(chunk.data)
+                        except OSError as e:
+                            raise RoundError("UNAVAILABLE", f"the coordinator cannot write its journal: {e}") from None
+                        got += len(chunk.data)
+                        sha.update(chunk.data)
+                        want = chunk.sha256 or want
+                        s.advance(cid, len(chunk.data))
+                        try:
+                            chunk = next(request_iterator, None)
+                        except grpc.RpcError:
+                            raise RoundError("CANCELLED", f"{phase} message of {cid!r}: the stream broke") from None
+            finally:
+                s.detach(cid)
+            if got != total:
+                raise RoundError("INVALID_ARGUMENT", f"{phase} message of {cid!r} ended after {got} of {total} bytes")
+            if want != sha.hexdigest():
+                raise RoundError("DATA_LOSS", f"{phase} message of {cid!r}: the {total} bytes received do not have "
+                                 f"the sha256 the client sent ({want or 'none'})")
+            return s.step_file(cid, phase, path, want, fp)  # renamed into the journal if taken
         finally:
-            s.detach(cid)
-        if len(buf) != total:
-            raise RoundError("INVALID_ARGUMENT", f"{phase} message of {cid!r} ended after {len(buf)} of {total} bytes")
-        if want != sha.hexdigest():
-            raise RoundError("DATA_LOSS", f"{phase} message of {cid!r}: the {total} bytes received do not have the "
-                             f"sha256 the client sent ({want or 'none'})")
-        return s.step(cid, phase, bytes(buf), fp)
+            path.unlink(missing_ok=True)  # a bad stream, or a refused or repeated message: nothing kept
 
     @rpc_stream
     def PollStream(self, request, context):
@@ -181,18 +193,19 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
                 yield spb.PollChunk(ready=False, phase=phase)
                 return
             size = max(MIN_POLL_CHUNK_BYTES, min(request.max_chunk_bytes or SECAGG_CHUNK_BYTES, SECAGG_CHUNK_BYTES))
-            view = memoryview(out)
-            yield spb.PollChunk(ready=True, phase=phase, total_bytes=len(out),
-                                sha256=hashlib.sha256(out).hexdigest(), data=bytes(view[:size]))
-            for at in range(size, len(out), size):
-                yield spb.PollChunk(data=bytes(view[at:at + size]))
+            chunks = out.chunks(size)  # read from the outbox's pieces (U from its file) as they go
+            yield spb.PollChunk(ready=True, phase=phase, total_bytes=out.size, sha256=out.sha256,
+                                data=next(chunks, b""))
+            for data in chunks:
+                yield spb.PollChunk(data=data)
 
     @rpc
     def Poll(self, request, context):
         s, cid, _ = self._session(request.round_id, context)
         with self.gate.held("SecurePoll", cid):
             out = s.poll(cid, request.phase, request.wait_seconds)
-        return spb.SecAggReply(ready=out is not None, payload=out or b"", phase=s.status()["phase"])
+        return spb.SecAggReply(ready=out is not None, payload=out.whole() if out is not None else b"",
+                               phase=s.status()["phase"])
 
     @rpc
     def UploadMasked(self, request_iterator, context):

@@ -8,7 +8,10 @@ after it opened, the key phase's clock starting at the first advert, longer whil
 client's stream keeps making progress). The protocol then refuses fewer than t, and the
 round fails with that message before anything is unmasked. What the phase closes to (the
 key list, each client's mask request, the unmask request) waits in an outbox for the
-clients' polls. The masked vectors are spooled to a file while they stream in (they are
+clients' polls, as `Outgoing` pieces: the mask requests refer to U's bitmap in its file,
+they do not copy it. A step message is taken from a file (`step_file`: a stream writes its
+chunks there), parsed without reading its bitmap into memory, and renamed into the journal.
+The masked vectors are spooled to a file while they stream in (they are
 uniform bytes); a broken stream's prefix stays there and the client resumes at its end
 (`masked_status`). A complete one is folded into the one running sum, once. The running
 sum is a file in the round's spool folder (`SecAggServer`'s `RingFile`), folded and unmasked
@@ -41,7 +44,8 @@ from tiesfed.coordinator.secure.release import check_release
 from tiesfed.coordinator.secure.settings import effective, secagg_round
 from tiesfed.trust.certs import TrustError, fingerprint
 from tiesfed.trust.secagg import SecAggError, SecAggServer
-from tiesfed.trust.secagg.messages import KeyAdvert, Message, from_bytes, to_bytes
+from tiesfed.trust.secagg.blob import Outgoing
+from tiesfed.trust.secagg.messages import KeyAdvert, Message, from_file, to_parts
 
 log = logging.getLogger("tiesfed.coordinator")
 
@@ -84,7 +88,7 @@ class SecureSession:
         self.phase = "keys"
         self.expected: set[str] = set(r.participants)
         self.arrived: list[str] = []
-        self.outbox: dict[str, Union[bytes, dict[str, bytes]]] = {}
+        self.outbox: dict[str, Union[Outgoing, dict[str, Outgoing]]] = {}
         self.failed = ""
         self.uploading: set[str] = set()
         self.partial: dict[str, _Partial] = {}  # masked uploads in progress: what arrived so far
@@ -94,6 +98,7 @@ class SecureSession:
         self._sharers: set[str] = set()  # who shared (U1): U counts their supports
         self.taken: dict[tuple[str, str], str] = {}  # (phase, client) → sha256 of the message taken
         self.journal = Journal(r.spool.dir)
+        self.journal.drop_incoming()  # streams a stop cut short: never acknowledged
         with self.cond:
             self._pending = replay(self) if self.journal.dir.exists() else None  # to publish: all had closed
         self._stop = threading.Event()
@@ -133,15 +138,37 @@ class SecureSession:
         return self.deadline.late(self.expected - set(self.arrived), self.clock())
 
     def step(self, client_id: str, phase: str, payload: bytes, cert_fingerprint: Optional[str]) -> str:
-        """One client message of `phase`; its sender must be the caller (`client_id`, the
-        certificate's). Refused messages change nothing."""
+        """One client message of `phase` as bytes (the unary Step: small messages); see `step_file`."""
         limit = self.step_limit(phase)
         if len(payload) > limit:
             raise RoundError("INVALID_ARGUMENT", f"a {phase} message of {len(payload)} bytes from {client_id!r}: "
                              f"this round's parameters allow at most {limit}")
+        path, f = self.journal.incoming(phase, client_id)
+        try:
+            with f:
+                f.write(payload)
+        except OSError as e:
+            path.unlink(missing_ok=True)
+            raise RoundError("UNAVAILABLE", f"the coordinator cannot write its journal: {e}") from None
+        return self.step_file(client_id, phase, path, hashlib.sha256(payload).hexdigest(), cert_fingerprint)
+
+    def step_file(self, client_id: str, phase: str, path: Path, sha256: str, cert_fingerprint: Optional[str]) -> str:
+        """One client message of `phase`, received whole into `path` (`journal.incoming`; `sha256`
+        its hash); its sender must be the caller (`client_id`, the certificate's). Taken, the file
+        is renamed into the journal; refused or a repeat, it is deleted, and nothing changes."""
+        try:
+            return self._step_file(client_id, phase, path, sha256, cert_fingerprint)
+        finally:
+            path.unlink(missing_ok=True)  # unless it was adopted (renamed into the journal)
+
+    def _step_file(self, client_id: str, phase: str, path: Path, sha256: str, cert_fingerprint: Optional[str]) -> str:
+        limit, size = self.step_limit(phase), path.stat().st_size
+        if size > limit:
+            raise RoundError("INVALID_ARGUMENT", f"a {phase} message of {size} bytes from {client_id!r}: "
+                             f"this round's parameters allow at most {limit}")
         want = STEP_TYPES[phase]
         try:
-            msg: Message = from_bytes(payload)
+            msg: Message = from_file(path)  # a bitmap stays in the file
         except SecAggError as e:
             raise RoundError("INVALID_ARGUMENT", f"{phase} message from {client_id!r}: {e}") from None
         if not isinstance(msg, want):
@@ -159,11 +186,11 @@ class SecureSession:
                 raise RoundError("PERMISSION_DENIED", f"the key advertisement of {client_id!r} carries a "
                                  "certificate other than the one it connected with")
         with self.cond:
-            if self._taken(client_id, phase, payload):  # a retry (its ack was lost, or a restart came between)
+            if self._taken(client_id, phase, sha256):  # a retry (its ack was lost, or a restart came between)
                 return self.phase
             self._check_phase(client_id, phase)
             try:
-                self.journal.record(phase, client_id, payload)  # before the ack: a restart replays it
+                self.journal.adopt(phase, client_id, path)  # before the ack: a restart replays it
             except OSError as e:  # nothing taken: the client retries
                 raise RoundError("UNAVAILABLE", f"the coordinator cannot write its journal: {e}") from None
             try:
@@ -172,22 +199,22 @@ class SecureSession:
             except SecAggError as e:
                 self.journal.forget(phase, client_id)
                 raise RoundError("INVALID_ARGUMENT", str(e)) from None
-            self.taken[phase, client_id] = hashlib.sha256(payload).hexdigest()
+            self.taken[phase, client_id] = sha256
             if isinstance(msg, KeyAdvert):
                 self.adverts[client_id] = msg
                 self.deadline.start(self.clock())
             self._arrive(client_id)
         return self.phase
 
-    def _taken(self, client_id: str, phase: str, payload: bytes) -> bool:
-        """Whether this very message was taken already (lock held); a different one in its
-        place is ALREADY_EXISTS."""
+    def _taken(self, client_id: str, phase: str, sha256: str) -> bool:
+        """Whether this very message (its sha256) was taken already (lock held); a different one
+        in its place is ALREADY_EXISTS."""
         if self.failed:
             raise RoundError("FAILED_PRECONDITION", f"round {self.round.id!r} failed: {self.failed}")
         held = self.taken.get((phase, client_id))
         if held is None:
             return False
-        if held != hashlib.sha256(payload).hexdigest():
+        if held != sha256:
             raise RoundError("ALREADY_EXISTS", f"client {client_id!r} already sent a different {phase} message")
         log.info("round %s: secure %s from %s again (the same message): acknowledged", self.round.id, phase,
                  client_id)
@@ -324,8 +351,9 @@ class SecureSession:
         self.partial.clear()
 
     # ------------------------------------------------------------------ what clients read
-    def poll(self, client_id: str, phase: str, wait_s: float) -> Optional[bytes]:
-        """What `phase` closed to for this client (None: not closed within `wait_s`)."""
+    def poll(self, client_id: str, phase: str, wait_s: float) -> Optional[Outgoing]:
+        """What `phase` closed to for this client (None: not closed within `wait_s`), in pieces
+        (a mask request's U is read from its file as it is sent)."""
         if phase not in ("keys", "shares", "masked"):
             raise RoundError("INVALID_ARGUMENT", f"nothing to poll in phase {phase!r} (keys, shares, masked)")
         end = time.monotonic() + max(0.0, min(wait_s, 30.0))
@@ -415,18 +443,18 @@ class SecureSession:
         result = None
         if phase == "keys":
             kl = self.server.close_keys()
-            self.outbox["keys"] = to_bytes(kl)
+            self.outbox["keys"] = Outgoing(to_parts(kl))
             nxt = {a.client_id for a in kl.adverts}
         elif phase == "shares":
             reqs = self.server.close_shares()
-            self.outbox["shares"] = {c: to_bytes(m) for c, m in reqs.items()}
+            self.outbox["shares"] = {c: Outgoing(to_parts(m)) for c, m in reqs.items()}  # U: its file, once
             nxt = set(reqs)
             self._sharers = set(reqs)
         elif phase == "masked":
             self._drop_partials()
             check_release(self.journal, self.params, self.server.support_packed, self._sharers, arrived)
             ur = self.server.close_masked()
-            self.outbox["masked"] = to_bytes(ur)
+            self.outbox["masked"] = Outgoing(to_parts(ur))
             nxt = set(ur.survivors)
             self.counted = set(ur.survivors)
         else:

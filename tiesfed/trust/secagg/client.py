@@ -9,8 +9,9 @@ only, so it never reveals both the self-mask seed and the mask key of the same c
 Memory is bounded by a block, not by the model. The contribution is a re-readable source of
 pieces (`Pieces`: the survivors of consecutive flat ranges, a tensor or a block of one, as
 the plain trimmer yields them). Pass 1 (the constructor) quantises each piece, checks it and
-writes the support bitmap range by range (`SupportWriter`), keeping only the bitmap (deflated,
-about 0.1 byte a parameter at k = 20 %) and a sha256 per piece. Pass 2 (the masked upload,
+writes the support bitmap range by range (`SupportWriter`) to an unlinked temporary file under
+`workdir` (deflated, about 0.1 byte a parameter at k = 20 %; a `FileBlob`, read block by block),
+keeping a sha256 per piece. Pass 2 (the masked upload,
 again on a resume) reads the pieces again, checks each against its pass-1 digest, reads U's
 bitmap for the same range (`SupportReader`), lays the piece over those positions and adds the
 masks for that range of U (AES-CTR is seekable), `BITMAP_BLOCK` positions of the piece at a
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -32,6 +35,7 @@ from tiesfed.core.secagg.ring import RingError, ring_add, ring_sub
 from tiesfed.core.secagg.shamir import SHARE_BYTES, share_bytes, share_from_bytes, split
 from tiesfed.core.secagg.support import BITMAP_BLOCK, SupportReader, SupportWriter
 from tiesfed.trust.identity import Identity
+from tiesfed.trust.secagg.blob import FileBlob
 from tiesfed.trust.secagg.boxes import open_box, seal
 from tiesfed.trust.secagg.keys import (
     RoundKeys,
@@ -72,7 +76,8 @@ class SecAggClient:
     bound is refused before anything is sent."""
 
     def __init__(self, identity: Identity, rnd: SecAggRound, indices: Optional[torch.Tensor] = None,
-                 values: Optional[torch.Tensor] = None, *, pieces: Optional[Pieces] = None) -> None:
+                 values: Optional[torch.Tensor] = None, *, pieces: Optional[Pieces] = None,
+                 workdir: Optional[Path] = None) -> None:
         if identity.role != "client" or not identity.name:
             raise SecAggError(f"identity {identity.folder} is not a client certificate")
         if (pieces is None) == (indices is None or values is None):
@@ -88,11 +93,13 @@ class SecAggClient:
         self._qw = quantise_weight(rnd.weight(self.id), self._layout)
         self.survivors = 0  # what the trimmer kept (before quantisation drops values that round to 0)
         self._digests: list[bytes] = []
-        writer = SupportWriter(rnd.numel)
-        for lo, hi, idx, q in self._quantised(count=True):
-            writer.add(lo, hi, idx.numpy())
-            self._digests.append(_digest(lo, hi, idx, q))
-        self._bitmap = writer.finish()
+        with tempfile.TemporaryFile(prefix="secagg-bitmap-", dir=workdir) as f:  # unlinked: gone with the client
+            writer = SupportWriter(rnd.numel, f.write)
+            for lo, hi, idx, q in self._quantised(count=True):
+                writer.add(lo, hi, idx.numpy())
+                self._digests.append(_digest(lo, hi, idx, q))
+            writer.finish()
+            self._bitmap = FileBlob.of(f)  # its own bitmap on disk, read block by block (FileBlob)
         self._keys = RoundKeys.generate()
         self._seed = os.urandom(32)
         self._step = 0

@@ -4,6 +4,10 @@ Wire form: b"TSAG" u8 version, u32 header length, a canonical JSON header naming
 message type and its fields, then the byte fields back to back (the JSON refers to them by
 offset and length, so a large masked vector is not base64-inflated). `from_bytes` checks
 the framing, the type and every field's type: a malformed message is a SecAggError.
+`from_file` reads a message from its file, checked the same way, leaving each large byte
+field on disk as a `FileBlob` (a support bitmap is not copied into memory); `to_parts` lays
+a message out as pieces (its header, then each field, a `FileBlob` one left as it is), which
+`to_bytes` joins and the coordinator's outbox streams.
 
 Flow (client → coordinator ↑, coordinator → client ↓):
   ↑ KeyAdvert    both X25519 public keys and a seed commitment, signed with the client's certificate key
@@ -19,14 +23,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
+from tiesfed.trust.secagg.blob import FileBlob, Part
 from tiesfed.trust.secagg.keys import SecAggError
 
 MAGIC, VERSION = b"TSAG", 2  # 2: KeyAdvert carries the seed commitment
 _PREFIX = struct.Struct("<4sBI")
+#: `from_file` leaves a byte field of at least this many bytes on disk (a `FileBlob`); smaller
+#: ones (keys, boxes, shares) are read into `bytes`. A file this size or smaller is read whole.
+FILE_FIELD_BYTES = 64 << 10
+#: The largest header `from_file` parses (a message with a thousand clients' boxes needs ~50 KiB):
+#: what a file-backed message costs in memory is bounded whatever its declared size.
+FILE_HEADER_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -84,8 +96,8 @@ TYPES: dict[str, type] = {c.__name__: c for c in
                           (KeyAdvert, KeyList, ShareUpload, MaskRequest, MaskedUpload, UnmaskRequest, UnmaskReply)}
 
 
-def _enc(value: Any, blobs: list[bytes], offset: list[int]) -> Any:
-    if isinstance(value, bytes):
+def _enc(value: Any, blobs: list[Part], offset: list[int]) -> Any:
+    if isinstance(value, (bytes, FileBlob)):
         blobs.append(value)
         ref = {"$b": [offset[0], len(value)]}
         offset[0] += len(value)
@@ -100,16 +112,24 @@ def _enc(value: Any, blobs: list[bytes], offset: list[int]) -> Any:
     return value
 
 
-def to_bytes(msg: Message) -> bytes:
-    blobs: list[bytes] = []
+def to_parts(msg: Message) -> list[Part]:
+    """The message's bytes as pieces: framing and header, then each byte field in order (a
+    `FileBlob` field stays one, unread). Joined, they are `to_bytes(msg)`."""
+    blobs: list[Part] = []
     header = json.dumps(_enc(msg, blobs, [0]), sort_keys=True, separators=(",", ":")).encode()
-    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + b"".join(blobs)
+    return [_PREFIX.pack(MAGIC, VERSION, len(header)) + header, *blobs]
+
+
+def to_bytes(msg: Message) -> bytes:
+    return b"".join(p if isinstance(p, bytes) else bytes(p) for p in to_parts(msg))
 
 
 def _check(value: Any, hint: str, what: str) -> Any:
     """Check a decoded value against the few field types messages use, converting lists to tuples."""
     ok: bool
-    if hint in ("str", "bytes", "int"):
+    if hint == "bytes":
+        ok = isinstance(value, (bytes, FileBlob))
+    elif hint in ("str", "int"):
         ok = type(value).__name__ == hint
     elif hint.startswith("tuple["):
         inner = hint[6:-6]  # tuple[X, ...]
@@ -117,7 +137,8 @@ def _check(value: Any, hint: str, what: str) -> Any:
             raise SecAggError(f"{what} must be a list")
         return tuple(_check(v, inner, what) for v in value)
     elif hint == "dict[str, bytes]":
-        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, bytes) for k, v in value.items())
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, (bytes, FileBlob))
+                                             for k, v in value.items())
     else:
         ok = type(value).__name__ == hint
     if not ok:
@@ -125,7 +146,9 @@ def _check(value: Any, hint: str, what: str) -> Any:
     return value
 
 
-def _dec(node: Any, blob: memoryview) -> Any:
+def _dec(node: Any, blob: Any) -> Any:
+    """A header node decoded; `blob` is the fields' bytes (a memoryview, or a `FileBlob` whose
+    large fields stay on disk)."""
     if isinstance(node, dict) and set(node) == {"$b"}:
         ref = node["$b"]
         if not (isinstance(ref, list) and len(ref) == 2 and all(type(v) is int and v >= 0 for v in ref)):
@@ -133,6 +156,8 @@ def _dec(node: Any, blob: memoryview) -> Any:
         start, length = ref
         if start + length > len(blob):
             raise SecAggError("a byte field points outside the message")
+        if isinstance(blob, FileBlob):
+            return blob.slice(start, length) if length >= FILE_FIELD_BYTES else blob.read(start, length)
         return bytes(blob[start:start + length])
     if isinstance(node, dict) and "$t" in node:
         cls = TYPES.get(node["$t"]) if isinstance(node["$t"], str) else None
@@ -151,16 +176,41 @@ def _dec(node: Any, blob: memoryview) -> Any:
 
 def from_bytes(data: bytes) -> Message:
     """The message `to_bytes` wrote; anything else is a SecAggError naming what is wrong."""
-    if len(data) < _PREFIX.size:
+    return _parse(len(data), lambda a, b: data[a:b], lambda start: memoryview(data)[start:])
+
+
+def from_file(path: Union[str, os.PathLike]) -> Message:
+    """The message `to_bytes` wrote, from its file, checked as `from_bytes` checks it; byte
+    fields of `FILE_FIELD_BYTES` or more stay in the file (`FileBlob`: it keeps its own
+    descriptor, so the file may be renamed or unlinked afterwards). A small file is read whole."""
+    return from_blob(FileBlob.open(path))
+
+
+def from_blob(whole: FileBlob) -> Message:
+    """`from_file` of a message that is the whole of a file-backed field (e.g. an answer received
+    into a temporary file); one of at most `FILE_FIELD_BYTES` is read whole."""
+    if whole.length <= FILE_FIELD_BYTES:
+        return from_bytes(bytes(whole))
+    return _parse(len(whole), lambda a, b: whole.read(a, b - a), lambda start: whole.slice(start, len(whole) - start),
+                  FILE_HEADER_BYTES)
+
+
+def _parse(size: int, read: Callable[[int, int], bytes], fields: Callable[[int], Any],
+           max_header: int = -1) -> Message:
+    """A message of `size` bytes: `read(a, b)` its bytes [a, b), `fields(start)` its fields' bytes;
+    a header over `max_header` bytes (when ≥ 0) is refused before it is read."""
+    if size < _PREFIX.size:
         raise SecAggError("a secure-aggregation message is truncated")
-    magic, version, hlen = _PREFIX.unpack_from(data)
+    magic, version, hlen = _PREFIX.unpack(read(0, _PREFIX.size))
     if magic != MAGIC or version != VERSION:
         raise SecAggError("not a secure-aggregation message (bad magic or version)")
     start = _PREFIX.size + hlen
-    if start > len(data):
+    if start > size:
         raise SecAggError("a secure-aggregation message is truncated")
+    if 0 <= max_header < hlen:
+        raise SecAggError(f"a secure-aggregation message's header of {hlen} bytes is over {max_header}")
     try:
-        header = json.loads(data[_PREFIX.size:start])
+        header = json.loads(read(_PREFIX.size, start))
     except ValueError as e:
         raise SecAggError(f"message header is not JSON: {e}") from None
     except RecursionError:
@@ -168,6 +218,6 @@ def from_bytes(data: bytes) -> Message:
     if not (isinstance(header, dict) and "$t" in header):
         raise SecAggError("message header names no type")
     try:
-        return _dec(header, memoryview(data)[start:])
+        return _dec(header, fields(start))
     except RecursionError:
         raise SecAggError("message header is nested too deeply") from None

@@ -11,8 +11,9 @@ Memory is bounded by blocks, not by the model: U is formed from the bitmaps bloc
 (`merge_supports`) and kept as its bitmap; the running sum is a `RingFile` on disk (under
 `workdir`), folded a piece of an upload at a time and unmasked `RING_BLOCK` elements at a
 time (AES-CTR masks are seekable); `finish_stream` hands it over as `UnmaskedSums`, decoded a
-flat block at a time. What stays in memory grows with the number of clients (their bitmaps,
-about 0.1 byte a parameter each at k = 20 %, as the share phase received them), not with U.
+flat block at a time. The bitmaps stay on disk: a `ShareUpload` parsed with `messages.from_file`
+holds its bitmap as a `FileBlob`, and U's bitmap is written to an unlinked temporary file under
+`workdir` (`support_packed`, a `FileBlob`), which every `MaskRequest` refers to, not copies.
 
 A message that does not fit the current step is refused with a SecAggError and changes
 nothing. Fewer than t clients at any step fail the round before anything is unmasked.
@@ -20,8 +21,9 @@ nothing. Fewer than t clients at any step fail the round before anything is unma
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ from tiesfed.core.secagg.encode import quantise_weight
 from tiesfed.core.secagg.ring import RingError, ring_add, ring_sub
 from tiesfed.core.secagg.shamir import SHARE_BYTES, ShamirError, combine, share_from_bytes
 from tiesfed.core.secagg.support import count_support, merge_supports, unpack_support
+from tiesfed.trust.secagg.blob import FileBlob
 from tiesfed.trust.secagg.keys import SecAggError, check_advert, load_public, public_bytes, seed_commitment
 from tiesfed.trust.secagg.messages import (
     KeyAdvert,
@@ -70,7 +73,7 @@ class SecAggServer:
         self._keyed: tuple[str, ...] = ()
         self._uploads: dict[str, ShareUpload] = {}
         self._sharers: tuple[str, ...] = ()
-        self.support_packed = b""  # U's bitmap, as the mask requests carry it
+        self.support_packed: Union[bytes, FileBlob] = b""  # U's bitmap, as the mask requests carry it
         self.support_size = 0  # |U|
         self._ring: Optional[RingFile] = None
         self._uploaded: list[str] = []
@@ -90,7 +93,7 @@ class SecAggServer:
     @property
     def support(self) -> torch.Tensor:
         """U's positions, unpacked whole (tests and small rounds: 8 bytes a position)."""
-        return unpack_support(self.support_packed, self.round.numel)
+        return unpack_support(bytes(self.support_packed), self.round.numel)
 
     @property
     def _sum(self) -> Optional[np.ndarray]:
@@ -142,8 +145,12 @@ class SecAggServer:
         self._in("shares", "closing the share phase")
         sharers = self.round.require(self._uploads, "shared their keys")
         self._sharers = sharers
-        packed, m = merge_supports([self._uploads[c].support for c in sharers], self.round.min_release,
-                                   self.round.numel)
+        if self._workdir is not None:
+            Path(self._workdir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(prefix="secagg-support-", dir=self._workdir) as f:  # gone when unused
+            _, m = merge_supports([self._uploads[c].support for c in sharers], self.round.min_release,
+                                  self.round.numel, f.write)
+            packed = FileBlob.of(f)
         self.support_packed, self.support_size = packed, m
         self._ring = RingFile(self._layout.width * m, self._layout, self._workdir)
         self._phase += 1
