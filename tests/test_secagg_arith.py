@@ -195,6 +195,26 @@ def test_ring_bytes_are_little_endian_low_bytes_at_every_width(bits):
     assert y.dtype == np.uint64 and np.array_equal(y, x)
 
 
+@pytest.mark.parametrize("bits", [24, 32, 64])
+def test_ring_file_folds_wire_bytes_as_the_ring_does(bits, tmp_path):
+    """`RingFile.apply_wire` (in place on the stored words for 32/64-bit rings, through uint64
+    arrays otherwise) gives what `ring_add`/`ring_sub` give, from any start."""
+    from tiesfed.trust.secagg.ringfile import RingFile
+
+    lay = dataclasses.replace(RingLayout.of(FinalizeSpec(), FixedPoint(1.0, 20, frac_bits=24)), bits=bits)
+    rng = np.random.default_rng(bits)
+    draw = lambda n: lay.reduce(rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True))  # noqa: E731
+    ring, want = RingFile(1000, lay, tmp_path), np.zeros(1000, dtype=np.uint64)
+    for start, n, op in ((0, 1000, ring_add), (10, 500, ring_add), (300, 700, ring_sub), (999, 1, ring_sub)):
+        x = draw(n)
+        ring.apply_wire(start, memoryview(lay.to_bytes(x)), op)
+        want[start:start + n] = op(want[start:start + n].copy(), x, lay)
+        assert np.array_equal(ring.read(0, 1000), want)
+    with pytest.raises(ValueError, match="outside"):
+        ring.apply_wire(999, lay.to_bytes(draw(2)), ring_add)
+    ring.close()
+
+
 def test_support_bitmap_round_trip_and_union():
     a, b = torch.tensor([0, 5, 9]), torch.tensor([5, 6, 99])
     assert torch.equal(unpack_support(pack_support(a, 100), 100), a)

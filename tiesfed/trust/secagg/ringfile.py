@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from tiesfed.core.secagg.ring import RingLayout
+from tiesfed.core.secagg.ring import RingLayout, ring_add, ring_sub
 
 #: Ring elements one step of a whole-vector pass (unmasking, decoding) holds at most.
 RING_BLOCK = 1 << 20
@@ -32,6 +32,7 @@ class RingFile:
         self.path, self.count, self.layout = Path(path), count, layout
         self._k = layout.bytes_per_element
         self._fd: Optional[int] = fd
+        self._buf = bytearray()  # `apply_wire`'s range, reused
         self._gone = weakref.finalize(self, _remove, fd, self.path)  # dropped without close: no file left
         os.ftruncate(fd, count * self._k)
 
@@ -61,10 +62,41 @@ class RingFile:
         op(y, x, self.layout)
         self.write(start, y)
 
+    def apply_wire(self, start: int, data: bytes | memoryview, op: Callable[..., np.ndarray]) -> None:
+        """`apply` with x in its wire form. A ring of 8, 16, 32 or 64 bits is a machine word
+        whose overflow is the ring's own arithmetic: the range is added in place in its stored
+        form, into a buffer kept between calls (fresh arrays of megabytes each, page-faulted in
+        and given back, were most of a coordinator's folding time)."""
+        word = _native(self.layout)
+        native = {ring_add: np.add, ring_sub: np.subtract}.get(op)
+        if word is None or native is None:
+            self.apply(start, self.layout.from_bytes(data, len(data) // self._k), op)
+            return
+        n = len(data) // self._k
+        self._check(start, n)
+        if len(data) != n * self._k:
+            raise ValueError(f"{len(data)} bytes are not whole ring elements of {self._k} bytes")
+        if len(self._buf) < len(data):
+            self._buf = bytearray(len(data))
+        view = memoryview(self._buf)[:len(data)]
+        if os.preadv(self._io(), [view], start * self._k) != len(data):
+            raise OSError(f"short read from {self.path}")
+        y = np.frombuffer(view, dtype=word)
+        x = np.frombuffer(data, dtype=word)
+        native(y, x, out=y)  # wraps modulo 2^b
+        if os.pwrite(self._io(), view, start * self._k) != len(data):
+            raise OSError(f"short write to {self.path}")
+
     def close(self) -> None:
         """Delete the file (idempotent)."""
         self._fd = None
         self._gone()
+
+
+def _native(layout: RingLayout) -> Optional[np.dtype]:
+    """The little-endian word type a ring of exactly 8, 16, 32 or 64 bits is stored in, else None."""
+    return {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}.get(
+        layout.bytes_per_element) if layout.bits == 8 * layout.bytes_per_element else None
 
 
 def _remove(fd: int, path: Path) -> None:

@@ -188,13 +188,13 @@ class SecAggServer:
         """Apply `op` to sum[:n] and the stream's first n ≤ limit elements, piece by piece on the
         sum's file; (n, whether the stream held exactly `limit` elements)."""
         assert self._ring is not None
-        lay, k = self._layout, self._layout.bytes_per_element
+        k = self._layout.bytes_per_element
         at, rest = 0, b""
         for piece in pieces:
-            rest += piece
+            rest = rest + piece if rest else piece
             n = min(len(rest) // k, limit - at)
             if n:
-                self._ring.apply(at, lay.from_bytes(rest[:n * k], n), op)
+                self._ring.apply_wire(at, memoryview(rest)[:n * k], op)
                 at, rest = at + n, rest[n * k:]
             if at == limit and rest:
                 return at, False
