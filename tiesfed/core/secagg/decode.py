@@ -7,7 +7,7 @@ float64 `fold` of the same quantised values builds (`exact` stays True).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,11 +26,13 @@ from tiesfed.core.secagg.ring import RingError, RingLayout
 
 
 def decode_sums(total: np.ndarray, support: torch.Tensor, numel: int, spec: FinalizeSpec,
-                layout: RingLayout, weights_q: Sequence[int]) -> Accumulator:
+                layout: RingLayout, weights_q: Sequence[int], out: Optional[Accumulator] = None) -> Accumulator:
     """The accumulator of `numel` parameters from the unmasked sum over U of every counted client.
 
     `weights_q`: the quantised (public) weights of the clients in the sum, in a fixed order
-    (client id order): their count is `contributions`, their float sum `weight_total`.
+    (client id order): their count is `contributions`, their float sum `weight_total`. `out`:
+    an accumulator of `numel` parameters to zero and decode into (a block decoder reuses one
+    rather than page in fresh megabytes for every block).
     """
     u = support.to(torch.int64)
     m = u.numel()
@@ -38,7 +40,12 @@ def decode_sums(total: np.ndarray, support: torch.Tensor, numel: int, spec: Fina
         raise RingError(f"the sum has {total.shape} elements, the layout needs {layout.width * m}")
     if m and (int(u[0]) < 0 or int(u[-1]) >= numel):
         raise RingError(f"support positions outside 0..{numel - 1}")
-    acc = new_accumulator(numel, spec)
+    if out is not None and out.numel == numel:
+        acc = out
+        for t in acc.tensors().values():
+            t.zero_()
+    else:
+        acc = new_accumulator(numel, spec)
     signed = torch.from_numpy(layout.to_signed(total).copy())
     cb = layout.count_bits
     n = len(weights_q)

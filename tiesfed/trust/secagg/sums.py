@@ -33,16 +33,20 @@ class UnmaskedSums:
         self.spec, self.layout, self.weights_q = spec, layout, list(weights_q)
 
     def blocks(self, block: int = DECODE_BLOCK) -> Iterator[tuple[int, Accumulator]]:
-        """(first flat position, the accumulators of [lo, lo + block)) in flat order."""
+        """(first flat position, the accumulators of [lo, lo + block)) in flat order. One
+        accumulator is decoded into again for every block: a caller keeps what it derives
+        from a block, not the block."""
         if block < 1:
             raise ValueError(f"a decode block must be positive, got {block}")
         reader, w, at = SupportReader(self.support, self.numel), self.layout.width, 0
+        acc = None
         for lo in range(0, self.numel, block):
             hi = min(self.numel, lo + block)
             u = reader.take(hi)
             total = self.ring.read(at * w, u.size * w)
             at += u.size
-            yield lo, decode_sums(total, torch.from_numpy(u - lo), hi - lo, self.spec, self.layout, self.weights_q)
+            acc = decode_sums(total, torch.from_numpy(u - lo), hi - lo, self.spec, self.layout, self.weights_q, acc)
+            yield lo, acc
         reader.close()
 
     def accumulator(self) -> Accumulator:
