@@ -125,6 +125,20 @@ def test_mask_ranges_are_slices_of_the_whole_mask():
         assert np.array_equal(mask(b"\x03" * 32, count, lay, start), whole[start:start + count]), (start, count)
 
 
+def test_a_mask_is_the_aes_ctr_keystream_reduced_to_the_ring():
+    """Element i is little-endian bytes 8i..8i+8 of AES-256-CTR(key, counter 0) over zeros, mod 2^b,
+    including ranges longer than the zeros `mask` encrypts at once (4 MiB) and odd starts."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    lay = RingLayout.of(FinalizeSpec(), FixedPoint(1.0, 5))
+    key, count = b"\x05" * 32, 600_001
+    enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    stream = enc.update(bytes(8 * (count + 9))) + enc.finalize()
+    want = np.frombuffer(stream, dtype="<u8").astype(np.uint64) & np.uint64((1 << lay.bits) - 1)
+    for start in (0, 1, 8):
+        assert np.array_equal(mask(key, count, lay, start), want[start:start + count]), start
+
+
 def test_share_boxes_open_only_for_their_recipient():
     key = b"\x07" * 32
     box = seal(key, b"shares", "r1", "org-a", "org-b")
