@@ -23,6 +23,7 @@ import itertools
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar, Union
 
 import grpc
@@ -119,7 +120,7 @@ def step_stream(conn: Connection, round_id: str, phase: str, payload: Union[byte
 
 
 def poll_stream(conn: Connection, round_id: str, phase: str, wait_s: float,
-                chunk_bytes: int = STEP_CHUNK_BYTES) -> Optional[FileBlob]:
+                chunk_bytes: int = STEP_CHUNK_BYTES, workdir: Optional[Path] = None) -> Optional[FileBlob]:
     """What `phase` closed to for this client, through `PollStream` (None: not closed within
     `wait_s`), received into an unlinked temporary file (a mask request carries U's bitmap: it
     is not gathered in memory); its size and sha256 are checked against the first chunk's."""
@@ -133,7 +134,7 @@ def poll_stream(conn: Connection, round_id: str, phase: str, wait_s: float,
         if first is None or not first.ready:
             return None
         sha, got = hashlib.sha256(), 0
-        with tempfile.TemporaryFile(prefix="secagg-answer-") as f:
+        with tempfile.TemporaryFile(prefix="secagg-answer-", dir=workdir) as f:
             for chunk in itertools.chain([first], it):
                 if got + len(chunk.data) > first.total_bytes:
                     raise FederatedError(f"the coordinator's {phase} answer runs past the {first.total_bytes} bytes "
@@ -236,18 +237,19 @@ class SecureFlow:
 
     def __init__(self, conn: Connection, rnd: SecAggRound, indices: Optional[torch.Tensor] = None,
                  values: Optional[torch.Tensor] = None, chunk_bytes: int = 1 << 20, fault: Optional[Fault] = None,
-                 *, pieces: Optional[Pieces] = None) -> None:
+                 *, pieces: Optional[Pieces] = None, workdir: Optional[Path] = None) -> None:
         if conn.identity is None:
             raise FederatedError("a secure round needs mutual TLS (--tls): each client signs its keys with its "
                                  "certificate key", "FAILED_PRECONDITION")
         try:
-            self.client = SecAggClient(conn.identity, rnd, indices, values, pieces=pieces)
+            self.client = SecAggClient(conn.identity, rnd, indices, values, pieces=pieces, workdir=workdir)
         except (SecAggError, ValueError) as e:
             raise FederatedError(f"round {rnd.round_id!r}: {e}", "INVALID_ARGUMENT") from None
         self.conn, self.round, self.chunk_bytes = conn, rnd, min(chunk_bytes, MAX_CHUNK_BYTES)
         self.sent = 0
         self.sha256 = hashlib.sha256()  # of the masked vector, once sent
         self.fault = fault
+        self.workdir = workdir  # where the support phase's bitmaps go (unlinked files); None: TMPDIR
         self.resumed_from: list[int] = []
         self.attempts = 1
 
@@ -260,7 +262,7 @@ class SecureFlow:
     def _poll(self, phase: str, kind: Callable[..., T]) -> T:
         """Wait for `phase` to close (the coordinator's deadline bounds it) and read what it closed to."""
         while True:
-            payload = poll_stream(self.conn, self.round.round_id, phase, POLL_S, self.chunk_bytes)
+            payload = poll_stream(self.conn, self.round.round_id, phase, POLL_S, self.chunk_bytes, self.workdir)
             if payload is not None:
                 msg = from_blob(payload)  # U's bitmap stays in the file
                 if not isinstance(msg, kind):
@@ -358,7 +360,8 @@ class SecureFlow:
 
 def submit_secure(conn: Connection, spec: pb.RoundSpec, secure: spb.SecureSpec, base: ModelReader, ft: ModelReader,
                   trim: TrimSpec, opts: MergeOptions, model_key: str, *, device: str, value_dtype: Optional[torch.dtype],
-                  block: Optional[int], chunk_bytes: int, started: float, fault: Optional[Fault] = None):
+                  block: Optional[int], chunk_bytes: int, started: float, fault: Optional[Fault] = None,
+                  workdir: Optional[Path] = None):
     """`submit`'s secure branch: trim as a plain upload would, then run the protocol. Returns a
     `SubmitResult` (sha256: of the masked vector sent; bytes: everything sent)."""
     from tiesfed.client.submit import SubmitResult
@@ -367,7 +370,7 @@ def submit_secure(conn: Connection, spec: pb.RoundSpec, secure: spb.SecureSpec, 
     stats = TrimStats()
     pieces = TrimmedPieces(spec, base, ft, trim, opts, model_key, device=device, value_dtype=value_dtype,
                            block=block, stats=stats)
-    flow = SecureFlow(conn, rnd, chunk_bytes=chunk_bytes, fault=fault, pieces=pieces)
+    flow = SecureFlow(conn, rnd, chunk_bytes=chunk_bytes, fault=fault, pieces=pieces, workdir=workdir)
     flow.run()
     return SubmitResult(spec.round_id, conn.client_id, flow.sha256.hexdigest(), flow.sent, flow.sent,
                         flow.client.survivors, flow.attempts, flow.resumed_from, stats=stats,

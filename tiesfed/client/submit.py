@@ -244,7 +244,8 @@ def submit(
 
             if (secure := secure_spec(conn, round_id)) is not None:
                 return submit_secure(conn, spec, secure, b, ft, trim, opts, me.model_key, device=device,
-                                     value_dtype=value_dtype, block=block, chunk_bytes=chunk_bytes, started=started, fault=fault)
+                                     value_dtype=value_dtype, block=block, chunk_bytes=chunk_bytes, started=started, fault=fault,
+                                     workdir=Path(tmp))
             pipe = _SpoolPipe(Path(tmp) / f"{round_id}-{client_id}.tfs")
             stats = TrimStats()
             stages = Stages(enabled=progress)
