@@ -46,7 +46,7 @@ def decode_sums(total: np.ndarray, support: torch.Tensor, numel: int, spec: Fina
             t.zero_()
     else:
         acc = new_accumulator(numel, spec)
-    signed = torch.from_numpy(layout.to_signed(total).copy())
+    signed = torch.from_numpy(layout.to_signed(total))  # a fresh array
     cb = layout.count_bits
     n = len(weights_q)
     lanes = signed.reshape(m, layout.width)  # position-major, as `encode_range` writes it
@@ -59,7 +59,7 @@ def decode_sums(total: np.ndarray, support: torch.Tensor, numel: int, spec: Fina
                 raise RingError(f"a count of {int(count.max())} from {n} clients: the sum is not a valid one")
             target = acc.c_pos if lane.name == "pos" else acc.c_neg
             target[u] = count.to(torch.int32)
-        value = torch.ldexp(x.to(torch.float64), torch.tensor(-lane.scale_bits))
+        value = x.to(torch.float64).mul_(2.0 ** -lane.scale_bits)  # a power of two: exact
         name = {"pos": "s_pos", "neg": "s_neg", "wpos": "w_pos", "wneg": "w_neg", "raw": "e_sum"}[lane.name]
         getattr(acc, name)[u] = value.to(acc.s_pos.dtype)
     acc.contributions = n
