@@ -197,10 +197,26 @@ def _with_provenance(chunks: Generator[pb.DownloadChunk, None, int],
     return (yield from chunks)
 
 
+def _json_field(field: str, text: str) -> object:
+    """A request's JSON field; nesting past Python's recursion limit is bad JSON too."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{field} is not JSON: {e}") from None
+
+
+def _enum_field(field: str, names: dict[str, int], value: int) -> str:
+    """The name of a proto enum value; proto3 enums are open, so a caller may send any int."""
+    for name, v in names.items():
+        if v == value:
+            return name
+    raise ValueError(f"{field} {value} is not one of {sorted(names.values())} ({', '.join(names)})")
+
+
 def round_config_from_request(req: pb.OpenRoundRequest, max_round_params: Optional[int] = None) -> RoundConfig:
     """Validate an OpenRound request as a RoundConfig (errors name the field), before
     anything is allocated; `max_round_params` bounds the manifest."""
-    options = json.loads(req.options_json) if req.options_json else {}
+    options = _json_field("options_json", req.options_json) if req.options_json else {}
     data: dict = {
         "round_id": req.round_id,
         "options": options,
@@ -222,16 +238,13 @@ def round_config_from_request(req: pb.OpenRoundRequest, max_round_params: Option
         or None,
     }
     if req.late_policy:
-        data["late_policy"] = {v: k for k, v in LATE.items()}[req.late_policy]
+        data["late_policy"] = _enum_field("late_policy", LATE, req.late_policy)
     if req.replace_policy:
-        data["replace_policy"] = {v: k for k, v in REPLACE.items()}[req.replace_policy]
+        data["replace_policy"] = _enum_field("replace_policy", REPLACE, req.replace_policy)
     if req.secure_aggregation:
         data["secure_aggregation"] = True
     if req.secagg_json:  # without secure_aggregation the round config refuses it, naming both
-        try:
-            data["secagg"] = json.loads(req.secagg_json)
-        except ValueError as e:
-            raise ValueError(f"secagg_json is not JSON: {e}") from None
+        data["secagg"] = _json_field("secagg_json", req.secagg_json)
     return RoundConfig.model_validate(data, context={"max_round_params": max_round_params})
 
 
