@@ -72,3 +72,27 @@ def test_hostile_open_round_is_a_clear_refusal(family, tmp_path, coordinator, ca
     assert match in ei.value.details(), ei.value.details()[:300]
     assert round_dirs(srv) == dirs and set(srv.manager.rounds) == {"r1"}
     assert_same_state(before, snapshot(rnd))
+
+
+# ----------------------------------------------------------------------------- upload streams
+
+HOSTILE_HEADERS = {
+    "trim not an object": ({"trim": "topk"}, "trim"),
+    "trim a list": ({"trim": [1, 2]}, "trim"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HEADERS))
+def test_hostile_stream_header_is_refused_and_changes_nothing(family, tmp_path, coordinator, case):
+    """Before: a header whose 'trim' was not an object was INTERNAL (an AttributeError in
+    the header check). Now INVALID_ARGUMENT naming the key; the round as it was."""
+    srv = coordinator()
+    rnd = open_round(srv)
+    send(srv, "r1", "org-b", family, 1)
+    header, match = HOSTILE_HEADERS[case]
+    data = contribution_bytes(family, 0, header=header)
+    rejected(srv, rnd, data, grpc.StatusCode.INVALID_ARGUMENT, match)
+    for i, c in [(0, "org-a"), (2, "org-c")]:
+        send(srv, "r1", c, family, i)
+    assert rnd.wait_closed(60) and rnd.state == "finalized"
+    assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
