@@ -16,12 +16,14 @@ import pytest
 from tests.test_admin import admin_call, round_dirs
 from tests.test_federated import (  # noqa: F401
     CLIENTS,
+    FAST,
     assert_identical,
     assert_same_state,
     contribution_bytes,
     coordinator,
     family,
     fetch_model,
+    load_folder,
     local_model,
     open_round,
     raw_upload,
@@ -29,7 +31,14 @@ from tests.test_federated import (  # noqa: F401
     send,
     snapshot,
 )
+from tests.test_identity import secure  # noqa: F401
+from tiesfed.client.federated import fetch, submit
+from tiesfed.protos.v1 import channel_options
+from tiesfed.protos.v1 import secagg_pb2 as spb
+from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
 from tiesfed.protos.v1 import tiesfed_pb2 as pb
+from tiesfed.protos.v1 import tiesfed_pb2_grpc as pb_grpc
+from tiesfed.trust.identity import Identity, secure_channel
 
 TOKEN = "s3cret-admin"
 DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON, nested past Python's recursion limit
@@ -96,3 +105,76 @@ def test_hostile_stream_header_is_refused_and_changes_nothing(family, tmp_path, 
         send(srv, "r1", c, family, i)
     assert rnd.wait_closed(60) and rnd.state == "finalized"
     assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
+
+
+# ----------------------------------------------------------------------------- identity across rounds
+
+
+def _every_participant_call(srv, who, round_id: str, data: bytes) -> dict:
+    """Each participant RPC of both services on `round_id`, as `who` over mutual TLS: name -> call."""
+    def unary(service, method, req):
+        def call():
+            with secure_channel(srv.target, Identity.load(who, check_time=False), options=channel_options()) as ch:
+                stub = (pb_grpc.CoordinatorStub if service == "c" else spb_grpc.SecureAggregationStub)(ch)
+                out = getattr(stub, method)(req, timeout=20)
+                return list(out) if method in ("Watch", "Download", "PollStream") else out
+        return call
+
+    def streamed(service, method, msgs):
+        def call():
+            with secure_channel(srv.target, Identity.load(who, check_time=False), options=channel_options()) as ch:
+                stub = (pb_grpc.CoordinatorStub if service == "c" else spb_grpc.SecureAggregationStub)(ch)
+                return getattr(stub, method)(iter(msgs), timeout=20)
+        return call
+
+    rid = round_id
+    return {
+        "GetRoundSpec": unary("c", "GetRoundSpec", pb.GetRoundSpecRequest(round_id=rid)),
+        "GetRoundStatus": unary("c", "GetRoundStatus", pb.GetRoundStatusRequest(round_id=rid)),
+        "UploadStatus": unary("c", "UploadStatus", pb.UploadStatusRequest(round_id=rid)),
+        "ReserveUpload": unary("c", "ReserveUpload", pb.ReserveUploadRequest(round_id=rid)),
+        "Upload": streamed("c", "Upload", [pb.UploadChunk(round_id=rid, offset=0, data=data[:4096])]),
+        "Watch": unary("c", "Watch", pb.WatchRequest(round_id=rid)),
+        "Download": unary("c", "Download", pb.DownloadRequest(round_id=rid)),
+        "GetSecureSpec": unary("s", "GetSecureSpec", spb.SecureSpecRequest(round_id=rid)),
+        "Status": unary("s", "Status", spb.SecureSpecRequest(round_id=rid)),
+        "MaskedStatus": unary("s", "MaskedStatus", spb.SecureSpecRequest(round_id=rid)),
+        "Poll": unary("s", "Poll", spb.SecAggPoll(round_id=rid, phase="keys")),
+        "PollStream": unary("s", "PollStream", spb.SecAggPoll(round_id=rid, phase="keys")),
+        "Step": unary("s", "Step", spb.SecAggStep(round_id=rid, phase="keys", payload=b"x")),
+        "StepStream": streamed("s", "StepStream", [spb.StepChunk(round_id=rid, phase="keys", total_bytes=1,
+                                                                 data=b"x")]),
+        "UploadMasked": streamed("s", "UploadMasked", [spb.MaskedChunk(round_id=rid, offset=0, data=b"x",
+                                                                       total_bytes=1)]),
+    }
+
+
+def test_a_participant_of_one_round_cannot_act_on_another(secure, family, pki, tmp_path):  # noqa: F811
+    """org-a (of r1) against r2 (org-d's alone, finalized, its merge on disk) on every
+    participant RPC of both services: PERMISSION_DENIED naming org-a; the coordinator's
+    own server certificate used as a client: refused in the handshake. Nothing changes."""
+    srv = secure()
+    r1 = open_round(srv)
+    r2 = open_round(srv, "r2", clients=["org-d"])
+    data = contribution_bytes(family, 0)
+    submit(srv.target, "r2", None, family[0], family[1][3], retry=FAST, tls=Identity.load(pki.client("org-d")))
+    assert r2.wait_closed(60) and r2.state == "finalized"
+    # the server's certificate (no clientAuth usage) is refused in the handshake
+    code, name = grpc.StatusCode.UNAVAILABLE, "Socket closed"
+    for target, who in ((r1, pki.server), (r2, pki.client("org-a"))):
+        before = snapshot(target)
+        for rpc_name, call in _every_participant_call(srv, who, target.id, data).items():
+            with pytest.raises(grpc.RpcError) as ei:
+                call()
+            assert ei.value.code() == code, (rpc_name, ei.value.code(), ei.value.details())
+            assert name in ei.value.details(), (rpc_name, ei.value.details())
+        assert_same_state(before, snapshot(target))
+        assert not list(target.spool.partial_dir.iterdir())
+        code, name = grpc.StatusCode.PERMISSION_DENIED, "'org-a'"
+    assert r2.downloaded == set()
+    for i, c in enumerate(CLIENTS):
+        submit(srv.target, "r1", None, family[0], family[1][i], retry=FAST, tls=Identity.load(pki.client(c)))
+    assert r1.wait_closed(60) and r1.state == "finalized"
+    out = tmp_path / "fetched"
+    fetch(srv.target, "r1", None, family[0], out, timeout=60, retry=FAST, tls=Identity.load(pki.client("org-a")))
+    assert_identical(load_folder(out), local_model(family, tmp_path, [0, 1, 2]))
