@@ -178,3 +178,33 @@ def test_a_participant_of_one_round_cannot_act_on_another(secure, family, pki, t
     out = tmp_path / "fetched"
     fetch(srv.target, "r1", None, family[0], out, timeout=60, retry=FAST, tls=Identity.load(pki.client("org-a")))
     assert_identical(load_folder(out), local_model(family, tmp_path, [0, 1, 2]))
+
+
+# ----------------------------------------------------------------------------- replacements
+
+
+@pytest.mark.parametrize("policy", ["replace", "refuse"])
+@pytest.mark.parametrize("bad", ["incomplete", "over the bound", "stale base"])
+def test_a_refused_replacement_keeps_the_committed_contribution(family, tmp_path, coordinator, policy, bad):
+    """A committed client sends a bad replacement (under either policy): refused, the
+    committed contribution and the accumulators exactly as they were."""
+    srv = coordinator()
+    rnd = open_round(srv, replace_policy=policy)
+    send(srv, "r1", "org-a", family, 0)
+    send(srv, "r1", "org-b", family, 1)
+    data = {
+        "incomplete": lambda: contribution_bytes(family, 3, mutate=lambda ts: ts[:-1]),
+        "over the bound": lambda: contribution_bytes(family, 3, mutate=lambda ts: ts[:-1] + [type(ts[-1])(
+            ts[-1].name, ts[-1].shape, ts[-1].indices, ts[-1].values * 1e9)]),
+        "stale base": lambda: contribution_bytes(family, 3, fp="sha256:" + "0" * 64),
+    }[bad]()
+    before = snapshot(rnd)
+    with pytest.raises(grpc.RpcError) as ei:
+        raw_upload(srv, "r1", "org-a", data)
+    assert ei.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION), \
+        (ei.value.code(), ei.value.details())
+    assert_same_state(before, snapshot(rnd))
+    assert not list(rnd.spool.partial_dir.iterdir())
+    send(srv, "r1", "org-c", family, 2)
+    assert rnd.wait_closed(60) and rnd.state == "finalized"
+    assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
