@@ -8,6 +8,7 @@ exactly the local engine's model.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 
 import grpc
@@ -208,3 +209,68 @@ def test_a_refused_replacement_keeps_the_committed_contribution(family, tmp_path
     send(srv, "r1", "org-c", family, 2)
     assert rnd.wait_closed(60) and rnd.state == "finalized"
     assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
+
+
+# ----------------------------------------------------------------------------- certificates
+
+
+def test_not_yet_valid_revoked_admin_and_unreadable_crl(family, tmp_path):  # noqa: F811
+    """A federation of its own (its CRL is damaged here): a client certificate valid only
+    from tomorrow is refused in the handshake; a revoked admin certificate cannot open or
+    close a round (UNAUTHENTICATED, naming the serial); a CRL that is damaged, deleted or
+    rolled back to an older one (validly signed) fails closed (UNAVAILABLE for every
+    caller, admin included), and works again once restored. Nothing changes meanwhile."""
+    from tiesfed.coordinator.server import CoordinatorConfig, CoordinatorServer
+    from tiesfed.trust import pki as ca
+
+    root = tmp_path / "fed"
+    ca.init_ca(root / "ca")
+    ca.issue(root / "ca", root / "server", server_names=["127.0.0.1"])
+    ca.issue(root / "ca", root / "ops", admin_name="ops")
+    bad_ops = ca.issue(root / "ca", root / "ops-old", admin_name="ops-old")
+    ca.issue(root / "ca", root / "org-a", client_id="org-a")
+    ca.issue(root / "ca", root / "org-a-future", client_id="org-a",
+             not_before=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1))
+    crl = root / "ca" / "crl.pem"
+    stale = crl.read_bytes()  # signed by the CA, before the revocation
+    ca.revoke(root / "ca", bad_ops.serial_hex)
+    srv = CoordinatorServer(CoordinatorConfig(listen="127.0.0.1:0", spool_dir=tmp_path / "spool",
+                                              base_model=str(family[0]), aggregator="local",
+                                              tls_dir=root / "server", crl=root / "ca" / "crl.pem")).start()
+    try:
+        rnd = open_round(srv, clients=["org-a"])
+        before = snapshot(rnd)
+
+        def call(who, method, req):
+            with secure_channel(srv.target, Identity.load(who, check_time=False), options=channel_options()) as ch:
+                return getattr(pb_grpc.CoordinatorStub(ch), method)(req, timeout=20)
+
+        def refused(who, method, req, code, *says):
+            with pytest.raises(grpc.RpcError) as ei:
+                call(who, method, req)
+            assert ei.value.code() == code, (method, ei.value.code(), ei.value.details())
+            for s in says:
+                assert s in ei.value.details(), ei.value.details()
+
+        spec = pb.GetRoundSpecRequest(round_id="r1")
+        opening = pb.OpenRoundRequest(round_id="r2", participants=[pb.Participant(client_id="org-a")])
+        closing = pb.CloseRoundRequest(round_id="r1", abort=True)
+        refused(root / "org-a-future", "GetRoundSpec", spec, grpc.StatusCode.UNAVAILABLE)
+        for method, req in (("OpenRound", opening), ("CloseRound", closing)):
+            refused(root / "ops-old", method, req, grpc.StatusCode.UNAUTHENTICATED, "revoked", bad_ops.serial_hex)
+        good = crl.read_bytes()
+        crl.write_bytes(good[: len(good) // 2])  # damaged under the running coordinator
+        refused(root / "org-a", "GetRoundSpec", spec, grpc.StatusCode.UNAVAILABLE, "revocation", "unreadable")
+        refused(root / "ops", "CloseRound", closing, grpc.StatusCode.UNAVAILABLE, "revocation", "unreadable")
+        crl.unlink()  # before: a missing list meant nothing revoked, so the revoked admin got back in
+        for who in ("ops", "ops-old"):
+            refused(root / who, "OpenRound", opening, grpc.StatusCode.UNAVAILABLE, "revocation", "gone")
+        crl.write_bytes(stale)  # before: an older list, validly signed, was taken too
+        refused(root / "ops-old", "OpenRound", opening, grpc.StatusCode.UNAVAILABLE, "revocation", "older")
+        assert set(srv.manager.rounds) == {"r1"}
+        assert_same_state(before, snapshot(rnd))
+        crl.write_bytes(good)
+        assert call(root / "org-a", "GetRoundSpec", spec).round_id == "r1"
+        assert call(root / "ops", "OpenRound", opening).round_id == "r2"
+    finally:
+        srv.stop(grace=0)
