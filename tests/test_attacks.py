@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import threading
 
 import grpc
 import pytest
@@ -34,6 +35,7 @@ from tests.test_federated import (  # noqa: F401
 )
 from tests.test_identity import secure  # noqa: F401
 from tiesfed.client.federated import fetch, submit
+from tiesfed.coordinator.rounds.events import EventLog
 from tiesfed.protos.v1 import channel_options
 from tiesfed.protos.v1 import secagg_pb2 as spb
 from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
@@ -274,3 +276,38 @@ def test_not_yet_valid_revoked_admin_and_unreadable_crl(family, tmp_path):  # no
         assert call(root / "ops", "OpenRound", opening).round_id == "r2"
     finally:
         srv.stop(grace=0)
+
+
+# ----------------------------------------------------------------------------- bounded memory
+
+
+def test_a_megabyte_in_a_header_value_is_refused_with_a_bounded_message(family, tmp_path, coordinator):
+    """Before: the refusal quoted the header's 900 KiB 'kind' in full: the status was too big
+    to send (the client got RESOURCE_EXHAUSTED, not the reason) and each attempt kept ~1 MB
+    in the round's event log, so a client that repeated it grew the coordinator without
+    bound. Now: INVALID_ARGUMENT naming the key, the message cut, the log small."""
+    srv = coordinator()
+    rnd = open_round(srv)
+    send(srv, "r1", "org-b", family, 1)
+    data = contribution_bytes(family, 0, header={"kind": "x" * (900 << 10)})
+    for _ in range(3):
+        err = rejected(srv, rnd, data, grpc.StatusCode.INVALID_ARGUMENT, "stream header kind")
+        assert len(err.details()) < 4000 and "more characters" in err.details()
+    assert sum(len(e.message) for e in rnd.events) < 3 * 4000
+    for i, c in [(0, "org-a"), (2, "org-c")]:
+        send(srv, "r1", c, family, i)
+    assert rnd.wait_closed(60) and rnd.state == "finalized"
+    assert_identical(fetch_model(srv, family, tmp_path), local_model(family, tmp_path, [0, 1, 2]))
+
+
+def test_the_event_log_is_bounded_and_watchers_resume_in_it():
+    log = EventLog(threading.RLock(), max_events=10)
+    for i in range(25):
+        log.append(time=0.0, kind="UPLOAD_REJECTED", message=f"#{i}")
+    assert 5 <= len(log.events) <= 10 and log.events[-1].seq == 24
+    assert [e.seq for e in log.events] == list(range(log.first, 25))
+    assert log.since(0, 0.0, lambda: False)[0].seq == log.first  # behind the kept ones: the oldest kept
+    assert [e.seq for e in log.since(23, 0.0, lambda: False)] == [23, 24]
+    assert log.since(25, 0.0, lambda: False) == []
+    log.append(time=0.0, kind="ROUND_FINALIZED")
+    assert [e.kind for e in log.since(10**9, 0.0, lambda: True)][-1] == "ROUND_FINALIZED"
