@@ -62,6 +62,10 @@ HOSTILE_ROUNDS = {
     "NaN deadline": (dict(deadline_unix=math.nan), "deadline"),
     "infinite deadline seconds": (dict(deadline_seconds=math.inf), "deadline"),
     "NaN bound": (dict(max_abs_value=math.nan), "max_abs_value"),
+    "infinite secure phase": (dict(participants=[pb.Participant(client_id=c) for c in CLIENTS], secure_aggregation=True,
+                                   secagg_json='{"phase_s": Infinity}'), "secagg.phase_s"),
+    "infinite secure rate": (dict(participants=[pb.Participant(client_id=c) for c in CLIENTS], secure_aggregation=True,
+                                  secagg_json='{"min_rate": Infinity}'), "secagg.min_rate"),
     "path traversal in the round id": (dict(round_id="../../etc"), "round_id"),
     "round id of dots": (dict(round_id=".."), "round_id"),
     "path traversal in a client id": (dict(participants=[pb.Participant(client_id="../x")]), "client_id"),
@@ -72,7 +76,8 @@ HOSTILE_ROUNDS = {
 def test_hostile_open_round_is_a_clear_refusal(family, tmp_path, coordinator, case):
     """Before: an enum value outside the proto's (proto3 enums are open) and JSON nested
     past the recursion limit were UNKNOWN (a KeyError, a RecursionError), and a NaN or
-    infinite deadline opened a round. Now each is INVALID_ARGUMENT naming the field,
+    infinite deadline, phase_s or min_rate opened a round (whose spooled JSON then said
+    null: a round no restart could load). Now each is INVALID_ARGUMENT naming the field,
     nothing written, the open round untouched."""
     srv = coordinator(admin_token=TOKEN)
     rnd = open_round(srv)
