@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import threading
+import time
 
 import grpc
 import pytest
@@ -36,7 +37,7 @@ from tests.test_federated import (  # noqa: F401
 from tests.test_identity import secure  # noqa: F401
 from tiesfed.client.federated import fetch, submit
 from tiesfed.coordinator.rounds.events import EventLog
-from tiesfed.protos.v1 import channel_options
+from tiesfed.protos.v1 import CLIENT_ID_KEY, channel_options
 from tiesfed.protos.v1 import secagg_pb2 as spb
 from tiesfed.protos.v1 import secagg_pb2_grpc as spb_grpc
 from tiesfed.protos.v1 import tiesfed_pb2 as pb
@@ -316,3 +317,44 @@ def test_the_event_log_is_bounded_and_watchers_resume_in_it():
     assert log.since(25, 0.0, lambda: False) == []
     log.append(time=0.0, kind="ROUND_FINALIZED")
     assert [e.kind for e in log.since(10**9, 0.0, lambda: True)][-1] == "ROUND_FINALIZED"
+
+
+def wait_for(cond, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_download_that_is_never_read_is_cancelled(family, tmp_path, coordinator, monkeypatch):
+    """Before: a Download whose client stopped reading blocked on flow control for as long as
+    the connection lived, holding its thread and one of the capped download slots: 16
+    clients that never read took all 32 for good. Now a download that sends nothing for
+    stall_after_s is cancelled, its slot freed; one that reads is served to the end."""
+    from tiesfed.coordinator import service
+
+    srv = coordinator(stall_after_s=1.0, max_workers=64, max_watch_streams=16, max_download_streams=4,
+                      max_upload_streams=8)
+    rnd = open_round(srv)
+    for i, c in enumerate(CLIENTS):
+        send(srv, "r1", c, family, i)
+    assert rnd.wait_closed(60) and rnd.state == "finalized"
+    before = snapshot(rnd)
+    # tiny chunks, and a reader whose flow-control window stays small (no BDP probing):
+    # the coordinator's sends block once the window is full
+    unread = channel_options() + [("grpc.http2.bdp_probe", 0)]
+    with grpc.insecure_channel(srv.target, options=unread) as ch, monkeypatch.context() as m:
+        m.setattr(service, "DOWNLOAD_CHUNK", 1)
+        stub = pb_grpc.CoordinatorStub(ch)
+        hogs = [stub.Download(pb.DownloadRequest(round_id="r1"), metadata=((CLIENT_ID_KEY, c),), timeout=60)
+                for c in ("org-a", "org-a", "org-b", "org-b")]
+        try:
+            assert wait_for(lambda: srv.gate.in_flight("Download") == 4, 10)  # all four stuck in a send
+            assert wait_for(lambda: srv.gate.in_flight("Download") == 0, 20)  # every one cut off
+        finally:
+            for h in hogs:
+                h.cancel()
+    assert_same_state(before, snapshot(rnd))
+    assert_identical(fetch_model(srv, family, tmp_path, client="org-a"), local_model(family, tmp_path, [0, 1, 2]))

@@ -34,7 +34,7 @@ from tiesfed.coordinator.rounds import (
     RoundManager,
 )
 from tiesfed.coordinator.rounds.provenance import options_json
-from tiesfed.coordinator.streams import ReadAhead, StreamGate
+from tiesfed.coordinator.streams import ReadAhead, StallWatch, StreamGate
 from tiesfed.core.options import validation_message
 from tiesfed.protos.v1 import (
     ADMIN_TOKEN_KEY,
@@ -163,19 +163,23 @@ def receipt_message(rc: Receipt) -> pb.UploadReceipt:
     )
 
 
-def _send_merged(merged: Merged, offset: int, context: grpc.ServicerContext) -> Generator[pb.DownloadChunk, None, int]:
+def _send_merged(merged: Merged, offset: int, context: grpc.ServicerContext,
+                 progress: Callable[[], None] = lambda: None) -> Generator[pb.DownloadChunk, None, int]:
     """The merged stream from `offset`, one chunk at a time (so memory per download is
-    one chunk plus gRPC's buffers); returns the offset it got to."""
+    one chunk plus gRPC's buffers); returns the offset it got to. `progress()` is called
+    each time a chunk has gone out (gRPC asks for the next one)."""
     step = min(DOWNLOAD_CHUNK, MAX_CHUNK_BYTES)
     pos = offset
     with open(merged.path, "rb") as f:
         f.seek(offset)
         yield pb.DownloadChunk(offset=pos, data=b"", total_bytes=merged.bytes, sha256=merged.sha256)
+        progress()
         while pos < merged.bytes and context.is_active():
             data = f.read(min(step, merged.bytes - pos))
             if not data:
                 break
             yield pb.DownloadChunk(offset=pos, data=data, total_bytes=merged.bytes, sha256=merged.sha256)
+            progress()
             pos += len(data)
     return pos
 
@@ -280,6 +284,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.gate = gate
         self.tls = tls
         self.revocation = revocation
+        #: a Download whose reader stopped reading is cancelled after the uploads' stall_after_s
+        self.stalls = StallWatch(manager.slots.stall_after_s)
+        manager.on_tick(self.stalls.cancel_stalled)
 
     # -- helpers
     def _caller(self, context: grpc.ServicerContext, role: str = "client") -> Caller:
@@ -455,7 +462,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             merged = r.merged_to_serve()  # its sha256 checked first; a damaged one is rebuilt
             if request.offset > merged.bytes:
                 raise RoundError("OUT_OF_RANGE", f"offset {request.offset} is past the end ({merged.bytes} bytes)")
-            pos = yield from _with_provenance(_send_merged(merged, request.offset, context), r.merged_provenance())
+            with self.stalls.watch(context.cancel) as progress:
+                pos = yield from _with_provenance(_send_merged(merged, request.offset, context, progress),
+                                                  r.merged_provenance())
         if pos == merged.bytes:
             with r.lock:
                 r.downloaded.add(cid)
