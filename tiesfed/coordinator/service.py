@@ -163,25 +163,33 @@ def receipt_message(rc: Receipt) -> pb.UploadReceipt:
     )
 
 
-def _send_merged(merged: Merged, offset: int, context: grpc.ServicerContext,
-                 progress: Callable[[], None] = lambda: None) -> Generator[pb.DownloadChunk, None, int]:
+def _send_merged(merged: Merged, offset: int, context: grpc.ServicerContext) -> Generator[pb.DownloadChunk, None, int]:
     """The merged stream from `offset`, one chunk at a time (so memory per download is
-    one chunk plus gRPC's buffers); returns the offset it got to. `progress()` is called
-    each time a chunk has gone out (gRPC asks for the next one)."""
+    one chunk plus gRPC's buffers); returns the offset it got to."""
     step = min(DOWNLOAD_CHUNK, MAX_CHUNK_BYTES)
     pos = offset
     with open(merged.path, "rb") as f:
         f.seek(offset)
         yield pb.DownloadChunk(offset=pos, data=b"", total_bytes=merged.bytes, sha256=merged.sha256)
-        progress()
         while pos < merged.bytes and context.is_active():
             data = f.read(min(step, merged.bytes - pos))
             if not data:
                 break
             yield pb.DownloadChunk(offset=pos, data=data, total_bytes=merged.bytes, sha256=merged.sha256)
-            progress()
             pos += len(data)
     return pos
+
+
+def _progressed(chunks: Generator[pb.DownloadChunk, None, int],
+                progress: Callable[[], None]) -> Generator[pb.DownloadChunk, None, int]:
+    """`chunks`, calling `progress()` each time one has gone out (gRPC asks for the next)."""
+    try:
+        while True:
+            chunk = next(chunks)
+            yield chunk
+            progress()
+    except StopIteration as stop:
+        return stop.value
 
 
 def _with_provenance(chunks: Generator[pb.DownloadChunk, None, int],
@@ -463,7 +471,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if request.offset > merged.bytes:
                 raise RoundError("OUT_OF_RANGE", f"offset {request.offset} is past the end ({merged.bytes} bytes)")
             with self.stalls.watch(context.cancel) as progress:
-                pos = yield from _with_provenance(_send_merged(merged, request.offset, context, progress),
+                pos = yield from _with_provenance(_progressed(_send_merged(merged, request.offset, context), progress),
                                                   r.merged_provenance())
         if pos == merged.bytes:
             with r.lock:
