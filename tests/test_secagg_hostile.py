@@ -557,3 +557,50 @@ def test_an_unexpected_error_closing_a_phase_fails_the_round_instead_of_hanging_
             conn.close()
     r = srv.manager.get("r1")
     assert r.wait_closed(10) and r.state == "failed" and "injected" in r.message
+
+
+def test_a_secure_round_keeps_the_disk_reserve(family, tmp_path, pki, secure_server):  # noqa: F811
+    """Before: the disk reserve (min_free_disk_bytes) guarded plain uploads only; a secure
+    round's masked uploads and streamed steps were written whatever the free space. Now a
+    chunk that would cross it is RESOURCE_EXHAUSTED naming the setting, nothing is kept, and
+    once space is back the same upload completes and the round equals the plain round."""
+    import shutil
+
+    from tiesfed.trust.secagg.messages import MaskRequest
+
+    srv = secure_server(secure_config())
+    r = srv.manager.get("r1")
+    conns, flows = flows_for(srv.target, pki, family, FAST)
+    try:
+        for f in flows:
+            f.keys()
+        for f in flows:
+            f.shares()
+        alice = flows[0]
+        data = b"".join(alice.client.masked_stream(alice._poll("shares", MaskRequest), 64))
+        stub = spb_grpc.SecureAggregationStub(conns[0].channel)
+        chunks = [spb.MaskedChunk(round_id="r1", offset=0, total_bytes=len(data), data=data,
+                                  sha256=hashlib.sha256(data).hexdigest())]
+        r.min_free_disk_bytes = shutil.disk_usage(r.spool.dir).free + (1 << 40)  # the disk is "full"
+        for call in (lambda: stub.UploadMasked(iter(chunks), metadata=conns[0].metadata, timeout=30),
+                     lambda: stub.StepStream(iter([spb.StepChunk(round_id="r1", phase="unmask", total_bytes=64,
+                                                                 data=b"\0" * 64)]),
+                                             metadata=conns[0].metadata, timeout=30)):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.value.code(), e.value.details())
+            assert "min_free_disk_bytes" in e.value.details()
+        st = stub.MaskedStatus(spb.SecureSpecRequest(round_id="r1"), metadata=conns[0].metadata, timeout=10)
+        assert (st.committed_offset, st.committed) == (0, False)
+        assert not [p for p in r.spool.dir.rglob("*.incoming")]
+        r.min_free_disk_bytes = 0  # space is back
+        stub.UploadMasked(iter(chunks), metadata=conns[0].metadata, timeout=30)
+        for f in flows[1:]:
+            f.masked()
+        for f in flows:
+            f.unmask()
+    finally:
+        for conn in conns:
+            conn.close()
+    assert r.wait_closed(60) and r.state == "finalized", r.message
+    assert_identical(fetch_secure(srv.target, pki, family, tmp_path), plain_round(family, tmp_path, [0, 1, 2]))

@@ -120,7 +120,8 @@ class CoordinatorConfig(BaseModel):
                                      "file system with less free space than this is refused (RESOURCE_EXHAUSTED; "
                                      "the round is left as it was) instead of filling the disk mid-round")
     stall_after_s: float = Field(120.0, gt=0, description="an upload stream holding a slot without progress "
-                                 "for this long is cancelled (the client resumes it)")
+                                 "for this long is cancelled (the client resumes it), and so is a download "
+                                 "that sends nothing for this long (its reader stopped reading)")
     min_upload_rate: float = Field(float(1 << 20), gt=0, description="bytes a second an upload stream must "
                                    "average (after a grace of stall_after_s) to keep its slot while another "
                                    "client waits for one (cancelled, it resumes from the back of the queue)")

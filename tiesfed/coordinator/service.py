@@ -34,7 +34,7 @@ from tiesfed.coordinator.rounds import (
     RoundManager,
 )
 from tiesfed.coordinator.rounds.provenance import options_json
-from tiesfed.coordinator.streams import ReadAhead, StreamGate
+from tiesfed.coordinator.streams import ReadAhead, StallWatch, StreamGate
 from tiesfed.core.options import validation_message
 from tiesfed.protos.v1 import (
     ADMIN_TOKEN_KEY,
@@ -180,6 +180,18 @@ def _send_merged(merged: Merged, offset: int, context: grpc.ServicerContext) -> 
     return pos
 
 
+def _progressed(chunks: Generator[pb.DownloadChunk, None, int],
+                progress: Callable[[], None]) -> Generator[pb.DownloadChunk, None, int]:
+    """`chunks`, calling `progress()` each time one has gone out (gRPC asks for the next)."""
+    try:
+        while True:
+            chunk = next(chunks)
+            yield chunk
+            progress()
+    except StopIteration as stop:
+        return stop.value
+
+
 def _with_provenance(chunks: Generator[pb.DownloadChunk, None, int],
                      provenance: Optional[dict]) -> Generator[pb.DownloadChunk, None, int]:
     """`chunks` with the merge's signature record (`Round.merged_provenance`, as stored) on
@@ -197,10 +209,26 @@ def _with_provenance(chunks: Generator[pb.DownloadChunk, None, int],
     return (yield from chunks)
 
 
+def _json_field(field: str, text: str) -> object:
+    """A request's JSON field; nesting past Python's recursion limit is bad JSON too."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{field} is not JSON: {e}") from None
+
+
+def _enum_field(field: str, names: dict[str, int], value: int) -> str:
+    """The name of a proto enum value; proto3 enums are open, so a caller may send any int."""
+    for name, v in names.items():
+        if v == value:
+            return name
+    raise ValueError(f"{field} {value} is not one of {sorted(names.values())} ({', '.join(names)})")
+
+
 def round_config_from_request(req: pb.OpenRoundRequest, max_round_params: Optional[int] = None) -> RoundConfig:
     """Validate an OpenRound request as a RoundConfig (errors name the field), before
     anything is allocated; `max_round_params` bounds the manifest."""
-    options = json.loads(req.options_json) if req.options_json else {}
+    options = _json_field("options_json", req.options_json) if req.options_json else {}
     data: dict = {
         "round_id": req.round_id,
         "options": options,
@@ -222,16 +250,13 @@ def round_config_from_request(req: pb.OpenRoundRequest, max_round_params: Option
         or None,
     }
     if req.late_policy:
-        data["late_policy"] = {v: k for k, v in LATE.items()}[req.late_policy]
+        data["late_policy"] = _enum_field("late_policy", LATE, req.late_policy)
     if req.replace_policy:
-        data["replace_policy"] = {v: k for k, v in REPLACE.items()}[req.replace_policy]
+        data["replace_policy"] = _enum_field("replace_policy", REPLACE, req.replace_policy)
     if req.secure_aggregation:
         data["secure_aggregation"] = True
     if req.secagg_json:  # without secure_aggregation the round config refuses it, naming both
-        try:
-            data["secagg"] = json.loads(req.secagg_json)
-        except ValueError as e:
-            raise ValueError(f"secagg_json is not JSON: {e}") from None
+        data["secagg"] = _json_field("secagg_json", req.secagg_json)
     return RoundConfig.model_validate(data, context={"max_round_params": max_round_params})
 
 
@@ -267,6 +292,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.gate = gate
         self.tls = tls
         self.revocation = revocation
+        #: a Download whose reader stopped reading is cancelled after the uploads' stall_after_s
+        self.stalls = StallWatch(manager.slots.stall_after_s)
+        manager.on_tick(self.stalls.cancel_stalled)
 
     # -- helpers
     def _caller(self, context: grpc.ServicerContext, role: str = "client") -> Caller:
@@ -442,7 +470,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             merged = r.merged_to_serve()  # its sha256 checked first; a damaged one is rebuilt
             if request.offset > merged.bytes:
                 raise RoundError("OUT_OF_RANGE", f"offset {request.offset} is past the end ({merged.bytes} bytes)")
-            pos = yield from _with_provenance(_send_merged(merged, request.offset, context), r.merged_provenance())
+            with self.stalls.watch(context.cancel) as progress:
+                pos = yield from _with_provenance(_progressed(_send_merged(merged, request.offset, context), progress),
+                                                  r.merged_provenance())
         if pos == merged.bytes:
             with r.lock:
                 r.downloaded.add(cid)

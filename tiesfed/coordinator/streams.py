@@ -9,17 +9,20 @@ short call always finds one. An excess call is refused at once with
 RESOURCE_EXHAUSTED naming the limit, instead of queueing for a thread.
 
 `ReadAhead` reads an upload's stream on a thread of its own, a few chunks ahead of
-the worker thread that takes them.
+the worker thread that takes them. `StallWatch` cancels a Download whose reader
+stopped reading: flow control would block its send, and hold its thread and capped
+slot, for as long as the connection lives.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 from tiesfed.coordinator.rounds import RoundError
 
@@ -145,3 +148,41 @@ class ReadAhead:
                 self._q.get_nowait()
             except queue.Empty:
                 return
+
+
+class StallWatch:
+    """Server-streaming calls that must keep sending: one whose last message has not gone out
+    for `stall_after_s` (its reader stopped reading) is cancelled by `cancel_stalled`, which
+    the rounds' ticker calls."""
+
+    def __init__(self, stall_after_s: float) -> None:
+        self.stall_after_s = stall_after_s
+        self._lock = threading.Lock()
+        self._calls: dict[int, list] = {}  # id -> [last progress (monotonic), cancel]
+        self._next = 0
+
+    @contextmanager
+    def watch(self, cancel: Callable[[], object]) -> Iterator[Callable[[], None]]:
+        """Watch one call; yields `progress()`, to call each time a message has gone out."""
+        with self._lock:
+            key, self._next = self._next, self._next + 1
+            entry = self._calls[key] = [time.monotonic(), cancel]
+
+        def progress() -> None:
+            entry[0] = time.monotonic()
+
+        try:
+            yield progress
+        finally:
+            with self._lock:
+                self._calls.pop(key, None)
+
+    def cancel_stalled(self, now: Optional[float] = None) -> int:
+        """Cancel every watched call without progress for `stall_after_s`; how many."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            stalled = [k for k, (last, _) in self._calls.items() if now - last >= self.stall_after_s]
+            cancels = [self._calls.pop(k)[1] for k in stalled]
+        for cancel in cancels:
+            cancel()
+        return len(cancels)

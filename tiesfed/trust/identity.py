@@ -148,8 +148,10 @@ def peer_identity(context: grpc.ServicerContext) -> Optional[Peer]:
 class RevocationList:
     """crl.pem, checked against the CA and re-read when the file changes (a stat per lookup).
 
-    A missing file means nothing is revoked; a file that does not parse or is not signed by
-    the CA raises RevocationError, on load and on every later lookup until it is fixed."""
+    A file missing from the start means nothing is revoked; a file that does not parse, is
+    not signed by the CA, is older (a lower CRL number) than one already read, or is gone
+    after one was read raises RevocationError, on every lookup until it is fixed: deleting
+    or rolling back crl.pem must not bring a revoked certificate back."""
 
     def __init__(self, path: Union[str, Path], ca_pem: bytes) -> None:
         self.path = Path(path)
@@ -157,12 +159,16 @@ class RevocationList:
         self._lock = threading.Lock()
         self._stamp: Optional[tuple[int, int, int]] = None
         self._revoked: frozenset[int] = frozenset()
+        self._number: Optional[int] = None  # the CRL number of the list last read (None: none read)
         self._refresh()
 
     def _refresh(self) -> None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
+            if self._number is not None:
+                raise RevocationError(f"revocation list {self.path} is gone (it listed "
+                                      f"{len(self._revoked)} revoked certificate(s))") from None
             self._stamp, self._revoked = None, frozenset()
             return
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -174,8 +180,17 @@ class RevocationList:
             raise RevocationError(f"revocation list {self.path} is unreadable: {e}") from None
         if crl.issuer != self._ca.subject or not crl.is_signature_valid(self._ca.public_key()):  # type: ignore[arg-type]
             raise RevocationError(f"revocation list {self.path} is not signed by the CA")
+        try:
+            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        except x509.ExtensionNotFound:
+            number = 0
+        except ValueError as e:
+            raise RevocationError(f"revocation list {self.path} has a malformed CRL number: {e}") from None
+        if self._number is not None and number < self._number:
+            raise RevocationError(f"revocation list {self.path} is CRL number {number}, older than number "
+                                  f"{self._number} already read: a rolled-back list is refused")
         self._revoked = frozenset(r.serial_number for r in crl)
-        self._stamp = stamp
+        self._stamp, self._number = stamp, number
 
     def is_revoked(self, serial: int) -> bool:
         with self._lock:

@@ -97,8 +97,10 @@ class RoundConfig(BaseModel):
     options: MergeOptions = MergeOptions()
     participants: list[ParticipantConfig] = Field(min_length=1, max_length=MAX_PARTICIPANTS)
     quorum: Optional[int] = Field(None, ge=1, description="default: every participant")
-    deadline_unix: Optional[float] = Field(None, description="absolute deadline, seconds since the epoch")
-    deadline_s: Optional[float] = Field(None, gt=0, description="deadline relative to when the round opens")
+    deadline_unix: Optional[float] = Field(None, allow_inf_nan=False,
+                                           description="absolute deadline, seconds since the epoch")
+    deadline_s: Optional[float] = Field(None, gt=0, allow_inf_nan=False,
+                                        description="deadline relative to when the round opens")
     late_policy: LatePolicy = "reject"
     replace_policy: ReplacePolicy = "replace"
     base_fingerprint: Optional[str] = None

@@ -86,6 +86,7 @@ class RoundManager:
         self._stop = threading.Event()
         self._ticker: Optional[threading.Thread] = None
         self._start_launched = False  # `start_aggregator` was called
+        self._on_tick: list[Callable[[], object]] = []  # more watchdogs the ticker runs (`on_tick`)
 
     def recover(self) -> list[str]:
         """Load every round found in the spool."""
@@ -228,10 +229,19 @@ class RoundManager:
             self._ticker = threading.Thread(target=self._tick_loop, name="rounds-ticker", daemon=True)
             self._ticker.start()
 
+    def on_tick(self, watchdog: Callable[[], object]) -> None:
+        """Have the ticker also run `watchdog` (e.g. the service's stalled downloads)."""
+        self._on_tick.append(watchdog)
+
     def _tick_loop(self) -> None:
         while not self._stop.wait(self.tick_s):
             self.slots.cancel_stalled()
             self.slots.expire_leases()
+            for watchdog in self._on_tick:
+                try:
+                    watchdog()
+                except Exception:
+                    log.exception("a watchdog failed")
             with self.lock:
                 rounds = list(self.rounds.values())
             for r in rounds:

@@ -61,6 +61,9 @@ class ContributionRules:
             )
         want = self.trims[s.client_id]
         got = h.get("trim") or {}
+        if not isinstance(got, dict):
+            raise RoundError("INVALID_ARGUMENT", f"contribution of {s.client_id!r}: stream header key 'trim' is "
+                             f"{type(got).__name__}, expected an object")
         keys = ["kind", "fraction"] + (["scope"] if want.kind == "topk" else []) + (["seed"] if want.kind == "dare" else [])
         bad = [k for k in keys if got.get(k) != getattr(want, k)]
         if bad:

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import grpc
 
 from tiesfed.coordinator.rounds import Round, RoundError
+from tiesfed.coordinator.rounds.intake import check_free_disk
 from tiesfed.coordinator.secure.journal import Journal
 from tiesfed.coordinator.secure.session import SecureSession
 from tiesfed.coordinator.service import CoordinatorService, rpc, rpc_stream
@@ -157,6 +158,7 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
                         if got + len(chunk.data) > total:
                             raise RoundError("INVALID_ARGUMENT", f"{phase} message of {cid!r}: more than the "
                                              f"{total} bytes declared")
+                        check_free_disk(s.round.spool.dir, len(chunk.data), s.round.min_free_disk_bytes)
                         try:
                             f.write(chunk.data)
                         except OSError as e:

@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Optional, Union
 
 from tiesfed.coordinator.rounds.events import RoundError
 from tiesfed.coordinator.rounds.finalize import fail
+from tiesfed.coordinator.rounds.intake import check_free_disk
 from tiesfed.coordinator.rounds.state import RoundState
 from tiesfed.coordinator.secure.deadline import PhaseClock
 from tiesfed.coordinator.secure.journal import STEP_TYPES, Journal, pieces, replay
@@ -279,6 +280,7 @@ class SecureSession:
                     if part.size + len(data) > total:
                         raise RoundError("INVALID_ARGUMENT", f"masked upload of {client_id!r}: {part.size + len(data)}"
                                          f" bytes, more than the {total} declared")
+                    check_free_disk(self.round.spool.dir, len(data), self.round.min_free_disk_bytes)
                     f.seek(part.size)
                     f.write(data)
                     f.flush()

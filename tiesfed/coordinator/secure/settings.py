@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the round config imports this module
 class SecureSettings(BaseModel):
     """The public parameters of a secure round (docs/secure-aggregation.md, "The arithmetic")."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # JSON in the spool: finite
 
     threshold: Optional[int] = Field(None, ge=2, description="t: Shamir's threshold and the fewest clients the "
                                      "round completes with; default: a majority of the participants (at least 2)")
