@@ -358,3 +358,17 @@ def test_a_download_that_is_never_read_is_cancelled(family, tmp_path, coordinato
                 h.cancel()
     assert_same_state(before, snapshot(rnd))
     assert_identical(fetch_model(srv, family, tmp_path, client="org-a"), local_model(family, tmp_path, [0, 1, 2]))
+
+
+@pytest.mark.parametrize("field", ["stall_after_s", "min_upload_rate", "lease_s", "abandon_after_s",
+                                   "num_cpus_per_actor"])
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_operator_timeouts_and_rates_must_be_finite(field, value):
+    """Was: `stall_after_s: .inf` (or a min_upload_rate of ∞) was taken, turning the watchdogs off
+    or cancelling every slot holder; a config naming a NaN or ∞ is refused naming the field."""
+    from pydantic import ValidationError
+
+    from tiesfed.coordinator.server import CoordinatorConfig
+
+    with pytest.raises(ValidationError, match=f"{field}[\\s\\S]*finite"):
+        CoordinatorConfig(**{field: value})

@@ -72,7 +72,7 @@ INSECURE_WARNING = """\
 class CoordinatorConfig(BaseModel):
     """How a coordinator runs (flags of `tiesfed coordinator serve` override these)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN or ∞ timeout or rate is a typo
 
     listen: str = Field("127.0.0.1:50051", description="host:port to bind; port 0 picks a free one")
     spool_dir: Path = Field(Path("tiesfed-spool"), description="durable spool (rounds, contributions, outputs)")
