@@ -241,3 +241,44 @@ def test_a_participants_long_polls_are_capped_and_the_others_still_answer(family
         reader.join(30)
         assert [c.ready for c in streamed] == [False]
     assert srv.gate.in_flight("Watch") == 0  # released when the calls end
+
+
+def test_a_poll_answer_that_is_never_read_is_cancelled(family, pki, secure_server, monkeypatch):  # noqa: F811
+    """A participant that opens a PollStream and stops reading blocked the coordinator's send on
+    flow control, holding a thread and one of its two polls for as long as the connection lived.
+    The Download's stall watch now covers the poll's sends: after `stall_after_s` without one, the
+    call is cancelled and the poll slot freed. (The answer is made large here, as U's bitmap is
+    for a real model, so that it cannot all fit in the flow-control window.)"""
+    from tiesfed.coordinator.secure.session import SecureSession
+
+    class Large:
+        size, sha256 = 256 << 20, "0" * 64
+
+        def chunks(self, n: int):
+            for _ in range(self.size // n):
+                yield bytes(n)
+
+    monkeypatch.setattr(SecureSession, "poll", lambda self, cid, phase, wait_s: Large())
+    srv = secure_server(config(PHASE_S))
+    srv.secure.service.stalls.stall_after_s = 1.0
+    unread = channel_options() + [("grpc.http2.bdp_probe", 0)]
+    with secure_channel(srv.target, Identity.load(pki.client("org-a")), options=unread) as ch:
+        call = spb_grpc.SecureAggregationStub(ch).PollStream(
+            spb.SecAggPoll(round_id="r1", phase="keys", wait_seconds=1.0, max_chunk_bytes=1 << 20), timeout=60)
+        try:
+            assert wait_until_true(lambda: srv.gate.in_flight("Watch") == 1, 10)  # stuck in a send
+            assert wait_until_true(lambda: srv.gate.in_flight("Watch") == 0, 20)  # cut off, slot freed
+            with pytest.raises(grpc.RpcError) as e:
+                list(call)
+            assert e.value.code() == grpc.StatusCode.CANCELLED
+        finally:
+            call.cancel()
+
+
+def wait_until_true(cond, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return bool(cond())

@@ -186,7 +186,8 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
     def PollStream(self, request, context):
         """Poll's answer in chunks of at most `SECAGG_CHUNK_BYTES` (or the client's smaller
         `max_chunk_bytes`); the first chunk carries the whole size and sha256. The gate is held
-        while the answer is sent too: a caller that stops reading holds one of its two polls."""
+        while the answer is sent too, so a caller that stops reading holds one of its two polls,
+        until the stall watch (the Download's) cancels it after `stall_after_s` without a send."""
         s, cid, _ = self._session(request.round_id, context)
         with self.gate.held("SecurePoll", cid):
             out = s.poll(cid, request.phase, request.wait_seconds)
@@ -196,10 +197,13 @@ class SecureAggregationService(spb_grpc.SecureAggregationServicer):
                 return
             size = max(MIN_POLL_CHUNK_BYTES, min(request.max_chunk_bytes or SECAGG_CHUNK_BYTES, SECAGG_CHUNK_BYTES))
             chunks = out.chunks(size)  # read from the outbox's pieces (U from its file) as they go
-            yield spb.PollChunk(ready=True, phase=phase, total_bytes=out.size, sha256=out.sha256,
-                                data=next(chunks, b""))
-            for data in chunks:
-                yield spb.PollChunk(data=data)
+            with self.service.stalls.watch(context.cancel) as sent:
+                yield spb.PollChunk(ready=True, phase=phase, total_bytes=out.size, sha256=out.sha256,
+                                    data=next(chunks, b""))
+                sent()
+                for data in chunks:
+                    yield spb.PollChunk(data=data)
+                    sent()
 
     @rpc
     def Poll(self, request, context):
