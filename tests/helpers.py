@@ -9,8 +9,9 @@ make families of fine-tuned models with conflicting task vectors.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
 from safetensors.torch import save_file
@@ -153,3 +154,13 @@ def start_two_node_cluster(attempts: int = 3):
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Poll `cond` until true or `timeout` seconds passed (bounded); whether it came true."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(step)
+    return bool(cond())

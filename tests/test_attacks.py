@@ -11,11 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import math
 import threading
-import time
 
 import grpc
 import pytest
 
+from tests.helpers import wait_until
 from tests.test_admin import admin_call, round_dirs
 from tests.test_federated import (  # noqa: F401
     CLIENTS,
@@ -319,15 +319,6 @@ def test_the_event_log_is_bounded_and_watchers_resume_in_it():
     assert [e.kind for e in log.since(10**9, 0.0, lambda: True)][-1] == "ROUND_FINALIZED"
 
 
-def wait_for(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_a_download_that_is_never_read_is_cancelled(family, tmp_path, coordinator, monkeypatch):
     """Before: a Download whose client stopped reading blocked on flow control for as long as
     the connection lived, holding its thread and one of the capped download slots: 16
@@ -351,8 +342,8 @@ def test_a_download_that_is_never_read_is_cancelled(family, tmp_path, coordinato
         hogs = [stub.Download(pb.DownloadRequest(round_id="r1"), metadata=((CLIENT_ID_KEY, c),), timeout=60)
                 for c in ("org-a", "org-a", "org-b", "org-b")]
         try:
-            assert wait_for(lambda: srv.gate.in_flight("Download") == 4, 10)  # all four stuck in a send
-            assert wait_for(lambda: srv.gate.in_flight("Download") == 0, 20)  # every one cut off
+            assert wait_until(lambda: srv.gate.in_flight("Download") == 4, 10)  # all four stuck in a send
+            assert wait_until(lambda: srv.gate.in_flight("Download") == 0, 20)  # every one cut off
         finally:
             for h in hogs:
                 h.cancel()

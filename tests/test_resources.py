@@ -14,6 +14,7 @@ import time
 import grpc
 import pytest
 
+from tests.helpers import wait_until
 from tests.test_federated import (  # noqa: F401
     CLIENTS,
     assert_identical,
@@ -40,16 +41,6 @@ SHORT_CALL_BOUND_S = 5.0
 
 def md(client: str, *extra: tuple[str, str]) -> tuple:
     return ((CLIENT_ID_KEY, client),) + extra
-
-
-def wait_until(cond, timeout: float, step: float = 0.05) -> bool:
-    """Poll `cond` until true or `timeout` seconds passed (bounded)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(step)
-    return bool(cond())
 
 
 def empty_chunk_stream(target: str, client: str, stop: threading.Event, out: dict) -> None:

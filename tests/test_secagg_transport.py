@@ -19,7 +19,7 @@ import torch
 
 import tiesfed.coordinator.service as service
 import tiesfed.protos.v1 as v1
-from tests.helpers import make_model
+from tests.helpers import make_model, wait_until
 from tests.test_federated import FAST, assert_identical
 from tests.test_secagg_round import (  # noqa: F401
     CLIENTS,
@@ -266,19 +266,10 @@ def test_a_poll_answer_that_is_never_read_is_cancelled(family, pki, secure_serve
         call = spb_grpc.SecureAggregationStub(ch).PollStream(
             spb.SecAggPoll(round_id="r1", phase="keys", wait_seconds=1.0, max_chunk_bytes=1 << 20), timeout=60)
         try:
-            assert wait_until_true(lambda: srv.gate.in_flight("Watch") == 1, 10)  # stuck in a send
-            assert wait_until_true(lambda: srv.gate.in_flight("Watch") == 0, 20)  # cut off, slot freed
+            assert wait_until(lambda: srv.gate.in_flight("Watch") == 1, 10)  # stuck in a send
+            assert wait_until(lambda: srv.gate.in_flight("Watch") == 0, 20)  # cut off, slot freed
             with pytest.raises(grpc.RpcError) as e:
                 list(call)
             assert e.value.code() == grpc.StatusCode.CANCELLED
         finally:
             call.cancel()
-
-
-def wait_until_true(cond, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return bool(cond())
