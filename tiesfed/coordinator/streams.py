@@ -9,8 +9,8 @@ short call always finds one. An excess call is refused at once with
 RESOURCE_EXHAUSTED naming the limit, instead of queueing for a thread.
 
 `ReadAhead` reads an upload's stream on a thread of its own, a few chunks ahead of
-the worker thread that takes them. `StallWatch` cancels a Download whose reader
-stopped reading: flow control would block its send, and hold its thread and capped
+the worker thread that takes them. `StallWatch` cancels a Download (or a secure
+round's poll answer) whose reader stopped reading: flow control would block its send, and hold its thread and capped
 slot, for as long as the connection lives.
 """
 
