@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -136,6 +137,12 @@ class RingLayout:
         return self.bits // 8
 
     @property
+    def word(self) -> Optional[np.dtype]:
+        """The little-endian machine word an element is stored in when the ring's modulus is the
+        word's (8, 16, 32 or 64 bits): one cast converts it, and its overflow is the ring's own."""
+        return _WORD.get(self.bytes_per_element) if self.bits == 8 * self.bytes_per_element else None
+
+    @property
     def modulus_mask(self) -> np.uint64:
         return np.uint64((1 << self.bits) - 1)
 
@@ -162,9 +169,9 @@ class RingLayout:
 
     def to_bytes(self, ring: np.ndarray) -> bytes:
         """The wire form: b/8 little-endian bytes per element."""
-        k = self.bytes_per_element
-        if k in _WORD:  # a machine word: one cast (the elements are already reduced mod 2^b)
-            return np.asarray(ring, dtype=np.uint64).astype(_WORD[k]).tobytes()
+        k, word = self.bytes_per_element, self.word
+        if word is not None:  # one cast (the elements are already reduced mod 2^b)
+            return np.asarray(ring, dtype=np.uint64).astype(word).tobytes()
         a = np.ascontiguousarray(ring, dtype="<u8").view(np.uint8).reshape(-1, 8)
         return a[:, :k].tobytes()
 
@@ -173,8 +180,8 @@ class RingLayout:
         k = self.bytes_per_element
         if len(data) != count * k:
             raise RingError(f"a ring vector of {count} elements is {count * k} bytes, got {len(data)}")
-        if k in _WORD:
-            return np.frombuffer(data, dtype=_WORD[k], count=count).astype(np.uint64)
+        if self.word is not None:
+            return np.frombuffer(data, dtype=self.word, count=count).astype(np.uint64)
         out = np.zeros((count, 8), dtype=np.uint8)
         out[:, :k] = np.frombuffer(data, dtype=np.uint8).reshape(count, k)
         return out.view("<u8").reshape(count).astype(np.uint64)

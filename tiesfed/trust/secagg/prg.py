@@ -57,7 +57,9 @@ def mask(key: bytes, count: int, layout: RingLayout, start: int = 0) -> np.ndarr
     done = 0
     for at in range(0, size, len(_ZEROS)):
         done += enc.update_into(_ZEROS[:min(len(_ZEROS), size - at)], memoryview(out)[at:])
-    assert done == size and not enc.finalize()
+    enc.finalize()  # CTR holds nothing back
+    if done != size:
+        raise RuntimeError(f"AES-CTR wrote {done} of {size} keystream bytes")
     return layout.reduce(np.frombuffer(out, dtype="<u8", count=count, offset=skip))
 
 

@@ -67,7 +67,7 @@ class RingFile:
         whose overflow is the ring's own arithmetic: the range is added in place in its stored
         form, into a buffer kept between calls (fresh arrays of megabytes each, page-faulted in
         and given back, were most of a coordinator's folding time)."""
-        word = _native(self.layout)
+        word = self.layout.word
         native = {ring_add: np.add, ring_sub: np.subtract}.get(op)
         if word is None or native is None:
             self.apply(start, self.layout.from_bytes(data, len(data) // self._k), op)
@@ -91,12 +91,6 @@ class RingFile:
         """Delete the file (idempotent)."""
         self._fd = None
         self._gone()
-
-
-def _native(layout: RingLayout) -> Optional[np.dtype]:
-    """The little-endian word type a ring of exactly 8, 16, 32 or 64 bits is stored in, else None."""
-    return {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}.get(
-        layout.bytes_per_element) if layout.bits == 8 * layout.bytes_per_element else None
 
 
 def _remove(fd: int, path: Path) -> None:
